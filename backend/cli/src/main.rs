@@ -1,0 +1,42 @@
+//! The `storygpt-v` command: one binary for serving, generating, training and data tools.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Illustrate co-referential stories with consistent characters (StoryGPT-V).
+#[derive(Parser)]
+#[command(name = "storygpt-v", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = commands::LogFormat::Pretty, env = "STORYGPT_LOG_FORMAT")]
+    log_format: commands::LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the web service: the studio page at `/`, the JSON API under `/api`, API docs at `/docs`.
+    ///
+    /// On first start it creates the data directory and the SQLite database. Stops cleanly on
+    /// SIGINT or SIGTERM. Settings come from flags, then STORYGPT_* environment variables,
+    /// then the --config TOML file, then defaults.
+    Serve(commands::serve::ServeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    commands::init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => commands::serve::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

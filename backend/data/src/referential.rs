@@ -1,0 +1,232 @@
+//! Referential extension of story captions (StoryGPT-V Algorithm 1, after Story-LDM): when a
+//! frame shows the same characters as the immediate character set, their names become
+//! he/she/they (him/her/them, his/her/their by role), so a model must resolve references.
+//!
+//! Differences from the authors' code, on purpose: single characters get the pronoun of
+//! their own gender (not always "He"), frames without characters are fine, multi-word and
+//! dotted names ("Mr. Slate") match, objects and possessives get their own forms, groups
+//! match in any order with or without an Oxford comma, and the PororoSV "they" prefix rule
+//! compares name *sets* with the previous frame's original caption.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mentions::{at_sentence_start, find_names, role, tokenize, NameMatch, Token};
+use crate::rules::{Case, Pronoun, RuleMode, RuleSet};
+
+/// One frame of a story as input to the referential extension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoryFrame {
+    /// Original (non-referential) caption.
+    pub caption: String,
+    /// Character labels of the frame; `None` means "find them in the caption".
+    #[serde(default)]
+    pub characters: Option<Vec<String>>,
+}
+
+impl StoryFrame {
+    /// A frame with labelled characters.
+    pub fn new(caption: &str, characters: &[&str]) -> StoryFrame {
+        StoryFrame {
+            caption: caption.to_string(),
+            characters: Some(characters.iter().map(|c| c.to_string()).collect()),
+        }
+    }
+}
+
+fn capitalise_if(word: &str, cap: bool) -> String {
+    if !cap {
+        return word.to_string();
+    }
+    let mut c = word.chars();
+    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+}
+
+fn apply_edits(caption: &str, mut edits: Vec<(usize, usize, String)>) -> String {
+    edits.sort_by_key(|e| e.0);
+    let mut out = String::with_capacity(caption.len());
+    let mut pos = 0;
+    for (s, e, rep) in edits {
+        if s < pos {
+            continue;
+        }
+        out.push_str(&caption[pos..s]);
+        out.push_str(&rep);
+        pos = e;
+    }
+    out.push_str(&caption[pos..]);
+    out
+}
+
+/// Is the text between two name matches a list separator ("," / "and" / ", and" / "&")?
+fn separator(tokens: &[Token], a: &NameMatch, b: &NameMatch, last: bool) -> bool {
+    let between: Vec<&str> = tokens[a.last..b.first].iter().map(|t| t.lower.as_str()).collect();
+    match between.as_slice() {
+        [","] => !last,
+        ["and"] | ["&"] | [",", "and"] | [",", "&"] => last,
+        _ => false,
+    }
+}
+
+/// Name lists "A and B", "A, B and C", "A, B, and C" starting at name `p` with exactly
+/// `n` members; returns the index of the last member.
+fn group_at(tokens: &[Token], names: &[NameMatch], p: usize, n: usize) -> Option<usize> {
+    let q = p + n - 1;
+    if q >= names.len() {
+        return None;
+    }
+    for k in p..q {
+        if names[k].possessive || !separator(tokens, &names[k], &names[k + 1], k + 1 == q) {
+            return None;
+        }
+    }
+    Some(q)
+}
+
+/// Replacement text for a phrase covering tokens `[first, last)`.
+fn pronoun_for(tokens: &[Token], first: usize, last: usize, possessive: bool, p: Pronoun) -> String {
+    let case = if possessive { Case::Possessive } else { role(tokens, first, last) };
+    capitalise_if(p.word(case), at_sentence_start(tokens, first))
+}
+
+/// Replace every group naming exactly `set` (two or more characters) by they/them/their.
+fn group_edits(tokens: &[Token], names: &[NameMatch], set: &BTreeSet<usize>) -> Vec<(usize, usize, String)> {
+    let mut edits = Vec::new();
+    let mut p = 0;
+    while p < names.len() {
+        if let Some(q) = group_at(tokens, names, p, set.len()) {
+            let members: BTreeSet<usize> = names[p..=q].iter().map(|m| m.index).collect();
+            if &members == set {
+                let rep = pronoun_for(tokens, names[p].first, names[q].last, names[q].possessive, Pronoun::They);
+                edits.push((names[p].start, names[q].end, rep));
+                p = q + 1;
+                continue;
+            }
+        }
+        p += 1;
+    }
+    edits
+}
+
+/// Replace every mention of character `c` by its pronoun (subject, object or possessive).
+fn single_edits(tokens: &[Token], names: &[NameMatch], c: usize, rules: &RuleSet) -> Vec<(usize, usize, String)> {
+    let p = rules.characters[c].pronoun;
+    names
+        .iter()
+        .filter(|m| m.index == c)
+        .map(|m| (m.start, m.end, pronoun_for(tokens, m.first, m.last, m.possessive, p)))
+        .collect()
+}
+
+/// Rewrite a caption for an unchanged immediate set: one character becomes he/she (or the
+/// character's own pronoun), a list naming exactly the set becomes they.
+pub fn pronominalise(caption: &str, set: &BTreeSet<usize>, rules: &RuleSet) -> String {
+    let tokens = tokenize(caption);
+    let names = find_names(&tokens, rules);
+    let edits = match set.len() {
+        0 => Vec::new(),
+        1 => single_edits(&tokens, &names, *set.iter().next().unwrap_or(&0), rules),
+        _ => group_edits(&tokens, &names, set),
+    };
+    apply_edits(caption, edits)
+}
+
+/// Referential captions for a story, one per frame (frame 1 is never changed).
+pub fn make_referential(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
+    match rules.mode {
+        RuleMode::Labels => labels_mode(rules, frames),
+        RuleMode::PororoText => pororo_mode(rules, frames),
+    }
+}
+
+/// The immediate character set of a frame: its labels, or the names in its caption.
+pub fn frame_characters(rules: &mut RuleSet, frame: &StoryFrame) -> BTreeSet<usize> {
+    match &frame.characters {
+        Some(labels) => labels.iter().filter(|l| !l.trim().is_empty()).map(|l| rules.ensure(l)).collect(),
+        None => {
+            let tokens = tokenize(&frame.caption);
+            find_names(&tokens, rules).iter().map(|m| m.index).collect()
+        }
+    }
+}
+
+fn labels_mode(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
+    let mut rules = rules.clone();
+    let mut immediate: Option<BTreeSet<usize>> = None;
+    let mut out = Vec::with_capacity(frames.len());
+    for frame in frames {
+        let set = frame_characters(&mut rules, frame);
+        if !set.is_empty() && immediate.as_ref() == Some(&set) {
+            out.push(pronominalise(&frame.caption, &set, &rules));
+        } else {
+            immediate = Some(set);
+            out.push(frame.caption.clone());
+        }
+    }
+    out
+}
+
+/// A name list of two or more characters at the very start of a caption.
+fn leading_group(tokens: &[Token], names: &[NameMatch]) -> Option<(usize, BTreeSet<usize>)> {
+    let first = names.first()?;
+    if first.first != 0 && !at_sentence_start(tokens, first.first) || first.first > 2 {
+        return None;
+    }
+    let q = (2..=names.len()).rev().find_map(|n| group_at(tokens, names, 0, n))?;
+    Some((q, names[..=q].iter().map(|m| m.index).collect()))
+}
+
+/// PororoSV's immediate character: the first name mentioned, taken from the last sentence
+/// when a multi-sentence caption names several characters.
+fn pick_immediate(tokens: &[Token], names: &[&NameMatch]) -> Option<usize> {
+    let distinct: BTreeSet<usize> = names.iter().map(|m| m.index).collect();
+    if distinct.len() > 1 {
+        let mut end = tokens.len();
+        while end > 0 && !tokens[end - 1].word {
+            end -= 1;
+        }
+        let last_start = tokens[..end]
+            .iter()
+            .rposition(|t| !t.word && matches!(t.lower.as_str(), "." | "!" | "?"))
+            .map(|i| i + 1);
+        if let Some(s) = last_start {
+            return names.iter().find(|m| m.first >= s).map(|m| m.index);
+        }
+    }
+    names.first().map(|m| m.index)
+}
+
+fn pororo_mode(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
+    let mut immediate: Option<usize> = None;
+    let mut prev_lead: Option<BTreeSet<usize>> = None;
+    let mut out = Vec::with_capacity(frames.len());
+    for (i, frame) in frames.iter().enumerate() {
+        let tokens = tokenize(&frame.caption);
+        let names = find_names(&tokens, rules);
+        let lead = leading_group(&tokens, &names);
+        let mut edits = Vec::new();
+        let mut rest_from = 0;
+        if let (Some((q, set)), Some(prev)) = (&lead, &prev_lead) {
+            if i > 0 && set == prev {
+                let rep = pronoun_for(&tokens, names[0].first, names[*q].last, names[*q].possessive, Pronoun::They);
+                edits.push((names[0].start, names[*q].end, rep));
+                rest_from = q + 1;
+            }
+        }
+        let rest: Vec<&NameMatch> = names[rest_from..].iter().collect();
+        let cand = pick_immediate(&tokens, &rest);
+        if i > 0 && cand.is_some() && cand == immediate {
+            let c = cand.unwrap_or_default();
+            let p = rules.characters[c].pronoun;
+            for m in rest.iter().filter(|m| m.index == c) {
+                edits.push((m.start, m.end, pronoun_for(&tokens, m.first, m.last, m.possessive, p)));
+            }
+        } else {
+            immediate = cand;
+        }
+        prev_lead = lead.map(|(_, s)| s);
+        out.push(apply_edits(&frame.caption, edits));
+    }
+    out
+}

@@ -1,0 +1,1 @@
+//! The networks of StoryGPT-V: CLIP, UNet, VAE, schedulers, LLMs, mappers and the story pipeline.

@@ -1,0 +1,172 @@
+//! Checkpoint sources (mmapped safetensors, torch pickles, in-memory maps) and the
+//! weight-loading error type.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::pickle::PthTensors;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{Device, Tensor};
+
+/// Keys under which training scripts nest the state dict of a pickled checkpoint, tried in
+/// order when the top level holds no tensors (`state_dict` is the StoryGPT-V `.pth.tar` one).
+pub const NESTED_STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model", "module"];
+
+/// A weight-loading error; every variant names the file(s) involved.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// The file could not be read or parsed.
+    #[error("cannot open weights {path}: {msg}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
+    /// No tensor of that name.
+    #[error("tensor `{name}` not found in {location}{hint}")]
+    Missing {
+        /// Full tensor name.
+        name: String,
+        /// The file or file set searched.
+        location: String,
+        /// A "did you mean" suffix, possibly empty.
+        hint: String,
+    },
+    /// The tensor exists with another shape.
+    #[error("tensor `{name}` has shape {got:?} in {path}, expected {expected:?}")]
+    Shape {
+        /// Full tensor name.
+        name: String,
+        /// The file holding it.
+        path: PathBuf,
+        /// Shape in the file.
+        got: Vec<usize>,
+        /// Shape the model asked for.
+        expected: Vec<usize>,
+    },
+    /// Reading / converting the tensor data failed.
+    #[error("cannot load tensor `{name}` from {path}: {source}")]
+    Load {
+        /// Full tensor name.
+        name: String,
+        /// The file holding it.
+        path: PathBuf,
+        /// The candle error.
+        source: Box<candle_core::Error>,
+    },
+}
+
+impl From<WeightsError> for candle_core::Error {
+    fn from(e: WeightsError) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
+pub(crate) type WResult<T> = std::result::Result<T, WeightsError>;
+
+pub(crate) enum Store {
+    Safetensors(MmapedSafetensors),
+    Pickle(PthTensors),
+    Memory(HashMap<String, Tensor>),
+}
+
+pub(crate) struct Source {
+    pub(crate) path: PathBuf,
+    pub(crate) store: Store,
+}
+
+impl Source {
+    pub(crate) fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.store {
+            Store::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
+            Store::Pickle(p) => p.tensor_infos().get(name).map(|i| i.layout.dims().to_vec()),
+            Store::Memory(m) => m.get(name).map(|t| t.dims().to_vec()),
+        }
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        match &self.store {
+            Store::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            Store::Pickle(p) => p.tensor_infos().keys().cloned().collect(),
+            Store::Memory(m) => m.keys().cloned().collect(),
+        }
+    }
+
+    pub(crate) fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match &self.store {
+            Store::Safetensors(st) => st.load(name, device),
+            Store::Pickle(p) => match p.get(name)? {
+                Some(t) => t.to_device(device),
+                None => candle_core::bail!("tensor vanished from the pickle"),
+            },
+            Store::Memory(m) => match m.get(name) {
+                Some(t) => t.to_device(device),
+                None => candle_core::bail!("tensor vanished from memory"),
+            },
+        }
+    }
+}
+
+pub(crate) fn open_err(path: &Path, msg: impl std::fmt::Display) -> WeightsError {
+    WeightsError::Open {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
+}
+
+fn is_pickle(path: &Path) -> bool {
+    let n = path.to_string_lossy();
+    [".bin", ".pth", ".pt", ".ckpt", ".tar"]
+        .iter()
+        .any(|e| n.ends_with(e))
+}
+
+fn open_safetensors(path: &Path) -> WResult<Source> {
+    // SAFETY: the file is mapped read-only; as with every mmap-based loader (candle's
+    // `from_mmaped_safetensors`), it must not be truncated while the weights are alive.
+    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| open_err(path, e))?;
+    Ok(Source {
+        path: path.to_path_buf(),
+        store: Store::Safetensors(st),
+    })
+}
+
+pub(crate) fn open_pickle_source(path: &Path, key: Option<&str>) -> WResult<Source> {
+    if !path.is_file() {
+        return Err(open_err(path, "no such file"));
+    }
+    let wrap = |e: candle_core::Error| {
+        open_err(
+            path,
+            format!("{e} (only zip-format torch checkpoints, torch >= 1.6, are readable)"),
+        )
+    };
+    let mk = |p: PthTensors| Source {
+        path: path.to_path_buf(),
+        store: Store::Pickle(p),
+    };
+    if key.is_some() {
+        return PthTensors::new(path, key).map(mk).map_err(wrap);
+    }
+    let top = PthTensors::new(path, None).map_err(wrap)?;
+    if !top.tensor_infos().is_empty() {
+        return Ok(mk(top));
+    }
+    for k in NESTED_STATE_DICT_KEYS {
+        if let Ok(p) = PthTensors::new(path, Some(k)) {
+            if !p.tensor_infos().is_empty() {
+                return Ok(mk(p));
+            }
+        }
+    }
+    Ok(mk(top))
+}
+
+pub(crate) fn open_file(path: &Path) -> WResult<Source> {
+    if is_pickle(path) {
+        open_pickle_source(path, None)
+    } else {
+        open_safetensors(path)
+    }
+}

@@ -1,0 +1,190 @@
+//! `/api/stories`: stories, their cast, and caption editing (insert, edit, reorder, delete).
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::characters::image_response;
+use super::{ApiJson, ApiPath, ApiQuery, ListParams};
+use crate::error::{ApiResult, Problem};
+use crate::store::stories::{self as store, Story, StorySummary};
+use crate::store::{page_limit, Page};
+use crate::{validate, AppState};
+
+/// Body that creates a story.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewStory {
+    /// Title, 1..=200 characters.
+    pub title: String,
+    /// Captions in story order, each 1..=1000 characters, at most 200.
+    #[serde(default)]
+    pub captions: Vec<String>,
+    /// Characters the captions may name (ids from /api/characters).
+    #[serde(default)]
+    pub character_ids: Vec<i64>,
+}
+
+/// Body that changes a story; absent fields are kept.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoryPatch {
+    /// New title.
+    pub title: Option<String>,
+    /// New cast (replaces the old one).
+    pub character_ids: Option<Vec<i64>>,
+}
+
+/// Body that inserts a caption.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewFrame {
+    /// The caption.
+    pub caption: String,
+    /// 0-based place to insert at (default: after the last frame).
+    pub position: Option<i64>,
+}
+
+/// Body that edits a caption.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FramePatch {
+    /// The new caption.
+    pub caption: String,
+}
+
+/// Body that reorders frames.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FrameOrder {
+    /// Every frame id of the story, in the new order.
+    pub frame_ids: Vec<i64>,
+}
+
+/// Create a story from a title, captions and a cast.
+#[utoipa::path(post, path = "/api/stories", tag = "stories", request_body = NewStory,
+    responses((status = 201, description = "Created", body = Story),
+              (status = 400, description = "Malformed JSON", body = Problem),
+              (status = 422, description = "Invalid title, caption, too many captions or unknown character", body = Problem)))]
+pub async fn create(State(state): State<AppState>, ApiJson(body): ApiJson<NewStory>) -> ApiResult<Response> {
+    let title = validate::title(&body.title)?;
+    let captions = validate::captions(&body.captions)?;
+    let cast = validate::cast(&body.character_ids)?;
+    let story = store::create(&state.pool, &title, &captions, &cast).await?;
+    let location = format!("/api/stories/{}", story.id);
+    Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, location)], Json(story)).into_response())
+}
+
+/// List stories, oldest first, with cursor pagination.
+#[utoipa::path(get, path = "/api/stories", tag = "stories", params(ListParams),
+    responses((status = 200, description = "A page of stories", body = Page<StorySummary>),
+              (status = 400, description = "Bad cursor or limit", body = Problem)))]
+pub async fn list(State(state): State<AppState>, ApiQuery(params): ApiQuery<ListParams>) -> ApiResult<Json<Page<StorySummary>>> {
+    let limit = page_limit(params.limit)?;
+    Ok(Json(store::list(&state.pool, params.cursor.as_deref(), limit).await?))
+}
+
+/// Get a story with its cast and frames.
+#[utoipa::path(get, path = "/api/stories/{id}", tag = "stories", params(("id" = i64, Path)),
+    responses((status = 200, description = "The story", body = Story),
+              (status = 404, description = "No such story", body = Problem)))]
+pub async fn get_one(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<Json<Story>> {
+    Ok(Json(store::get(&state.pool, id).await?))
+}
+
+/// Change a story's title or cast.
+#[utoipa::path(patch, path = "/api/stories/{id}", tag = "stories", params(("id" = i64, Path)), request_body = StoryPatch,
+    responses((status = 200, description = "The updated story", body = Story),
+              (status = 404, description = "No such story", body = Problem),
+              (status = 422, description = "Invalid title or unknown character", body = Problem)))]
+pub async fn update(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<StoryPatch>,
+) -> ApiResult<Json<Story>> {
+    let title = body.title.as_deref().map(validate::title).transpose()?;
+    let cast = body.character_ids.as_deref().map(validate::cast).transpose()?;
+    Ok(Json(store::update(&state.pool, id, title.as_deref(), cast.as_deref()).await?))
+}
+
+/// Delete a story with all its frames.
+#[utoipa::path(delete, path = "/api/stories/{id}", tag = "stories", params(("id" = i64, Path)),
+    responses((status = 204, description = "Deleted"),
+              (status = 404, description = "No such story", body = Problem)))]
+pub async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
+    store::delete(&state.pool, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Insert a caption (a new frame) at a position, default the end.
+#[utoipa::path(post, path = "/api/stories/{id}/frames", tag = "stories", params(("id" = i64, Path)), request_body = NewFrame,
+    responses((status = 201, description = "The story with the new frame", body = Story),
+              (status = 404, description = "No such story", body = Problem),
+              (status = 422, description = "Invalid caption or position, or story full", body = Problem)))]
+pub async fn insert_frame(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<NewFrame>,
+) -> ApiResult<(StatusCode, Json<Story>)> {
+    let caption = validate::caption(&body.caption)?;
+    Ok((StatusCode::CREATED, Json(store::insert_frame(&state.pool, id, &caption, body.position).await?)))
+}
+
+/// Replace a frame's caption (a generated image becomes `stale`).
+#[utoipa::path(patch, path = "/api/stories/{id}/frames/{frame_id}", tag = "stories",
+    params(("id" = i64, Path), ("frame_id" = i64, Path)), request_body = FramePatch,
+    responses((status = 200, description = "The updated story", body = Story),
+              (status = 404, description = "No such story or frame", body = Problem),
+              (status = 422, description = "Invalid caption", body = Problem)))]
+pub async fn edit_frame(
+    State(state): State<AppState>,
+    ApiPath((id, frame_id)): ApiPath<(i64, i64)>,
+    ApiJson(body): ApiJson<FramePatch>,
+) -> ApiResult<Json<Story>> {
+    let caption = validate::caption(&body.caption)?;
+    Ok(Json(store::edit_caption(&state.pool, id, frame_id, &caption).await?))
+}
+
+/// Delete a frame; later frames move up.
+#[utoipa::path(delete, path = "/api/stories/{id}/frames/{frame_id}", tag = "stories",
+    params(("id" = i64, Path), ("frame_id" = i64, Path)),
+    responses((status = 200, description = "The story without the frame", body = Story),
+              (status = 404, description = "No such story or frame", body = Problem)))]
+pub async fn delete_frame(
+    State(state): State<AppState>,
+    ApiPath((id, frame_id)): ApiPath<(i64, i64)>,
+) -> ApiResult<Json<Story>> {
+    Ok(Json(store::delete_frame(&state.pool, id, frame_id).await?))
+}
+
+/// Put the frames in a new order.
+#[utoipa::path(put, path = "/api/stories/{id}/frames/order", tag = "stories", params(("id" = i64, Path)), request_body = FrameOrder,
+    responses((status = 200, description = "The reordered story", body = Story),
+              (status = 404, description = "No such story", body = Problem),
+              (status = 422, description = "Not a permutation of the story's frames", body = Problem)))]
+pub async fn reorder(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<FrameOrder>,
+) -> ApiResult<Json<Story>> {
+    Ok(Json(store::reorder(&state.pool, id, &body.frame_ids).await?))
+}
+
+/// The generated image of a frame.
+#[utoipa::path(get, path = "/api/stories/{id}/frames/{frame_id}/image", tag = "stories",
+    params(("id" = i64, Path), ("frame_id" = i64, Path)),
+    responses((status = 200, description = "The image", content_type = "image/png"),
+              (status = 404, description = "No such frame, or not generated yet", body = Problem)))]
+pub async fn frame_image(
+    State(state): State<AppState>,
+    ApiPath((id, frame_id)): ApiPath<(i64, i64)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (bytes, mime) = store::frame_image(&state.pool, id, frame_id).await?;
+    let hash = hex::encode(Sha256::digest(&bytes));
+    Ok(image_response(bytes, &mime, &hash, &headers))
+}

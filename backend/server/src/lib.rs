@@ -1,0 +1,114 @@
+//! The storygpt-v web service: REST API, HTML pages and the SQLite store.
+//!
+//! `serve` opens the database, builds the router and runs until SIGINT or SIGTERM. Handlers
+//! stay thin: they parse, call a `store` function and map the result.
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod images;
+pub mod pages;
+pub mod store;
+pub mod validate;
+
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, Request};
+use axum::routing::get;
+use axum::Router;
+use sqlx::SqlitePool;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+pub use config::{FileConfig, ServeConfig};
+
+/// Shared state every handler gets: the database pool.
+#[derive(Clone)]
+pub struct AppState {
+    /// Connection pool to the SQLite database.
+    pub pool: SqlitePool,
+}
+
+/// Body limit for routes that take a portrait: the 10 MiB image plus the form around it.
+/// Anything larger is refused with 413 before it is buffered.
+const UPLOAD_BODY_LIMIT: usize = config::MAX_PORTRAIT_BYTES + 256 * 1024;
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let request_id = header::HeaderName::from_static("x-request-id");
+    Router::new()
+        .nest("/api", api::router())
+        .merge(pages::router())
+        .route("/healthz", get(api::health::healthz))
+        .route("/readyz", get(api::health::readyz))
+        .route("/openapi.json", get(api::openapi::document))
+        .route("/docs", get(api::openapi::page))
+        .layer(DefaultBodyLimit::max(UPLOAD_BODY_LIMIT))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::HeaderName::from_static("x-frame-options"),
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                tracing::info_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Runs the service until SIGINT/SIGTERM, then drains in-flight requests and closes the
+/// database cleanly. `on_listen` gets the bound address (useful with port 0).
+pub async fn serve(config: ServeConfig, on_listen: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let pool = db::open(&config.database_path()).await?;
+    tracing::info!(database = %config.database_path().display(), "database ready");
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    on_listen(addr);
+    let state = AppState { pool: pool.clone() };
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server error")?;
+    tracing::info!("shutting down: closing the database");
+    tokio::time::timeout(Duration::from_secs(10), pool.close()).await.ok();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,283 @@
+//! Characters: a name, the pronoun captions use for them, and a portrait image.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::SqlitePool;
+use utoipa::ToSchema;
+
+use super::{decode_cursor, paginate, Page};
+use crate::db::now;
+use crate::error::{ApiError, ApiResult};
+use crate::images::NormalizedImage;
+
+/// The pronoun a story uses for a character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Pronoun {
+    /// he / him / his
+    He,
+    /// she / her / her
+    She,
+    /// they / them / their
+    They,
+    /// it / it / its
+    It,
+}
+
+impl Pronoun {
+    /// The stored and wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pronoun::He => "he",
+            Pronoun::She => "she",
+            Pronoun::They => "they",
+            Pronoun::It => "it",
+        }
+    }
+
+    /// Parses a form or database value; errors name the allowed values.
+    pub fn parse(text: &str) -> ApiResult<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "he" => Ok(Pronoun::He),
+            "she" => Ok(Pronoun::She),
+            "they" => Ok(Pronoun::They),
+            "it" => Ok(Pronoun::It),
+            other => Err(ApiError::invalid(
+                "invalid_pronoun",
+                format!("pronoun must be one of he, she, they, it; got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// Facts about a character's stored portrait.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PortraitInfo {
+    /// Where to fetch the image.
+    pub url: String,
+    /// MIME type of the stored image.
+    pub mime: String,
+    /// Width in pixels.
+    pub width: i64,
+    /// Height in pixels.
+    pub height: i64,
+}
+
+/// A character as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Character {
+    /// Stable id.
+    pub id: i64,
+    /// Name as written in captions (unique, case-insensitive).
+    pub name: String,
+    /// Pronoun used for the character.
+    pub pronoun: Pronoun,
+    /// The portrait.
+    pub portrait: PortraitInfo,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct CharacterRow {
+    id: i64,
+    name: String,
+    pronoun: String,
+    portrait_mime: String,
+    portrait_width: i64,
+    portrait_height: i64,
+    created_at: String,
+    updated_at: String,
+}
+
+impl CharacterRow {
+    fn into_api(self) -> ApiResult<Character> {
+        Ok(Character {
+            portrait: PortraitInfo {
+                url: format!("/api/characters/{}/portrait", self.id),
+                mime: self.portrait_mime,
+                width: self.portrait_width,
+                height: self.portrait_height,
+            },
+            id: self.id,
+            name: self.name,
+            pronoun: Pronoun::parse(&self.pronoun)?,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+const COLUMNS: &str =
+    "id, name, pronoun, portrait_mime, portrait_width, portrait_height, created_at, updated_at";
+
+/// A stored portrait with its content hash (the ETag).
+pub struct Portrait {
+    /// Encoded image bytes.
+    pub bytes: Vec<u8>,
+    /// MIME type.
+    pub mime: String,
+    /// Hex SHA-256 of `bytes`.
+    pub sha256: String,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn name_taken(name: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "name_taken",
+        format!("a character named {name:?} already exists; names must be unique so captions can refer to them"),
+    )
+}
+
+fn map_unique(err: sqlx::Error, name: &str) -> ApiError {
+    match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => name_taken(name),
+        _ => ApiError::from(err),
+    }
+}
+
+/// Inserts a character with an already-normalised portrait.
+pub async fn create(
+    pool: &SqlitePool,
+    name: &str,
+    pronoun: Pronoun,
+    portrait: &NormalizedImage,
+) -> ApiResult<Character> {
+    let now = now();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO characters (name, pronoun, portrait, portrait_mime, portrait_width, portrait_height,
+                                 portrait_sha256, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(name)
+    .bind(pronoun.as_str())
+    .bind(&portrait.bytes)
+    .bind(portrait.mime)
+    .bind(portrait.width as i64)
+    .bind(portrait.height as i64)
+    .bind(sha256_hex(&portrait.bytes))
+    .bind(&now)
+    .bind(&now)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| map_unique(e, name))?;
+    get(pool, id).await
+}
+
+/// Fetches one character or 404.
+pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Character> {
+    let row: Option<CharacterRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM characters WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    row.ok_or_else(|| ApiError::not_found("character", id))?.into_api()
+}
+
+/// Lists characters in id order, a page at a time.
+pub async fn list(pool: &SqlitePool, cursor: Option<&str>, limit: i64) -> ApiResult<Page<Character>> {
+    let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
+    let rows: Vec<CharacterRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM characters WHERE id > ? ORDER BY id LIMIT ?"
+    ))
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let items = rows.into_iter().map(CharacterRow::into_api).collect::<ApiResult<Vec<_>>>()?;
+    Ok(paginate(items, limit, |c| c.id))
+}
+
+/// Every character, for pages and mention lookup.
+pub async fn all(pool: &SqlitePool) -> ApiResult<Vec<Character>> {
+    let rows: Vec<CharacterRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM characters ORDER BY id"))
+            .fetch_all(pool)
+            .await?;
+    rows.into_iter().map(CharacterRow::into_api).collect()
+}
+
+/// The fields a partial update may change; `None` keeps the current value.
+#[derive(Debug, Default)]
+pub struct CharacterChanges {
+    /// New name (already validated).
+    pub name: Option<String>,
+    /// New pronoun.
+    pub pronoun: Option<Pronoun>,
+    /// New portrait (already normalised).
+    pub portrait: Option<NormalizedImage>,
+}
+
+/// Applies a partial update in one transaction; 404 if the character does not exist.
+pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> ApiResult<Character> {
+    let mut tx = pool.begin().await?;
+    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM characters WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if exists.is_none() {
+        return Err(ApiError::not_found("character", id));
+    }
+    let now = now();
+    if let Some(name) = &changes.name {
+        sqlx::query("UPDATE characters SET name = ?, updated_at = ? WHERE id = ?")
+            .bind(name)
+            .bind(&now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_unique(e, name))?;
+    }
+    if let Some(pronoun) = changes.pronoun {
+        sqlx::query("UPDATE characters SET pronoun = ?, updated_at = ? WHERE id = ?")
+            .bind(pronoun.as_str())
+            .bind(&now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Some(portrait) = &changes.portrait {
+        sqlx::query(
+            "UPDATE characters SET portrait = ?, portrait_mime = ?, portrait_width = ?,
+                    portrait_height = ?, portrait_sha256 = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&portrait.bytes)
+        .bind(portrait.mime)
+        .bind(portrait.width as i64)
+        .bind(portrait.height as i64)
+        .bind(sha256_hex(&portrait.bytes))
+        .bind(&now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+/// Deletes a character (it leaves every story cast it was in); 404 if absent.
+pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
+    let done = sqlx::query("DELETE FROM characters WHERE id = ?").bind(id).execute(pool).await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found("character", id));
+    }
+    Ok(())
+}
+
+/// The portrait bytes of a character; 404 if absent.
+pub async fn portrait(pool: &SqlitePool, id: i64) -> ApiResult<Portrait> {
+    let row: Option<(Vec<u8>, String, String)> = sqlx::query_as(
+        "SELECT portrait, portrait_mime, portrait_sha256 FROM characters WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let (bytes, mime, sha256) = row.ok_or_else(|| ApiError::not_found("character", id))?;
+    Ok(Portrait { bytes, mime, sha256 })
+}

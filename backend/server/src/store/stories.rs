@@ -1,0 +1,368 @@
+//! Stories: a title, a cast of characters and an ordered list of frames (one per caption).
+//! Frame positions stay dense (0..n) through inserts, deletes and reorders.
+
+use serde::{Deserialize, Serialize};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use utoipa::ToSchema;
+
+use super::{decode_cursor, paginate, Page};
+use crate::db::now;
+use crate::error::{ApiError, ApiResult};
+use crate::validate::MAX_CAPTIONS;
+
+/// One frame of a story: its caption and, once generated, its image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Frame {
+    /// Stable id of the frame (survives reorders).
+    pub id: i64,
+    /// 0-based place in the story.
+    pub position: i64,
+    /// The caption the frame illustrates.
+    pub caption: String,
+    /// pending, queued, running, ready, stale (caption changed since generation) or failed.
+    pub status: String,
+    /// Seed of the generated image, when there is one.
+    pub seed: Option<i64>,
+    /// URL of the generated image, when there is one.
+    pub image_url: Option<String>,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+}
+
+/// A story with its cast and frames.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Story {
+    /// Stable id.
+    pub id: i64,
+    /// Title.
+    pub title: String,
+    /// Ids of the characters the captions may name, in the order given.
+    pub character_ids: Vec<i64>,
+    /// Frames in story order.
+    pub frames: Vec<Frame>,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Last change to the story or any of its frames (RFC 3339).
+    pub updated_at: String,
+}
+
+/// A story in a list: no frames, just their count.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct StorySummary {
+    /// Stable id.
+    pub id: i64,
+    /// Title.
+    pub title: String,
+    /// Number of frames (captions).
+    pub frame_count: i64,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct FrameRow {
+    id: i64,
+    position: i64,
+    caption: String,
+    status: String,
+    seed: Option<i64>,
+    has_image: bool,
+    updated_at: String,
+}
+
+type Tx<'a> = Transaction<'a, Sqlite>;
+
+async fn check_cast(tx: &mut Tx<'_>, ids: &[i64]) -> ApiResult<()> {
+    for &id in ids {
+        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM characters WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if found.is_none() {
+            return Err(ApiError::invalid(
+                "unknown_character",
+                format!("character {id} does not exist; create it first or remove it from character_ids"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn set_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
+    check_cast(tx, ids).await?;
+    sqlx::query("DELETE FROM story_characters WHERE story_id = ?").bind(story).execute(&mut **tx).await?;
+    for &id in ids {
+        sqlx::query("INSERT INTO story_characters (story_id, character_id) VALUES (?, ?)")
+            .bind(story)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn touch(tx: &mut Tx<'_>, story: i64) -> ApiResult<()> {
+    let done = sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+        .bind(now())
+        .bind(story)
+        .execute(&mut **tx)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found("story", story));
+    }
+    Ok(())
+}
+
+async fn frame_count(tx: &mut Tx<'_>, story: i64) -> ApiResult<i64> {
+    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM frames WHERE story_id = ?")
+        .bind(story)
+        .fetch_one(&mut **tx)
+        .await?)
+}
+
+/// Creates a story with validated captions and cast (all or nothing).
+pub async fn create(pool: &SqlitePool, title: &str, captions: &[String], cast: &[i64]) -> ApiResult<Story> {
+    let mut tx = pool.begin().await?;
+    let now = now();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO stories (title, created_at, updated_at) VALUES (?, ?, ?) RETURNING id",
+    )
+    .bind(title)
+    .bind(&now)
+    .bind(&now)
+    .fetch_one(&mut *tx)
+    .await?;
+    set_cast(&mut tx, id, cast).await?;
+    for (position, caption) in captions.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO frames (story_id, position, caption, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(position as i64)
+        .bind(caption)
+        .bind(&now)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+/// Fetches a story with its cast and frames, or 404.
+pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
+    let head: Option<(String, String, String)> =
+        sqlx::query_as("SELECT title, created_at, updated_at FROM stories WHERE id = ?")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    let (title, created_at, updated_at) = head.ok_or_else(|| ApiError::not_found("story", id))?;
+    let character_ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT character_id FROM story_characters WHERE story_id = ? ORDER BY rowid",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let rows: Vec<FrameRow> = sqlx::query_as(
+        "SELECT id, position, caption, status, seed, image IS NOT NULL AS has_image, updated_at
+         FROM frames WHERE story_id = ? ORDER BY position",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let frames = rows
+        .into_iter()
+        .map(|r| Frame {
+            image_url: r.has_image.then(|| format!("/api/stories/{id}/frames/{}/image", r.id)),
+            id: r.id,
+            position: r.position,
+            caption: r.caption,
+            status: r.status,
+            seed: r.seed,
+            updated_at: r.updated_at,
+        })
+        .collect();
+    Ok(Story { id, title, character_ids, frames, created_at, updated_at })
+}
+
+/// Lists stories in id order, a page at a time.
+pub async fn list(pool: &SqlitePool, cursor: Option<&str>, limit: i64) -> ApiResult<Page<StorySummary>> {
+    let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
+    let rows: Vec<StorySummary> = sqlx::query_as(
+        "SELECT s.id, s.title, s.created_at, s.updated_at,
+                (SELECT COUNT(*) FROM frames f WHERE f.story_id = s.id) AS frame_count
+         FROM stories s WHERE s.id > ? ORDER BY s.id LIMIT ?",
+    )
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    Ok(paginate(rows, limit, |s| s.id))
+}
+
+/// Changes the title and/or the cast; 404 if absent, 422 for unknown characters.
+pub async fn update(pool: &SqlitePool, id: i64, title: Option<&str>, cast: Option<&[i64]>) -> ApiResult<Story> {
+    let mut tx = pool.begin().await?;
+    touch(&mut tx, id).await?;
+    if let Some(title) = title {
+        sqlx::query("UPDATE stories SET title = ? WHERE id = ?").bind(title).bind(id).execute(&mut *tx).await?;
+    }
+    if let Some(cast) = cast {
+        set_cast(&mut tx, id, cast).await?;
+    }
+    tx.commit().await?;
+    get(pool, id).await
+}
+
+/// Deletes a story with its frames and jobs; 404 if absent.
+pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
+    let done = sqlx::query("DELETE FROM stories WHERE id = ?").bind(id).execute(pool).await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found("story", id));
+    }
+    Ok(())
+}
+
+/// Inserts a caption at `position` (default: the end), shifting later frames down.
+pub async fn insert_frame(pool: &SqlitePool, story: i64, caption: &str, position: Option<i64>) -> ApiResult<Story> {
+    let mut tx = pool.begin().await?;
+    touch(&mut tx, story).await?;
+    let count = frame_count(&mut tx, story).await?;
+    if count >= MAX_CAPTIONS as i64 {
+        return Err(ApiError::invalid(
+            "too_many_captions",
+            format!("a story has at most {MAX_CAPTIONS} captions"),
+        ));
+    }
+    let position = position.unwrap_or(count);
+    if !(0..=count).contains(&position) {
+        return Err(ApiError::invalid(
+            "invalid_position",
+            format!("position must be between 0 and {count}; got {position}"),
+        ));
+    }
+    // Two passes through negative positions keep UNIQUE(story_id, position) true at every row.
+    sqlx::query("UPDATE frames SET position = -position - 2 WHERE story_id = ? AND position >= ?")
+        .bind(story)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ? AND position < 0")
+        .bind(story)
+        .execute(&mut *tx)
+        .await?;
+    let now = now();
+    sqlx::query("INSERT INTO frames (story_id, position, caption, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(story)
+        .bind(position)
+        .bind(caption)
+        .bind(&now)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    get(pool, story).await
+}
+
+async fn frame_position(tx: &mut Tx<'_>, story: i64, frame: i64) -> ApiResult<i64> {
+    let position: Option<i64> = sqlx::query_scalar("SELECT position FROM frames WHERE id = ? AND story_id = ?")
+        .bind(frame)
+        .bind(story)
+        .fetch_optional(&mut **tx)
+        .await?;
+    position.ok_or_else(|| ApiError::not_found("frame", frame))
+}
+
+/// Replaces a frame's caption; an already generated image is kept but marked `stale`.
+pub async fn edit_caption(pool: &SqlitePool, story: i64, frame: i64, caption: &str) -> ApiResult<Story> {
+    let mut tx = pool.begin().await?;
+    touch(&mut tx, story).await?;
+    frame_position(&mut tx, story, frame).await?;
+    sqlx::query(
+        "UPDATE frames SET caption = ?, updated_at = ?,
+                status = CASE WHEN image IS NOT NULL AND caption <> ? THEN 'stale' ELSE status END
+         WHERE id = ?",
+    )
+    .bind(caption)
+    .bind(now())
+    .bind(caption)
+    .bind(frame)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    get(pool, story).await
+}
+
+/// Removes a frame and closes the gap in positions.
+pub async fn delete_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<Story> {
+    let mut tx = pool.begin().await?;
+    touch(&mut tx, story).await?;
+    let position = frame_position(&mut tx, story, frame).await?;
+    sqlx::query("DELETE FROM frames WHERE id = ?").bind(frame).execute(&mut *tx).await?;
+    sqlx::query("UPDATE frames SET position = -position WHERE story_id = ? AND position > ?")
+        .bind(story)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ? AND position < 0")
+        .bind(story)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    get(pool, story).await
+}
+
+/// Puts the frames in the given order; `frame_ids` must list each frame exactly once.
+pub async fn reorder(pool: &SqlitePool, story: i64, frame_ids: &[i64]) -> ApiResult<Story> {
+    let mut tx = pool.begin().await?;
+    touch(&mut tx, story).await?;
+    let mut current: Vec<i64> = sqlx::query_scalar("SELECT id FROM frames WHERE story_id = ? ORDER BY id")
+        .bind(story)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut wanted = frame_ids.to_vec();
+    wanted.sort_unstable();
+    current.sort_unstable();
+    if wanted != current {
+        return Err(ApiError::invalid(
+            "invalid_order",
+            format!("frame_ids must list each of the story's {} frames exactly once", current.len()),
+        ));
+    }
+    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ?")
+        .bind(story)
+        .execute(&mut *tx)
+        .await?;
+    let now = now();
+    for (position, id) in frame_ids.iter().enumerate() {
+        sqlx::query("UPDATE frames SET position = ?, updated_at = ? WHERE id = ?")
+            .bind(position as i64)
+            .bind(&now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    get(pool, story).await
+}
+
+/// A frame's generated image bytes and MIME type; 404 if the frame or its image is absent.
+pub async fn frame_image(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<(Vec<u8>, String)> {
+    let row: Option<(Option<Vec<u8>>, Option<String>)> =
+        sqlx::query_as("SELECT image, image_mime FROM frames WHERE id = ? AND story_id = ?")
+            .bind(frame)
+            .bind(story)
+            .fetch_optional(pool)
+            .await?;
+    match row {
+        Some((Some(bytes), Some(mime))) => Ok((bytes, mime)),
+        Some(_) => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "no_image",
+            format!("frame {frame} has not been generated yet"),
+        )),
+        None => Err(ApiError::not_found("frame", frame)),
+    }
+}

@@ -1,0 +1,99 @@
+//! Input rules shared by the JSON API and the HTML forms, so both refuse the same things
+//! with the same codes.
+
+use crate::error::ApiError;
+
+/// Longest character name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest caption, in characters.
+pub const MAX_CAPTION_CHARS: usize = 1000;
+/// Longest story title, in characters.
+pub const MAX_TITLE_CHARS: usize = 200;
+/// Most captions (frames) in one story.
+pub const MAX_CAPTIONS: usize = 200;
+/// Most characters in one story's cast.
+pub const MAX_CAST: usize = 64;
+
+fn text(value: &str, what: &str, code: &'static str, max: usize) -> Result<String, ApiError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(ApiError::invalid(code, format!("the {what} must not be empty")));
+    }
+    let count = trimmed.chars().count();
+    if count > max {
+        return Err(ApiError::invalid(
+            code,
+            format!("the {what} is {count} characters long; at most {max} are allowed"),
+        ));
+    }
+    if trimmed.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(ApiError::invalid(code, format!("the {what} must not contain control characters")));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// A character's name: trimmed, 1..=64 characters, one line.
+pub fn name(value: &str) -> Result<String, ApiError> {
+    text(value, "name", "invalid_name", MAX_NAME_CHARS)
+}
+
+/// A caption: trimmed, 1..=1000 characters, one line.
+pub fn caption(value: &str) -> Result<String, ApiError> {
+    text(value, "caption", "invalid_caption", MAX_CAPTION_CHARS)
+}
+
+/// A story title: trimmed, 1..=200 characters, one line.
+pub fn title(value: &str) -> Result<String, ApiError> {
+    text(value, "title", "invalid_title", MAX_TITLE_CHARS)
+}
+
+/// A list of captions for a new story: each valid, at most 200.
+pub fn captions(values: &[String]) -> Result<Vec<String>, ApiError> {
+    if values.len() > MAX_CAPTIONS {
+        return Err(ApiError::invalid(
+            "too_many_captions",
+            format!("a story has at most {MAX_CAPTIONS} captions; {} were given", values.len()),
+        ));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            caption(c).map_err(|e| ApiError::invalid(e.code, format!("caption {}: {}", i + 1, e.detail)))
+        })
+        .collect()
+}
+
+/// A story's cast: no duplicates (order kept), at most 64.
+pub fn cast(ids: &[i64]) -> Result<Vec<i64>, ApiError> {
+    let mut seen = Vec::with_capacity(ids.len());
+    for &id in ids {
+        if !seen.contains(&id) {
+            seen.push(id);
+        }
+    }
+    if seen.len() > MAX_CAST {
+        return Err(ApiError::invalid(
+            "too_many_characters",
+            format!("a story has at most {MAX_CAST} characters"),
+        ));
+    }
+    Ok(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_and_limits() {
+        assert_eq!(name("  Fred ").unwrap(), "Fred");
+        assert_eq!(name("   ").unwrap_err().code, "invalid_name");
+        assert!(name(&"x".repeat(64)).is_ok());
+        assert!(name(&"x".repeat(65)).is_err());
+        assert!(caption("line\nbreak").is_err());
+        assert!(captions(&vec!["a".to_string(); 201]).is_err());
+        assert_eq!(captions(&["ok".into(), "".into()]).unwrap_err().detail, "caption 2: the caption must not be empty");
+        assert_eq!(cast(&[3, 1, 3]).unwrap(), vec![3, 1]);
+    }
+}

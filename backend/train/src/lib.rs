@@ -1,0 +1,1 @@
+//! Training loops, evaluation metrics and benchmark reports.
