@@ -24,6 +24,10 @@ enum Command {
     /// SIGINT or SIGTERM. Settings come from flags, then STORYGPT_* environment variables,
     /// then the --config TOML file, then defaults.
     Serve(commands::serve::ServeArgs),
+    /// Story data tools: referential captions, caption mentions, dataset statistics.
+    Data(commands::data::DataArgs),
+    /// The toy world: a seeded stand-in for FlintstonesSV that runs on a CPU.
+    Toyworld(commands::toyworld::ToyworldArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +35,8 @@ fn main() -> std::process::ExitCode {
     commands::init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),
+        Command::Data(args) => commands::data::run(args),
+        Command::Toyworld(args) => commands::toyworld::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,6 +13,11 @@ pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Largest accepted portrait upload.
 pub const MAX_PORTRAIT_BYTES: usize = 10 * 1024 * 1024;
+/// Hard cap on the body of an upload route. Portraits are limited to 10 MiB by the handlers,
+/// which read (and discard) an oversized upload up to this cap so the client gets a clean 413
+/// rather than a reset connection; bodies beyond it are cut off at once. Other routes keep
+/// axum's 2 MiB default, plenty for 200 captions.
+pub const UPLOAD_BODY_LIMIT: usize = 32 * 1024 * 1024;
 
 /// The settings a TOML config file may hold; every key is optional.
 #[derive(Debug, Default, Deserialize)]

@@ -14,7 +14,6 @@ pub mod validate;
 
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Request};
 use axum::routing::get;
 use axum::Router;
@@ -33,10 +32,6 @@ pub struct AppState {
     pub pool: SqlitePool,
 }
 
-/// Body limit for routes that take a portrait: the 10 MiB image plus the form around it.
-/// Anything larger is refused with 413 before it is buffered.
-const UPLOAD_BODY_LIMIT: usize = config::MAX_PORTRAIT_BYTES + 256 * 1024;
-
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     let request_id = header::HeaderName::from_static("x-request-id");
@@ -47,7 +42,6 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(api::health::readyz))
         .route("/openapi.json", get(api::openapi::document))
         .route("/docs", get(api::openapi::page))
-        .layer(DefaultBodyLimit::max(UPLOAD_BODY_LIMIT))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::HeaderName::from_static("x-frame-options"),
             HeaderValue::from_static("DENY"),
@@ -80,11 +74,14 @@ pub async fn serve(config: ServeConfig, on_listen: impl FnOnce(std::net::SocketA
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
     let addr = listener.local_addr()?;
+    // Signal handlers are installed before anyone can learn the address, so a SIGTERM sent
+    // right after start-up still shuts down cleanly.
+    let shutdown = shutdown_signal()?;
     tracing::info!(%addr, "listening");
     on_listen(addr);
     let state = AppState { pool: pool.clone() };
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await
         .context("server error")?;
     tracing::info!("shutting down: closing the database");
@@ -92,23 +89,21 @@ pub async fn serve(config: ServeConfig, on_listen: impl FnOnce(std::net::SocketA
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = terminate => tracing::info!("SIGTERM received"),
-    }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C received");
+        }
+    })
 }

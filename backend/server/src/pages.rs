@@ -24,7 +24,7 @@ const APP_CSS: &str = include_str!("../../../static/app.css");
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(index))
-        .route("/ui/characters", post(add_character))
+        .route("/ui/characters", post(add_character).layer(crate::api::upload_limit()))
         .route("/ui/characters/{id}/delete", post(delete_character))
         .route("/ui/stories", get(stories_section).post(add_story))
         .route("/ui/stories/{id}/delete", post(delete_story))

@@ -1,6 +1,8 @@
 //! One module per subcommand; each exposes its clap arguments and a `run` function.
 
+pub mod data;
 pub mod serve;
+pub mod toyworld;
 
 use tracing_subscriber::EnvFilter;
 
@@ -16,7 +18,11 @@ pub enum LogFormat {
 /// Sets up tracing on stderr; `RUST_LOG` overrides the default `info` level.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -58,8 +58,22 @@ fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
 
 async fn read_parts(mut form: Multipart) -> ApiResult<CharacterParts> {
     let mut parts = CharacterParts::default();
-    while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
+    let mut oversized = false;
+    loop {
+        let next = form.next_field().await;
+        let mut field = match next {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(_) if oversized => break,
+            Err(e) => return Err(multipart_error(e)),
+        };
         let field_name = field.name().unwrap_or_default().to_string();
+        if oversized {
+            // Keep reading (and discarding) so the client finishes sending and then sees the
+            // 413, instead of a connection reset in the middle of its upload.
+            while let Ok(Some(_)) = field.chunk().await {}
+            continue;
+        }
         match field_name.as_str() {
             "name" | "pronoun" => {
                 let text = field.text().await.map_err(multipart_error)?;
@@ -70,17 +84,18 @@ async fn read_parts(mut form: Multipart) -> ApiResult<CharacterParts> {
                 }
             }
             "portrait" => {
-                // Read in chunks so an oversized upload is refused without buffering it whole.
                 let mut bytes = Vec::new();
                 while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
                     if bytes.len() + chunk.len() > MAX_PORTRAIT_BYTES {
-                        return Err(ApiError::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "payload_too_large",
-                            format!("the portrait is larger than {MAX_PORTRAIT_BYTES} bytes (10 MiB)"),
-                        ));
+                        oversized = true;
+                        bytes = Vec::new();
+                        while let Ok(Some(_)) = field.chunk().await {}
+                        break;
                     }
                     bytes.extend_from_slice(&chunk);
+                }
+                if oversized {
+                    continue;
                 }
                 if bytes.is_empty() {
                     return Err(ApiError::invalid("missing_portrait", "the portrait file is empty"));
@@ -97,6 +112,13 @@ async fn read_parts(mut form: Multipart) -> ApiResult<CharacterParts> {
                 ))
             }
         }
+    }
+    if oversized {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the portrait is larger than {MAX_PORTRAIT_BYTES} bytes (10 MiB)"),
+        ));
     }
     Ok(parts)
 }

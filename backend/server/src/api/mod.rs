@@ -20,10 +20,16 @@ use crate::AppState;
 /// All `/api` routes.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/characters", post(characters::create).get(characters::list))
+        .route(
+            "/characters",
+            post(characters::create).layer(upload_limit()).get(characters::list),
+        )
         .route(
             "/characters/{id}",
-            get(characters::get_one).patch(characters::update).delete(characters::delete),
+            get(characters::get_one)
+                .patch(characters::update)
+                .layer(upload_limit())
+                .delete(characters::delete),
         )
         .route("/characters/{id}/portrait", get(characters::portrait))
         .route("/stories", post(stories::create).get(stories::list))
@@ -38,6 +44,11 @@ pub fn router() -> Router<AppState> {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no_route", "no API endpoint at this path; see /openapi.json")
         })
+}
+
+/// Body limit layer for routes that accept a portrait upload.
+pub fn upload_limit() -> axum::extract::DefaultBodyLimit {
+    axum::extract::DefaultBodyLimit::max(crate::config::UPLOAD_BODY_LIMIT)
 }
 
 /// JSON body extractor whose rejections are problem documents: 400 for malformed JSON,

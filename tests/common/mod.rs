@@ -1,0 +1,199 @@
+//! Shared harness for the end-to-end tests: starts the real `storygpt-v` binary on an
+//! ephemeral port with its own data directory, and makes test images.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::io::{BufRead, BufReader, Cursor};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use image::{ImageFormat, Rgb, RgbImage};
+
+/// A running server process; killed when dropped.
+pub struct Server {
+    child: Child,
+    /// Base URL such as `http://127.0.0.1:41234`.
+    pub url: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    stderr_log: PathBuf,
+}
+
+/// Path of the binary under test (built by cargo for this test target).
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_storygpt-v")
+}
+
+impl Server {
+    /// Starts `storygpt-v serve` on port 0 in `data_dir`.
+    pub fn start(data_dir: &Path) -> Server {
+        Self::start_with(data_dir, &[], &[])
+    }
+
+    /// Starts the server with extra arguments and environment variables.
+    pub fn start_with(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stderr_log = std::env::temp_dir().join(format!("storygpt-v-test-{}-{n}.log", std::process::id()));
+        let log = std::fs::File::create(&stderr_log).expect("create log file");
+        let mut command = Command::new(binary());
+        command.arg("serve");
+        if !args.contains(&"--bind") && !envs.iter().any(|(k, _)| *k == "STORYGPT_BIND") {
+            command.args(["--bind", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--data-dir") && !envs.iter().any(|(k, _)| *k == "STORYGPT_DATA_DIR") {
+            command.arg("--data-dir").arg(data_dir);
+        }
+        command
+            .args(args)
+            .env_remove("STORYGPT_BIND")
+            .env_remove("STORYGPT_DATA_DIR")
+            .env_remove("STORYGPT_CONFIG")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = command.spawn().expect("start storygpt-v");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("storygpt-v listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; its log:\n{}", std::fs::read_to_string(&stderr_log).unwrap_or_default());
+            }
+        };
+        Server { child, url, data_dir: data_dir.to_path_buf(), stderr_log }
+    }
+
+    /// Absolute URL for a path.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{}", self.url, path)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status success.
+    pub fn terminate(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20));
+        status.is_some_and(|s| s.success())
+    }
+
+    /// Kills the process with SIGKILL (a crash), without any chance to clean up.
+    pub fn kill_hard(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_log);
+    }
+}
+
+/// A small RGB test image whose pixels encode their coordinates.
+pub fn test_image(width: u32, height: u32) -> RgbImage {
+    RgbImage::from_fn(width, height, |x, y| Rgb([(x * 40) as u8, (y * 40) as u8, 200]))
+}
+
+/// Encodes an image in the given format.
+pub fn encode(image: &RgbImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Vec::new();
+    image.write_to(&mut Cursor::new(&mut out), format).expect("encode test image");
+    out
+}
+
+/// A PNG of the given size.
+pub fn png(width: u32, height: u32) -> Vec<u8> {
+    encode(&test_image(width, height), ImageFormat::Png)
+}
+
+/// A JPEG carrying an EXIF block with the given orientation tag (6 = rotate 90° clockwise)
+/// and a camera-model string that normalisation must strip.
+pub fn jpeg_with_exif_orientation(width: u32, height: u32, orientation: u16) -> Vec<u8> {
+    let jpeg = encode(&test_image(width, height), ImageFormat::Jpeg);
+    // Big-endian TIFF with two IFD entries: Orientation (SHORT) and Model (ASCII, offset).
+    let model = b"SecretCam\0";
+    let mut tiff = Vec::new();
+    tiff.extend_from_slice(b"MM\0\x2a\0\0\0\x08");
+    tiff.extend_from_slice(&2u16.to_be_bytes());
+    tiff.extend_from_slice(&0x0112u16.to_be_bytes());
+    tiff.extend_from_slice(&3u16.to_be_bytes());
+    tiff.extend_from_slice(&1u32.to_be_bytes());
+    tiff.extend_from_slice(&orientation.to_be_bytes());
+    tiff.extend_from_slice(&[0, 0]);
+    let model_offset = 8 + 2 + 2 * 12 + 4;
+    tiff.extend_from_slice(&0x0110u16.to_be_bytes());
+    tiff.extend_from_slice(&2u16.to_be_bytes());
+    tiff.extend_from_slice(&(model.len() as u32).to_be_bytes());
+    tiff.extend_from_slice(&(model_offset as u32).to_be_bytes());
+    tiff.extend_from_slice(&0u32.to_be_bytes());
+    tiff.extend_from_slice(model);
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend_from_slice(&tiff);
+    let mut out = jpeg[..2].to_vec(); // SOI
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+/// A PNG whose header claims `width` x `height` pixels but which carries almost no data:
+/// what a decompression bomb or a lying header looks like.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut real = png(1, 1);
+    // IHDR data starts at byte 16: width, height (big-endian); fix the chunk CRC after.
+    real[16..20].copy_from_slice(&width.to_be_bytes());
+    real[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&real[12..29]);
+    real[29..33].copy_from_slice(&crc.to_be_bytes());
+    real
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A multipart form for creating a character.
+pub fn character_form(name: &str, pronoun: &str, portrait: Vec<u8>, file_name: &str) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new()
+        .text("name", name.to_string())
+        .text("pronoun", pronoun.to_string())
+        .part("portrait", reqwest::multipart::Part::bytes(portrait).file_name(file_name.to_string()))
+}
