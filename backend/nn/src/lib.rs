@@ -16,6 +16,7 @@
 //! * [`mod@gradcheck`]: finite-difference gradient checks and "every parameter gets a gradient".
 
 pub mod attention;
+pub mod device;
 pub mod gradcheck;
 pub mod layers;
 pub mod norm;
@@ -23,6 +24,7 @@ pub mod ops;
 pub mod rotary;
 pub mod weights;
 
+pub use device::parse_device;
 pub use attention::{
     causal_mask, merge_heads, padding_mask, repeat_kv, scaled_dot_product_attention, split_heads,
     AttentionOutput, SdpaOptions,
