@@ -28,6 +28,9 @@ enum Command {
     Data(commands::data::DataArgs),
     /// The toy world: a seeded stand-in for FlintstonesSV that runs on a CPU.
     Toyworld(commands::toyworld::ToyworldArgs),
+    /// Run one network (unet, vae-encode, vae-decode, clip-text, clip-vision) from a reference
+    /// model directory on tensors in a safetensors file and write its outputs (conformance).
+    Component(commands::component::ComponentArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => commands::serve::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::Toyworld(args) => commands::toyworld::run(args),
+        Command::Component(args) => commands::component::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

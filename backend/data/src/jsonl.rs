@@ -32,7 +32,9 @@ impl FromStr for RuleChoice {
             "flintstones" | "flintstonessv" => Ok(RuleChoice::Flintstones),
             "pororo" | "pororosv" => Ok(RuleChoice::Pororo),
             "custom" => Ok(RuleChoice::Custom),
-            other => Err(DataError::Invalid(format!("unknown dataset {other:?}: use flintstones, pororo or custom"))),
+            other => Err(DataError::Invalid(format!(
+                "unknown dataset {other:?}: use flintstones, pororo or custom"
+            ))),
         }
     }
 }
@@ -81,14 +83,19 @@ pub fn referential_line(text: &str, choice: RuleChoice) -> Result<String> {
 }
 
 /// Run `make-referential` over JSON lines; returns the number of stories written.
-pub fn make_referential_lines(input: impl BufRead, mut output: impl Write, choice: RuleChoice) -> Result<usize> {
+pub fn make_referential_lines(
+    input: impl BufRead,
+    mut output: impl Write,
+    choice: RuleChoice,
+) -> Result<usize> {
     let mut n = 0;
     for (i, line) in input.lines().enumerate() {
         let line = line.map_err(|e| DataError::io("<stdin>", e))?;
         if line.trim().is_empty() {
             continue;
         }
-        let out = referential_line(&line, choice).map_err(|e| DataError::Invalid(format!("line {}: {e}", i + 1)))?;
+        let out = referential_line(&line, choice)
+            .map_err(|e| DataError::Invalid(format!("line {}: {e}", i + 1)))?;
         writeln!(output, "{out}").map_err(|e| DataError::io("<stdout>", e))?;
         n += 1;
     }
@@ -104,9 +111,12 @@ pub fn stats_lines(input: impl BufRead, choice: RuleChoice, name: &str) -> Resul
         if line.trim().is_empty() {
             continue;
         }
-        let json: Json = serde_json::from_str(&line).map_err(|e| DataError::Invalid(format!("line {}: {e}", i + 1)))?;
+        let json: Json = serde_json::from_str(&line)
+            .map_err(|e| DataError::Invalid(format!("line {}: {e}", i + 1)))?;
         if let Some(p) = json.get("pronouns") {
-            pronouns.extend(serde_json::from_value::<BTreeMap<String, String>>(p.clone())?);
+            pronouns.extend(serde_json::from_value::<BTreeMap<String, String>>(
+                p.clone(),
+            )?);
         }
         stories.push(frames_of(&json)?);
     }
@@ -128,7 +138,8 @@ mod tests {
 
 {"pronouns": {"Ada": "she"}, "frames": [{"caption": "Ada codes.", "characters": ["Ada"]}, {"caption": "Ada ships it.", "characters": ["Ada"]}]}"#;
         let mut out = Vec::new();
-        let n = make_referential_lines(input.as_bytes(), &mut out, RuleChoice::Flintstones).unwrap();
+        let n =
+            make_referential_lines(input.as_bytes(), &mut out, RuleChoice::Flintstones).unwrap();
         assert_eq!(n, 2);
         let text = String::from_utf8(out).unwrap();
         let first: Json = serde_json::from_str(text.lines().next().unwrap()).unwrap();
@@ -137,7 +148,12 @@ mod tests {
         assert_eq!(first["frames"][1]["referential"], "He stops.");
         let custom = referential_line(input.lines().nth(2).unwrap(), RuleChoice::Custom).unwrap();
         assert!(custom.contains("\"referential\":\"She ships it.\""));
-        assert!(make_referential_lines("{\"frames\": 3}".as_bytes(), Vec::new(), RuleChoice::Pororo).is_err());
+        assert!(make_referential_lines(
+            "{\"frames\": 3}".as_bytes(),
+            Vec::new(),
+            RuleChoice::Pororo
+        )
+        .is_err());
         assert!("nope".parse::<RuleChoice>().is_err());
     }
 }

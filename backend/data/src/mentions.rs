@@ -31,15 +31,30 @@ pub(crate) fn tokenize(text: &str) -> Vec<Token> {
             continue;
         }
         if let Some(s) = word_start.take() {
-            out.push(Token { start: s, end: i, lower: text[s..i].to_lowercase(), word: true });
+            out.push(Token {
+                start: s,
+                end: i,
+                lower: text[s..i].to_lowercase(),
+                word: true,
+            });
         }
         if !ch.is_whitespace() {
             let e = i + ch.len_utf8();
-            out.push(Token { start: i, end: e, lower: text[i..e].to_string(), word: false });
+            out.push(Token {
+                start: i,
+                end: e,
+                lower: text[i..e].to_string(),
+                word: false,
+            });
         }
     }
     if let Some(s) = word_start {
-        out.push(Token { start: s, end: text.len(), lower: text[s..].to_lowercase(), word: true });
+        out.push(Token {
+            start: s,
+            end: text.len(),
+            lower: text[s..].to_lowercase(),
+            word: true,
+        });
     }
     out
 }
@@ -132,10 +147,16 @@ pub(crate) fn find_names(tokens: &[Token], rules: &RuleSet) -> Vec<NameMatch> {
         .iter()
         .enumerate()
         .flat_map(|(ci, c)| {
-            std::iter::once(&c.name).chain(c.aliases.iter()).map(move |a| {
-                let words = tokenize(a).into_iter().filter(|t| t.word).map(|t| t.lower).collect();
-                (ci, words)
-            })
+            std::iter::once(&c.name)
+                .chain(c.aliases.iter())
+                .map(move |a| {
+                    let words = tokenize(a)
+                        .into_iter()
+                        .filter(|t| t.word)
+                        .map(|t| t.lower)
+                        .collect();
+                    (ci, words)
+                })
         })
         .filter(|(_, w): &(usize, Vec<String>)| !w.is_empty())
         .collect();
@@ -156,7 +177,10 @@ pub(crate) fn find_names(tokens: &[Token], rules: &RuleSet) -> Vec<NameMatch> {
         };
         let name_end = tokens[j - 1].end;
         let mut possessive = false;
-        if let Some(a) = tokens.get(j).filter(|a| is_apostrophe(a) && a.start == name_end) {
+        if let Some(a) = tokens
+            .get(j)
+            .filter(|a| is_apostrophe(a) && a.start == name_end)
+        {
             let s_follows = tokens
                 .get(j + 1)
                 .is_some_and(|s| s.word && s.lower == "s" && s.start == a.end);
@@ -164,7 +188,9 @@ pub(crate) fn find_names(tokens: &[Token], rules: &RuleSet) -> Vec<NameMatch> {
                 possessive = true;
                 j += 2;
             } else if tokens[j - 1].lower.ends_with('s')
-                && !tokens.get(j + 1).is_some_and(|n| n.word && n.start == a.end)
+                && !tokens
+                    .get(j + 1)
+                    .is_some_and(|n| n.word && n.start == a.end)
             {
                 possessive = true;
                 j += 1;
@@ -190,13 +216,51 @@ const PREPOSITIONS: &[&str] = &[
     "than", "in", "through", "across", "along", "beyond", "next", "via", "unlike", "off",
 ];
 const CLAUSE_STARTERS: &[&str] = &[
-    "and", "but", "or", "nor", "yet", "while", "as", "when", "whenever", "because", "so",
-    "until", "since", "although", "though", "whereas", "where", "that", "who", "if", "once",
-    "after", "before", "then", "meanwhile",
+    "and",
+    "but",
+    "or",
+    "nor",
+    "yet",
+    "while",
+    "as",
+    "when",
+    "whenever",
+    "because",
+    "so",
+    "until",
+    "since",
+    "although",
+    "though",
+    "whereas",
+    "where",
+    "that",
+    "who",
+    "if",
+    "once",
+    "after",
+    "before",
+    "then",
+    "meanwhile",
 ];
 const ADVERBS: &[&str] = &[
-    "then", "now", "meanwhile", "later", "soon", "also", "still", "here", "there", "today",
-    "again", "first", "next", "finally", "suddenly", "both", "all", "even",
+    "then",
+    "now",
+    "meanwhile",
+    "later",
+    "soon",
+    "also",
+    "still",
+    "here",
+    "there",
+    "today",
+    "again",
+    "first",
+    "next",
+    "finally",
+    "suddenly",
+    "both",
+    "all",
+    "even",
 ];
 const DETERMINERS: &[&str] = &["a", "an", "the", "some", "this", "that", "these", "those"];
 
@@ -246,7 +310,11 @@ pub(crate) fn role(tokens: &[Token], first: usize, last: usize) -> Case {
             continue;
         }
         if CLAUSE_STARTERS.contains(&w) {
-            return if next_ends { Case::Object } else { Case::Subject };
+            return if next_ends {
+                Case::Object
+            } else {
+                Case::Subject
+            };
         }
         return Case::Object;
     }
@@ -301,6 +369,11 @@ pub fn find_mentions(caption: &str, rules: &RuleSet) -> Vec<Mention> {
         .collect()
 }
 
+/// Mentions as a JSON array.
+pub fn to_json(mentions: &[Mention]) -> String {
+    serde_json::to_string(mentions).unwrap_or_default()
+}
+
 /// Number of pronoun references (he/she/they families; "it" only for rule sets using it).
 pub fn count_references(caption: &str, rules: &RuleSet) -> usize {
     find_mentions(caption, rules)
@@ -328,7 +401,9 @@ mod tests {
         find_mentions(caption, &RuleSet::flintstones())
             .into_iter()
             .filter_map(|m| match m.kind {
-                MentionKind::Character { name, possessive, .. } => Some((name, possessive)),
+                MentionKind::Character {
+                    name, possessive, ..
+                } => Some((name, possessive)),
                 _ => None,
             })
             .collect()
@@ -337,7 +412,10 @@ mod tests {
     #[test]
     fn names_case_insensitive_whole_words() {
         let r = RuleSet::flintstones();
-        let m = find_mentions("fred talks to WILMA; Frederick and Wilmas do not count.", &r);
+        let m = find_mentions(
+            "fred talks to WILMA; Frederick and Wilmas do not count.",
+            &r,
+        );
         let texts: Vec<_> = m.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, vec!["fred", "WILMA"]);
         assert_eq!((m[1].start, m[1].end), (14, 19));
@@ -345,9 +423,15 @@ mod tests {
 
     #[test]
     fn multi_word_dotted_and_possessive() {
-        assert_eq!(names("Mr. Slate yells at Fred."), vec![("Mr Slate".into(), false), ("Fred".into(), false)]);
+        assert_eq!(
+            names("Mr. Slate yells at Fred."),
+            vec![("Mr Slate".into(), false), ("Fred".into(), false)]
+        );
         assert_eq!(names("Mr Slate's desk"), vec![("Mr Slate".into(), true)]);
-        assert_eq!(names("Pebbles' doll and Fred\u{2019}s hat"), vec![("Pebbles".into(), true), ("Fred".into(), true)]);
+        assert_eq!(
+            names("Pebbles' doll and Fred\u{2019}s hat"),
+            vec![("Pebbles".into(), true), ("Fred".into(), true)]
+        );
         assert_eq!(names("Slate rocks"), vec![]);
         let m = find_mentions("Fred's car", &RuleSet::flintstones());
         assert_eq!(m[0].text, "Fred's");
@@ -360,10 +444,25 @@ mod tests {
         let got: Vec<_> = m.iter().map(|m| (m.text.clone(), m.start)).collect();
         assert_eq!(
             got,
-            vec![("she".into(), 6), ("him".into(), 16), ("her".into(), 20), ("they".into(), 29), ("them".into(), 43)]
+            vec![
+                ("she".into(), 6),
+                ("him".into(), 16),
+                ("her".into(), 20),
+                ("they".into(), 29),
+                ("them".into(), 43)
+            ]
         );
-        assert!(matches!(m[2].kind, MentionKind::Pronoun { case: Case::Possessive, .. }));
-        assert_eq!(count_references("The hen thinks the theme is there.", &r), 0);
+        assert!(matches!(
+            m[2].kind,
+            MentionKind::Pronoun {
+                case: Case::Possessive,
+                ..
+            }
+        ));
+        assert_eq!(
+            count_references("The hen thinks the theme is there.", &r),
+            0
+        );
     }
 
     #[test]

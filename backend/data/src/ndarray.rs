@@ -17,13 +17,29 @@ pub struct DType {
 
 impl DType {
     /// uint8.
-    pub const U8: DType = DType { kind: 'u', size: 1, big_endian: false };
+    pub const U8: DType = DType {
+        kind: 'u',
+        size: 1,
+        big_endian: false,
+    };
     /// float64.
-    pub const F64: DType = DType { kind: 'f', size: 8, big_endian: false };
+    pub const F64: DType = DType {
+        kind: 'f',
+        size: 8,
+        big_endian: false,
+    };
     /// float32.
-    pub const F32: DType = DType { kind: 'f', size: 4, big_endian: false };
+    pub const F32: DType = DType {
+        kind: 'f',
+        size: 4,
+        big_endian: false,
+    };
     /// bool.
-    pub const BOOL: DType = DType { kind: 'b', size: 1, big_endian: false };
+    pub const BOOL: DType = DType {
+        kind: 'b',
+        size: 1,
+        big_endian: false,
+    };
 
     /// Parse a numpy type string such as "<f8", "|u1", "<U12", "b1", "f", "O", "uint8".
     pub fn parse(descr: &str) -> Result<DType> {
@@ -66,10 +82,16 @@ impl DType {
             'b' | 'u' | 'i' | 'f' | 'S' | 'O' => (kind, n),
             _ => return Err(bad()),
         };
-        if matches!(kind, 'f') && ![2, 4, 8].contains(&size) || matches!(kind, 'u' | 'i') && ![1, 2, 4, 8].contains(&size) {
+        if matches!(kind, 'f') && ![2, 4, 8].contains(&size)
+            || matches!(kind, 'u' | 'i') && ![1, 2, 4, 8].contains(&size)
+        {
             return Err(bad());
         }
-        Ok(DType { kind, size, big_endian })
+        Ok(DType {
+            kind,
+            size,
+            big_endian,
+        })
     }
 
     /// The numpy type string, e.g. "<f8", "|u1", "<U5".
@@ -133,42 +155,77 @@ fn c_from_fortran(bytes: &[u8], shape: &[usize], item: usize) -> Vec<u8> {
 
 impl NdArray {
     /// Build from raw element bytes in the given order; converts to C order, little-endian.
-    pub fn from_raw(dtype: DType, shape: Vec<usize>, fortran: bool, bytes: &[u8]) -> Result<NdArray> {
+    pub fn from_raw(
+        dtype: DType,
+        shape: Vec<usize>,
+        fortran: bool,
+        bytes: &[u8],
+    ) -> Result<NdArray> {
         if dtype.kind == 'O' {
             return Err(DataError::Npy("object arrays need pickled elements".into()));
         }
         let n: usize = shape.iter().product();
         if bytes.len() < n * dtype.size {
-            return Err(DataError::Npy(format!("{} bytes for {n} elements of {}", bytes.len(), dtype.descr())));
+            return Err(DataError::Npy(format!(
+                "{} bytes for {n} elements of {}",
+                bytes.len(),
+                dtype.descr()
+            )));
         }
         let bytes = &bytes[..n * dtype.size];
-        let mut data =
-            if fortran && shape.len() > 1 { c_from_fortran(bytes, &shape, dtype.size) } else { bytes.to_vec() };
+        let mut data = if fortran && shape.len() > 1 {
+            c_from_fortran(bytes, &shape, dtype.size)
+        } else {
+            bytes.to_vec()
+        };
         let mut dtype = dtype;
         if dtype.big_endian {
-            let unit = if dtype.kind == 'U' { 4 } else if dtype.kind == 'S' { 1 } else { dtype.size };
+            let unit = if dtype.kind == 'U' {
+                4
+            } else if dtype.kind == 'S' {
+                1
+            } else {
+                dtype.size
+            };
             for chunk in data.chunks_mut(unit) {
                 chunk.reverse();
             }
             dtype.big_endian = false;
         }
-        Ok(NdArray { dtype, shape, data: ArrayData::Raw(data) })
+        Ok(NdArray {
+            dtype,
+            shape,
+            data: ArrayData::Raw(data),
+        })
     }
 
     /// A uint8 array.
     pub fn from_u8(shape: Vec<usize>, data: Vec<u8>) -> NdArray {
-        NdArray { dtype: DType::U8, shape, data: ArrayData::Raw(data) }
+        NdArray {
+            dtype: DType::U8,
+            shape,
+            data: ArrayData::Raw(data),
+        }
     }
 
     /// A float64 array.
     pub fn from_f64(shape: Vec<usize>, data: &[f64]) -> NdArray {
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        NdArray { dtype: DType::F64, shape, data: ArrayData::Raw(raw) }
+        NdArray {
+            dtype: DType::F64,
+            shape,
+            data: ArrayData::Raw(raw),
+        }
     }
 
     /// A one-dimensional unicode array ("<U{longest}") of the strings.
     pub fn from_strings(items: &[String]) -> NdArray {
-        let width = items.iter().map(|s| s.chars().count()).max().unwrap_or(0).max(1);
+        let width = items
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut raw = Vec::with_capacity(items.len() * width * 4);
         for s in items {
             let mut k = 0;
@@ -178,7 +235,15 @@ impl NdArray {
             }
             raw.resize(raw.len() + (width - k) * 4, 0);
         }
-        NdArray { dtype: DType { kind: 'U', size: width * 4, big_endian: false }, shape: vec![items.len()], data: ArrayData::Raw(raw) }
+        NdArray {
+            dtype: DType {
+                kind: 'U',
+                size: width * 4,
+                big_endian: false,
+            },
+            shape: vec![items.len()],
+            data: ArrayData::Raw(raw),
+        }
     }
 
     /// Number of elements.
@@ -194,7 +259,9 @@ impl NdArray {
     fn raw(&self) -> Result<&[u8]> {
         match &self.data {
             ArrayData::Raw(r) => Ok(r),
-            ArrayData::Objects(_) => Err(DataError::Npy("object array where numbers were expected".into())),
+            ArrayData::Objects(_) => Err(DataError::Npy(
+                "object array where numbers were expected".into(),
+            )),
         }
     }
 
@@ -203,7 +270,10 @@ impl NdArray {
         if let ArrayData::Objects(items) = &self.data {
             return items
                 .iter()
-                .map(|v| v.as_f64().ok_or_else(|| DataError::Npy("non-numeric object element".into())))
+                .map(|v| {
+                    v.as_f64()
+                        .ok_or_else(|| DataError::Npy("non-numeric object element".into()))
+                })
                 .collect();
         }
         let raw = self.raw()?;
@@ -225,7 +295,9 @@ impl NdArray {
             }
         };
         if matches!(self.dtype.kind, 'U' | 'S') {
-            return Err(DataError::Npy("string array where numbers were expected".into()));
+            return Err(DataError::Npy(
+                "string array where numbers were expected".into(),
+            ));
         }
         Ok(raw.chunks(s).map(f).collect())
     }
@@ -235,7 +307,11 @@ impl NdArray {
         match (&self.data, self.dtype.kind) {
             (ArrayData::Objects(items), _) => items
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| DataError::Npy("non-string object element".into())))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| DataError::Npy("non-string object element".into()))
+                })
                 .collect(),
             (ArrayData::Raw(raw), 'U') => Ok(raw
                 .chunks(self.dtype.size.max(4))
@@ -249,9 +325,14 @@ impl NdArray {
                 .collect()),
             (ArrayData::Raw(raw), 'S') => Ok(raw
                 .chunks(self.dtype.size.max(1))
-                .map(|c| String::from_utf8_lossy(c.split(|&b| b == 0).next().unwrap_or(&[])).into_owned())
+                .map(|c| {
+                    String::from_utf8_lossy(c.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
+                })
                 .collect()),
-            _ => Err(DataError::Npy(format!("{} array where strings were expected", self.dtype.descr()))),
+            _ => Err(DataError::Npy(format!(
+                "{} array where strings were expected",
+                self.dtype.descr()
+            ))),
         }
     }
 
@@ -270,7 +351,13 @@ fn half_to_f64(h: u16) -> f64 {
     let frac = (h & 0x3ff) as f64;
     sign * match exp {
         0 => frac * 2f64.powi(-24),
-        31 => if frac == 0.0 { f64::INFINITY } else { f64::NAN },
+        31 => {
+            if frac == 0.0 {
+                f64::INFINITY
+            } else {
+                f64::NAN
+            }
+        }
         e => (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
     }
 }
@@ -284,14 +371,17 @@ mod tests {
         for d in ["<f8", "|u1", "<U7", "|b1", "<i4", "|S3", "|O", "<f2"] {
             assert_eq!(DType::parse(d).unwrap().descr(), d);
         }
-        assert_eq!(DType::parse(">i2").unwrap().big_endian, true);
+        assert!(DType::parse(">i2").unwrap().big_endian);
         assert!(DType::parse("<c16").is_err());
     }
 
     #[test]
     fn fortran_and_big_endian() {
         // 2x3 array [[1,2,3],[4,5,6]] stored Fortran-ordered big-endian int16.
-        let f: Vec<u8> = [1i16, 4, 2, 5, 3, 6].iter().flat_map(|v| v.to_be_bytes()).collect();
+        let f: Vec<u8> = [1i16, 4, 2, 5, 3, 6]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
         let a = NdArray::from_raw(DType::parse(">i2").unwrap(), vec![2, 3], true, &f).unwrap();
         assert_eq!(a.to_f64().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let s = NdArray::from_strings(&["ab".into(), "Fred".into(), "".into()]);

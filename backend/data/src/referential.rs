@@ -40,7 +40,9 @@ fn capitalise_if(word: &str, cap: bool) -> String {
         return word.to_string();
     }
     let mut c = word.chars();
-    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 fn apply_edits(caption: &str, mut edits: Vec<(usize, usize, String)>) -> String {
@@ -61,7 +63,10 @@ fn apply_edits(caption: &str, mut edits: Vec<(usize, usize, String)>) -> String 
 
 /// Is the text between two name matches a list separator ("," / "and" / ", and" / "&")?
 fn separator(tokens: &[Token], a: &NameMatch, b: &NameMatch, last: bool) -> bool {
-    let between: Vec<&str> = tokens[a.last..b.first].iter().map(|t| t.lower.as_str()).collect();
+    let between: Vec<&str> = tokens[a.last..b.first]
+        .iter()
+        .map(|t| t.lower.as_str())
+        .collect();
     match between.as_slice() {
         [","] => !last,
         ["and"] | ["&"] | [",", "and"] | [",", "&"] => last,
@@ -85,20 +90,40 @@ fn group_at(tokens: &[Token], names: &[NameMatch], p: usize, n: usize) -> Option
 }
 
 /// Replacement text for a phrase covering tokens `[first, last)`.
-fn pronoun_for(tokens: &[Token], first: usize, last: usize, possessive: bool, p: Pronoun) -> String {
-    let case = if possessive { Case::Possessive } else { role(tokens, first, last) };
+fn pronoun_for(
+    tokens: &[Token],
+    first: usize,
+    last: usize,
+    possessive: bool,
+    p: Pronoun,
+) -> String {
+    let case = if possessive {
+        Case::Possessive
+    } else {
+        role(tokens, first, last)
+    };
     capitalise_if(p.word(case), at_sentence_start(tokens, first))
 }
 
 /// Replace every group naming exactly `set` (two or more characters) by they/them/their.
-fn group_edits(tokens: &[Token], names: &[NameMatch], set: &BTreeSet<usize>) -> Vec<(usize, usize, String)> {
+fn group_edits(
+    tokens: &[Token],
+    names: &[NameMatch],
+    set: &BTreeSet<usize>,
+) -> Vec<(usize, usize, String)> {
     let mut edits = Vec::new();
     let mut p = 0;
     while p < names.len() {
         if let Some(q) = group_at(tokens, names, p, set.len()) {
             let members: BTreeSet<usize> = names[p..=q].iter().map(|m| m.index).collect();
             if &members == set {
-                let rep = pronoun_for(tokens, names[p].first, names[q].last, names[q].possessive, Pronoun::They);
+                let rep = pronoun_for(
+                    tokens,
+                    names[p].first,
+                    names[q].last,
+                    names[q].possessive,
+                    Pronoun::They,
+                );
                 edits.push((names[p].start, names[q].end, rep));
                 p = q + 1;
                 continue;
@@ -110,12 +135,23 @@ fn group_edits(tokens: &[Token], names: &[NameMatch], set: &BTreeSet<usize>) -> 
 }
 
 /// Replace every mention of character `c` by its pronoun (subject, object or possessive).
-fn single_edits(tokens: &[Token], names: &[NameMatch], c: usize, rules: &RuleSet) -> Vec<(usize, usize, String)> {
+fn single_edits(
+    tokens: &[Token],
+    names: &[NameMatch],
+    c: usize,
+    rules: &RuleSet,
+) -> Vec<(usize, usize, String)> {
     let p = rules.characters[c].pronoun;
     names
         .iter()
         .filter(|m| m.index == c)
-        .map(|m| (m.start, m.end, pronoun_for(tokens, m.first, m.last, m.possessive, p)))
+        .map(|m| {
+            (
+                m.start,
+                m.end,
+                pronoun_for(tokens, m.first, m.last, m.possessive, p),
+            )
+        })
         .collect()
 }
 
@@ -143,7 +179,11 @@ pub fn make_referential(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
 /// The immediate character set of a frame: its labels, or the names in its caption.
 pub fn frame_characters(rules: &mut RuleSet, frame: &StoryFrame) -> BTreeSet<usize> {
     match &frame.characters {
-        Some(labels) => labels.iter().filter(|l| !l.trim().is_empty()).map(|l| rules.ensure(l)).collect(),
+        Some(labels) => labels
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| rules.ensure(l))
+            .collect(),
         None => {
             let tokens = tokenize(&frame.caption);
             find_names(&tokens, rules).iter().map(|m| m.index).collect()
@@ -173,7 +213,9 @@ fn leading_group(tokens: &[Token], names: &[NameMatch]) -> Option<(usize, BTreeS
     if first.first != 0 && !at_sentence_start(tokens, first.first) || first.first > 2 {
         return None;
     }
-    let q = (2..=names.len()).rev().find_map(|n| group_at(tokens, names, 0, n))?;
+    let q = (2..=names.len())
+        .rev()
+        .find_map(|n| group_at(tokens, names, 0, n))?;
     Some((q, names[..=q].iter().map(|m| m.index).collect()))
 }
 
@@ -209,7 +251,13 @@ fn pororo_mode(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
         let mut rest_from = 0;
         if let (Some((q, set)), Some(prev)) = (&lead, &prev_lead) {
             if i > 0 && set == prev {
-                let rep = pronoun_for(&tokens, names[0].first, names[*q].last, names[*q].possessive, Pronoun::They);
+                let rep = pronoun_for(
+                    &tokens,
+                    names[0].first,
+                    names[*q].last,
+                    names[*q].possessive,
+                    Pronoun::They,
+                );
                 edits.push((names[0].start, names[*q].end, rep));
                 rest_from = q + 1;
             }
@@ -220,7 +268,11 @@ fn pororo_mode(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
             let c = cand.unwrap_or_default();
             let p = rules.characters[c].pronoun;
             for m in rest.iter().filter(|m| m.index == c) {
-                edits.push((m.start, m.end, pronoun_for(&tokens, m.first, m.last, m.possessive, p)));
+                edits.push((
+                    m.start,
+                    m.end,
+                    pronoun_for(&tokens, m.first, m.last, m.possessive, p),
+                ));
             }
         } else {
             immediate = cand;

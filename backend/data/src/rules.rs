@@ -147,8 +147,9 @@ pub struct RuleSet {
 }
 
 /// FlintstonesSV label order used by `labels.pkl`.
-pub const FLINTSTONES_LABELS: [&str; 7] =
-    ["fred", "wilma", "barney", "betty", "pebbles", "dino", "slate"];
+pub const FLINTSTONES_LABELS: [&str; 7] = [
+    "fred", "wilma", "barney", "betty", "pebbles", "dino", "slate",
+];
 
 /// PororoSV label order used by `labels.pkl`.
 pub const PORORO_LABELS: [&str; 9] = [
@@ -187,7 +188,11 @@ impl RuleSet {
                 }
             })
             .collect();
-        RuleSet { name: "flintstones".into(), characters, mode: RuleMode::Labels }
+        RuleSet {
+            name: "flintstones".into(),
+            characters,
+            mode: RuleMode::Labels,
+        }
     }
 
     /// PororoSV: Petty and Loopy are "she", the other seven "he"; text-based rules.
@@ -204,7 +209,11 @@ impl RuleSet {
                 def
             })
             .collect();
-        RuleSet { name: "pororo".into(), characters, mode: RuleMode::PororoText }
+        RuleSet {
+            name: "pororo".into(),
+            characters,
+            mode: RuleMode::PororoText,
+        }
     }
 
     /// A user story's characters with user-given pronouns (e.g. {"Ada": "she", "Bo": "they"}).
@@ -216,7 +225,11 @@ impl RuleSet {
             }
             characters.push(CharacterDef::new(name.trim(), Pronoun::parse(p)?));
         }
-        Ok(RuleSet { name: "custom".into(), characters, mode: RuleMode::Labels })
+        Ok(RuleSet {
+            name: "custom".into(),
+            characters,
+            mode: RuleMode::Labels,
+        })
     }
 
     /// Index of the character a label or name refers to (case-insensitive; label key, name
@@ -241,7 +254,8 @@ impl RuleSet {
         match self.index_of(name) {
             Some(i) => i,
             None => {
-                self.characters.push(CharacterDef::new(name.trim(), Pronoun::They));
+                self.characters
+                    .push(CharacterDef::new(name.trim(), Pronoun::They));
                 self.characters.len() - 1
             }
         }
@@ -250,7 +264,11 @@ impl RuleSet {
 
 /// Lowercase, dots removed, whitespace collapsed: "Mr.  Slate" -> "mr slate".
 pub fn normalise_name(name: &str) -> String {
-    name.replace('.', " ").split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    name.replace('.', " ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 #[cfg(test)]

@@ -33,9 +33,15 @@ pub struct StoryStats {
 }
 
 /// Compute statistics over stories (each a list of frames).
-pub fn compute(name: &str, rules: &RuleSet, stories: &[Vec<StoryFrame>], backgrounds: Option<usize>) -> StoryStats {
+pub fn compute(
+    name: &str,
+    rules: &RuleSet,
+    stories: &[Vec<StoryFrame>],
+    backgrounds: Option<usize>,
+) -> StoryStats {
     let mut rules_mut = rules.clone();
-    let (mut before, mut after, mut frames, mut changed, mut chars, mut names) = (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut before, mut after, mut frames, mut changed, mut chars, mut names) =
+        (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
     for story in stories {
         let referential = make_referential(rules, story);
         for (frame, r) in story.iter().zip(&referential) {
@@ -65,6 +71,11 @@ pub fn compute(name: &str, rules: &RuleSet, stories: &[Vec<StoryFrame>], backgro
     }
 }
 
+/// Statistics as pretty-printed JSON.
+pub fn to_json(stats: &StoryStats) -> String {
+    serde_json::to_string_pretty(stats).unwrap_or_default()
+}
+
 /// Render statistics as a Markdown table shaped like Table 11 (one row before, one after).
 pub fn to_markdown(stats: &[StoryStats]) -> String {
     let mut s = String::from(
@@ -72,10 +83,19 @@ pub fn to_markdown(stats: &[StoryStats]) -> String {
          |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for st in stats {
-        let bg = st.backgrounds.map(|b| b.to_string()).unwrap_or_else(|| "None".into());
+        let bg = st
+            .backgrounds
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "None".into());
         s += &format!(
             "| {} | {} | {} | {:.2} | {} | {} | - | {:.2} |\n",
-            st.dataset, st.stories, st.frames, st.refs_before, st.characters, bg, st.characters_per_frame
+            st.dataset,
+            st.stories,
+            st.frames,
+            st.refs_before,
+            st.characters,
+            bg,
+            st.characters_per_frame
         );
         s += &format!(
             "| Extended {} | {} | {} | {:.2} | {} | {} | {:.1}% | {:.2} |\n",
@@ -106,6 +126,7 @@ mod tests {
         assert_eq!(st.refs_before, 1.0);
         assert_eq!(st.refs_after, 3.0);
         assert_eq!(st.frames_changed, 0.5);
-        assert!(to_markdown(&[st]).contains("| Extended Flintstones | 1 | 2 | 3.00 | 7 | 3 | 50.0% | 1.00 |"));
+        assert!(to_markdown(&[st])
+            .contains("| Extended Flintstones | 1 | 2 | 3.00 | 7 | 3 | 50.0% | 1.00 |"));
     }
 }

@@ -77,10 +77,17 @@ fn mkdir(p: &Path) -> Result<()> {
 impl LayoutWriter {
     /// Create the directory tree.
     pub fn create(root: &Path) -> Result<LayoutWriter> {
-        for sub in ["", "video_frames_sampled_4x", "seg_mask_4x_comb", "portraits"] {
+        for sub in [
+            "",
+            "video_frames_sampled_4x",
+            "seg_mask_4x_comb",
+            "portraits",
+        ] {
             mkdir(&root.join(sub))?;
         }
-        Ok(LayoutWriter { root: root.to_path_buf() })
+        Ok(LayoutWriter {
+            root: root.to_path_buf(),
+        })
     }
 
     /// The dataset root.
@@ -99,19 +106,39 @@ impl LayoutWriter {
             data.extend_from_slice(f.as_raw());
         }
         let arr = NdArray::from_u8(vec![frames.len(), h as usize, w as usize, 3], data);
-        write_npy(&self.root.join("video_frames_sampled_4x").join(format!("{id}.npy")), &arr)
+        write_npy(
+            &self
+                .root
+                .join("video_frames_sampled_4x")
+                .join(format!("{id}.npy")),
+            &arr,
+        )
     }
 
     /// Write `seg_mask_4x_comb/{id}-frame{k}.npy`: uint8 (H, W) segment-id map, 0 = none.
-    pub fn write_mask(&self, id: &str, k: usize, width: u32, height: u32, seg: Vec<u8>) -> Result<()> {
+    pub fn write_mask(
+        &self,
+        id: &str,
+        k: usize,
+        width: u32,
+        height: u32,
+        seg: Vec<u8>,
+    ) -> Result<()> {
         let arr = NdArray::from_u8(vec![height as usize, width as usize], seg);
-        write_npy(&self.root.join("seg_mask_4x_comb").join(format!("{id}-frame{k}.npy")), &arr)
+        write_npy(
+            &self
+                .root
+                .join("seg_mask_4x_comb")
+                .join(format!("{id}-frame{k}.npy")),
+            &arr,
+        )
     }
 
     /// Write a PNG relative to the root.
     pub fn write_png(&self, rel: &str, img: &RgbImage) -> Result<()> {
         let path = self.root.join(rel);
-        img.save(&path).map_err(|e| DataError::Invalid(format!("{}: {e}", path.display())))
+        img.save(&path)
+            .map_err(|e| DataError::Invalid(format!("{}: {e}", path.display())))
     }
 
     fn json(&self, name: &str, v: &Json) -> Result<()> {
@@ -122,7 +149,10 @@ impl LayoutWriter {
     /// Write split.json, following_cache*.pkl, cleaned_annotations.json, labels.pkl,
     /// labels_bg.pkl, characters.json and backgrounds.json.
     pub fn write_index(&self, index: &LayoutIndex) -> Result<()> {
-        self.json("split.json", &json!({"train": index.train, "val": index.val, "test": index.test}))?;
+        self.json(
+            "split.json",
+            &json!({"train": index.train, "val": index.val, "test": index.test}),
+        )?;
         let longest = index.stories.iter().map(Vec::len).max().unwrap_or(1);
         let mut lens: Vec<usize> = vec![3, longest.saturating_sub(1)];
         lens.dedup();
@@ -131,9 +161,17 @@ impl LayoutWriter {
                 .stories
                 .iter()
                 .filter(|s| s.len() > n)
-                .map(|s| (Value::Str(s[0].clone()), Value::Array(NdArray::from_strings(&s[1..=n]))))
+                .map(|s| {
+                    (
+                        Value::Str(s[0].clone()),
+                        Value::Array(NdArray::from_strings(&s[1..=n])),
+                    )
+                })
                 .collect();
-            write_pickle(&self.root.join(format!("following_cache{n}.pkl")), &Value::Dict(dict))?;
+            write_pickle(
+                &self.root.join(format!("following_cache{n}.pkl")),
+                &Value::Dict(dict),
+            )?;
         }
         let mut ann = Map::new();
         let mut labels = Vec::with_capacity(index.annotations.len());
@@ -154,9 +192,19 @@ impl LayoutWriter {
                 .iter()
                 .map(|l| a.characters.iter().any(|c| c.to_lowercase() == *l) as u8 as f64)
                 .collect();
-            labels.push((Value::Str(a.id.clone()), Value::Array(NdArray::from_f64(vec![hot.len()], &hot))));
-            let bg: Vec<f64> = index.background_names.iter().map(|b| (*b == a.setting) as u8 as f64).collect();
-            bg_labels.push((Value::Str(a.id.clone()), Value::Array(NdArray::from_f64(vec![bg.len()], &bg))));
+            labels.push((
+                Value::Str(a.id.clone()),
+                Value::Array(NdArray::from_f64(vec![hot.len()], &hot)),
+            ));
+            let bg: Vec<f64> = index
+                .background_names
+                .iter()
+                .map(|b| (*b == a.setting) as u8 as f64)
+                .collect();
+            bg_labels.push((
+                Value::Str(a.id.clone()),
+                Value::Array(NdArray::from_f64(vec![bg.len()], &bg)),
+            ));
         }
         self.json("cleaned_annotations.json", &Json::Object(ann))?;
         write_pickle(&self.root.join("labels.pkl"), &Value::Dict(labels))?;

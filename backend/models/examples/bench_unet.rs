@@ -1,0 +1,156 @@
+//! UNet benchmarks, the Rust side of `tools/bench/run.sh` (see docs/BENCHMARKS.md).
+//!
+//! `cargo run -p models --profile numeric --example bench_unet -- [sd15|train|all] [iters]`
+//! prints one JSON line per case:
+//! * `sd15`: the SD 1.5 UNet architecture (random weights, f32), forward at 32x32 latents,
+//!   batch 1, 77x768 context;
+//! * `train`: forward + backward + AdamW step of the calibration config (channels (64, 128),
+//!   1 layer per block, cross-attention 256, 8 heads), batch 32, 8x8 latents, 77 tokens; then
+//!   the forward pass alone (graph-building, as in training) to split the step's time.
+//!
+//! Threads: candle's CPU kernels follow `RAYON_NUM_THREADS` (run.sh sets 2).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use models::unet::{OneOrMany, UNet2DConditionModel, UNetConfig};
+
+fn train_config() -> UNetConfig {
+    UNetConfig {
+        sample_size: Some(8),
+        block_out_channels: vec![64, 128],
+        layers_per_block: OneOrMany::One(1),
+        down_block_types: vec!["CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
+        up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into()],
+        cross_attention_dim: OneOrMany::One(256),
+        attention_head_dim: OneOrMany::One(8),
+        ..UNetConfig::default()
+    }
+}
+
+fn time<F: FnMut() -> Result<()>>(warmup: usize, iters: usize, mut f: F) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut out = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        f()?;
+        out.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+fn report(case: &str, params: usize, times: &[f64]) {
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    println!(
+        "{{\"impl\":\"candle\",\"case\":\"{case}\",\"params\":{params},\"mean_s\":{mean:.4},\"min_s\":{min:.4},\"iters\":{}}}",
+        times.len()
+    );
+}
+
+fn num_params(vm: &VarMap) -> usize {
+    vm.all_vars().iter().map(|v| v.elem_count()).sum()
+}
+
+fn bench_sd15(dev: &Device, iters: usize) -> Result<()> {
+    let vm = VarMap::new();
+    let unet = UNet2DConditionModel::new(
+        VarBuilder::from_varmap(&vm, DType::F32, dev),
+        &UNetConfig::sd15(),
+    )?;
+    let x = Tensor::randn(0f32, 1., (1, 4, 32, 32), dev)?;
+    let t = Tensor::new(&[999i64], dev)?;
+    let c = Tensor::randn(0f32, 1., (1, 77, 768), dev)?;
+    let times = time(1, iters, || {
+        unet.forward(&x, &t, &c)?;
+        Ok(())
+    })?;
+    report("sd15_fwd_32x32_b1", num_params(&vm), &times);
+    Ok(())
+}
+
+fn bench_train(dev: &Device, iters: usize) -> Result<()> {
+    let vm = VarMap::new();
+    let unet = UNet2DConditionModel::new(
+        VarBuilder::from_varmap(&vm, DType::F32, dev),
+        &train_config(),
+    )?;
+    let mut opt = AdamW::new(
+        vm.all_vars(),
+        ParamsAdamW {
+            lr: 1e-4,
+            weight_decay: 1e-2,
+            ..Default::default()
+        },
+    )?;
+    let b = 32;
+    let x = Tensor::randn(0f32, 1., (b, 4, 8, 8), dev)?;
+    let t = Tensor::arange(0i64, b as i64, dev)?.affine(30.0, 1.0)?;
+    let c = Tensor::randn(0f32, 1., (b, 77, 256), dev)?;
+    let target = Tensor::randn(0f32, 1., (b, 4, 8, 8), dev)?;
+    let times = time(2, iters, || {
+        let pred = unet.forward(&x, &t, &c)?;
+        let loss = nn::mse(&pred, &target)?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    })?;
+    report("train_step_64_128_b32_8x8", num_params(&vm), &times);
+    let times = time(1, iters, || {
+        unet.forward(&x, &t, &c)?;
+        Ok(())
+    })?;
+    report("train_fwd_only_64_128_b32_8x8", num_params(&vm), &times);
+    Ok(())
+}
+
+/// Per-op split for the analysis in docs/BENCHMARKS.md: a 3x3 128->128 convolution and a
+/// 32-group GroupNorm on the `(32, 128, 8, 8)` activations of the training config, forward vs
+/// forward + backward.
+fn bench_ops(dev: &Device, iters: usize) -> Result<()> {
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (32, 128, 8, 8), dev)?)?;
+    let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.05, (128, 128, 3, 3), dev)?)?;
+    let conv = || x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1);
+    let gn = || nn::group_norm(x.as_tensor(), 32, None, None, 1e-5);
+    let f = time(1, iters, || {
+        conv()?;
+        Ok(())
+    })?;
+    report("op_conv3x3_128_b32_8x8_fwd", 0, &f);
+    let fb = time(1, iters, || {
+        conv()?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    report("op_conv3x3_128_b32_8x8_fwd_bwd", 0, &fb);
+    let f = time(1, iters, || {
+        gn()?;
+        Ok(())
+    })?;
+    report("op_groupnorm32_b32_8x8_fwd", 0, &f);
+    let fb = time(1, iters, || {
+        nn::gradcheck::weighted_sum_loss(&gn()?, 1)?.backward()?;
+        Ok(())
+    })?;
+    report("op_groupnorm32_b32_8x8_fwd_bwd", 0, &fb);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let which = args.get(1).map(String::as_str).unwrap_or("all");
+    let iters: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let dev = Device::Cpu;
+    if which == "train" || which == "all" {
+        bench_train(&dev, iters)?;
+    }
+    if which == "ops" {
+        bench_ops(&dev, iters)?;
+    }
+    if which == "sd15" || which == "all" {
+        bench_sd15(&dev, iters)?;
+    }
+    Ok(())
+}

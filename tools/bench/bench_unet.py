@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""UNet benchmarks, the PyTorch side of tools/bench/run.sh (see docs/BENCHMARKS.md).
+
+    python tools/bench/bench_unet.py [sd15|train|all] [iters]
+
+Same cases as backend/models/examples/bench_unet.rs; prints one JSON line per case.
+"""
+import json
+import sys
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def timed(warmup, iters, fn):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def report(case, params, times):
+    print(json.dumps({"impl": "pytorch", "case": case, "params": params,
+                      "mean_s": round(sum(times) / len(times), 4), "min_s": round(min(times), 4),
+                      "iters": len(times)}), flush=True)
+
+
+def bench_sd15(iters):
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
+    x = torch.randn(1, 4, 32, 32)
+    t = torch.tensor([999])
+    c = torch.randn(1, 77, 768)
+    with torch.no_grad():
+        times = timed(1, iters, lambda: unet(x, t, encoder_hidden_states=c))
+    report("sd15_fwd_32x32_b1", sum(p.numel() for p in unet.parameters()), times)
+
+
+def bench_train(iters):
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=256, attention_head_dim=8).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
+    b = 32
+    x = torch.randn(b, 4, 8, 8)
+    t = torch.arange(b) * 30 + 1
+    c = torch.randn(b, 77, 256)
+    target = torch.randn(b, 4, 8, 8)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=c).sample, target)
+        loss.backward()
+        opt.step()
+
+    times = timed(2, iters, step)
+    n = sum(p.numel() for p in unet.parameters())
+    report("train_step_64_128_b32_8x8", n, times)
+    times = timed(1, iters, lambda: unet(x, t, encoder_hidden_states=c))
+    report("train_fwd_only_64_128_b32_8x8", n, times)
+
+
+def bench_ops(iters):
+    """Per-op split matching bench_ops in bench_unet.rs."""
+    x = torch.randn(32, 128, 8, 8, requires_grad=True)
+    w = (torch.randn(128, 128, 3, 3) * 0.05).requires_grad_()
+    r = torch.rand(32, 128, 8, 8) * 2 - 1
+    conv = lambda: torch.nn.functional.conv2d(x, w, padding=1)
+    gn = lambda: torch.nn.functional.group_norm(x, 32, eps=1e-5)
+    with torch.no_grad():
+        report("op_conv3x3_128_b32_8x8_fwd", 0, timed(1, iters, conv))
+    report("op_conv3x3_128_b32_8x8_fwd_bwd", 0, timed(1, iters, lambda: conv().sum().backward()))
+    with torch.no_grad():
+        report("op_groupnorm32_b32_8x8_fwd", 0, timed(1, iters, gn))
+    report("op_groupnorm32_b32_8x8_fwd_bwd", 0, timed(1, iters, lambda: (gn() * r).sum().backward()))
+
+
+def main():
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    if which in ("train", "all"):
+        bench_train(iters)
+    if which == "ops":
+        bench_ops(iters)
+    if which in ("sd15", "all"):
+        bench_sd15(iters)
+
+
+if __name__ == "__main__":
+    main()
