@@ -14,14 +14,27 @@ async fn first_start_creates_the_database_and_probes_answer() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("nested/data");
     let server = Server::start(&data);
-    assert!(data.join("storygpt-v.db").exists(), "the database is created on first start");
+    assert!(
+        data.join("storygpt-v.db").exists(),
+        "the database is created on first start"
+    );
     let http = Client::new();
-    let health: Value = http.get(server.at("/healthz")).send().await.unwrap().json().await.unwrap();
+    let health: Value = http
+        .get(server.at("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
     let ready = http.get(server.at("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     assert!(ready.headers().contains_key("x-request-id"));
-    assert!(server.terminate(), "SIGTERM must end the server cleanly (exit 0)");
+    assert!(
+        server.terminate(),
+        "SIGTERM must end the server cleanly (exit 0)"
+    );
 }
 
 async fn seed(server: &Server) -> (Value, Value) {
@@ -49,11 +62,32 @@ async fn seed(server: &Server) -> (Value, Value) {
 
 async fn assert_intact(server: &Server, fred: &Value, story: &Value) {
     let http = Client::new();
-    let got: Value = http.get(server.at(&format!("/api/characters/{}", fred["id"]))).send().await.unwrap().json().await.unwrap();
+    let got: Value = http
+        .get(server.at(&format!("/api/characters/{}", fred["id"])))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(&got, fred);
-    let got: Value = http.get(server.at(&format!("/api/stories/{}", story["id"]))).send().await.unwrap().json().await.unwrap();
+    let got: Value = http
+        .get(server.at(&format!("/api/stories/{}", story["id"])))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(&got, story);
-    let portrait = http.get(server.at(fred["portrait"]["url"].as_str().unwrap())).send().await.unwrap().bytes().await.unwrap();
+    let portrait = http
+        .get(server.at(fred["portrait"]["url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(image::load_from_memory(&portrait).unwrap().width(), 9);
 }
 
@@ -69,7 +103,15 @@ async fn data_survives_a_clean_restart_and_a_kill_9() {
     // Write more, then crash without any chance to flush or checkpoint.
     let http = Client::new();
     let url = server.at(&format!("/api/stories/{}/frames", story["id"]));
-    let story: Value = http.post(url).json(&json!({"caption": "He wakes up."})).send().await.unwrap().json().await.unwrap();
+    let story: Value = http
+        .post(url)
+        .json(&json!({"caption": "He wakes up."}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     server.kill_hard();
 
     let server = Server::start(dir.path());
@@ -83,11 +125,27 @@ async fn configuration_comes_from_flags_env_and_file_in_that_order() {
     let from_file = dir.path().join("from-file");
     let from_env = dir.path().join("from-env");
     let config = dir.path().join("storygpt-v.toml");
-    std::fs::write(&config, format!("bind = \"127.0.0.1:0\"\ndata_dir = {:?}\n", from_file.display().to_string())).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "bind = \"127.0.0.1:0\"\ndata_dir = {:?}\n",
+            from_file.display().to_string()
+        ),
+    )
+    .unwrap();
     let config_arg = config.display().to_string();
 
     // The file alone decides.
-    let server = Server::start_with(&from_file, &["--config", &config_arg, "--data-dir", from_file.to_str().unwrap()], &[]);
+    let server = Server::start_with(
+        &from_file,
+        &[
+            "--config",
+            &config_arg,
+            "--data-dir",
+            from_file.to_str().unwrap(),
+        ],
+        &[],
+    );
     drop(server);
     let server = Server::start_with(dir.path(), &[], &[("STORYGPT_CONFIG", &config_arg)]);
     assert!(server.terminate());
@@ -97,7 +155,10 @@ async fn configuration_comes_from_flags_env_and_file_in_that_order() {
     let server = Server::start_with(
         dir.path(),
         &[],
-        &[("STORYGPT_CONFIG", &config_arg), ("STORYGPT_DATA_DIR", from_env.to_str().unwrap())],
+        &[
+            ("STORYGPT_CONFIG", &config_arg),
+            ("STORYGPT_DATA_DIR", from_env.to_str().unwrap()),
+        ],
     );
     assert!(server.terminate());
     assert!(from_env.join("storygpt-v.db").exists());
@@ -107,18 +168,27 @@ async fn configuration_comes_from_flags_env_and_file_in_that_order() {
     let server = Server::start_with(
         dir.path(),
         &["--data-dir", from_flag.to_str().unwrap()],
-        &[("STORYGPT_DATA_DIR", from_env.to_str().unwrap()), ("STORYGPT_BIND", "127.0.0.1:0")],
+        &[
+            ("STORYGPT_DATA_DIR", from_env.to_str().unwrap()),
+            ("STORYGPT_BIND", "127.0.0.1:0"),
+        ],
     );
     assert!(server.terminate());
     assert!(from_flag.join("storygpt-v.db").exists());
 
     // A bad config file is a clear error, not a silent default.
     std::fs::write(&config, "bind = 42\n").unwrap();
-    let out = Command::new(binary()).args(["serve", "--config", &config_arg]).output().unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--config", &config_arg])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("invalid config file"), "{stderr}");
-    let out = Command::new(binary()).args(["serve", "--bind", "not-an-address"]).output().unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--bind", "not-an-address"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid bind address"));
 }
@@ -129,10 +199,22 @@ fn help_explains_each_subcommand() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("serve"), "{text}");
-    let out = Command::new(binary()).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--bind", "--data-dir", "--config", "STORYGPT_BIND", "STORYGPT_DATA_DIR"] {
-        assert!(text.contains(flag), "serve --help must mention {flag}:\n{text}");
+    for flag in [
+        "--bind",
+        "--data-dir",
+        "--config",
+        "STORYGPT_BIND",
+        "STORYGPT_DATA_DIR",
+    ] {
+        assert!(
+            text.contains(flag),
+            "serve --help must mention {flag}:\n{text}"
+        );
     }
 }
 
@@ -140,14 +222,21 @@ fn help_explains_each_subcommand() {
 async fn the_page_lists_and_its_forms_add_characters_and_stories() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let http = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
 
     let page = http.get(server.at("/")).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
     let html = page.text().await.unwrap();
     assert!(html.contains("No characters yet."));
     assert!(html.contains("src=\"/static/htmx.min.js\""));
-    let js = http.get(server.at("/static/htmx.min.js")).send().await.unwrap();
+    let js = http
+        .get(server.at("/static/htmx.min.js"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(js.headers()["content-type"], "text/javascript");
     assert!(js.text().await.unwrap().contains("htmx"));
     let css = http.get(server.at("/static/app.css")).send().await.unwrap();
@@ -171,7 +260,12 @@ async fn the_page_lists_and_its_forms_add_characters_and_stories() {
     let response = http
         .post(server.at("/ui/characters"))
         .header("hx-request", "true")
-        .multipart(character_form("Bamm-Bamm", "he", b"not an image".to_vec(), "x.png"))
+        .multipart(character_form(
+            "Bamm-Bamm",
+            "he",
+            b"not an image".to_vec(),
+            "x.png",
+        ))
         .send()
         .await
         .unwrap();
@@ -181,9 +275,18 @@ async fn the_page_lists_and_its_forms_add_characters_and_stories() {
     assert!(fragment.contains("value=\"Bamm-Bamm\""));
 
     // Without JavaScript: post, then a redirect to the page.
-    let pebbles: Value = http.get(server.at("/api/characters")).send().await.unwrap().json().await.unwrap();
+    let pebbles: Value = http
+        .get(server.at("/api/characters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let pebbles_id = pebbles["items"][0]["id"].as_i64().unwrap();
-    let body = format!("title=Playtime&captions=Pebbles+plays.%0D%0AShe+laughs.%0D%0A&character_id={pebbles_id}");
+    let body = format!(
+        "title=Playtime&captions=Pebbles+plays.%0D%0AShe+laughs.%0D%0A&character_id={pebbles_id}"
+    );
     let response = http
         .post(server.at("/ui/stories"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -192,10 +295,24 @@ async fn the_page_lists_and_its_forms_add_characters_and_stories() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    let stories: Value = http.get(server.at("/api/stories")).send().await.unwrap().json().await.unwrap();
+    let stories: Value = http
+        .get(server.at("/api/stories"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stories["items"][0]["title"], "Playtime");
     assert_eq!(stories["items"][0]["frame_count"], 2);
-    let html = http.get(server.at("/")).send().await.unwrap().text().await.unwrap();
+    let html = http
+        .get(server.at("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(html.contains("Playtime"));
     assert!(html.contains("2 captions"));
 
@@ -213,7 +330,12 @@ async fn the_page_lists_and_its_forms_add_characters_and_stories() {
 
     // Deleting through the page.
     let story_id = stories["items"][0]["id"].as_i64().unwrap();
-    let response = http.post(server.at(&format!("/ui/stories/{story_id}/delete"))).header("hx-request", "true").send().await.unwrap();
+    let response = http
+        .post(server.at(&format!("/ui/stories/{story_id}/delete")))
+        .header("hx-request", "true")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.text().await.unwrap().contains("No stories yet."));
 }

@@ -36,7 +36,8 @@ impl Server {
     pub fn start_with(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stderr_log = std::env::temp_dir().join(format!("storygpt-v-test-{}-{n}.log", std::process::id()));
+        let stderr_log =
+            std::env::temp_dir().join(format!("storygpt-v-test-{}-{n}.log", std::process::id()));
         let log = std::fs::File::create(&stderr_log).expect("create log file");
         let mut command = Command::new(binary());
         command.arg("serve");
@@ -68,10 +69,18 @@ impl Server {
             Ok(url) => url,
             Err(_) => {
                 let _ = child.kill();
-                panic!("server did not start; its log:\n{}", std::fs::read_to_string(&stderr_log).unwrap_or_default());
+                panic!(
+                    "server did not start; its log:\n{}",
+                    std::fs::read_to_string(&stderr_log).unwrap_or_default()
+                );
             }
         };
-        Server { child, url, data_dir: data_dir.to_path_buf(), stderr_log }
+        Server {
+            child,
+            url,
+            data_dir: data_dir.to_path_buf(),
+            stderr_log,
+        }
     }
 
     /// Absolute URL for a path.
@@ -82,7 +91,10 @@ impl Server {
     /// Sends SIGTERM and waits for a clean exit; returns the exit status success.
     pub fn terminate(mut self) -> bool {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         let status = wait_timeout(&mut self.child, Duration::from_secs(20));
         status.is_some_and(|s| s.success())
     }
@@ -121,13 +133,17 @@ impl Drop for Server {
 
 /// A small RGB test image whose pixels encode their coordinates.
 pub fn test_image(width: u32, height: u32) -> RgbImage {
-    RgbImage::from_fn(width, height, |x, y| Rgb([(x * 40) as u8, (y * 40) as u8, 200]))
+    RgbImage::from_fn(width, height, |x, y| {
+        Rgb([(x * 40) as u8, (y * 40) as u8, 200])
+    })
 }
 
 /// Encodes an image in the given format.
 pub fn encode(image: &RgbImage, format: ImageFormat) -> Vec<u8> {
     let mut out = Vec::new();
-    image.write_to(&mut Cursor::new(&mut out), format).expect("encode test image");
+    image
+        .write_to(&mut Cursor::new(&mut out), format)
+        .expect("encode test image");
     out
 }
 
@@ -184,16 +200,28 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
 }
 
 /// A multipart form for creating a character.
-pub fn character_form(name: &str, pronoun: &str, portrait: Vec<u8>, file_name: &str) -> reqwest::multipart::Form {
+pub fn character_form(
+    name: &str,
+    pronoun: &str,
+    portrait: Vec<u8>,
+    file_name: &str,
+) -> reqwest::multipart::Form {
     reqwest::multipart::Form::new()
         .text("name", name.to_string())
         .text("pronoun", pronoun.to_string())
-        .part("portrait", reqwest::multipart::Part::bytes(portrait).file_name(file_name.to_string()))
+        .part(
+            "portrait",
+            reqwest::multipart::Part::bytes(portrait).file_name(file_name.to_string()),
+        )
 }

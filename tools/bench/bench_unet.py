@@ -79,6 +79,10 @@ def bench_ops(iters):
     with torch.no_grad():
         report("op_groupnorm32_b32_8x8_fwd", 0, timed(1, iters, gn))
     report("op_groupnorm32_b32_8x8_fwd_bwd", 0, timed(1, iters, lambda: (gn() * r).sum().backward()))
+    q, k = torch.randn(32, 8, 64, 8), torch.randn(32, 8, 77, 8)
+    with torch.no_grad():
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k)
+        report("op_sdpa_b32_h8_64x77_fwd", 0, timed(1, iters, sdpa))
 
 
 def main():

@@ -135,6 +135,14 @@ fn bench_ops(dev: &Device, iters: usize) -> Result<()> {
         Ok(())
     })?;
     report("op_groupnorm32_b32_8x8_fwd_bwd", 0, &fb);
+    // Cross-attention core of the training config: 8 heads of 8, 64 queries, 77 keys.
+    let q = Tensor::randn(0f32, 1., (32, 8, 64, 8), dev)?;
+    let k = Tensor::randn(0f32, 1., (32, 8, 77, 8), dev)?;
+    let f = time(1, iters, || {
+        nn::scaled_dot_product_attention(&q, &k, &k, &Default::default())?;
+        Ok(())
+    })?;
+    report("op_sdpa_b32_h8_64x77_fwd", 0, &f);
     Ok(())
 }
 

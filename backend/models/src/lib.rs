@@ -6,12 +6,12 @@
 
 pub mod clip;
 pub mod conformance;
-pub mod schedulers;
-pub mod unet;
-pub mod vae;
 pub mod fuse;
-pub mod lreg;
 pub mod llm;
+pub mod lreg;
 pub mod mappers;
 pub mod prompt;
+pub mod schedulers;
 pub mod stage2_losses;
+pub mod unet;
+pub mod vae;

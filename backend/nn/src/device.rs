@@ -11,7 +11,10 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     }
     let ordinal = match name.as_str() {
         "cuda" | "gpu" => 0,
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => n,
             None => return Err(format!("unknown device {name:?}: use cpu, cuda or cuda:N")),
         },
@@ -33,7 +36,9 @@ mod tests {
         assert!(matches!(parse_device("CPU"), Ok(Device::Cpu)));
         assert!(parse_device("tpu").unwrap_err().contains("unknown device"));
         if !candle_core::utils::cuda_is_available() {
-            assert!(parse_device("cuda:0").unwrap_err().contains("cuda` cargo feature"));
+            assert!(parse_device("cuda:0")
+                .unwrap_err()
+                .contains("cuda` cargo feature"));
         }
     }
 }

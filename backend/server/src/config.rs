@@ -55,9 +55,13 @@ impl ServeConfig {
         data_dir: Option<PathBuf>,
         file: FileConfig,
     ) -> anyhow::Result<Self> {
-        let bind_text = bind.or(file.bind).unwrap_or_else(|| DEFAULT_BIND.to_string());
+        let bind_text = bind
+            .or(file.bind)
+            .unwrap_or_else(|| DEFAULT_BIND.to_string());
         let bind = parse_bind(&bind_text)?;
-        let data_dir = data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir = data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         if data_dir.as_os_str().is_empty() {
             bail!("the data directory must not be empty");
         }
@@ -78,7 +82,9 @@ fn parse_bind(text: &str) -> anyhow::Result<SocketAddr> {
     text.to_socket_addrs()
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .with_context(|| format!("invalid bind address {text:?}: expected HOST:PORT such as 127.0.0.1:8080"))
+        .with_context(|| {
+            format!("invalid bind address {text:?}: expected HOST:PORT such as 127.0.0.1:8080")
+        })
 }
 
 #[cfg(test)]
@@ -87,7 +93,10 @@ mod tests {
 
     #[test]
     fn explicit_values_win_over_file_and_defaults() {
-        let file = FileConfig { bind: Some("0.0.0.0:9000".into()), data_dir: Some("/srv/a".into()) };
+        let file = FileConfig {
+            bind: Some("0.0.0.0:9000".into()),
+            data_dir: Some("/srv/a".into()),
+        };
         let cfg = ServeConfig::resolve(Some("127.0.0.1:7000".into()), None, file).unwrap();
         assert_eq!(cfg.bind.port(), 7000);
         assert_eq!(cfg.data_dir, PathBuf::from("/srv/a"));
@@ -98,7 +107,9 @@ mod tests {
 
     #[test]
     fn bad_bind_and_unknown_keys_are_refused() {
-        assert!(ServeConfig::resolve(Some("nonsense".into()), None, FileConfig::default()).is_err());
+        assert!(
+            ServeConfig::resolve(Some("nonsense".into()), None, FileConfig::default()).is_err()
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "bnd = \"1.2.3.4:5\"\n").unwrap();

@@ -36,12 +36,20 @@ pub struct Problem {
 impl ApiError {
     /// Builds an error with the given status, code and detail.
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, code, detail: detail.into() }
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+        }
     }
 
     /// 404 for a resource id that does not exist.
     pub fn not_found(what: &str, id: i64) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} {id} does not exist"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} {id} does not exist"),
+        )
     }
 
     /// 422 for input that parsed but breaks a rule.
@@ -68,7 +76,11 @@ impl ApiError {
     pub fn problem(&self) -> Problem {
         Problem {
             kind: format!("/problems/{}", self.code),
-            title: self.status.canonical_reason().unwrap_or("Error").to_string(),
+            title: self
+                .status
+                .canonical_reason()
+                .unwrap_or("Error")
+                .to_string(),
             status: self.status.as_u16(),
             detail: self.detail.clone(),
             code: self.code.to_string(),

@@ -35,12 +35,15 @@ pub fn normalize_portrait(data: &[u8]) -> Result<NormalizedImage, ApiError> {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("the portrait is {} bytes; the limit is {MAX_PORTRAIT_BYTES} bytes (10 MiB)", data.len()),
+            format!(
+                "the portrait is {} bytes; the limit is {MAX_PORTRAIT_BYTES} bytes (10 MiB)",
+                data.len()
+            ),
         ));
     }
-    let format = image::guess_format(data).ok().filter(|f| {
-        matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)
-    });
+    let format = image::guess_format(data)
+        .ok()
+        .filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP));
     let Some(format) = format else {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -59,7 +62,10 @@ pub fn normalize_portrait(data: &[u8]) -> Result<NormalizedImage, ApiError> {
     let mut decoder = reader.into_decoder().map_err(decode_error)?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
-        return Err(ApiError::invalid("invalid_image", "the image has no pixels"));
+        return Err(ApiError::invalid(
+            "invalid_image",
+            "the image has no pixels",
+        ));
     }
     if width > MAX_SIDE || height > MAX_SIDE {
         return Err(too_large(width, height));
@@ -75,7 +81,8 @@ pub fn normalize_portrait(data: &[u8]) -> Result<NormalizedImage, ApiError> {
     let mime = if format == ImageFormat::Jpeg {
         let rgb = image.to_rgb8();
         let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 92);
-        rgb.write_with_encoder(encoder).map_err(ApiError::internal)?;
+        rgb.write_with_encoder(encoder)
+            .map_err(ApiError::internal)?;
         "image/jpeg"
     } else {
         image
@@ -83,7 +90,12 @@ pub fn normalize_portrait(data: &[u8]) -> Result<NormalizedImage, ApiError> {
             .map_err(ApiError::internal)?;
         "image/png"
     };
-    Ok(NormalizedImage { bytes, mime, width, height })
+    Ok(NormalizedImage {
+        bytes,
+        mime,
+        width,
+        height,
+    })
 }
 
 fn too_large(width: u32, height: u32) -> ApiError {
@@ -97,9 +109,14 @@ fn decode_error(err: image::ImageError) -> ApiError {
     match err {
         image::ImageError::Limits(_) => ApiError::invalid(
             "image_too_large",
-            format!("the image would need too much memory to decode (at most {MAX_SIDE} px a side)"),
+            format!(
+                "the image would need too much memory to decode (at most {MAX_SIDE} px a side)"
+            ),
         ),
-        other => ApiError::invalid("invalid_image", format!("the image could not be decoded: {other}")),
+        other => ApiError::invalid(
+            "invalid_image",
+            format!("the image could not be decoded: {other}"),
+        ),
     }
 }
 
@@ -111,7 +128,8 @@ mod tests {
     fn png(width: u32, height: u32) -> Vec<u8> {
         let img = RgbImage::from_fn(width, height, |x, y| Rgb([x as u8, y as u8, 7]));
         let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
         out
     }
 
@@ -125,10 +143,18 @@ mod tests {
 
     #[test]
     fn refuses_text_truncated_and_oversized_images() {
-        assert_eq!(normalize_portrait(b"hello, not an image").unwrap_err().status, 415);
+        assert_eq!(
+            normalize_portrait(b"hello, not an image")
+                .unwrap_err()
+                .status,
+            415
+        );
         let mut cut = png(64, 64);
         cut.truncate(cut.len() / 2);
         assert_eq!(normalize_portrait(&cut).unwrap_err().code, "invalid_image");
-        assert_eq!(normalize_portrait(&png(4097, 1)).unwrap_err().code, "image_too_large");
+        assert_eq!(
+            normalize_portrait(&png(4097, 1)).unwrap_err().code,
+            "image_too_large"
+        );
     }
 }

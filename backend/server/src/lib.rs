@@ -64,7 +64,10 @@ pub fn app(state: AppState) -> Router {
 
 /// Runs the service until SIGINT/SIGTERM, then drains in-flight requests and closes the
 /// database cleanly. `on_listen` gets the bound address (useful with port 0).
-pub async fn serve(config: ServeConfig, on_listen: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
+pub async fn serve(
+    config: ServeConfig,
+    on_listen: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -85,7 +88,9 @@ pub async fn serve(config: ServeConfig, on_listen: impl FnOnce(std::net::SocketA
         .await
         .context("server error")?;
     tracing::info!("shutting down: closing the database");
-    tokio::time::timeout(Duration::from_secs(10), pool.close()).await.ok();
+    tokio::time::timeout(Duration::from_secs(10), pool.close())
+        .await
+        .ok();
     Ok(())
 }
 

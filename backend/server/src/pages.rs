@@ -17,24 +17,43 @@ use crate::store::characters::{self, Character, Pronoun};
 use crate::store::stories::{self, StorySummary};
 use crate::{validate, AppState};
 
-const HTMX_JS: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../node_modules/htmx.org/dist/htmx.min.js"));
+const HTMX_JS: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../node_modules/htmx.org/dist/htmx.min.js"
+));
 const APP_CSS: &str = include_str!("../../../static/app.css");
 
 /// Routes of the HTML interface and its static assets.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(index))
-        .route("/ui/characters", post(add_character).layer(crate::api::upload_limit()))
+        .route(
+            "/ui/characters",
+            post(add_character).layer(crate::api::upload_limit()),
+        )
         .route("/ui/characters/{id}/delete", post(delete_character))
         .route("/ui/stories", get(stories_section).post(add_story))
         .route("/ui/stories/{id}/delete", post(delete_story))
-        .route("/static/htmx.min.js", get(|| async { asset(HTMX_JS.to_vec(), "text/javascript") }))
-        .route("/static/app.css", get(|| async { asset(APP_CSS.as_bytes().to_vec(), "text/css") }))
+        .route(
+            "/static/htmx.min.js",
+            get(|| async { asset(HTMX_JS.to_vec(), "text/javascript") }),
+        )
+        .route(
+            "/static/app.css",
+            get(|| async { asset(APP_CSS.as_bytes().to_vec(), "text/css") }),
+        )
 }
 
 fn asset(bytes: Vec<u8>, mime: &'static str) -> Response {
     // Assets are embedded in the binary, so they change only with the version.
-    ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "public, max-age=3600")], bytes).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        bytes,
+    )
+        .into_response()
 }
 
 /// What the character form last held, so a refused submission keeps the user's typing.
@@ -102,17 +121,41 @@ async fn all_stories(state: &AppState) -> ApiResult<Vec<StorySummary>> {
     }
 }
 
-async fn page(state: &AppState, char_form: CharacterFormState, story_form: StoryFormState, status: StatusCode) -> ApiResult<Response> {
+async fn page(
+    state: &AppState,
+    char_form: CharacterFormState,
+    story_form: StoryFormState,
+    status: StatusCode,
+) -> ApiResult<Response> {
     let characters = characters::all(&state.pool).await?;
     let stories = all_stories(state).await?;
-    Ok(render(IndexPage { characters, stories, char_form, story_form }, status))
+    Ok(render(
+        IndexPage {
+            characters,
+            stories,
+            char_form,
+            story_form,
+        },
+        status,
+    ))
 }
 
 async fn index(State(state): State<AppState>) -> ApiResult<Response> {
-    page(&state, CharacterFormState::default(), StoryFormState::default(), StatusCode::OK).await
+    page(
+        &state,
+        CharacterFormState::default(),
+        StoryFormState::default(),
+        StatusCode::OK,
+    )
+    .await
 }
 
-async fn characters_view(state: &AppState, headers: &HeaderMap, form: CharacterFormState, status: StatusCode) -> ApiResult<Response> {
+async fn characters_view(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: CharacterFormState,
+    status: StatusCode,
+) -> ApiResult<Response> {
     if !is_htmx(headers) {
         if status.is_success() {
             return Ok(Redirect::to("/").into_response());
@@ -121,12 +164,26 @@ async fn characters_view(state: &AppState, headers: &HeaderMap, form: CharacterF
     }
     let characters = characters::all(&state.pool).await?;
     // Adding or removing a character changes the story form's cast checkboxes too.
-    let mut response = render(CharactersSection { characters, char_form: form }, status);
-    response.headers_mut().insert("hx-trigger", header::HeaderValue::from_static("characters-changed"));
+    let mut response = render(
+        CharactersSection {
+            characters,
+            char_form: form,
+        },
+        status,
+    );
+    response.headers_mut().insert(
+        "hx-trigger",
+        header::HeaderValue::from_static("characters-changed"),
+    );
     Ok(response)
 }
 
-async fn stories_view(state: &AppState, headers: &HeaderMap, form: StoryFormState, status: StatusCode) -> ApiResult<Response> {
+async fn stories_view(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: StoryFormState,
+    status: StatusCode,
+) -> ApiResult<Response> {
     if !is_htmx(headers) {
         if status.is_success() {
             return Ok(Redirect::to("/").into_response());
@@ -135,10 +192,21 @@ async fn stories_view(state: &AppState, headers: &HeaderMap, form: StoryFormStat
     }
     let characters = characters::all(&state.pool).await?;
     let stories = all_stories(state).await?;
-    Ok(render(StoriesSection { characters, stories, story_form: form }, status))
+    Ok(render(
+        StoriesSection {
+            characters,
+            stories,
+            story_form: form,
+        },
+        status,
+    ))
 }
 
-async fn add_character(State(state): State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Response> {
+async fn add_character(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+) -> ApiResult<Response> {
     let mut form = CharacterFormState::default();
     let result = async {
         let mut multipart = Multipart::from_request(request, &state)
@@ -154,10 +222,9 @@ async fn add_character(State(state): State<AppState>, headers: HeaderMap, reques
                 "name" => form.name = field.text().await.unwrap_or_default(),
                 "pronoun" => form.pronoun = field.text().await.unwrap_or_default(),
                 "portrait" => {
-                    let bytes = field
-                        .bytes()
-                        .await
-                        .map_err(|e| ApiError::new(e.status(), "payload_too_large", e.body_text()))?;
+                    let bytes = field.bytes().await.map_err(|e| {
+                        ApiError::new(e.status(), "payload_too_large", e.body_text())
+                    })?;
                     if !bytes.is_empty() {
                         portrait = Some(bytes);
                     }
@@ -167,7 +234,8 @@ async fn add_character(State(state): State<AppState>, headers: HeaderMap, reques
         }
         let name = validate::name(&form.name)?;
         let pronoun = Pronoun::parse(&form.pronoun)?;
-        let bytes = portrait.ok_or_else(|| ApiError::invalid("missing_portrait", "choose a portrait image"))?;
+        let bytes = portrait
+            .ok_or_else(|| ApiError::invalid("missing_portrait", "choose a portrait image"))?;
         let image = tokio::task::spawn_blocking(move || normalize_portrait(&bytes))
             .await
             .map_err(ApiError::internal)??;
@@ -175,7 +243,15 @@ async fn add_character(State(state): State<AppState>, headers: HeaderMap, reques
     }
     .await;
     match result {
-        Ok(_) => characters_view(&state, &headers, CharacterFormState::default(), StatusCode::OK).await,
+        Ok(_) => {
+            characters_view(
+                &state,
+                &headers,
+                CharacterFormState::default(),
+                StatusCode::OK,
+            )
+            .await
+        }
         Err(e) if e.status.is_server_error() => Err(e),
         Err(e) => {
             form.error = e.detail;
@@ -184,9 +260,19 @@ async fn add_character(State(state): State<AppState>, headers: HeaderMap, reques
     }
 }
 
-async fn delete_character(State(state): State<AppState>, headers: HeaderMap, ApiPath(id): ApiPath<i64>) -> ApiResult<Response> {
+async fn delete_character(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
     characters::delete(&state.pool, id).await?;
-    characters_view(&state, &headers, CharacterFormState::default(), StatusCode::OK).await
+    characters_view(
+        &state,
+        &headers,
+        CharacterFormState::default(),
+        StatusCode::OK,
+    )
+    .await
 }
 
 /// Parses an urlencoded story form: `title`, `captions` (one per line), repeated `character_id`.
@@ -203,12 +289,21 @@ fn parse_story_form(body: &[u8]) -> StoryFormState {
     form
 }
 
-async fn add_story(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn add_story(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let mut form = parse_story_form(&body);
     let result = async {
         let title = validate::title(&form.title)?;
-        let lines: Vec<String> =
-            form.captions.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        let lines: Vec<String> = form
+            .captions
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
         let captions = validate::captions(&lines)?;
         let cast = validate::cast(&form.cast)?;
         stories::create(&state.pool, &title, &captions, &cast).await
@@ -228,7 +323,11 @@ async fn stories_section(State(state): State<AppState>, headers: HeaderMap) -> A
     stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await
 }
 
-async fn delete_story(State(state): State<AppState>, headers: HeaderMap, ApiPath(id): ApiPath<i64>) -> ApiResult<Response> {
+async fn delete_story(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
     stories::delete(&state.pool, id).await?;
     stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await
 }

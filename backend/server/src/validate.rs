@@ -17,7 +17,10 @@ pub const MAX_CAST: usize = 64;
 fn text(value: &str, what: &str, code: &'static str, max: usize) -> Result<String, ApiError> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
-        return Err(ApiError::invalid(code, format!("the {what} must not be empty")));
+        return Err(ApiError::invalid(
+            code,
+            format!("the {what} must not be empty"),
+        ));
     }
     let count = trimmed.chars().count();
     if count > max {
@@ -27,7 +30,10 @@ fn text(value: &str, what: &str, code: &'static str, max: usize) -> Result<Strin
         ));
     }
     if trimmed.chars().any(|c| c.is_control() && c != '\t') {
-        return Err(ApiError::invalid(code, format!("the {what} must not contain control characters")));
+        return Err(ApiError::invalid(
+            code,
+            format!("the {what} must not contain control characters"),
+        ));
     }
     Ok(trimmed.to_string())
 }
@@ -52,14 +58,18 @@ pub fn captions(values: &[String]) -> Result<Vec<String>, ApiError> {
     if values.len() > MAX_CAPTIONS {
         return Err(ApiError::invalid(
             "too_many_captions",
-            format!("a story has at most {MAX_CAPTIONS} captions; {} were given", values.len()),
+            format!(
+                "a story has at most {MAX_CAPTIONS} captions; {} were given",
+                values.len()
+            ),
         ));
     }
     values
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            caption(c).map_err(|e| ApiError::invalid(e.code, format!("caption {}: {}", i + 1, e.detail)))
+            caption(c)
+                .map_err(|e| ApiError::invalid(e.code, format!("caption {}: {}", i + 1, e.detail)))
         })
         .collect()
 }
@@ -93,7 +103,10 @@ mod tests {
         assert!(name(&"x".repeat(65)).is_err());
         assert!(caption("line\nbreak").is_err());
         assert!(captions(&vec!["a".to_string(); 201]).is_err());
-        assert_eq!(captions(&["ok".into(), "".into()]).unwrap_err().detail, "caption 2: the caption must not be empty");
+        assert_eq!(
+            captions(&["ok".into(), "".into()]).unwrap_err().detail,
+            "caption 2: the caption must not be empty"
+        );
         assert_eq!(cast(&[3, 1, 3]).unwrap(), vec![3, 1]);
     }
 }

@@ -1,4 +1,4 @@
-//! `storygpt-v component`: run one network (UNet, VAE, CLIP text / vision) from a reference
+//! `storygpt-v component`: run one network (UNet, VAE, CLIP text / vision, causal LM) from a reference
 //! model directory on tensors from a safetensors file and write its outputs, for conformance
 //! checks against diffusers / transformers.
 
@@ -10,16 +10,16 @@ use models::conformance::{run_component, ComponentKind};
 /// Arguments of `storygpt-v component`.
 #[derive(Debug, clap::Args)]
 pub struct ComponentArgs {
-    /// Which network: unet, vae-encode, vae-decode, clip-text or clip-vision.
+    /// Which network: unet, vae-encode, vae-decode, clip-text, clip-vision or llm.
     #[arg(value_parser = parse_kind)]
     pub kind: ComponentKind,
-    /// The model directory: a transformers `save_pretrained` directory (CLIP) or a diffusers
+    /// The model directory: a transformers `save_pretrained` directory (CLIP, Llama, OPT) or a diffusers
     /// component / pipeline directory (UNet, VAE; `text_encoder/` is found in a pipeline too).
     #[arg(long)]
     pub model: PathBuf,
     /// Input tensors (safetensors): clip-text reads `input_ids` (i64 or i32), clip-vision
     /// `pixel_values`, unet `sample` / `timestep` / `encoder_hidden_states`, vae-encode
-    /// `sample`, vae-decode `latent`.
+    /// `sample`, vae-decode `latent`, llm `input_ids` or `inputs_embeds`.
     #[arg(long)]
     pub inputs: PathBuf,
     /// Where to write the outputs (safetensors, f32).

@@ -28,7 +28,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => FileConfig::default(),
     };
     let config = ServeConfig::resolve(args.bind, args.data_dir, file)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(server::serve(config, |addr| {
         // One line on stdout that scripts (and the end-to-end tests) can read the port from.
         println!("storygpt-v listening on http://{addr}");

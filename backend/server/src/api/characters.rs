@@ -50,7 +50,11 @@ struct CharacterParts {
 fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
     let status = err.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(status, "payload_too_large", "the upload is larger than 10 MiB")
+        ApiError::new(
+            status,
+            "payload_too_large",
+            "the upload is larger than 10 MiB",
+        )
     } else {
         ApiError::bad_request("invalid_multipart", err.body_text())
     }
@@ -98,7 +102,10 @@ async fn read_parts(mut form: Multipart) -> ApiResult<CharacterParts> {
                     continue;
                 }
                 if bytes.is_empty() {
-                    return Err(ApiError::invalid("missing_portrait", "the portrait file is empty"));
+                    return Err(ApiError::invalid(
+                        "missing_portrait",
+                        "the portrait file is empty",
+                    ));
                 }
                 let normalized = tokio::task::spawn_blocking(move || normalize_portrait(&bytes))
                     .await
@@ -142,39 +149,58 @@ fn created(location: String, body: impl serde::Serialize) -> Response {
         (status = 422, description = "Missing or invalid field, undecodable or oversized image", body = Problem),
     ))]
 pub async fn create(State(state): State<AppState>, request: Request) -> ApiResult<Response> {
-    let form = Multipart::from_request(request, &state).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("send a multipart/form-data body with name, pronoun and portrait ({})", e.body_text()),
-        )
-    })?;
+    let form = Multipart::from_request(request, &state)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "send a multipart/form-data body with name, pronoun and portrait ({})",
+                    e.body_text()
+                ),
+            )
+        })?;
     let parts = read_parts(form).await?;
     let name = validate::name(parts.name.as_deref().unwrap_or_default())?;
     let pronoun = Pronoun::parse(parts.pronoun.as_deref().ok_or_else(|| {
-        ApiError::invalid("invalid_pronoun", "the pronoun field is required (he, she, they or it)")
+        ApiError::invalid(
+            "invalid_pronoun",
+            "the pronoun field is required (he, she, they or it)",
+        )
     })?)?;
     let portrait = parts
         .portrait
         .ok_or_else(|| ApiError::invalid("missing_portrait", "the portrait file is required"))?;
     let character = store::create(&state.pool, &name, pronoun, &portrait).await?;
-    Ok(created(format!("/api/characters/{}", character.id), character))
+    Ok(created(
+        format!("/api/characters/{}", character.id),
+        character,
+    ))
 }
 
 /// List characters, oldest first, with cursor pagination.
 #[utoipa::path(get, path = "/api/characters", tag = "characters", params(ListParams),
     responses((status = 200, description = "A page of characters", body = Page<Character>),
               (status = 400, description = "Bad cursor or limit", body = Problem)))]
-pub async fn list(State(state): State<AppState>, ApiQuery(params): ApiQuery<ListParams>) -> ApiResult<Json<Page<Character>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> ApiResult<Json<Page<Character>>> {
     let limit = page_limit(params.limit)?;
-    Ok(Json(store::list(&state.pool, params.cursor.as_deref(), limit).await?))
+    Ok(Json(
+        store::list(&state.pool, params.cursor.as_deref(), limit).await?,
+    ))
 }
 
 /// Get one character.
 #[utoipa::path(get, path = "/api/characters/{id}", tag = "characters", params(("id" = i64, Path)),
     responses((status = 200, description = "The character", body = Character),
               (status = 404, description = "No such character", body = Problem)))]
-pub async fn get_one(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<Json<Character>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<Character>> {
     Ok(Json(store::get(&state.pool, id).await?))
 }
 
@@ -208,7 +234,11 @@ pub async fn update(
         let ApiJson(patch) = ApiJson::<CharacterPatch>::from_request(request, &state).await?;
         (patch.name, patch.pronoun, None)
     };
-    let changes = CharacterChanges { name: name.as_deref().map(validate::name).transpose()?, pronoun, portrait };
+    let changes = CharacterChanges {
+        name: name.as_deref().map(validate::name).transpose()?,
+        pronoun,
+        portrait,
+    };
     Ok(Json(store::update(&state.pool, id, changes).await?))
 }
 
@@ -216,7 +246,10 @@ pub async fn update(
 #[utoipa::path(delete, path = "/api/characters/{id}", tag = "characters", params(("id" = i64, Path)),
     responses((status = 204, description = "Deleted"),
               (status = 404, description = "No such character", body = Problem)))]
-pub async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
     store::delete(&state.pool, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -232,7 +265,12 @@ pub async fn portrait(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let portrait = store::portrait(&state.pool, id).await?;
-    Ok(image_response(portrait.bytes, &portrait.mime, &portrait.sha256, &headers))
+    Ok(image_response(
+        portrait.bytes,
+        &portrait.mime,
+        &portrait.sha256,
+        &headers,
+    ))
 }
 
 /// An image response that honours `If-None-Match` and lets caches revalidate by ETag.

@@ -21,18 +21,33 @@ pub struct Health {
 /// The process is alive and serving requests.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
 pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok", detail: None })
+    Json(Health {
+        status: "ok",
+        detail: None,
+    })
 }
 
 /// The process can do its work: the database answers.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Health), (status = 503, description = "Database unreachable", body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    match sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(&state.pool).await {
-        Ok(_) => (StatusCode::OK, Json(Health { status: "ok", detail: None })),
+    match sqlx::query_scalar::<_, i64>("SELECT 1")
+        .fetch_one(&state.pool)
+        .await
+    {
+        Ok(_) => (
+            StatusCode::OK,
+            Json(Health {
+                status: "ok",
+                detail: None,
+            }),
+        ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health { status: "unavailable", detail: Some(format!("database: {e}")) }),
+            Json(Health {
+                status: "unavailable",
+                detail: Some(format!("database: {e}")),
+            }),
         ),
     }
 }

@@ -22,7 +22,9 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route(
             "/characters",
-            post(characters::create).layer(upload_limit()).get(characters::list),
+            post(characters::create)
+                .layer(upload_limit())
+                .get(characters::list),
         )
         .route(
             "/characters/{id}",
@@ -33,16 +35,28 @@ pub fn router() -> Router<AppState> {
         )
         .route("/characters/{id}/portrait", get(characters::portrait))
         .route("/stories", post(stories::create).get(stories::list))
-        .route("/stories/{id}", get(stories::get_one).patch(stories::update).delete(stories::delete))
+        .route(
+            "/stories/{id}",
+            get(stories::get_one)
+                .patch(stories::update)
+                .delete(stories::delete),
+        )
         .route("/stories/{id}/frames", post(stories::insert_frame))
         .route("/stories/{id}/frames/order", put(stories::reorder))
         .route(
             "/stories/{id}/frames/{frame_id}",
             axum::routing::patch(stories::edit_frame).delete(stories::delete_frame),
         )
-        .route("/stories/{id}/frames/{frame_id}/image", get(stories::frame_image))
+        .route(
+            "/stories/{id}/frames/{frame_id}/image",
+            get(stories::frame_image),
+        )
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "no_route", "no API endpoint at this path; see /openapi.json")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "no API endpoint at this path; see /openapi.json",
+            )
         })
 }
 
@@ -78,7 +92,11 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         ),
         other => {
             let status = other.status();
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "payload_too_large"
+            } else {
+                "invalid_body"
+            };
             ApiError::new(status, code, detail)
         }
     }

@@ -70,29 +70,45 @@ pub struct FrameOrder {
     responses((status = 201, description = "Created", body = Story),
               (status = 400, description = "Malformed JSON", body = Problem),
               (status = 422, description = "Invalid title, caption, too many captions or unknown character", body = Problem)))]
-pub async fn create(State(state): State<AppState>, ApiJson(body): ApiJson<NewStory>) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<NewStory>,
+) -> ApiResult<Response> {
     let title = validate::title(&body.title)?;
     let captions = validate::captions(&body.captions)?;
     let cast = validate::cast(&body.character_ids)?;
     let story = store::create(&state.pool, &title, &captions, &cast).await?;
     let location = format!("/api/stories/{}", story.id);
-    Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, location)], Json(story)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+        Json(story),
+    )
+        .into_response())
 }
 
 /// List stories, oldest first, with cursor pagination.
 #[utoipa::path(get, path = "/api/stories", tag = "stories", params(ListParams),
     responses((status = 200, description = "A page of stories", body = Page<StorySummary>),
               (status = 400, description = "Bad cursor or limit", body = Problem)))]
-pub async fn list(State(state): State<AppState>, ApiQuery(params): ApiQuery<ListParams>) -> ApiResult<Json<Page<StorySummary>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> ApiResult<Json<Page<StorySummary>>> {
     let limit = page_limit(params.limit)?;
-    Ok(Json(store::list(&state.pool, params.cursor.as_deref(), limit).await?))
+    Ok(Json(
+        store::list(&state.pool, params.cursor.as_deref(), limit).await?,
+    ))
 }
 
 /// Get a story with its cast and frames.
 #[utoipa::path(get, path = "/api/stories/{id}", tag = "stories", params(("id" = i64, Path)),
     responses((status = 200, description = "The story", body = Story),
               (status = 404, description = "No such story", body = Problem)))]
-pub async fn get_one(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<Json<Story>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<Story>> {
     Ok(Json(store::get(&state.pool, id).await?))
 }
 
@@ -107,15 +123,24 @@ pub async fn update(
     ApiJson(body): ApiJson<StoryPatch>,
 ) -> ApiResult<Json<Story>> {
     let title = body.title.as_deref().map(validate::title).transpose()?;
-    let cast = body.character_ids.as_deref().map(validate::cast).transpose()?;
-    Ok(Json(store::update(&state.pool, id, title.as_deref(), cast.as_deref()).await?))
+    let cast = body
+        .character_ids
+        .as_deref()
+        .map(validate::cast)
+        .transpose()?;
+    Ok(Json(
+        store::update(&state.pool, id, title.as_deref(), cast.as_deref()).await?,
+    ))
 }
 
 /// Delete a story with all its frames.
 #[utoipa::path(delete, path = "/api/stories/{id}", tag = "stories", params(("id" = i64, Path)),
     responses((status = 204, description = "Deleted"),
               (status = 404, description = "No such story", body = Problem)))]
-pub async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
     store::delete(&state.pool, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -131,7 +156,10 @@ pub async fn insert_frame(
     ApiJson(body): ApiJson<NewFrame>,
 ) -> ApiResult<(StatusCode, Json<Story>)> {
     let caption = validate::caption(&body.caption)?;
-    Ok((StatusCode::CREATED, Json(store::insert_frame(&state.pool, id, &caption, body.position).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(store::insert_frame(&state.pool, id, &caption, body.position).await?),
+    ))
 }
 
 /// Replace a frame's caption (a generated image becomes `stale`).
@@ -146,7 +174,9 @@ pub async fn edit_frame(
     ApiJson(body): ApiJson<FramePatch>,
 ) -> ApiResult<Json<Story>> {
     let caption = validate::caption(&body.caption)?;
-    Ok(Json(store::edit_caption(&state.pool, id, frame_id, &caption).await?))
+    Ok(Json(
+        store::edit_caption(&state.pool, id, frame_id, &caption).await?,
+    ))
 }
 
 /// Delete a frame; later frames move up.
@@ -171,7 +201,9 @@ pub async fn reorder(
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<FrameOrder>,
 ) -> ApiResult<Json<Story>> {
-    Ok(Json(store::reorder(&state.pool, id, &body.frame_ids).await?))
+    Ok(Json(
+        store::reorder(&state.pool, id, &body.frame_ids).await?,
+    ))
 }
 
 /// The generated image of a frame.

@@ -177,11 +177,16 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Character> {
             .bind(id)
             .fetch_optional(pool)
             .await?;
-    row.ok_or_else(|| ApiError::not_found("character", id))?.into_api()
+    row.ok_or_else(|| ApiError::not_found("character", id))?
+        .into_api()
 }
 
 /// Lists characters in id order, a page at a time.
-pub async fn list(pool: &SqlitePool, cursor: Option<&str>, limit: i64) -> ApiResult<Page<Character>> {
+pub async fn list(
+    pool: &SqlitePool,
+    cursor: Option<&str>,
+    limit: i64,
+) -> ApiResult<Page<Character>> {
     let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
     let rows: Vec<CharacterRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM characters WHERE id > ? ORDER BY id LIMIT ?"
@@ -190,7 +195,10 @@ pub async fn list(pool: &SqlitePool, cursor: Option<&str>, limit: i64) -> ApiRes
     .bind(limit + 1)
     .fetch_all(pool)
     .await?;
-    let items = rows.into_iter().map(CharacterRow::into_api).collect::<ApiResult<Vec<_>>>()?;
+    let items = rows
+        .into_iter()
+        .map(CharacterRow::into_api)
+        .collect::<ApiResult<Vec<_>>>()?;
     Ok(paginate(items, limit, |c| c.id))
 }
 
@@ -263,7 +271,10 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
 
 /// Deletes a character (it leaves every story cast it was in); 404 if absent.
 pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
-    let done = sqlx::query("DELETE FROM characters WHERE id = ?").bind(id).execute(pool).await?;
+    let done = sqlx::query("DELETE FROM characters WHERE id = ?")
+        .bind(id)
+        .execute(pool)
+        .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::not_found("character", id));
     }
@@ -279,5 +290,9 @@ pub async fn portrait(pool: &SqlitePool, id: i64) -> ApiResult<Portrait> {
     .fetch_optional(pool)
     .await?;
     let (bytes, mime, sha256) = row.ok_or_else(|| ApiError::not_found("character", id))?;
-    Ok(Portrait { bytes, mime, sha256 })
+    Ok(Portrait {
+        bytes,
+        mime,
+        sha256,
+    })
 }

@@ -29,10 +29,15 @@ pub fn encode_cursor(last_id: i64) -> String {
 
 /// Decodes a cursor made by [`encode_cursor`].
 pub fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
-    let bad = || ApiError::bad_request("invalid_cursor", "the cursor is not one this server issued");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let bad =
+        || ApiError::bad_request("invalid_cursor", "the cursor is not one this server issued");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    text.strip_prefix("after:").and_then(|n| n.parse().ok()).ok_or_else(bad)
+    text.strip_prefix("after:")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(bad)
 }
 
 /// Clamps a requested page size into 1..=MAX_PAGE.
@@ -51,8 +56,15 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 pub fn paginate<T>(mut rows: Vec<T>, limit: i64, id_of: impl Fn(&T) -> i64) -> Page<T> {
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    let next_cursor = if more { rows.last().map(|r| encode_cursor(id_of(r))) } else { None };
-    Page { items: rows, next_cursor }
+    let next_cursor = if more {
+        rows.last().map(|r| encode_cursor(id_of(r)))
+    } else {
+        None
+    };
+    Page {
+        items: rows,
+        next_cursor,
+    }
 }
 
 #[cfg(test)]
@@ -65,7 +77,10 @@ mod tests {
         assert_eq!(decode_cursor("zzz").unwrap_err().code, "invalid_cursor");
         let page = paginate(vec![1, 2, 3], 2, |x| *x);
         assert_eq!(page.items, vec![1, 2]);
-        assert_eq!(decode_cursor(page.next_cursor.as_deref().unwrap()).unwrap(), 2);
+        assert_eq!(
+            decode_cursor(page.next_cursor.as_deref().unwrap()).unwrap(),
+            2
+        );
         assert!(paginate(vec![1, 2], 2, |x| *x).next_cursor.is_none());
     }
 }

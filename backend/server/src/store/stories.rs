@@ -92,7 +92,10 @@ async fn check_cast(tx: &mut Tx<'_>, ids: &[i64]) -> ApiResult<()> {
 
 async fn set_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
     check_cast(tx, ids).await?;
-    sqlx::query("DELETE FROM story_characters WHERE story_id = ?").bind(story).execute(&mut **tx).await?;
+    sqlx::query("DELETE FROM story_characters WHERE story_id = ?")
+        .bind(story)
+        .execute(&mut **tx)
+        .await?;
     for &id in ids {
         sqlx::query("INSERT INTO story_characters (story_id, character_id) VALUES (?, ?)")
             .bind(story)
@@ -116,14 +119,21 @@ async fn touch(tx: &mut Tx<'_>, story: i64) -> ApiResult<()> {
 }
 
 async fn frame_count(tx: &mut Tx<'_>, story: i64) -> ApiResult<i64> {
-    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM frames WHERE story_id = ?")
-        .bind(story)
-        .fetch_one(&mut **tx)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM frames WHERE story_id = ?")
+            .bind(story)
+            .fetch_one(&mut **tx)
+            .await?,
+    )
 }
 
 /// Creates a story with validated captions and cast (all or nothing).
-pub async fn create(pool: &SqlitePool, title: &str, captions: &[String], cast: &[i64]) -> ApiResult<Story> {
+pub async fn create(
+    pool: &SqlitePool,
+    title: &str,
+    captions: &[String],
+    cast: &[i64],
+) -> ApiResult<Story> {
     let mut tx = pool.begin().await?;
     let now = now();
     let id: i64 = sqlx::query_scalar(
@@ -175,7 +185,9 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
     let frames = rows
         .into_iter()
         .map(|r| Frame {
-            image_url: r.has_image.then(|| format!("/api/stories/{id}/frames/{}/image", r.id)),
+            image_url: r
+                .has_image
+                .then(|| format!("/api/stories/{id}/frames/{}/image", r.id)),
             id: r.id,
             position: r.position,
             caption: r.caption,
@@ -184,11 +196,22 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
             updated_at: r.updated_at,
         })
         .collect();
-    Ok(Story { id, title, character_ids, frames, created_at, updated_at })
+    Ok(Story {
+        id,
+        title,
+        character_ids,
+        frames,
+        created_at,
+        updated_at,
+    })
 }
 
 /// Lists stories in id order, a page at a time.
-pub async fn list(pool: &SqlitePool, cursor: Option<&str>, limit: i64) -> ApiResult<Page<StorySummary>> {
+pub async fn list(
+    pool: &SqlitePool,
+    cursor: Option<&str>,
+    limit: i64,
+) -> ApiResult<Page<StorySummary>> {
     let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
     let rows: Vec<StorySummary> = sqlx::query_as(
         "SELECT s.id, s.title, s.created_at, s.updated_at,
@@ -203,11 +226,20 @@ pub async fn list(pool: &SqlitePool, cursor: Option<&str>, limit: i64) -> ApiRes
 }
 
 /// Changes the title and/or the cast; 404 if absent, 422 for unknown characters.
-pub async fn update(pool: &SqlitePool, id: i64, title: Option<&str>, cast: Option<&[i64]>) -> ApiResult<Story> {
+pub async fn update(
+    pool: &SqlitePool,
+    id: i64,
+    title: Option<&str>,
+    cast: Option<&[i64]>,
+) -> ApiResult<Story> {
     let mut tx = pool.begin().await?;
     touch(&mut tx, id).await?;
     if let Some(title) = title {
-        sqlx::query("UPDATE stories SET title = ? WHERE id = ?").bind(title).bind(id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE stories SET title = ? WHERE id = ?")
+            .bind(title)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
     }
     if let Some(cast) = cast {
         set_cast(&mut tx, id, cast).await?;
@@ -218,7 +250,10 @@ pub async fn update(pool: &SqlitePool, id: i64, title: Option<&str>, cast: Optio
 
 /// Deletes a story with its frames and jobs; 404 if absent.
 pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
-    let done = sqlx::query("DELETE FROM stories WHERE id = ?").bind(id).execute(pool).await?;
+    let done = sqlx::query("DELETE FROM stories WHERE id = ?")
+        .bind(id)
+        .execute(pool)
+        .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::not_found("story", id));
     }
@@ -226,7 +261,12 @@ pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
 }
 
 /// Inserts a caption at `position` (default: the end), shifting later frames down.
-pub async fn insert_frame(pool: &SqlitePool, story: i64, caption: &str, position: Option<i64>) -> ApiResult<Story> {
+pub async fn insert_frame(
+    pool: &SqlitePool,
+    story: i64,
+    caption: &str,
+    position: Option<i64>,
+) -> ApiResult<Story> {
     let mut tx = pool.begin().await?;
     touch(&mut tx, story).await?;
     let count = frame_count(&mut tx, story).await?;
@@ -267,16 +307,22 @@ pub async fn insert_frame(pool: &SqlitePool, story: i64, caption: &str, position
 }
 
 async fn frame_position(tx: &mut Tx<'_>, story: i64, frame: i64) -> ApiResult<i64> {
-    let position: Option<i64> = sqlx::query_scalar("SELECT position FROM frames WHERE id = ? AND story_id = ?")
-        .bind(frame)
-        .bind(story)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let position: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM frames WHERE id = ? AND story_id = ?")
+            .bind(frame)
+            .bind(story)
+            .fetch_optional(&mut **tx)
+            .await?;
     position.ok_or_else(|| ApiError::not_found("frame", frame))
 }
 
 /// Replaces a frame's caption; an already generated image is kept but marked `stale`.
-pub async fn edit_caption(pool: &SqlitePool, story: i64, frame: i64, caption: &str) -> ApiResult<Story> {
+pub async fn edit_caption(
+    pool: &SqlitePool,
+    story: i64,
+    frame: i64,
+    caption: &str,
+) -> ApiResult<Story> {
     let mut tx = pool.begin().await?;
     touch(&mut tx, story).await?;
     frame_position(&mut tx, story, frame).await?;
@@ -300,7 +346,10 @@ pub async fn delete_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResul
     let mut tx = pool.begin().await?;
     touch(&mut tx, story).await?;
     let position = frame_position(&mut tx, story, frame).await?;
-    sqlx::query("DELETE FROM frames WHERE id = ?").bind(frame).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM frames WHERE id = ?")
+        .bind(frame)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("UPDATE frames SET position = -position WHERE story_id = ? AND position > ?")
         .bind(story)
         .bind(position)
@@ -318,17 +367,21 @@ pub async fn delete_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResul
 pub async fn reorder(pool: &SqlitePool, story: i64, frame_ids: &[i64]) -> ApiResult<Story> {
     let mut tx = pool.begin().await?;
     touch(&mut tx, story).await?;
-    let mut current: Vec<i64> = sqlx::query_scalar("SELECT id FROM frames WHERE story_id = ? ORDER BY id")
-        .bind(story)
-        .fetch_all(&mut *tx)
-        .await?;
+    let mut current: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM frames WHERE story_id = ? ORDER BY id")
+            .bind(story)
+            .fetch_all(&mut *tx)
+            .await?;
     let mut wanted = frame_ids.to_vec();
     wanted.sort_unstable();
     current.sort_unstable();
     if wanted != current {
         return Err(ApiError::invalid(
             "invalid_order",
-            format!("frame_ids must list each of the story's {} frames exactly once", current.len()),
+            format!(
+                "frame_ids must list each of the story's {} frames exactly once",
+                current.len()
+            ),
         ));
     }
     sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ?")
@@ -349,7 +402,11 @@ pub async fn reorder(pool: &SqlitePool, story: i64, frame_ids: &[i64]) -> ApiRes
 }
 
 /// A frame's generated image bytes and MIME type; 404 if the frame or its image is absent.
-pub async fn frame_image(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<(Vec<u8>, String)> {
+pub async fn frame_image(
+    pool: &SqlitePool,
+    story: i64,
+    frame: i64,
+) -> ApiResult<(Vec<u8>, String)> {
     let row: Option<(Option<Vec<u8>>, Option<String>)> =
         sqlx::query_as("SELECT image, image_mime FROM frames WHERE id = ? AND story_id = ?")
             .bind(frame)
