@@ -28,7 +28,7 @@ enum Command {
     Data(commands::data::DataArgs),
     /// The toy world: a seeded stand-in for FlintstonesSV that runs on a CPU.
     Toyworld(commands::toyworld::ToyworldArgs),
-    /// Run one network (unet, vae-encode, vae-decode, clip-text, clip-vision) from a reference
+    /// Run one network (unet, vae-encode, vae-decode, clip-text, clip-vision, llm) from a reference
     /// model directory on tensors in a safetensors file and write its outputs (conformance).
     Component(commands::component::ComponentArgs),
 }

@@ -134,6 +134,53 @@ fn group_edits(
     edits
 }
 
+/// The plural form of a third-person singular present verb ("smiles" -> "smile"), used when a
+/// singular "they" becomes the subject; `None` for words that are not such a verb form.
+fn plural_verb(word: &str) -> Option<String> {
+    let irregular = [
+        ("is", "are"),
+        ("was", "were"),
+        ("has", "have"),
+        ("does", "do"),
+        ("goes", "go"),
+    ];
+    if let Some((_, plural)) = irregular.iter().find(|(singular, _)| *singular == word) {
+        return Some(plural.to_string());
+    }
+    if !word.chars().all(|c| c.is_ascii_lowercase()) || word.len() < 3 {
+        return None;
+    }
+    if let Some(stem) = word.strip_suffix("ies") {
+        return (stem.len() >= 2).then(|| format!("{stem}y"));
+    }
+    for ending in ["sses", "shes", "ches", "xes", "zzes", "oes"] {
+        if word.ends_with(ending) {
+            return Some(word[..word.len() - 2].to_string());
+        }
+    }
+    if word.ends_with("ss") || word.ends_with("us") || word.ends_with("is") {
+        return None;
+    }
+    word.strip_suffix('s').map(str::to_string)
+}
+
+/// For a singular "they" subject, the edit that makes the verb after it agree
+/// ("Alex smiles" -> "They smile"); an adverb in between ("Alex quickly runs") is skipped.
+fn verb_agreement_edit(tokens: &[Token], after: usize) -> Option<(usize, usize, String)> {
+    let mut k = after;
+    while let Some(t) = tokens.get(k) {
+        if !t.word {
+            return None;
+        }
+        if t.lower.ends_with("ly") && tokens.get(k + 1).is_some_and(|n| n.word) {
+            k += 1;
+            continue;
+        }
+        return plural_verb(&t.lower).map(|plural| (t.start, t.end, plural));
+    }
+    None
+}
+
 /// Replace every mention of character `c` by its pronoun (subject, object or possessive).
 fn single_edits(
     tokens: &[Token],
@@ -142,17 +189,19 @@ fn single_edits(
     rules: &RuleSet,
 ) -> Vec<(usize, usize, String)> {
     let p = rules.characters[c].pronoun;
-    names
-        .iter()
-        .filter(|m| m.index == c)
-        .map(|m| {
-            (
-                m.start,
-                m.end,
-                pronoun_for(tokens, m.first, m.last, m.possessive, p),
-            )
-        })
-        .collect()
+    let mut edits = Vec::new();
+    for m in names.iter().filter(|m| m.index == c) {
+        edits.push((
+            m.start,
+            m.end,
+            pronoun_for(tokens, m.first, m.last, m.possessive, p),
+        ));
+        let subject = !m.possessive && role(tokens, m.first, m.last) == Case::Subject;
+        if p == Pronoun::They && subject {
+            edits.extend(verb_agreement_edit(tokens, m.last));
+        }
+    }
+    edits
 }
 
 /// Rewrite a caption for an unchanged immediate set: one character becomes he/she (or the

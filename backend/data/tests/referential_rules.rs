@@ -215,8 +215,8 @@ fn user_given_they_and_it() {
         ],
     );
     assert_eq!(out[1], "Its light blinks and it rolls to the door.");
-    // Pronoun replacement does not re-inflect verbs (singular "they" keeps "waves").
-    assert_eq!(out[3], "They waves at Robo.");
+    // A singular "they" subject takes the plural verb form.
+    assert_eq!(out[3], "They wave at Robo.");
     assert_eq!(out[5], "The cat sits on her.");
 }
 
@@ -230,7 +230,32 @@ fn unknown_custom_characters_become_they() {
             StoryFrame::new("Kim stops.", &["Kim"]),
         ],
     );
-    assert_eq!(out[1], "They stops.");
+    assert_eq!(out[1], "They stop.");
+}
+
+#[test]
+fn singular_they_subject_agrees_with_its_verb() {
+    let mut p = BTreeMap::new();
+    p.insert("Alex".to_string(), "they".to_string());
+    let rules = RuleSet::custom(&p).unwrap();
+    let story = [
+        "Alex enters.",
+        "Alex is happy and Alex watches the sky.",
+        "Alex quickly fixes the car, then Alex cries.",
+        "Alex has a kite. Alex goes home.",
+        "Alex kisses the dog and the dog licks Alex.",
+        "Alex walked home.",
+    ];
+    let frames: Vec<StoryFrame> = story
+        .iter()
+        .map(|c| StoryFrame::new(c, &["Alex"]))
+        .collect();
+    let out = make_referential(&rules, &frames);
+    assert_eq!(out[1], "They are happy and they watch the sky.");
+    assert_eq!(out[2], "They quickly fix the car, then they cry.");
+    assert_eq!(out[3], "They have a kite. They go home.");
+    assert_eq!(out[4], "They kiss the dog and the dog licks them.");
+    assert_eq!(out[5], "They walked home.");
 }
 
 #[test]
