@@ -4,6 +4,7 @@
 //! crate's differentiable layers and read their shapes from the checkpoint's `config.json`;
 //! schedulers are pure maths built from `scheduler_config.json`.
 
+pub mod char_ldm;
 pub mod clip;
 pub mod conformance;
 pub mod fuse;

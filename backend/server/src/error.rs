@@ -104,6 +104,13 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body may be left unread, so this connection cannot carry another
+            // request; say so, or a client may reuse it and see a reset.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
