@@ -1,0 +1,257 @@
+//! End-to-end tests of the offline subcommands through the real binary: `component` on the
+//! committed reference fixtures (every KIND, outputs compared with diffusers / transformers),
+//! `data make-referential` and `toyworld generate`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use candle_core::{Device, Tensor};
+use common::binary;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/tests/fixtures")
+        .join(name)
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Max abs difference, relative to the reference's scale as the parity tests measure it.
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let got = got.to_dtype(candle_core::DType::F32).unwrap();
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    assert!(
+        diff <= 1e-4 * scale,
+        "{what}: max abs error {diff} (scale {scale})"
+    );
+}
+
+fn run_component(kind: &str, model: &Path, inputs: &Path) -> HashMap<String, Tensor> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let status = Command::new(binary())
+        .args(["component", kind, "--model"])
+        .arg(model)
+        .arg("--inputs")
+        .arg(inputs)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "component {kind} failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    load(&out)
+}
+
+#[test]
+fn component_matches_the_reference_for_every_kind() {
+    let clip_text = fixture("clip_text_quick");
+    let got = run_component(
+        "clip-text",
+        &clip_text,
+        &clip_text.join("inputs.safetensors"),
+    );
+    let want = load(&clip_text.join("outputs.safetensors"));
+    assert_close(
+        &got["last_hidden_state"],
+        &want["last_hidden_state"],
+        "clip-text last_hidden_state",
+    );
+    assert_close(
+        &got["pooler_output"],
+        &want["pooler_output"],
+        "clip-text pooler_output",
+    );
+
+    let clip_vision = fixture("clip_vision_quick");
+    let got = run_component(
+        "clip-vision",
+        &clip_vision,
+        &clip_vision.join("inputs.safetensors"),
+    );
+    let want = load(&clip_vision.join("outputs.safetensors"));
+    for name in ["last_hidden_state", "pooler_output", "image_embeds"] {
+        assert_close(&got[name], &want[name], &format!("clip-vision {name}"));
+    }
+
+    let unet = fixture("unet_a");
+    let io = unet.join("io.safetensors");
+    let got = run_component("unet", &unet, &io);
+    assert_close(&got["sample"], &load(&io)["out_sample"], "unet sample");
+
+    let vae = fixture("vae_a");
+    let io = vae.join("io.safetensors");
+    let reference = load(&io);
+    let got = run_component("vae-encode", &vae, &io);
+    assert_close(&got["mean"], &reference["mean"], "vae-encode mean");
+    let got = run_component("vae-decode", &vae, &io);
+    assert_close(&got["sample"], &reference["decoded"], "vae-decode sample");
+
+    let llm = fixture("llm_llama");
+    let reference = load(&llm.join("reference.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("ids.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([("input_ids".to_string(), reference["input_ids"].clone())]),
+        &inputs,
+    )
+    .unwrap();
+    let got = run_component("llm", &llm, &inputs);
+    assert_close(&got["logits"], &reference["logits"], "llm logits");
+    assert_close(
+        &got["last_hidden_state"],
+        &reference["last_hidden_state"],
+        "llm last_hidden_state",
+    );
+}
+
+#[test]
+fn component_errors_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let missing = Command::new(binary())
+        .args(["component", "unet", "--model"])
+        .arg(dir.path().join("nowhere"))
+        .args(["--inputs", "in.safetensors", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nowhere"));
+    let bad_kind = Command::new(binary())
+        .args([
+            "component",
+            "teapot",
+            "--model",
+            ".",
+            "--inputs",
+            "a",
+            "--out",
+            "b",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad_kind.status.success());
+    assert!(String::from_utf8_lossy(&bad_kind.stderr).contains("teapot"));
+    assert!(!out.exists(), "a failed run writes no output");
+}
+
+#[test]
+fn make_referential_rewrites_json_lines() {
+    let mut child = Command::new(binary())
+        .args(["data", "make-referential", "--dataset", "flintstones"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let story = r#"{"frames": [{"caption": "Wilma and Betty sit.", "characters": ["wilma", "betty"]}, {"caption": "Betty and Wilma laugh at Mr. Slate.", "characters": ["betty", "wilma"]}]}"#;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{story}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["frames"][0]["referential"], "Wilma and Betty sit.");
+    assert_eq!(line["frames"][1]["referential"], "They laugh at Mr. Slate.");
+
+    let bad = Command::new(binary())
+        .args(["data", "make-referential", "--dataset", "flintstones"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut bad_child = bad;
+    bad_child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{not json\n")
+        .unwrap();
+    let out = bad_child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "malformed input must fail");
+}
+
+#[test]
+fn toyworld_generate_writes_the_dataset_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args([
+            "toyworld",
+            "generate",
+            "--stories",
+            "6",
+            "--size",
+            "64",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [
+        "split.json",
+        "following_cache3.pkl",
+        "cleaned_annotations.json",
+        "labels.pkl",
+        "labels_bg.pkl",
+        "characters.json",
+    ] {
+        assert!(dir.path().join(file).is_file(), "{file} missing");
+    }
+    assert!(dir.path().join("video_frames_sampled_4x").is_dir());
+    assert!(dir.path().join("seg_mask_4x_comb").is_dir());
+    let stats = Command::new(binary())
+        .args(["data", "stats", "--frames", "5", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let table = String::from_utf8_lossy(&stats.stdout);
+    assert!(table.contains("| Dataset | 6 | 30 |"), "{table}");
+    assert!(table.contains("| Extended Dataset | 6 | 30 |"), "{table}");
+}
