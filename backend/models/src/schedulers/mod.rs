@@ -49,10 +49,16 @@ pub trait Scheduler: Send {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
     /// The timesteps to visit, in order (after [`Scheduler::set_timesteps`]).
     fn timesteps(&self) -> &[f64];
-    /// The standard deviation of the initial noise (multiply unit Gaussian noise by it).
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the denoising model's input for timestep `t` (identity except Euler-type).
-    fn scale_model_input(&mut self, sample: &Tensor, t: f64) -> Result<Tensor>;
+    /// The standard deviation of the initial noise (multiply unit Gaussian noise by it);
+    /// 1 except for sigma-parameterised (Euler-type) schedulers.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the denoising model's input for timestep `t`: the identity except for
+    /// Euler-type schedulers.
+    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One reverse step: from `sample` at `t` and the model output, the previous sample.
     /// `noise` (unit Gaussian, shaped like `sample`) is used by stochastic steps; `None` draws
     /// it from candle's generator.
