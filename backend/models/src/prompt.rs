@@ -217,14 +217,14 @@ pub fn build_prompt(
 }
 
 impl Prompt {
-    /// Ids of every position, with `placeholder` at the visual-token slots (for the L_gen
+    /// Ids of every position, with `fill` at the visual-token slots (for the L_gen
     /// target tensor and for debugging).
-    pub fn ids_with_placeholder(&self, placeholder: u32) -> Vec<u32> {
+    pub fn ids_with_visual_fill(&self, fill: u32) -> Vec<u32> {
         self.segments
             .iter()
             .flat_map(|s| match s {
                 Segment::Text(t) | Segment::Img(t) => t.clone(),
-                Segment::Visual { len, .. } => vec![placeholder; *len],
+                Segment::Visual { len, .. } => vec![fill; *len],
             })
             .collect()
     }
@@ -288,6 +288,6 @@ impl Prompt {
     /// The `(1, len)` ids tensor for [`crate::stage2_losses::lgen_loss`] (visual slots get id 0;
     /// they are never targets).
     pub fn ids_tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
-        Tensor::from_vec(self.ids_with_placeholder(0), (1, self.len), device)?.to_dtype(DType::I64)
+        Tensor::from_vec(self.ids_with_visual_fill(0), (1, self.len), device)?.to_dtype(DType::I64)
     }
 }

@@ -31,7 +31,7 @@ fn prompt_empty_history_is_caption_then_img_tokens() {
     assert_eq!(p.current_caption, 2..6);
     assert_eq!(p.first_kept_frame, 0);
     assert_eq!(p.segments.last(), Some(&Segment::Img(vec![900, 901, 902])));
-    let ids = p.ids_with_placeholder(0);
+    let ids = p.ids_with_visual_fill(0);
     assert_eq!(ids[0], 1);
     assert_eq!(&ids[7..], &[900, 901, 902]);
 }

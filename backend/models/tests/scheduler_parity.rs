@@ -1,6 +1,6 @@
 //! Scheduler parity with diffusers: full sampling trajectories from
 //! `fixtures/schedulers/*/trajectory.safetensors` (made by
-//! `tools/fixtures/make_clip_scheduler_fixtures.py`). The fake model is
+//! `tools/fixtures/make_clip_scheduler_fixtures.py`). The analytic model is
 //! `tanh(0.5 * x_in) + 1e-4 * t` on both sides; stochastic steps use the stored noise.
 
 use candle_core::{DType, Device, Tensor};
@@ -30,7 +30,7 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn fake_model(x: &Tensor, t: f64) -> Tensor {
+fn analytic_model(x: &Tensor, t: f64) -> Tensor {
     ((x * 0.5).unwrap().tanh().unwrap() + 1e-4 * t).unwrap()
 }
 
@@ -71,7 +71,7 @@ fn run_case(dir: &Path) {
     let mut worst = 0f32;
     for (i, &t) in want_t.iter().enumerate() {
         let inp = sched.scale_model_input(&x, t).unwrap();
-        let out = fake_model(&inp, t);
+        let out = analytic_model(&inp, t);
         let n = noise.get(i).unwrap();
         x = sched.step(&out, t, &x, Some(&n)).unwrap();
         let want = samples.get(i).unwrap();
