@@ -379,3 +379,18 @@ fn attention_heatmaps_of_character_mentions() {
         assert!(plain[1].attention.is_empty());
     })
 }
+
+#[test]
+fn the_llama_family_loads_through_the_same_bundle_format() {
+    let dir = tempfile::tempdir().unwrap();
+    models::bundle::write_random("toy-llama", dir.path(), 1).unwrap();
+    let p = StoryPipeline::load(dir.path(), &Device::Cpu).unwrap();
+    assert!(p.info().llm.starts_with("llama"), "{}", p.info().llm);
+    let s = story(&FOUR[..3]);
+    let opts = p.default_options().with_steps(1);
+    let out = p
+        .generate(&s, &all(3, 0), &[], &opts, &mut |_| {}, &|| false)
+        .unwrap();
+    assert_eq!(out[2].condition, ConditionKind::Llm);
+    assert!(out[2].llm_positions_computed < out[2].prompt_tokens);
+}

@@ -17,7 +17,8 @@ pub enum BundleCommand {
     /// Write a randomly initialised (UNTRAINED) bundle: the real layout and loader, noise-like
     /// frames. For tests and development.
     Random {
-        /// Configuration: `toy` (64x64 frames, every network a few million parameters).
+        /// Configuration: `toy` (64x64 frames, every network a few million parameters, OPT) or
+        /// `toy-llama` (the same with a Llama LLM).
         #[arg(long, default_value = "toy")]
         config: String,
         /// Output directory (must be empty or absent).

@@ -34,7 +34,7 @@ use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
 
 /// Configurations `write_random` knows.
-pub const CONFIGS: &[&str] = &["toy"];
+pub const CONFIGS: &[&str] = &["toy", "toy-llama"];
 
 /// A VarBuilder backend that creates every requested tensor from a seeded stream and keeps it
 /// for saving.
@@ -196,11 +196,13 @@ struct Sizes {
     mapper: MapperLdmConfig,
     clip_merges: usize,
     llm_merges: usize,
+    /// The LLM family: OPT (the paper's main LLM) or Llama (its Table 6 / 9 variant).
+    llama: bool,
 }
 
 fn sizes(config: &str) -> Result<Sizes> {
     Ok(match config {
-        "toy" => Sizes {
+        "toy" | "toy-llama" => Sizes {
             frame: 64,
             text_hidden: 128,
             text_layers: 4,
@@ -226,6 +228,7 @@ fn sizes(config: &str) -> Result<Sizes> {
             },
             clip_merges: 600,
             llm_merges: 600,
+            llama: config == "toy-llama",
         },
         other => bail!(
             "unknown bundle configuration `{other}`; known: {}",
@@ -414,35 +417,70 @@ pub fn write_random(config: &str, out: &Path, seed: u64) -> Result<RandomReport>
         )?,
     ));
 
-    // The LLM: a tiny OPT (the paper's main LLM family) with its own tokenizer.
-    let llm_vocab = bpe::write_llm_tokenizer(&out.join("llm"), &corpus, z.llm_merges)?;
-    let llm_cfg = json!({
-        "architectures": ["OPTForCausalLM"],
-        "model_type": "opt",
-        "vocab_size": llm_vocab,
-        "hidden_size": z.llm_hidden,
-        "word_embed_proj_dim": z.llm_hidden,
-        "ffn_dim": z.llm_ffn,
-        "num_hidden_layers": z.llm_layers,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 256,
-        "do_layer_norm_before": true,
-        "activation_function": "relu",
-        "enable_bias": true,
-        "layer_norm_elementwise_affine": true,
-        "pad_token_id": 1,
-        "bos_token_id": 2,
-        "eos_token_id": 2,
-        "tie_word_embeddings": true,
-        "torch_dtype": "float32",
-    });
-    write_json(&out.join("llm/config.json"), &llm_cfg)?;
+    // The LLM, with its own tokenizer: a tiny OPT (the paper's main LLM family), or a tiny
+    // Llama with grouped-query attention.
     let llm_dir = out.join("llm");
+    let llm_vocab = bpe::write_llm_tokenizer(&llm_dir, &corpus, z.llm_merges)?;
+    let llm_cfg = if z.llama {
+        // Llama convention: `<s>` starts a sequence.
+        write_json(
+            &llm_dir.join("tokenizer_config.json"),
+            &json!({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>",
+                    "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}),
+        )?;
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": llm_vocab,
+            "hidden_size": z.llm_hidden,
+            "intermediate_size": z.llm_ffn,
+            "num_hidden_layers": z.llm_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": false,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+            "torch_dtype": "float32",
+        })
+    } else {
+        json!({
+            "architectures": ["OPTForCausalLM"],
+            "model_type": "opt",
+            "vocab_size": llm_vocab,
+            "hidden_size": z.llm_hidden,
+            "word_embed_proj_dim": z.llm_hidden,
+            "ffn_dim": z.llm_ffn,
+            "num_hidden_layers": z.llm_layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "do_layer_norm_before": true,
+            "activation_function": "relu",
+            "enable_bias": true,
+            "layer_norm_elementwise_affine": true,
+            "pad_token_id": 1,
+            "bos_token_id": 2,
+            "eos_token_id": 2,
+            "tie_word_embeddings": true,
+            "torch_dtype": "float32",
+        })
+    };
+    write_json(&llm_dir.join("config.json"), &llm_cfg)?;
     params.push((
         "llm",
         build_and_save(seed, &[], &llm_dir.join("model.safetensors"), |vb| {
-            let cfg: crate::llm::OptConfig = serde_json::from_value(llm_cfg.clone())?;
-            Ok(crate::llm::Opt::new(&cfg, vb.pp("model"))?)
+            if z.llama {
+                let cfg: crate::llm::LlamaConfig = serde_json::from_value(llm_cfg.clone())?;
+                crate::llm::Llama::new(&cfg, vb)?;
+            } else {
+                let cfg: crate::llm::OptConfig = serde_json::from_value(llm_cfg.clone())?;
+                crate::llm::Opt::new(&cfg, vb.pp("model"))?;
+            }
+            Ok(())
         })?,
     ));
 
