@@ -6,7 +6,9 @@
 //   many pixels (the limits come from the zone's data-max-bytes / data-max-side).
 // - A portrait already known to be refused is not uploaded: the submit is stopped and the
 //   field focused.
-// - Alt+ArrowUp / Alt+ArrowDown in a caption moves it (the same as its Up / Down buttons).
+// - Alt+ArrowUp / Alt+ArrowDown in a caption moves it (the same as its Up / Down buttons);
+//   Enter in a caption saves it (captions are one line; Shift+Enter is refused by the server
+//   with a message, as without this file).
 // - Buttons marked aria-disabled (the first caption's Up, the last one's Down) stay
 //   focusable but do nothing.
 // Handlers are delegated from the document, so sections swapped in by HTMX need no setup.
@@ -130,6 +132,13 @@
   }, true);
 
   document.addEventListener("keydown", function (event) {
+    var field = event.target;
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing &&
+        field.matches && field.matches("textarea[name=caption]") && field.form) {
+      event.preventDefault();
+      field.form.requestSubmit();
+      return;
+    }
     if (!event.altKey || (event.key !== "ArrowUp" && event.key !== "ArrowDown")) return;
     var item = event.target.closest ? event.target.closest(".caption-item") : null;
     if (!item) return;

@@ -128,7 +128,10 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
     assert!(html.contains("class=\"mention pronoun group\""), "{html}");
     assert!(html.contains("“They” refers to Fred and Wilma."), "{html}");
     assert!(html.contains("“Barney”: unknown character."), "{html}");
-    assert!(html.contains("“Betty”: unknown character in this story. It is in your library"), "{html}");
+    assert!(
+        html.contains("“Betty”: unknown character in this story. It is in your library"),
+        "{html}"
+    );
     assert!(html.contains("<mark class=\"mention unknown\" title=\"unknown character\">Barney"));
 
     // Editing the second caption: its pronoun resolves to the first caption's Fred, and
@@ -136,7 +139,10 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
     let response = post_form(
         &server,
         &format!("/ui/stories/{id}/highlight"),
-        &[("caption", "He waves at Wilma and her dog."), ("frame_id", &second)],
+        &[
+            ("caption", "He waves at Wilma and her dog."),
+            ("frame_id", &second),
+        ],
         true,
     )
     .await;
@@ -155,7 +161,10 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
     .text()
     .await
     .unwrap();
-    assert!(html.contains("“He”: no character before it goes by he."), "{html}");
+    assert!(
+        html.contains("“He”: no character before it goes by he."),
+        "{html}"
+    );
 
     // The story page shows the same highlights without JavaScript, inside live regions.
     let page = client()
@@ -197,7 +206,10 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
     assert_eq!(third[0]["refers_to"], json!(["Fred", "Wilma"]));
     assert_eq!(third[1]["kind"], "unknown");
     assert_eq!(third[1]["text"], "Barney");
-    assert_eq!((third[1]["start"].as_i64(), third[1]["end"].as_i64()), (Some(16), Some(22)));
+    assert_eq!(
+        (third[1]["start"].as_i64(), third[1]["end"].as_i64()),
+        (Some(16), Some(22))
+    );
 
     // Bad requests are refused with stable codes.
     for (body, status, code) in [
@@ -229,7 +241,10 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
             .await
             .unwrap();
         assert_eq!(response.status(), status);
-        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["code"], code, "{problem}");
     }
@@ -249,7 +264,10 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
         "/api/stories/{id}/export.gif",
         "/api/stories/{id}/export.pdf",
     ] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from OpenAPI");
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from OpenAPI"
+        );
     }
     assert!(doc["components"]["schemas"]["MentionsResponse"].is_object());
 }
@@ -292,7 +310,10 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
         "Renamed Fred to Frederick (they)."
     );
     let got = get_json(&server, &format!("/api/characters/{fred}")).await;
-    assert_eq!((got["name"].as_str(), got["pronoun"].as_str()), (Some("Frederick"), Some("they")));
+    assert_eq!(
+        (got["name"].as_str(), got["pronoun"].as_str()),
+        (Some("Frederick"), Some("they"))
+    );
 
     // Without JavaScript: 303 back to the character on the page.
     let response = post_form(
@@ -303,7 +324,10 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    assert_eq!(response.headers()["location"], format!("/#character-{fred}"));
+    assert_eq!(
+        response.headers()["location"],
+        format!("/#character-{fred}")
+    );
 
     // A duplicate name (any case) is refused next to that card's name field, keeping the
     // typing, with the form open.
@@ -317,7 +341,9 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let html = response.text().await.unwrap();
     assert!(element_text(&html, &format!("rename-name-{wilma}-error")).contains("already exists"));
-    assert!(html.contains(&format!("id=\"rename-name-{wilma}\" name=\"name\" value=\"FRED\"")));
+    assert!(html.contains(&format!(
+        "id=\"rename-name-{wilma}\" name=\"name\" value=\"FRED\""
+    )));
     assert!(html.contains("<details class=\"inline-edit\" open>"));
     let response = post_form(
         &server,
@@ -327,20 +353,41 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(element_text(&response.text().await.unwrap(), &format!("rename-pronoun-{wilma}-error"))
-        .contains("he, she, they, it"));
-    assert_eq!(get_json(&server, &format!("/api/characters/{wilma}")).await["name"], "Wilma");
+    assert!(element_text(
+        &response.text().await.unwrap(),
+        &format!("rename-pronoun-{wilma}-error")
+    )
+    .contains("he, she, they, it"));
+    assert_eq!(
+        get_json(&server, &format!("/api/characters/{wilma}")).await["name"],
+        "Wilma"
+    );
 
     // Refused uploads: each message sits next to the field it is about.
     let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
-        ("Barney", b"hello, not an image".to_vec(), "character-portrait-error", "must be a PNG, JPEG or WebP image"),
-        ("Barney", png_claiming(5000, 5000), "character-portrait-error", "at most 4096 px a side"),
-        ("Barney", {
-            // A real PNG header, then 11 MiB: too large whatever it holds.
-            let mut big = png(2, 2);
-            big.resize(11 * 1024 * 1024, 0);
-            big
-        }, "character-portrait-error", "larger than 10 MiB"),
+        (
+            "Barney",
+            b"hello, not an image".to_vec(),
+            "character-portrait-error",
+            "must be a PNG, JPEG or WebP image",
+        ),
+        (
+            "Barney",
+            png_claiming(5000, 5000),
+            "character-portrait-error",
+            "at most 4096 px a side",
+        ),
+        (
+            "Barney",
+            {
+                // A real PNG header, then 11 MiB: too large whatever it holds.
+                let mut big = png(2, 2);
+                big.resize(11 * 1024 * 1024, 0);
+                big
+            },
+            "character-portrait-error",
+            "larger than 10 MiB",
+        ),
         ("fred", png(4, 4), "character-name-error", "already exists"),
         ("", png(4, 4), "character-name-error", "must not be empty"),
     ];
@@ -352,11 +399,21 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{field} {message}");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{field} {message}"
+        );
         let html = response.text().await.unwrap();
         let text = element_text(&html, field);
-        assert!(text.contains(message), "{field}: {text:?} lacks {message:?}");
-        assert!(html.contains(&format!("value=\"{name}\"")), "the typed name is kept");
+        assert!(
+            text.contains(message),
+            "{field}: {text:?} lacks {message:?}"
+        );
+        assert!(
+            html.contains(&format!("value=\"{name}\"")),
+            "the typed name is kept"
+        );
     }
     // Several problems at once are all reported, and without JavaScript the whole page comes
     // back with the messages in place.
@@ -372,14 +429,36 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
     assert!(element_text(&html, "character-name-error").contains("already exists"));
     assert!(element_text(&html, "character-portrait-error").contains("PNG, JPEG or WebP"));
     assert!(html.contains("aria-describedby=\"character-portrait-hint character-portrait-error\""));
-    assert_eq!(get_json(&server, "/api/characters").await["items"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        get_json(&server, "/api/characters").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // Delete asks first (a <details> step, no script needed), then removes.
-    let page = http.get(server.at("/")).send().await.unwrap().text().await.unwrap();
+    let page = http
+        .get(server.at("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains(&format!("id=\"delete-confirm-{wilma}\"")));
-    let response = post_form(&server, &format!("/ui/characters/{wilma}/delete"), &[], true).await;
+    let response = post_form(
+        &server,
+        &format!("/ui/characters/{wilma}/delete"),
+        &[],
+        true,
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(element_text(&response.text().await.unwrap(), "characters-status"), "Deleted Wilma.");
+    assert_eq!(
+        element_text(&response.text().await.unwrap(), "characters-status"),
+        "Deleted Wilma."
+    );
     let response = client()
         .get(server.at(&format!("/api/characters/{wilma}")))
         .send()
@@ -414,12 +493,19 @@ async fn captions_are_edited_and_reordered_through_the_page() {
     assert!(html.contains("<section id=\"generate-panel\""));
     assert!(html.contains("<section id=\"frames-strip\""));
     for (position, frame) in ids.iter().enumerate() {
-        assert!(html.contains(&format!("id=\"frame-{position}\" data-frame-id=\"{frame}\"")));
-        assert!(html.contains(&format!("<button type=\"submit\" name=\"direction\" value=\"up\" id=\"move-up-{frame}\"")));
+        assert!(html.contains(&format!(
+            "id=\"frame-{position}\" data-frame-id=\"{frame}\""
+        )));
+        assert!(html.contains(&format!(
+            "<button type=\"submit\" name=\"direction\" value=\"up\" id=\"move-up-{frame}\""
+        )));
     }
     assert!(html.contains("aria-label=\"Move caption 1 up\" aria-disabled=\"true\""));
     assert!(html.contains("aria-label=\"Move caption 3 down\" aria-disabled=\"true\""));
-    assert!(html.contains(&format!("<label for=\"caption-text-{}\">Caption 1</label>", ids[0])));
+    assert!(html.contains(&format!(
+        "<label for=\"caption-text-{}\">Caption 1</label>",
+        ids[0]
+    )));
 
     // Move C up with HTMX: the editor comes back and the strip is told to refresh.
     let response = post_form(
@@ -468,7 +554,10 @@ async fn captions_are_edited_and_reordered_through_the_page() {
         true,
     )
     .await;
-    assert_eq!(element_text(&response.text().await.unwrap(), "captions-status"), "Caption 1 is already first.");
+    assert_eq!(
+        element_text(&response.text().await.unwrap(), "captions-status"),
+        "Caption 1 is already first."
+    );
     assert_eq!(
         captions_of(&get_json(&server, &story_path).await),
         ["C three.", "A one.", "B two."]
@@ -512,7 +601,10 @@ async fn captions_are_edited_and_reordered_through_the_page() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(element_text(&response.text().await.unwrap(), "captions-status").starts_with("Deleted caption 2"));
+    assert!(
+        element_text(&response.text().await.unwrap(), "captions-status")
+            .starts_with("Deleted caption 2")
+    );
     assert_eq!(
         captions_of(&get_json(&server, &story_path).await),
         ["Zero, first of all.", "A one.", "Fred two."]
@@ -533,11 +625,20 @@ async fn captions_are_edited_and_reordered_through_the_page() {
     assert!(strip.contains("Not generated"));
 
     // Title and cast: an empty title is refused in place.
-    let response = post_form(&server, &format!("/ui/stories/{id}/details"), &[("title", "")], true).await;
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/details"),
+        &[("title", "")],
+        true,
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let html = response.text().await.unwrap();
     assert!(html.starts_with("<div id=\"story\""));
-    assert_eq!(element_text(&html, "story-title-error"), "The title must not be empty.");
+    assert_eq!(
+        element_text(&html, "story-title-error"),
+        "The title must not be empty."
+    );
     let fred_text = fred.to_string();
     let response = post_form(
         &server,
@@ -598,7 +699,10 @@ fn colour_png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
 fn check_pdf(pdf: &[u8]) -> (usize, usize) {
     assert!(pdf.starts_with(b"%PDF-1."), "header");
     assert!(pdf.ends_with(b"%%EOF\n"), "trailer end");
-    let tail_at = pdf.windows(10).rposition(|w| w == b"startxref\n").expect("startxref");
+    let tail_at = pdf
+        .windows(10)
+        .rposition(|w| w == b"startxref\n")
+        .expect("startxref");
     let tail = std::str::from_utf8(&pdf[tail_at..]).unwrap();
     let xref: usize = tail.lines().nth(1).unwrap().parse().unwrap();
     let table = std::str::from_utf8(&pdf[xref..tail_at]).expect("ASCII xref table");
@@ -640,7 +744,11 @@ fn validate_with_tools(pdf: &[u8]) {
     std::fs::write(&path, pdf).unwrap();
     let mut checked = false;
     for (tool, args) in [("qpdf", vec!["--check"]), ("pdfinfo", vec![])] {
-        match std::process::Command::new(tool).args(&args).arg(&path).output() {
+        match std::process::Command::new(tool)
+            .args(&args)
+            .arg(&path)
+            .output()
+        {
             Ok(out) => {
                 assert!(
                     out.status.success(),
@@ -655,7 +763,9 @@ fn validate_with_tools(pdf: &[u8]) {
         }
     }
     if !checked {
-        eprintln!("note: neither qpdf nor pdfinfo is installed; the PDF was checked structurally only");
+        eprintln!(
+            "note: neither qpdf nor pdfinfo is installed; the PDF was checked structurally only"
+        );
     }
 }
 
@@ -669,7 +779,11 @@ async fn stories_export_as_zip_gif_and_pdf() {
     let story = create_story(
         &server,
         "Fred & Wilma: (a day) \\ out",
-        &["Fred opens the door.", "He waves at Wilma.", "They laugh — “happily” 😀."],
+        &[
+            "Fred opens the door.",
+            "He waves at Wilma.",
+            "They laugh — “happily” 😀.",
+        ],
         &[fred, wilma],
     )
     .await;
@@ -684,21 +798,41 @@ async fn stories_export_as_zip_gif_and_pdf() {
 
     // Nothing generated: GIF and PDF say so; the ZIP holds story.json alone.
     for ext in ["gif", "pdf"] {
-        let response = http.get(server.at(&format!("{base}/export.{ext}"))).send().await.unwrap();
+        let response = http
+            .get(server.at(&format!("{base}/export.{ext}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::CONFLICT);
-        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["code"], "story_not_generated");
     }
-    let zip = http.get(server.at(&format!("{base}/export.zip"))).send().await.unwrap();
+    let zip = http
+        .get(server.at(&format!("{base}/export.zip")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(zip.status(), StatusCode::OK);
-    let mut archive = zip::ZipArchive::new(Cursor::new(zip.bytes().await.unwrap().to_vec())).unwrap();
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(zip.bytes().await.unwrap().to_vec())).unwrap();
     assert_eq!(names_in_order(&mut archive), ["story.json"]);
     let mut text = String::new();
-    archive.by_name("story.json").unwrap().read_to_string(&mut text).unwrap();
+    archive
+        .by_name("story.json")
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["frames"][0]["image"], Value::Null);
-    let response = http.get(server.at("/api/stories/999/export.zip")).send().await.unwrap();
+    let response = http
+        .get(server.at("/api/stories/999/export.zip"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 
     // Frames 1 and 3 generated; frame 2 still pending.
@@ -708,25 +842,38 @@ async fn stories_export_as_zip_gif_and_pdf() {
     store_frame_image(&server, frames[2], &third, 33, 2750, "ready").await;
 
     // ZIP: story.json, then the exact stored PNG bytes, named by story position.
-    let response = http.get(server.at(&format!("{base}/export.zip"))).send().await.unwrap();
+    let response = http
+        .get(server.at(&format!("{base}/export.zip")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "application/zip");
     assert_eq!(
         response.headers()["content-disposition"],
         format!("attachment; filename=\"story-{id}-fred-wilma-a-day-out.zip\"")
     );
-    let mut archive = zip::ZipArchive::new(Cursor::new(response.bytes().await.unwrap().to_vec())).unwrap();
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(response.bytes().await.unwrap().to_vec())).unwrap();
     assert_eq!(
         names_in_order(&mut archive),
         ["story.json", "frame-01.png", "frame-03.png"]
     );
     for (name, expected) in [("frame-01.png", &first), ("frame-03.png", &third)] {
         let mut bytes = Vec::new();
-        archive.by_name(name).unwrap().read_to_end(&mut bytes).unwrap();
+        archive
+            .by_name(name)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
         assert_eq!(&bytes, expected, "{name} must be the stored bytes");
     }
     let mut text = String::new();
-    archive.by_name("story.json").unwrap().read_to_string(&mut text).unwrap();
+    archive
+        .by_name("story.json")
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["title"], "Fred & Wilma: (a day) \\ out");
     assert_eq!(json["captions"][1], "He waves at Wilma.");
@@ -744,7 +891,11 @@ async fn stories_export_as_zip_gif_and_pdf() {
     assert_eq!(json["frames"][2]["seed"], 33);
 
     // GIF: the two ready frames, 16x12, 1.5 s each, looping forever.
-    let response = http.get(server.at(&format!("{base}/export.gif"))).send().await.unwrap();
+    let response = http
+        .get(server.at(&format!("{base}/export.gif")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "image/gif");
     let gif = response.bytes().await.unwrap();
@@ -762,12 +913,19 @@ async fn stories_export_as_zip_gif_and_pdf() {
         assert_eq!(frame.delay().numer_denom_ms(), (1500, 1));
         let pixel = frame.buffer().get_pixel(8, 6).0;
         for c in 0..3 {
-            assert!((pixel[c] as i32 - rgb[c] as i32).abs() <= 8, "{pixel:?} vs {rgb:?}");
+            assert!(
+                (pixel[c] as i32 - rgb[c] as i32).abs() <= 8,
+                "{pixel:?} vs {rgb:?}"
+            );
         }
     }
 
     // PDF: one page, two image XObjects; the pending frame is an empty panel.
-    let response = http.get(server.at(&format!("{base}/export.pdf"))).send().await.unwrap();
+    let response = http
+        .get(server.at(&format!("{base}/export.pdf")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "application/pdf");
     let pdf = response.bytes().await.unwrap();
@@ -787,7 +945,15 @@ async fn stories_export_as_zip_gif_and_pdf() {
     let long = create_story(&server, "Seven", &refs, &[]).await;
     for (i, frame) in long["frames"].as_array().unwrap().iter().enumerate() {
         let img = common::encode(&test_image(6, 6), image::ImageFormat::Png);
-        store_frame_image(&server, frame["id"].as_i64().unwrap(), &img, i as i64, 100, "ready").await;
+        store_frame_image(
+            &server,
+            frame["id"].as_i64().unwrap(),
+            &img,
+            i as i64,
+            100,
+            "ready",
+        )
+        .await;
     }
     let pdf = http
         .get(server.at(&format!("/api/stories/{}/export.pdf", long["id"])))
@@ -809,8 +975,13 @@ async fn stories_export_as_zip_gif_and_pdf() {
         .text()
         .await
         .unwrap();
-    assert!(strip.contains(&format!("src=\"/api/stories/{id}/frames/{}/image\"", frames[0])));
+    assert!(strip.contains(&format!(
+        "src=\"/api/stories/{id}/frames/{}/image\"",
+        frames[0]
+    )));
     assert!(strip.contains("<dd class=\"frame-seed\">33</dd>"));
     assert!(strip.contains("<dd class=\"frame-time\">2.8 s</dd>"));
-    assert!(strip.contains(&format!("id=\"export-pdf\" href=\"/api/stories/{id}/export.pdf\"")));
+    assert!(strip.contains(&format!(
+        "id=\"export-pdf\" href=\"/api/stories/{id}/export.pdf\""
+    )));
 }

@@ -91,7 +91,10 @@ impl ExportStory {
             StatusCode::CONFLICT,
             "story_not_generated",
             if self.frames.is_empty() {
-                format!("story {} has no frames; add captions and generate it first", self.id)
+                format!(
+                    "story {} has no frames; add captions and generate it first",
+                    self.id
+                )
             } else {
                 format!(
                     "no frame of story {} has a ready image yet; generate the story first \
@@ -181,7 +184,9 @@ pub fn zip(story: &ExportStory) -> ApiResult<Vec<u8>> {
         .compression_method(CompressionMethod::Deflated)
         .last_modified_time(zip_time(newest))
         .unix_permissions(0o644);
-    writer.start_file("story.json", json_options).map_err(fail)?;
+    writer
+        .start_file("story.json", json_options)
+        .map_err(fail)?;
     let text = serde_json::to_vec_pretty(&story_json(story)).map_err(ApiError::internal)?;
     writer.write_all(&text).map_err(ApiError::internal)?;
     let count = story.frames.len();
@@ -373,7 +378,10 @@ mod tests {
 
     #[test]
     fn gif_and_pdf_need_a_ready_frame() {
-        let s = story(vec![frame(0, "pending", None), frame(1, "stale", Some(png(4, 4, 1)))]);
+        let s = story(vec![
+            frame(0, "pending", None),
+            frame(1, "stale", Some(png(4, 4, 1))),
+        ]);
         assert_eq!(gif(&s).unwrap_err().code, "story_not_generated");
         assert_eq!(pdf(&s).unwrap_err().status, StatusCode::CONFLICT);
         // The ZIP still has the stale image and the whole text.

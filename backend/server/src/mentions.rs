@@ -240,10 +240,37 @@ pub fn analyse(captions: &[&str], cast: &[CastMember]) -> Vec<Vec<Span>> {
 
 /// Capitalised words that are never taken for a character's name on their own.
 const STOP_WORDS: &[&str] = &[
-    "i", "mr", "mrs", "ms", "miss", "dr", "sir", "madam", "mister", "monday", "tuesday",
-    "wednesday", "thursday", "friday", "saturday", "sunday", "january", "february", "march",
-    "april", "may", "june", "july", "august", "september", "october", "november", "december",
-    "christmas", "ok", "okay",
+    "i",
+    "mr",
+    "mrs",
+    "ms",
+    "miss",
+    "dr",
+    "sir",
+    "madam",
+    "mister",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "christmas",
+    "ok",
+    "okay",
 ];
 
 /// Stop words that introduce a name and may be followed by a dot.
@@ -311,9 +338,8 @@ fn unknown_names(text: &str, known: &[Span]) -> Vec<(usize, usize)> {
     for w in words(text) {
         let word = &text[w.start..w.end];
         let lower = word.to_lowercase();
-        let candidate = looks_like_name(word)
-            && !taken(&w)
-            && DataPronoun::from_word(&lower, true).is_none();
+        let candidate =
+            looks_like_name(word) && !taken(&w) && DataPronoun::from_word(&lower, true).is_none();
         if !candidate {
             run_open = false;
             previous = None;
@@ -423,10 +449,7 @@ mod tests {
             pronoun: Pronoun::He,
         });
         let got = analyse(&["Wilma sees Fred and Barney.", "He smiles at her."], &cast);
-        assert_eq!(
-            describe(&got[1], &cast),
-            ["He->Fred+Barney?", "her->Wilma"]
-        );
+        assert_eq!(describe(&got[1], &cast), ["He->Fred+Barney?", "her->Wilma"]);
         let got = analyse(&["Fred meets Wilma and she smiles at him."], &cast);
         assert_eq!(
             describe(&got[0], &cast),
@@ -474,16 +497,27 @@ mod tests {
         let spans = &got[0];
         assert_eq!(describe(spans, &cast), ["Mr. Stone=unknown", "Zoë=unknown"]);
         assert_eq!((spans[1].start, spans[1].end), (24, 27));
-        assert_eq!(&"Café with Mr. Stone and Zoë."[spans[1].byte_start..spans[1].byte_end], "Zoë");
+        assert_eq!(
+            &"Café with Mr. Stone and Zoë."[spans[1].byte_start..spans[1].byte_end],
+            "Zoë"
+        );
         // Quotes and brackets do not hide a sentence start; a lone title is not a name.
         let got = analyse(&["Fred says: \"Hello there.\" (Later) Sir, yes."], &cast);
         assert_eq!(describe(&got[0], &cast), ["Fred=Fred"]);
         // After a sentence-opening word, the rest of a capitalised run is still judged; a
         // sentence end splits two names.
-        let got = analyse(&["Mr. Stone waves. Bamm Bamm runs to Fred and Barney. Betty"], &cast);
+        let got = analyse(
+            &["Mr. Stone waves. Bamm Bamm runs to Fred and Barney. Betty"],
+            &cast,
+        );
         assert_eq!(
             describe(&got[0], &cast),
-            ["Stone=unknown", "Bamm=unknown", "Fred=Fred", "Barney=unknown"]
+            [
+                "Stone=unknown",
+                "Bamm=unknown",
+                "Fred=Fred",
+                "Barney=unknown"
+            ]
         );
     }
 }

@@ -105,8 +105,11 @@ impl CharacterFormState {
         match e.code {
             "invalid_name" | "name_taken" => self.name_error = message,
             "invalid_pronoun" => self.pronoun_error = message,
-            "missing_portrait" | "payload_too_large" | "unsupported_image_type"
-            | "invalid_image" | "image_too_large" => self.portrait_error = message,
+            "missing_portrait"
+            | "payload_too_large"
+            | "unsupported_image_type"
+            | "invalid_image"
+            | "image_too_large" => self.portrait_error = message,
             _ => self.error = message,
         }
     }
@@ -327,11 +330,7 @@ struct Upload {
     cut_off: bool,
 }
 
-async fn read_upload(
-    request: Request,
-    state: &AppState,
-    form: &mut CharacterFormState,
-) -> Upload {
+async fn read_upload(request: Request, state: &AppState, form: &mut CharacterFormState) -> Upload {
     let mut upload = Upload::default();
     let too_large = || {
         format!(
@@ -749,7 +748,10 @@ pub async fn frames_strip(state: &AppState, story_id: i64) -> ApiResult<String> 
             number: f.position + 1,
             status_label: status_label(&f.status),
             status: f.status,
-            seed: f.seed.map(|s| s.to_string()).unwrap_or_else(|| "none".into()),
+            seed: f
+                .seed
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none".into()),
             timing: f
                 .duration_ms
                 .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))

@@ -157,7 +157,10 @@ fn check(body: &MentionsRequest) -> ApiResult<Vec<CastMember>> {
     let mut cast: Vec<CastMember> = Vec::with_capacity(body.cast.len());
     for entry in &body.cast {
         let name = validate::name(&entry.name)?;
-        if cast.iter().any(|c| c.name.to_lowercase() == name.to_lowercase()) {
+        if cast
+            .iter()
+            .any(|c| c.name.to_lowercase() == name.to_lowercase())
+        {
             return Err(ApiError::invalid(
                 "invalid_cast",
                 format!("the cast names {name:?} twice; each name must be unique"),
@@ -231,7 +234,9 @@ pub fn to_wire(spans: Vec<mentions::Span>, cast: &[CastMember]) -> Vec<MentionOu
     responses((status = 200, description = "Mentions per caption", body = MentionsResponse),
               (status = 400, description = "Malformed JSON", body = Problem),
               (status = 422, description = "Too many or too long captions, invalid or duplicate cast names", body = Problem)))]
-pub async fn find(ApiJson(body): ApiJson<MentionsRequest>) -> ApiResult<axum::Json<MentionsResponse>> {
+pub async fn find(
+    ApiJson(body): ApiJson<MentionsRequest>,
+) -> ApiResult<axum::Json<MentionsResponse>> {
     let cast = check(&body)?;
     let captions: Vec<&str> = body.captions.iter().map(String::as_str).collect();
     let analysed = mentions::analyse(&captions, &cast);

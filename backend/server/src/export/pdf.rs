@@ -51,11 +51,11 @@ const HELVETICA_WIDTHS: [u16; 95] = [
     278, 278, 355, 556, 556, 889, 667, 191, 333, 333, 389, 584, 278, 333, 278, 278, // 32-47
     556, 556, 556, 556, 556, 556, 556, 556, 556, 556, // 48-57
     278, 278, 584, 584, 584, 556, 1015, // 58-64
-    667, 667, 722, 722, 667, 611, 778, 722, 278, 500, 667, 556, 833, 722, 778, 667, 778, 722,
-    667, 611, 722, 667, 944, 667, 667, 611, // 65-90
+    667, 667, 722, 722, 667, 611, 778, 722, 278, 500, 667, 556, 833, 722, 778, 667, 778, 722, 667,
+    611, 722, 667, 944, 667, 667, 611, // 65-90
     278, 278, 278, 469, 556, 333, // 91-96
-    556, 556, 500, 556, 556, 278, 556, 556, 222, 222, 500, 222, 833, 556, 556, 556, 556, 333,
-    500, 278, 556, 500, 722, 500, 500, 500, // 97-122
+    556, 556, 500, 556, 556, 278, 556, 556, 222, 222, 500, 222, 833, 556, 556, 556, 556, 333, 500,
+    278, 556, 500, 722, 500, 500, 500, // 97-122
     334, 260, 334, 584, // 123-126
 ];
 
@@ -199,7 +199,9 @@ fn fit_text(text: &str, width: f64, height: f64, sizes: &[f64], bold: bool) -> (
     let mut lines = wrap(&bytes, width, size, bold);
     lines.truncate(max_lines);
     if let Some(last) = lines.last_mut() {
-        while !last.is_empty() && text_width(&[&last[..], &[b' ', 0x85]].concat(), size, bold) > width {
+        while !last.is_empty()
+            && text_width(&[&last[..], &[b' ', 0x85]].concat(), size, bold) > width
+        {
             last.pop();
         }
         last.extend_from_slice(&[b' ', 0x85]);
@@ -332,8 +334,8 @@ pub fn comic(title: &str, panels: &[Panel]) -> Vec<u8> {
             let box_bottom = box_top - box_height;
             match &panel.image {
                 Some(jpeg) => {
-                    let scale = (column_width / jpeg.width as f64)
-                        .min(box_height / jpeg.height as f64);
+                    let scale =
+                        (column_width / jpeg.width as f64).min(box_height / jpeg.height as f64);
                     let (iw, ih) = (jpeg.width as f64 * scale, jpeg.height as f64 * scale);
                     let ix = x0 + (column_width - iw) / 2.0;
                     let iy = box_top - ih;
@@ -362,7 +364,14 @@ pub fn comic(title: &str, panels: &[Panel]) -> Vec<u8> {
                     let note = winansi(&format!("Frame {}: {}", panel.number, panel.placeholder));
                     let nx = x0 + (column_width - text_width(&note, 9.0, false)).max(0.0) / 2.0;
                     content.push_str("0.35 g\n");
-                    text_line(&mut content, "F1", 9.0, nx, box_bottom + box_height / 2.0, &note);
+                    text_line(
+                        &mut content,
+                        "F1",
+                        9.0,
+                        nx,
+                        box_bottom + box_height / 2.0,
+                        &note,
+                    );
                     content.push_str("0 g\n");
                 }
             }
@@ -414,7 +423,10 @@ pub fn comic(title: &str, panels: &[Panel]) -> Vec<u8> {
             utf16_hex(title)
         ),
     );
-    w.object(catalog, &format!("<< /Type /Catalog /Pages {pages_id} 0 R >>"));
+    w.object(
+        catalog,
+        &format!("<< /Type /Catalog /Pages {pages_id} 0 R >>"),
+    );
     w.finish(catalog, info)
 }
 
@@ -432,7 +444,12 @@ mod tests {
 
     #[test]
     fn wrapping_respects_the_width() {
-        let lines = wrap(&winansi("Fred opens the door and waves at Wilma"), 100.0, 10.0, false);
+        let lines = wrap(
+            &winansi("Fred opens the door and waves at Wilma"),
+            100.0,
+            10.0,
+            false,
+        );
         assert!(lines.len() > 1);
         for line in &lines {
             assert!(text_width(line, 10.0, false) <= 100.0);
@@ -472,7 +489,11 @@ mod tests {
             .collect();
         assert!(entries.len() > 10);
         for (i, entry) in entries.iter().enumerate() {
-            assert_eq!(entry.len(), 19, "xref entries are 20 bytes with the newline");
+            assert_eq!(
+                entry.len(),
+                19,
+                "xref entries are 20 bytes with the newline"
+            );
             let offset: usize = entry[..10].parse().unwrap();
             assert!(
                 pdf[offset..].starts_with(format!("{} 0 obj", i + 1).as_bytes()),

@@ -29,7 +29,10 @@ pub(super) fn router() -> Router<AppState> {
         .route("/ui/stories/{id}/details", post(save_details))
         .route("/ui/stories/{id}/highlight", post(highlight))
         .route("/ui/stories/{id}/frames/{frame_id}", post(edit_caption))
-        .route("/ui/stories/{id}/frames/{frame_id}/move", post(move_caption))
+        .route(
+            "/ui/stories/{id}/frames/{frame_id}/move",
+            post(move_caption),
+        )
         .route(
             "/ui/stories/{id}/frames/{frame_id}/delete",
             post(delete_caption),
@@ -172,9 +175,9 @@ fn highlight_html(
                 }
             },
             SpanKind::Unknown => {
-                let in_library = library
-                    .iter()
-                    .any(|c| data::rules::normalise_name(&c.name) == data::rules::normalise_name(&span.text));
+                let in_library = library.iter().any(|c| {
+                    data::rules::normalise_name(&c.name) == data::rules::normalise_name(&span.text)
+                });
                 notes.push(Note {
                     class: "unknown",
                     text: if in_library {
@@ -351,9 +354,13 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
         let spans = mentions::analyse(&all, &cast).pop().unwrap_or_default();
         highlight_html(&new_text, &spans, &cast, &library, too_long_note(&new_text))
     };
-    let (title_value, cast_ids, details_error) = input
-        .details
-        .unwrap_or_else(|| (story.title.clone(), story.character_ids.clone(), String::new()));
+    let (title_value, cast_ids, details_error) = input.details.unwrap_or_else(|| {
+        (
+            story.title.clone(),
+            story.character_ids.clone(),
+            String::new(),
+        )
+    });
     let cast_options = library
         .iter()
         .map(|c| CastOption {
@@ -515,7 +522,8 @@ async fn add_caption(
                 ApiError::invalid("invalid_position", format!("{p:?} is not a position"))
             })?),
         };
-        stories::insert_frame(&state.pool, id, &caption, position).await
+        stories::insert_frame(&state.pool, id, &caption, position)
+            .await
             .map(|story| (story, position))
     }
     .await;
@@ -528,7 +536,16 @@ async fn add_caption(
                 ..StoryInput::default()
             };
             let anchor = format!("#caption-{}", frame.id);
-            respond(&state, &headers, id, input, StatusCode::OK, Part::Editor, &anchor).await
+            respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::OK,
+                Part::Editor,
+                &anchor,
+            )
+            .await
         }
         Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
             let input = StoryInput {
@@ -574,7 +591,16 @@ async fn edit_caption(
                 ..StoryInput::default()
             };
             let anchor = format!("#caption-{frame_id}");
-            respond(&state, &headers, id, input, StatusCode::OK, Part::Editor, &anchor).await
+            respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::OK,
+                Part::Editor,
+                &anchor,
+            )
+            .await
         }
         Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
             let input = StoryInput {
@@ -642,7 +668,10 @@ async fn move_caption(
             let mut order: Vec<i64> = story.frames.iter().map(|f| f.id).collect();
             order.swap(from, to);
             stories::reorder(&state.pool, id, &order).await?;
-            format!("Moved {caption} {direction} to place {} of {count}.", to + 1)
+            format!(
+                "Moved {caption} {direction} to place {} of {count}.",
+                to + 1
+            )
         }
     };
     let input = StoryInput {
@@ -650,7 +679,16 @@ async fn move_caption(
         ..StoryInput::default()
     };
     let anchor = format!("#caption-{frame_id}");
-    respond(&state, &headers, id, input, StatusCode::OK, Part::Editor, &anchor).await
+    respond(
+        &state,
+        &headers,
+        id,
+        input,
+        StatusCode::OK,
+        Part::Editor,
+        &anchor,
+    )
+    .await
 }
 
 async fn delete_caption(
@@ -710,7 +748,9 @@ async fn highlight(
         .map(|f| f.caption.as_str())
         .collect();
     captions.push(&text);
-    let spans = mentions::analyse(&captions, &cast).pop().unwrap_or_default();
+    let spans = mentions::analyse(&captions, &cast)
+        .pop()
+        .unwrap_or_default();
     let html = highlight_html(&text, &spans, &cast, &library, too_long_note(&text));
     Ok((
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
