@@ -296,9 +296,13 @@ pub fn pdf(story: &ExportStory) -> ApiResult<Vec<u8>> {
         let image = if frame.status == "ready" && frame.image.is_some() {
             let decoded = decode(frame)?;
             let (w, h) = fit(decoded.width(), decoded.height(), PDF_MAX_SIDE);
-            let rgb = decoded
-                .resize_exact(w, h, image::imageops::FilterType::Triangle)
-                .to_rgb8();
+            let rgb = if (w, h) == (decoded.width(), decoded.height()) {
+                decoded.to_rgb8()
+            } else {
+                decoded
+                    .resize_exact(w, h, image::imageops::FilterType::Triangle)
+                    .to_rgb8()
+            };
             let mut jpeg = Vec::new();
             let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90);
             rgb.write_with_encoder(encoder)
