@@ -649,6 +649,19 @@ async fn captions_are_edited_and_reordered_through_the_page() {
     .await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(get_json(&server, &story_path).await["title"], "New order");
+
+    // A story that does not exist is an HTML 404 page for the browser.
+    let response = client()
+        .get(server.at("/stories/999"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let html = response.text().await.unwrap();
+    assert_eq!(
+        element_text(&html, "not-found-detail"),
+        "Story 999 does not exist."
+    );
 }
 
 /// Stores an image in a frame the way the generation worker does.

@@ -398,12 +398,28 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
     })
 }
 
+#[derive(Template)]
+#[template(path = "not_found.html")]
+struct NotFoundPage {
+    detail: String,
+}
+
+/// `GET /stories/{id}`; a story that does not exist (deleted, or a mistyped address) gets
+/// an HTML 404 page, since people open this address in a browser.
 async fn story_page(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Response> {
-    let view = story_view(&state, id, StoryInput::default()).await?;
-    Ok(render(StoryPage { view }, StatusCode::OK))
+    match story_view(&state, id, StoryInput::default()).await {
+        Ok(view) => Ok(render(StoryPage { view }, StatusCode::OK)),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(render(
+            NotFoundPage {
+                detail: sentence(&e.detail),
+            },
+            StatusCode::NOT_FOUND,
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 async fn strip_fragment(
