@@ -145,7 +145,8 @@
     var button = item.querySelector(event.key === "ArrowUp" ? "button[value=up]" : "button[value=down]");
     if (!button || button.getAttribute("aria-disabled") === "true") return;
     event.preventDefault();
-    button.focus();
+    // Focus stays in the caption: HTMX gives it back to the element with the same id after
+    // the swap, so the user can keep moving it.
     button.click();
   });
 })();

@@ -114,6 +114,12 @@ impl CharacterFormState {
         }
     }
 
+    /// A refused form whose portrait was fine: HTMX keeps the chosen file (and its preview)
+    /// across the swap, so fixing the name does not mean choosing the file again.
+    fn keep_portrait(&self) -> bool {
+        self.has_errors() && self.portrait_error.is_empty()
+    }
+
     fn has_errors(&self) -> bool {
         !(self.name_error.is_empty()
             && self.pronoun_error.is_empty()
