@@ -414,6 +414,12 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
             html.contains(&format!("value=\"{name}\"")),
             "the typed name is kept"
         );
+        // A good portrait survives an HTMX swap (hx-preserve); a refused one is cleared.
+        assert_eq!(
+            html.contains("hx-preserve=\"true\""),
+            field != "character-portrait-error",
+            "{field}"
+        );
     }
     // Several problems at once are all reported, and without JavaScript the whole page comes
     // back with the messages in place.
