@@ -1,19 +1,25 @@
-//! Server-rendered HTML: the home page with the character library and stories, and the
-//! form handlers behind it. Forms work without JavaScript (POST, then redirect); with
-//! HTMX loaded they swap just the section that changed and show errors in place.
+//! Server-rendered HTML: the home page with the character library and stories, the story
+//! page (`pages/story.rs`: caption editor with live highlights, frames strip, exports), and
+//! the form handlers behind them. Forms work without JavaScript (POST, then a 303 redirect;
+//! a refused form is rendered again with the messages next to its fields); with HTMX loaded
+//! they swap just the section that changed and show the same messages in place.
+
+mod story;
 
 use askama::Template;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
 use crate::api::ApiPath;
+use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult};
 use crate::images::normalize_portrait;
-use crate::store::characters::{self, Character, Pronoun};
+use crate::store::characters::{self, Character, CharacterChanges, Pronoun};
+use crate::store::frame_media;
 use crate::store::stories::{self, StorySummary};
 use crate::{validate, AppState};
 
@@ -22,6 +28,10 @@ const HTMX_JS: &[u8] = include_bytes!(concat!(
     "/../../node_modules/htmx.org/dist/htmx.min.js"
 ));
 const APP_CSS: &str = include_str!("../../../static/app.css");
+const STUDIO_JS: &str = include_str!("../../../static/studio.js");
+
+/// Highlight colours (`c0`..`c7` in app.css); a cast member's colour is its cast index mod 8.
+pub const COLOURS: usize = 8;
 
 /// Routes of the HTML interface and its static assets.
 pub fn router() -> Router<AppState> {
@@ -31,9 +41,11 @@ pub fn router() -> Router<AppState> {
             "/ui/characters",
             post(add_character).layer(crate::api::upload_limit()),
         )
+        .route("/ui/characters/{id}/rename", post(rename_character))
         .route("/ui/characters/{id}/delete", post(delete_character))
         .route("/ui/stories", get(stories_section).post(add_story))
         .route("/ui/stories/{id}/delete", post(delete_story))
+        .merge(story::router())
         .route(
             "/static/htmx.min.js",
             get(|| async { asset(HTMX_JS.to_vec(), "text/javascript") }),
@@ -41,6 +53,10 @@ pub fn router() -> Router<AppState> {
         .route(
             "/static/app.css",
             get(|| async { asset(APP_CSS.as_bytes().to_vec(), "text/css") }),
+        )
+        .route(
+            "/static/studio.js",
+            get(|| async { asset(STUDIO_JS.as_bytes().to_vec(), "text/javascript") }),
         )
 }
 
@@ -56,12 +72,111 @@ fn asset(bytes: Vec<u8>, mime: &'static str) -> Response {
         .into_response()
 }
 
-/// What the character form last held, so a refused submission keeps the user's typing.
+/// A problem detail as a sentence for a form: capitalised, ending with a full stop.
+fn sentence(detail: &str) -> String {
+    let mut chars = detail.trim().chars();
+    let mut out: String = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => return String::new(),
+    };
+    if !out.ends_with(['.', '!', '?']) {
+        out.push('.');
+    }
+    out
+}
+
+/// What the add-character form last held, so a refused submission keeps the user's typing,
+/// with each message next to the field it is about.
 #[derive(Default)]
 struct CharacterFormState {
     name: String,
     pronoun: String,
+    name_error: String,
+    pronoun_error: String,
+    portrait_error: String,
+    /// A problem with the request as a whole (not a multipart body, say).
     error: String,
+}
+
+impl CharacterFormState {
+    /// Files a refused request's message under the field it is about.
+    fn file(&mut self, e: &ApiError) {
+        let message = sentence(&e.detail);
+        match e.code {
+            "invalid_name" | "name_taken" => self.name_error = message,
+            "invalid_pronoun" => self.pronoun_error = message,
+            "missing_portrait"
+            | "payload_too_large"
+            | "unsupported_image_type"
+            | "invalid_image"
+            | "image_too_large" => self.portrait_error = message,
+            _ => self.error = message,
+        }
+    }
+
+    /// A refused form whose portrait was fine: HTMX keeps the chosen file (and its preview)
+    /// across the swap, so fixing the name does not mean choosing the file again.
+    fn keep_portrait(&self) -> bool {
+        self.has_errors() && self.portrait_error.is_empty()
+    }
+
+    fn has_errors(&self) -> bool {
+        !(self.name_error.is_empty()
+            && self.pronoun_error.is_empty()
+            && self.portrait_error.is_empty()
+            && self.error.is_empty())
+    }
+}
+
+/// A refused rename, shown in that character's card.
+#[derive(Default)]
+struct RenameState {
+    id: i64,
+    name: String,
+    pronoun: String,
+    name_error: String,
+    pronoun_error: String,
+}
+
+/// A character in the library list, with its inline edit form's state.
+struct CharacterCard {
+    id: i64,
+    name: String,
+    pronoun: &'static str,
+    portrait_url: String,
+    edit_name: String,
+    edit_pronoun: String,
+    name_error: String,
+    pronoun_error: String,
+    /// The edit form starts open (it holds a refused rename).
+    open: bool,
+}
+
+fn cards(characters: &[Character], rename: Option<RenameState>) -> Vec<CharacterCard> {
+    characters
+        .iter()
+        .map(|c| {
+            let mut card = CharacterCard {
+                id: c.id,
+                name: c.name.clone(),
+                pronoun: c.pronoun.as_str(),
+                portrait_url: c.portrait.url.clone(),
+                edit_name: c.name.clone(),
+                edit_pronoun: c.pronoun.as_str().to_string(),
+                name_error: String::new(),
+                pronoun_error: String::new(),
+                open: false,
+            };
+            if let Some(r) = rename.as_ref().filter(|r| r.id == c.id) {
+                card.edit_name = r.name.clone();
+                card.edit_pronoun = r.pronoun.clone();
+                card.name_error = r.name_error.clone();
+                card.pronoun_error = r.pronoun_error.clone();
+                card.open = true;
+            }
+            card
+        })
+        .collect()
 }
 
 /// What the story form last held.
@@ -73,20 +188,27 @@ struct StoryFormState {
     error: String,
 }
 
+const PRONOUNS: [&str; 4] = ["he", "she", "they", "it"];
+
 #[derive(Template)]
 #[template(path = "index.html")]
 struct IndexPage {
     characters: Vec<Character>,
+    cards: Vec<CharacterCard>,
     stories: Vec<StorySummary>,
     char_form: CharacterFormState,
+    char_status: String,
     story_form: StoryFormState,
+    pronouns: [&'static str; 4],
 }
 
 #[derive(Template)]
 #[template(path = "characters_section.html")]
 struct CharactersSection {
-    characters: Vec<Character>,
+    cards: Vec<CharacterCard>,
     char_form: CharacterFormState,
+    char_status: String,
+    pronouns: [&'static str; 4],
 }
 
 #[derive(Template)]
@@ -108,6 +230,13 @@ fn is_htmx(headers: &HeaderMap) -> bool {
     headers.contains_key("hx-request")
 }
 
+/// Form fields of an urlencoded body, first value of each name.
+fn form_field(body: &[u8], name: &str) -> Option<String> {
+    form_urlencoded::parse(body)
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 async fn all_stories(state: &AppState) -> ApiResult<Vec<StorySummary>> {
     let mut out = Vec::new();
     let mut cursor = None;
@@ -121,9 +250,17 @@ async fn all_stories(state: &AppState) -> ApiResult<Vec<StorySummary>> {
     }
 }
 
+/// The characters section's parts that a refused form or a status message changes.
+#[derive(Default)]
+struct CharactersInput {
+    form: CharacterFormState,
+    rename: Option<RenameState>,
+    status: String,
+}
+
 async fn page(
     state: &AppState,
-    char_form: CharacterFormState,
+    chars: CharactersInput,
     story_form: StoryFormState,
     status: StatusCode,
 ) -> ApiResult<Response> {
@@ -131,10 +268,13 @@ async fn page(
     let stories = all_stories(state).await?;
     Ok(render(
         IndexPage {
+            cards: cards(&characters, chars.rename),
             characters,
             stories,
-            char_form,
+            char_form: chars.form,
+            char_status: chars.status,
             story_form,
+            pronouns: PRONOUNS,
         },
         status,
     ))
@@ -143,39 +283,333 @@ async fn page(
 async fn index(State(state): State<AppState>) -> ApiResult<Response> {
     page(
         &state,
-        CharacterFormState::default(),
+        CharactersInput::default(),
         StoryFormState::default(),
         StatusCode::OK,
     )
     .await
 }
 
+/// Answers a character form: without HTMX a redirect (success) or the whole page with the
+/// messages (refused); with HTMX the characters section.
 async fn characters_view(
     state: &AppState,
     headers: &HeaderMap,
-    form: CharacterFormState,
+    input: CharactersInput,
     status: StatusCode,
+    anchor: &str,
 ) -> ApiResult<Response> {
     if !is_htmx(headers) {
         if status.is_success() {
-            return Ok(Redirect::to("/").into_response());
+            return Ok(Redirect::to(&format!("/{anchor}")).into_response());
         }
-        return page(state, form, StoryFormState::default(), status).await;
+        return page(state, input, StoryFormState::default(), status).await;
     }
     let characters = characters::all(&state.pool).await?;
-    // Adding or removing a character changes the story form's cast checkboxes too.
     let mut response = render(
         CharactersSection {
-            characters,
-            char_form: form,
+            cards: cards(&characters, input.rename),
+            char_form: input.form,
+            char_status: input.status,
+            pronouns: PRONOUNS,
         },
         status,
     );
-    response.headers_mut().insert(
-        "hx-trigger",
-        header::HeaderValue::from_static("characters-changed"),
-    );
+    if status.is_success() {
+        // Adding, renaming or removing a character changes the story form's cast too.
+        response.headers_mut().insert(
+            "hx-trigger",
+            header::HeaderValue::from_static("characters-changed"),
+        );
+    }
     Ok(response)
+}
+
+/// What the add-character form sent. An oversized portrait is read to the end and dropped,
+/// so the browser finishes its upload and then sees the message, not a reset connection.
+#[derive(Default)]
+struct Upload {
+    name: String,
+    pronoun: String,
+    portrait: Option<Vec<u8>>,
+    /// The body was cut off at the route's hard limit: the connection cannot be reused.
+    cut_off: bool,
+}
+
+async fn read_upload(request: Request, state: &AppState, form: &mut CharacterFormState) -> Upload {
+    let mut upload = Upload::default();
+    let too_large = || {
+        format!(
+            "The portrait is larger than {} MiB; choose a smaller image.",
+            MAX_PORTRAIT_BYTES / (1024 * 1024)
+        )
+    };
+    let mut multipart = match Multipart::from_request(request, state).await {
+        Ok(m) => m,
+        Err(e) => {
+            form.error = sentence(&format!(
+                "send the form as multipart/form-data ({})",
+                e.body_text()
+            ));
+            return upload;
+        }
+    };
+    loop {
+        let mut field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    form.portrait_error = too_large();
+                    upload.cut_off = true;
+                } else if form.portrait_error.is_empty() {
+                    form.error = sentence(&e.body_text());
+                }
+                break;
+            }
+        };
+        let name = field.name().unwrap_or_default().to_string();
+        if name == "name" || name == "pronoun" {
+            let text = field.text().await.unwrap_or_default();
+            if name == "name" {
+                upload.name = text;
+            } else {
+                upload.pronoun = text;
+            }
+            continue;
+        }
+        let mut bytes = Vec::new();
+        let mut oversized = false;
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) if name == "portrait" && !oversized => {
+                    if bytes.len() + chunk.len() > MAX_PORTRAIT_BYTES {
+                        oversized = true;
+                        bytes = Vec::new();
+                    } else {
+                        bytes.extend_from_slice(&chunk);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        oversized = true;
+                        upload.cut_off = true;
+                    }
+                    break;
+                }
+            }
+        }
+        if name == "portrait" {
+            if oversized {
+                form.portrait_error = too_large();
+            } else if !bytes.is_empty() {
+                upload.portrait = Some(bytes);
+            }
+        }
+        if upload.cut_off {
+            break;
+        }
+    }
+    upload
+}
+
+/// Whether a character other than `except` already has this name, compared the way the
+/// database's `COLLATE NOCASE` unique index compares (ASCII letters only).
+fn name_in_use(characters: &[Character], name: &str, except: Option<i64>) -> bool {
+    characters
+        .iter()
+        .any(|c| Some(c.id) != except && c.name.eq_ignore_ascii_case(name))
+}
+
+fn name_taken_message(name: &str) -> String {
+    format!("A character named {name:?} already exists; names must be unique so captions can refer to them.")
+}
+
+async fn add_character(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+) -> ApiResult<Response> {
+    let mut form = CharacterFormState::default();
+    let upload = read_upload(request, &state, &mut form).await;
+    form.name = upload.name.clone();
+    form.pronoun = upload.pronoun.clone();
+    // Every field is checked, so one answer lists every problem.
+    let existing = characters::all(&state.pool).await?;
+    let name = match validate::name(&upload.name) {
+        Ok(name) if name_in_use(&existing, &name, None) => {
+            form.name_error = name_taken_message(&name);
+            None
+        }
+        Ok(name) => Some(name),
+        Err(e) => {
+            form.file(&e);
+            None
+        }
+    };
+    let pronoun = Pronoun::parse(&upload.pronoun)
+        .map_err(|e| form.file(&e))
+        .ok();
+    let image = match upload.portrait {
+        Some(bytes) => {
+            match tokio::task::spawn_blocking(move || normalize_portrait(&bytes))
+                .await
+                .map_err(ApiError::internal)?
+            {
+                Ok(image) => Some(image),
+                Err(e) => {
+                    form.file(&e);
+                    None
+                }
+            }
+        }
+        None => {
+            if form.portrait_error.is_empty() {
+                form.portrait_error = "Choose a portrait image (PNG, JPEG or WebP).".into();
+            }
+            None
+        }
+    };
+    let mut status_text = String::new();
+    let mut anchor = String::new();
+    if let (Some(name), Some(pronoun), Some(image), false) =
+        (name, pronoun, image, form.has_errors())
+    {
+        match characters::create(&state.pool, &name, pronoun, &image).await {
+            Ok(c) => {
+                status_text = format!("Added {}.", c.name);
+                anchor = format!("#character-{}", c.id);
+            }
+            Err(e) if e.status.is_server_error() => return Err(e),
+            Err(e) => form.file(&e),
+        }
+    }
+    let refused = form.has_errors();
+    let mut response = characters_view(
+        &state,
+        &headers,
+        CharactersInput {
+            form: if refused {
+                form
+            } else {
+                CharacterFormState::default()
+            },
+            rename: None,
+            status: status_text,
+        },
+        if refused {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::OK
+        },
+        &anchor,
+    )
+    .await?;
+    if upload.cut_off {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+async fn rename_character(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let existing = characters::all(&state.pool).await?;
+    let Some(current) = existing.iter().find(|c| c.id == id) else {
+        return Err(ApiError::not_found("character", id));
+    };
+    let old_name = current.name.clone();
+    let mut rename = RenameState {
+        id,
+        name: form_field(&body, "name").unwrap_or_default(),
+        pronoun: form_field(&body, "pronoun").unwrap_or_else(|| current.pronoun.as_str().into()),
+        ..RenameState::default()
+    };
+    let name = match validate::name(&rename.name) {
+        Ok(name) if name_in_use(&existing, &name, Some(id)) => {
+            rename.name_error = name_taken_message(&name);
+            None
+        }
+        Ok(name) => Some(name),
+        Err(e) => {
+            rename.name_error = sentence(&e.detail);
+            None
+        }
+    };
+    let pronoun = match Pronoun::parse(&rename.pronoun) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            rename.pronoun_error = sentence(&e.detail);
+            None
+        }
+    };
+    if let (Some(name), Some(pronoun)) = (name, pronoun) {
+        let changes = CharacterChanges {
+            name: Some(name),
+            pronoun: Some(pronoun),
+            portrait: None,
+        };
+        match characters::update(&state.pool, id, changes).await {
+            Ok(c) => {
+                let status = if c.name == old_name {
+                    format!("Saved {} ({}).", c.name, c.pronoun.as_str())
+                } else {
+                    format!("Renamed {old_name} to {} ({}).", c.name, c.pronoun.as_str())
+                };
+                return characters_view(
+                    &state,
+                    &headers,
+                    CharactersInput {
+                        status,
+                        ..CharactersInput::default()
+                    },
+                    StatusCode::OK,
+                    &format!("#character-{id}"),
+                )
+                .await;
+            }
+            Err(e) if e.code == "name_taken" => rename.name_error = sentence(&e.detail),
+            Err(e) => return Err(e),
+        }
+    }
+    characters_view(
+        &state,
+        &headers,
+        CharactersInput {
+            rename: Some(rename),
+            ..CharactersInput::default()
+        },
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "",
+    )
+    .await
+}
+
+async fn delete_character(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
+    let character = characters::get(&state.pool, id).await?;
+    characters::delete(&state.pool, id).await?;
+    characters_view(
+        &state,
+        &headers,
+        CharactersInput {
+            status: format!("Deleted {}.", character.name),
+            ..CharactersInput::default()
+        },
+        StatusCode::OK,
+        "#characters",
+    )
+    .await
 }
 
 async fn stories_view(
@@ -188,7 +622,7 @@ async fn stories_view(
         if status.is_success() {
             return Ok(Redirect::to("/").into_response());
         }
-        return page(state, CharacterFormState::default(), form, status).await;
+        return page(state, CharactersInput::default(), form, status).await;
     }
     let characters = characters::all(&state.pool).await?;
     let stories = all_stories(state).await?;
@@ -200,79 +634,6 @@ async fn stories_view(
         },
         status,
     ))
-}
-
-async fn add_character(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    request: Request,
-) -> ApiResult<Response> {
-    let mut form = CharacterFormState::default();
-    let result = async {
-        let mut multipart = Multipart::from_request(request, &state)
-            .await
-            .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
-        let mut portrait = None;
-        while let Some(field) = multipart
-            .next_field()
-            .await
-            .map_err(|e| ApiError::new(e.status(), "invalid_multipart", e.body_text()))?
-        {
-            match field.name().unwrap_or_default() {
-                "name" => form.name = field.text().await.unwrap_or_default(),
-                "pronoun" => form.pronoun = field.text().await.unwrap_or_default(),
-                "portrait" => {
-                    let bytes = field.bytes().await.map_err(|e| {
-                        ApiError::new(e.status(), "payload_too_large", e.body_text())
-                    })?;
-                    if !bytes.is_empty() {
-                        portrait = Some(bytes);
-                    }
-                }
-                _ => {}
-            }
-        }
-        let name = validate::name(&form.name)?;
-        let pronoun = Pronoun::parse(&form.pronoun)?;
-        let bytes = portrait
-            .ok_or_else(|| ApiError::invalid("missing_portrait", "choose a portrait image"))?;
-        let image = tokio::task::spawn_blocking(move || normalize_portrait(&bytes))
-            .await
-            .map_err(ApiError::internal)??;
-        characters::create(&state.pool, &name, pronoun, &image).await
-    }
-    .await;
-    match result {
-        Ok(_) => {
-            characters_view(
-                &state,
-                &headers,
-                CharacterFormState::default(),
-                StatusCode::OK,
-            )
-            .await
-        }
-        Err(e) if e.status.is_server_error() => Err(e),
-        Err(e) => {
-            form.error = e.detail;
-            characters_view(&state, &headers, form, StatusCode::UNPROCESSABLE_ENTITY).await
-        }
-    }
-}
-
-async fn delete_character(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ApiPath(id): ApiPath<i64>,
-) -> ApiResult<Response> {
-    characters::delete(&state.pool, id).await?;
-    characters_view(
-        &state,
-        &headers,
-        CharacterFormState::default(),
-        StatusCode::OK,
-    )
-    .await
 }
 
 /// Parses an urlencoded story form: `title`, `captions` (one per line), repeated `character_id`.
@@ -330,4 +691,86 @@ async fn delete_story(
 ) -> ApiResult<Response> {
     stories::delete(&state.pool, id).await?;
     stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await
+}
+
+/// A frame as the strip shows it.
+struct StripFrame {
+    id: i64,
+    position: i64,
+    number: i64,
+    caption: String,
+    status: String,
+    status_label: &'static str,
+    seed: String,
+    timing: String,
+    image_url: Option<String>,
+}
+
+/// The read-only frames strip of a story (`frames_strip.html`).
+#[derive(Template)]
+#[template(path = "frames_strip.html")]
+struct FramesStrip {
+    story_id: i64,
+    frames: Vec<StripFrame>,
+    /// Some frame is queued or running: the strip polls until none is.
+    busy: bool,
+    /// Frames with a ready image (GIF and PDF exports need one).
+    ready_count: usize,
+}
+
+fn status_label(status: &str) -> &'static str {
+    match status {
+        "pending" => "Not generated",
+        "queued" => "Queued",
+        "running" => "Generating",
+        "ready" => "Ready",
+        "stale" => "Out of date: caption changed",
+        "failed" => "Failed",
+        _ => "Unknown",
+    }
+}
+
+/// Renders the frames strip of a story: every frame in order with its image (when there is
+/// one), caption, seed, generation time and status, plus the export links. The story page
+/// embeds it and `GET /ui/stories/{id}/frames` serves it alone, which is how HTMX refreshes
+/// it (on a `frames-changed` event, and every few seconds while frames are being drawn).
+pub async fn frames_strip(state: &AppState, story_id: i64) -> ApiResult<String> {
+    let frames = frame_media::frames(&state.pool, story_id, false).await?;
+    let busy = frames
+        .iter()
+        .any(|f| matches!(f.status.as_str(), "queued" | "running"));
+    let ready_count = frames
+        .iter()
+        .filter(|f| f.status == "ready" && f.has_image)
+        .count();
+    let frames = frames
+        .into_iter()
+        .map(|f| StripFrame {
+            image_url: f
+                .has_image
+                .then(|| format!("/api/stories/{story_id}/frames/{}/image", f.id)),
+            id: f.id,
+            position: f.position,
+            number: f.position + 1,
+            status_label: status_label(&f.status),
+            status: f.status,
+            seed: f
+                .seed
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none".into()),
+            timing: f
+                .duration_ms
+                .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                .unwrap_or_else(|| "none".into()),
+            caption: f.caption,
+        })
+        .collect();
+    FramesStrip {
+        story_id,
+        frames,
+        busy,
+        ready_count,
+    }
+    .render()
+    .map_err(ApiError::internal)
 }

@@ -2,7 +2,9 @@
 //! malformed request into a problem document instead of axum's plain-text rejections.
 
 pub mod characters;
+pub mod export;
 pub mod health;
+pub mod mentions;
 pub mod openapi;
 pub mod stories;
 
@@ -51,6 +53,10 @@ pub fn router() -> Router<AppState> {
             "/stories/{id}/frames/{frame_id}/image",
             get(stories::frame_image),
         )
+        .route("/stories/{id}/export.zip", get(export::zip))
+        .route("/stories/{id}/export.gif", get(export::gif))
+        .route("/stories/{id}/export.pdf", get(export::pdf))
+        .route("/mentions", post(mentions::find))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::path::{HttpMethod, Operation};
 use utoipa::OpenApi;
 
-use super::{characters, health, stories};
+use super::{characters, export, health, mentions, stories};
 use crate::error::ApiError;
 
 /// The API description.
@@ -20,11 +20,13 @@ use crate::error::ApiError;
         characters::delete, characters::portrait,
         stories::create, stories::list, stories::get_one, stories::update, stories::delete,
         stories::insert_frame, stories::edit_frame, stories::delete_frame, stories::reorder,
-        stories::frame_image,
+        stories::frame_image, mentions::find,
+        export::zip, export::gif, export::pdf,
     ),
     tags(
         (name = "characters", description = "The character library"),
         (name = "stories", description = "Stories and their captions"),
+        (name = "exports", description = "Downloads of a story: ZIP, animated GIF, printable PDF"),
         (name = "health", description = "Probes"),
     )
 )]

@@ -2,6 +2,7 @@
 //! handlers never see SQL and the schema has one owner.
 
 pub mod characters;
+pub mod frame_media;
 pub mod stories;
 
 use base64::Engine;

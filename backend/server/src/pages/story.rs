@@ -1,0 +1,776 @@
+//! The story page: title and cast, the caption editor (add, edit, move up/down, delete) with
+//! live highlights of who each caption names or refers to, the read-only frames strip, the
+//! export links, and an empty `#generate-panel` the generation controls will fill.
+
+use askama::Template;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use super::{form_field, frames_strip, is_htmx, render, sentence, COLOURS};
+use crate::api::ApiPath;
+use crate::error::{ApiError, ApiResult};
+use crate::mentions::{self, CastMember, Span, SpanKind};
+use crate::store::characters::{self, Character};
+use crate::store::stories::{self, Story};
+use crate::validate::{self, MAX_CAPTION_CHARS};
+use crate::AppState;
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/stories/{id}", get(story_page))
+        .route(
+            "/ui/stories/{id}/frames",
+            get(strip_fragment).post(add_caption),
+        )
+        .route("/ui/stories/{id}/details", post(save_details))
+        .route("/ui/stories/{id}/highlight", post(highlight))
+        .route("/ui/stories/{id}/frames/{frame_id}", post(edit_caption))
+        .route(
+            "/ui/stories/{id}/frames/{frame_id}/move",
+            post(move_caption),
+        )
+        .route(
+            "/ui/stories/{id}/frames/{frame_id}/delete",
+            post(delete_caption),
+        )
+}
+
+/// One highlighted piece of a caption.
+struct Mark {
+    class: String,
+    title: String,
+    /// Colour class of the chip before a name (`c0`..), empty for none.
+    chip: String,
+    /// Small text after the span: "→ Fred" for a pronoun, "?" for an unknown name.
+    label: String,
+}
+
+struct Segment {
+    text: String,
+    mark: Option<Mark>,
+}
+
+/// A sentence about a mention, for screen readers and for anyone who prefers words to colours.
+struct Note {
+    class: &'static str,
+    text: String,
+}
+
+/// The highlight of one caption (`highlight.html`).
+#[derive(Template)]
+#[template(path = "highlight.html")]
+struct HighlightFragment {
+    segments: Vec<Segment>,
+    notes: Vec<Note>,
+}
+
+fn colour(index: usize) -> String {
+    format!("c{}", index % COLOURS)
+}
+
+fn names(indices: &[usize], cast: &[CastMember], joiner: &str) -> String {
+    let names: Vec<&str> = indices.iter().map(|&i| cast[i].name.as_str()).collect();
+    match names.as_slice() {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} {joiner} {last}", rest.join(", ")),
+    }
+}
+
+/// Renders a caption with its mentions marked. `library` is every character, so an unknown
+/// name that is in the library but not in the story's cast can say so.
+fn highlight_html(
+    text: &str,
+    spans: &[Span],
+    cast: &[CastMember],
+    library: &[Character],
+    note: Option<String>,
+) -> String {
+    let mut segments = Vec::new();
+    let mut notes = Vec::new();
+    let mut at = 0;
+    for span in spans {
+        if span.byte_start < at {
+            continue;
+        }
+        if span.byte_start > at {
+            segments.push(Segment {
+                text: text[at..span.byte_start].to_string(),
+                mark: None,
+            });
+        }
+        let quoted = format!("\u{201c}{}\u{201d}", span.text);
+        let mark = match &span.kind {
+            SpanKind::Character { cast_index, .. } => {
+                let c = &cast[*cast_index];
+                Mark {
+                    class: format!("mention character {}", colour(*cast_index)),
+                    title: format!("{} ({})", c.name, c.pronoun.as_str()),
+                    chip: colour(*cast_index),
+                    label: String::new(),
+                }
+            }
+            SpanKind::Pronoun {
+                pronoun,
+                refers_to,
+                ambiguous,
+                ..
+            } => match refers_to.as_slice() {
+                [] => {
+                    notes.push(Note {
+                        class: "unresolved",
+                        text: format!(
+                            "{quoted}: no character before it goes by {}.",
+                            pronoun.as_str()
+                        ),
+                    });
+                    Mark {
+                        class: "mention pronoun unresolved".into(),
+                        title: format!("no character before it goes by {}", pronoun.as_str()),
+                        chip: String::new(),
+                        label: "\u{2192} ?".into(),
+                    }
+                }
+                [one] => {
+                    notes.push(Note {
+                        class: "resolved",
+                        text: format!("{quoted} refers to {}.", cast[*one].name),
+                    });
+                    Mark {
+                        class: format!("mention pronoun {}", colour(*one)),
+                        title: format!("refers to {}", cast[*one].name),
+                        chip: String::new(),
+                        label: format!("\u{2192} {}", cast[*one].name),
+                    }
+                }
+                many if *ambiguous => {
+                    let who = names(many, cast, "or");
+                    notes.push(Note {
+                        class: "ambiguous",
+                        text: format!("{quoted} is ambiguous: it could be {who}."),
+                    });
+                    Mark {
+                        class: "mention pronoun ambiguous".into(),
+                        title: format!("ambiguous: {who}"),
+                        chip: String::new(),
+                        label: format!("\u{2192} {who}?"),
+                    }
+                }
+                many => {
+                    let who = names(many, cast, "and");
+                    notes.push(Note {
+                        class: "resolved",
+                        text: format!("{quoted} refers to {who}."),
+                    });
+                    Mark {
+                        class: "mention pronoun group".into(),
+                        title: format!("refers to {who}"),
+                        chip: String::new(),
+                        label: format!("\u{2192} {who}"),
+                    }
+                }
+            },
+            SpanKind::Unknown => {
+                let in_library = library.iter().any(|c| {
+                    data::rules::normalise_name(&c.name) == data::rules::normalise_name(&span.text)
+                });
+                notes.push(Note {
+                    class: "unknown",
+                    text: if in_library {
+                        format!(
+                            "{quoted}: unknown character in this story. It is in your library; \
+                             add it to the cast to use it."
+                        )
+                    } else {
+                        format!(
+                            "{quoted}: unknown character. It looks like a name, but no character \
+                             of this story has it."
+                        )
+                    },
+                });
+                Mark {
+                    class: "mention unknown".into(),
+                    title: "unknown character".into(),
+                    chip: String::new(),
+                    label: "?".into(),
+                }
+            }
+        };
+        segments.push(Segment {
+            text: span.text.clone(),
+            mark: Some(mark),
+        });
+        at = span.byte_end;
+    }
+    if at < text.len() {
+        segments.push(Segment {
+            text: text[at..].to_string(),
+            mark: None,
+        });
+    }
+    if let Some(text) = note {
+        notes.insert(
+            0,
+            Note {
+                class: "invalid",
+                text,
+            },
+        );
+    }
+    HighlightFragment { segments, notes }
+        .render()
+        .unwrap_or_default()
+}
+
+/// A character offered in the story's cast checkboxes.
+struct CastOption {
+    id: i64,
+    name: String,
+    pronoun: &'static str,
+    checked: bool,
+    /// Colour class when in the cast.
+    colour: String,
+}
+
+/// A caption in the editor.
+struct CaptionItem {
+    id: i64,
+    number: usize,
+    text: String,
+    error: String,
+    highlight_html: String,
+    first: bool,
+    last: bool,
+}
+
+/// Everything the story page and its fragments show.
+struct StoryView {
+    id: i64,
+    title: String,
+    title_value: String,
+    details_error: String,
+    cast_options: Vec<CastOption>,
+    /// Names of the cast with their colours, for the legend.
+    legend: Vec<(String, &'static str, String)>,
+    items: Vec<CaptionItem>,
+    new_text: String,
+    new_position: String,
+    new_error: String,
+    new_highlight_html: String,
+    status: String,
+    strip_html: String,
+}
+
+#[derive(Template)]
+#[template(path = "story.html")]
+struct StoryPage {
+    view: StoryView,
+}
+
+#[derive(Template)]
+#[template(path = "story_body.html")]
+struct StoryBody {
+    view: StoryView,
+}
+
+#[derive(Template)]
+#[template(path = "captions_editor.html")]
+struct CaptionsEditor {
+    view: StoryView,
+}
+
+/// What a refused form or a finished action changes in the page.
+#[derive(Default)]
+struct StoryInput {
+    status: String,
+    /// A refused caption edit: frame id, the text typed, the message.
+    edit: Option<(i64, String, String)>,
+    /// A refused new caption: text, position, message.
+    new_caption: Option<(String, String, String)>,
+    /// A refused title/cast change: title, cast ids, message.
+    details: Option<(String, Vec<i64>, String)>,
+}
+
+fn story_cast(story: &Story, library: &[Character]) -> Vec<CastMember> {
+    story
+        .character_ids
+        .iter()
+        .filter_map(|id| library.iter().find(|c| c.id == *id))
+        .map(|c| CastMember {
+            name: c.name.clone(),
+            pronoun: c.pronoun,
+        })
+        .collect()
+}
+
+fn too_long_note(text: &str) -> Option<String> {
+    let count = text.chars().count();
+    (count > MAX_CAPTION_CHARS).then(|| {
+        format!("The caption is {count} characters long; at most {MAX_CAPTION_CHARS} are allowed.")
+    })
+}
+
+async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<StoryView> {
+    let story = stories::get(&state.pool, id).await?;
+    let library = characters::all(&state.pool).await?;
+    let cast = story_cast(&story, &library);
+    let mut texts: Vec<String> = story.frames.iter().map(|f| f.caption.clone()).collect();
+    if let Some((frame_id, text, _)) = &input.edit {
+        if let Some(i) = story.frames.iter().position(|f| f.id == *frame_id) {
+            texts[i] = text.clone();
+        }
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let analysed = mentions::analyse(&refs, &cast);
+    let count = story.frames.len();
+    let items = story
+        .frames
+        .iter()
+        .zip(texts.iter().zip(analysed))
+        .enumerate()
+        .map(|(i, (frame, (text, spans)))| CaptionItem {
+            id: frame.id,
+            number: i + 1,
+            text: text.clone(),
+            error: match &input.edit {
+                Some((fid, _, error)) if *fid == frame.id => error.clone(),
+                _ => String::new(),
+            },
+            highlight_html: highlight_html(text, &spans, &cast, &library, too_long_note(text)),
+            first: i == 0,
+            last: i + 1 == count,
+        })
+        .collect();
+    let (new_text, new_position, new_error) = input.new_caption.unwrap_or_default();
+    let new_highlight_html = if new_text.trim().is_empty() {
+        String::new()
+    } else {
+        let mut all = refs.clone();
+        all.push(&new_text);
+        let spans = mentions::analyse(&all, &cast).pop().unwrap_or_default();
+        highlight_html(&new_text, &spans, &cast, &library, too_long_note(&new_text))
+    };
+    let (title_value, cast_ids, details_error) = input.details.unwrap_or_else(|| {
+        (
+            story.title.clone(),
+            story.character_ids.clone(),
+            String::new(),
+        )
+    });
+    let cast_options = library
+        .iter()
+        .map(|c| CastOption {
+            id: c.id,
+            name: c.name.clone(),
+            pronoun: c.pronoun.as_str(),
+            checked: cast_ids.contains(&c.id),
+            colour: story
+                .character_ids
+                .iter()
+                .position(|cid| *cid == c.id)
+                .map(colour)
+                .unwrap_or_default(),
+        })
+        .collect();
+    let legend = cast
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.clone(), c.pronoun.as_str(), colour(i)))
+        .collect();
+    Ok(StoryView {
+        id,
+        title: story.title,
+        title_value,
+        details_error,
+        cast_options,
+        legend,
+        items,
+        new_text,
+        new_position,
+        new_error,
+        new_highlight_html,
+        status: input.status,
+        strip_html: frames_strip(state, id).await?,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "not_found.html")]
+struct NotFoundPage {
+    detail: String,
+}
+
+/// `GET /stories/{id}`; a story that does not exist (deleted, or a mistyped address) gets
+/// an HTML 404 page, since people open this address in a browser.
+async fn story_page(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
+    match story_view(&state, id, StoryInput::default()).await {
+        Ok(view) => Ok(render(StoryPage { view }, StatusCode::OK)),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(render(
+            NotFoundPage {
+                detail: sentence(&e.detail),
+            },
+            StatusCode::NOT_FOUND,
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+async fn strip_fragment(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
+    Ok(Html(frames_strip(&state, id).await?).into_response())
+}
+
+/// Which part of the page an action answers with under HTMX.
+enum Part {
+    /// The caption editor (`#captions-editor`).
+    Editor,
+    /// Everything below the site header (`#story`): title and cast change all highlights.
+    Body,
+}
+
+/// Answers a story form: without HTMX a 303 to the page (success) or the page with the
+/// messages (refused); with HTMX the changed part, and on success a `frames-changed` event
+/// so the strip refreshes.
+async fn respond(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: i64,
+    input: StoryInput,
+    status: StatusCode,
+    part: Part,
+    anchor: &str,
+) -> ApiResult<Response> {
+    if !is_htmx(headers) && status.is_success() {
+        return Ok(Redirect::to(&format!("/stories/{id}{anchor}")).into_response());
+    }
+    let view = story_view(state, id, input).await?;
+    let mut response = if !is_htmx(headers) {
+        render(StoryPage { view }, status)
+    } else {
+        match part {
+            Part::Editor => render(CaptionsEditor { view }, status),
+            Part::Body => render(StoryBody { view }, status),
+        }
+    };
+    if status.is_success() {
+        response
+            .headers_mut()
+            .insert("hx-trigger", HeaderValue::from_static("frames-changed"));
+    }
+    Ok(response)
+}
+
+fn short(caption: &str) -> String {
+    let mut out: String = caption.chars().take(40).collect();
+    if caption.chars().count() > 40 {
+        out.push('\u{2026}');
+    }
+    format!("\u{201c}{out}\u{201d}")
+}
+
+async fn save_details(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let title_text = form_field(&body, "title").unwrap_or_default();
+    let cast: Vec<i64> = form_urlencoded::parse(&body)
+        .filter(|(k, _)| k == "character_id")
+        .filter_map(|(_, v)| v.parse().ok())
+        .collect();
+    let result = async {
+        let title = validate::title(&title_text)?;
+        let cast = validate::cast(&cast)?;
+        stories::update(&state.pool, id, Some(&title), Some(&cast)).await
+    }
+    .await;
+    match result {
+        Ok(story) => {
+            let input = StoryInput {
+                status: format!("Saved the title and cast of {}.", short(&story.title)),
+                ..StoryInput::default()
+            };
+            respond(&state, &headers, id, input, StatusCode::OK, Part::Body, "").await
+        }
+        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
+            let input = StoryInput {
+                details: Some((title_text, cast, sentence(&e.detail))),
+                ..StoryInput::default()
+            };
+            respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Part::Body,
+                "",
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn add_caption(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let text = form_field(&body, "caption").unwrap_or_default();
+    let position_text = form_field(&body, "position").unwrap_or_default();
+    let result = async {
+        let caption = validate::caption(&text)?;
+        let position = match position_text.trim() {
+            "" => None,
+            p => Some(p.parse::<i64>().map_err(|_| {
+                ApiError::invalid("invalid_position", format!("{p:?} is not a position"))
+            })?),
+        };
+        stories::insert_frame(&state.pool, id, &caption, position)
+            .await
+            .map(|story| (story, position))
+    }
+    .await;
+    match result {
+        Ok((story, position)) => {
+            let index = position.map_or(story.frames.len() - 1, |p| p as usize);
+            let frame = &story.frames[index];
+            let input = StoryInput {
+                status: format!("Added caption {}: {}.", index + 1, short(&frame.caption)),
+                ..StoryInput::default()
+            };
+            let anchor = format!("#caption-{}", frame.id);
+            respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::OK,
+                Part::Editor,
+                &anchor,
+            )
+            .await
+        }
+        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
+            let input = StoryInput {
+                new_caption: Some((text, position_text, sentence(&e.detail))),
+                ..StoryInput::default()
+            };
+            respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Part::Editor,
+                "",
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn edit_caption(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((id, frame_id)): ApiPath<(i64, i64)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let text = form_field(&body, "caption").unwrap_or_default();
+    let result = async {
+        let caption = validate::caption(&text)?;
+        stories::edit_caption(&state.pool, id, frame_id, &caption).await
+    }
+    .await;
+    match result {
+        Ok(story) => {
+            let number = story
+                .frames
+                .iter()
+                .position(|f| f.id == frame_id)
+                .map_or(0, |i| i + 1);
+            let input = StoryInput {
+                status: format!("Saved caption {number}."),
+                ..StoryInput::default()
+            };
+            let anchor = format!("#caption-{frame_id}");
+            respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::OK,
+                Part::Editor,
+                &anchor,
+            )
+            .await
+        }
+        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
+            let input = StoryInput {
+                edit: Some((frame_id, text, sentence(&e.detail))),
+                ..StoryInput::default()
+            };
+            respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Part::Editor,
+                "",
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves a caption one place up or down. Moving the first caption up (or the last down) is
+/// answered with a message and changes nothing: the buttons stay focusable at the ends (they
+/// are `aria-disabled`, not `disabled`) so keyboard focus is not lost after a move.
+async fn move_caption(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((id, frame_id)): ApiPath<(i64, i64)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let direction = form_field(&body, "direction").unwrap_or_default();
+    let story = stories::get(&state.pool, id).await?;
+    let Some(from) = story.frames.iter().position(|f| f.id == frame_id) else {
+        return Err(ApiError::not_found("frame", frame_id));
+    };
+    let to = match direction.as_str() {
+        "up" => from.checked_sub(1),
+        "down" => (from + 1 < story.frames.len()).then_some(from + 1),
+        other => {
+            let input = StoryInput {
+                status: format!("Cannot move a caption {other:?}: use up or down."),
+                ..StoryInput::default()
+            };
+            return respond(
+                &state,
+                &headers,
+                id,
+                input,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Part::Editor,
+                "",
+            )
+            .await;
+        }
+    };
+    let caption = short(&story.frames[from].caption);
+    let count = story.frames.len();
+    let status = match to {
+        None => format!(
+            "Caption {} is already {}.",
+            from + 1,
+            if direction == "up" { "first" } else { "last" }
+        ),
+        Some(to) => {
+            let mut order: Vec<i64> = story.frames.iter().map(|f| f.id).collect();
+            order.swap(from, to);
+            stories::reorder(&state.pool, id, &order).await?;
+            format!(
+                "Moved {caption} {direction} to place {} of {count}.",
+                to + 1
+            )
+        }
+    };
+    let input = StoryInput {
+        status,
+        ..StoryInput::default()
+    };
+    let anchor = format!("#caption-{frame_id}");
+    respond(
+        &state,
+        &headers,
+        id,
+        input,
+        StatusCode::OK,
+        Part::Editor,
+        &anchor,
+    )
+    .await
+}
+
+async fn delete_caption(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((id, frame_id)): ApiPath<(i64, i64)>,
+) -> ApiResult<Response> {
+    let story = stories::get(&state.pool, id).await?;
+    let Some(index) = story.frames.iter().position(|f| f.id == frame_id) else {
+        return Err(ApiError::not_found("frame", frame_id));
+    };
+    stories::delete_frame(&state.pool, id, frame_id).await?;
+    let input = StoryInput {
+        status: format!(
+            "Deleted caption {}: {}.",
+            index + 1,
+            short(&story.frames[index].caption)
+        ),
+        ..StoryInput::default()
+    };
+    respond(
+        &state,
+        &headers,
+        id,
+        input,
+        StatusCode::OK,
+        Part::Editor,
+        "#captions-editor",
+    )
+    .await
+}
+
+/// `POST /ui/stories/{id}/highlight`: the highlight of a caption being typed, in the context
+/// of the story's saved captions before it. Form fields: `caption`, and `frame_id` (editing
+/// that frame) or `position` (0-based insert place; empty or absent: the end).
+async fn highlight(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let text = form_field(&body, "caption").unwrap_or_default();
+    let story = stories::get(&state.pool, id).await?;
+    let library = characters::all(&state.pool).await?;
+    let cast = story_cast(&story, &library);
+    let before = match form_field(&body, "frame_id").and_then(|f| f.parse::<i64>().ok()) {
+        Some(frame_id) => story
+            .frames
+            .iter()
+            .position(|f| f.id == frame_id)
+            .unwrap_or(story.frames.len()),
+        None => form_field(&body, "position")
+            .and_then(|p| p.trim().parse::<usize>().ok())
+            .map_or(story.frames.len(), |p| p.min(story.frames.len())),
+    };
+    let mut captions: Vec<&str> = story.frames[..before]
+        .iter()
+        .map(|f| f.caption.as_str())
+        .collect();
+    captions.push(&text);
+    let spans = mentions::analyse(&captions, &cast)
+        .pop()
+        .unwrap_or_default();
+    let html = highlight_html(&text, &spans, &cast, &library, too_long_note(&text));
+    Ok((
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Html(html),
+    )
+        .into_response())
+}

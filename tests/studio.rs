@@ -1,0 +1,1006 @@
+//! End-to-end tests of the story studio against the real binary: live caption highlights and
+//! their JSON twin `/api/mentions`, the character library's rename and upload messages,
+//! caption editing and reordering through the HTML forms (with and without HTMX), the frames
+//! strip, and the ZIP / GIF / PDF exports.
+//!
+//! Generation is not wired yet, so the export tests put frame images into the database the
+//! way the worker will: straight into the `frames` row, through SQL.
+
+mod common;
+
+use std::io::{Cursor, Read};
+use std::time::Duration;
+
+use common::{character_form, png, png_claiming, test_image, Server};
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+
+fn client() -> Client {
+    // Redirects are asserted, not followed.
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn create_character(server: &Server, name: &str, pronoun: &str) -> i64 {
+    let response = client()
+        .post(server.at("/api/characters"))
+        .multipart(character_form(name, pronoun, png(8, 6), "p.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.unwrap();
+    body["id"].as_i64().unwrap()
+}
+
+async fn create_story(server: &Server, title: &str, captions: &[&str], cast: &[i64]) -> Value {
+    let response = client()
+        .post(server.at("/api/stories"))
+        .json(&json!({"title": title, "captions": captions, "character_ids": cast}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json().await.unwrap()
+}
+
+async fn get_json(server: &Server, path: &str) -> Value {
+    client()
+        .get(server.at(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn captions_of(story: &Value) -> Vec<String> {
+    story["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["caption"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The text inside the element with this id (up to its first closing tag), unescaped
+/// enough for the messages the tests look for.
+fn element_text(html: &str, id: &str) -> String {
+    let marker = format!("id=\"{id}\"");
+    let at = html
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no element #{id} in:\n{html}"));
+    let open_end = at + html[at..].find('>').unwrap() + 1;
+    let close = open_end + html[open_end..].find("</").unwrap();
+    html[open_end..close]
+        .replace("&quot;", "\"")
+        .replace("&#34;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+async fn post_form(
+    server: &Server,
+    path: &str,
+    form: &[(&str, &str)],
+    htmx: bool,
+) -> reqwest::Response {
+    let mut request = client().post(server.at(path)).form(form);
+    if htmx {
+        request = request.header("hx-request", "true");
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let fred = create_character(&server, "Fred", "he").await;
+    let wilma = create_character(&server, "Wilma", "she").await;
+    create_character(&server, "Betty", "she").await; // in the library, not in the cast
+    let story = create_story(
+        &server,
+        "At the door",
+        &["Fred opens the door.", "He waves at Wilma."],
+        &[fred, wilma],
+    )
+    .await;
+    let id = story["id"].as_i64().unwrap();
+    let second = story["frames"][1]["id"].as_i64().unwrap().to_string();
+
+    // A new caption at the end: "They" is the two characters of the caption before.
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/highlight"),
+        &[
+            ("caption", "They laugh while Barney watches Betty."),
+            ("position", ""),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let html = response.text().await.unwrap();
+    assert!(html.contains("class=\"mention pronoun group\""), "{html}");
+    assert!(html.contains("“They” refers to Fred and Wilma."), "{html}");
+    assert!(html.contains("“Barney”: unknown character."), "{html}");
+    assert!(
+        html.contains("“Betty”: unknown character in this story. It is in your library"),
+        "{html}"
+    );
+    assert!(html.contains("<mark class=\"mention unknown\" title=\"unknown character\">Barney"));
+
+    // Editing the second caption: its pronoun resolves to the first caption's Fred, and
+    // Wilma carries her cast colour (second in the cast: c1).
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/highlight"),
+        &[
+            ("caption", "He waves at Wilma and her dog."),
+            ("frame_id", &second),
+        ],
+        true,
+    )
+    .await;
+    let html = response.text().await.unwrap();
+    assert!(html.contains("“He” refers to Fred."), "{html}");
+    assert!(html.contains("“her” refers to Wilma."), "{html}");
+    assert!(html.contains("class=\"mention character c1\""), "{html}");
+    // Inserted before the first caption, nobody comes before "He".
+    let html = post_form(
+        &server,
+        &format!("/ui/stories/{id}/highlight"),
+        &[("caption", "He sleeps."), ("position", "0")],
+        true,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        html.contains("“He”: no character before it goes by he."),
+        "{html}"
+    );
+
+    // The story page shows the same highlights without JavaScript, inside live regions.
+    let page = client()
+        .get(server.at(&format!("/stories/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&format!("id=\"highlight-{second}\" aria-live=\"polite\"")));
+    assert!(page.contains("“He” refers to Fred."));
+    assert!(page.contains("hx-trigger=\"input changed delay:300ms, keyup changed delay:300ms\""));
+
+    // The JSON twin.
+    let response = client()
+        .post(server.at("/api/mentions"))
+        .json(&json!({
+            "captions": ["Fred opens the door.", "He waves at Wilma.", "They laugh with Barney."],
+            "cast": [{"name": "Fred", "pronoun": "he"}, {"name": "Wilma", "pronoun": "she"}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["captions"][0]["mentions"],
+        json!([{"start": 0, "end": 4, "byte_start": 0, "byte_end": 4, "text": "Fred",
+                "kind": "character", "character": "Fred", "cast_index": 0, "possessive": false}])
+    );
+    assert_eq!(
+        body["captions"][1]["mentions"][0],
+        json!({"start": 0, "end": 2, "byte_start": 0, "byte_end": 2, "text": "He",
+               "kind": "pronoun", "pronoun": "he", "case": "subject",
+               "refers_to": ["Fred"], "ambiguous": false})
+    );
+    let third = &body["captions"][2]["mentions"];
+    assert_eq!(third[0]["refers_to"], json!(["Fred", "Wilma"]));
+    assert_eq!(third[1]["kind"], "unknown");
+    assert_eq!(third[1]["text"], "Barney");
+    assert_eq!(
+        (third[1]["start"].as_i64(), third[1]["end"].as_i64()),
+        (Some(16), Some(22))
+    );
+
+    // Bad requests are refused with stable codes.
+    for (body, status, code) in [
+        (
+            json!({"captions": ["x"], "cast": [{"name": "Fred", "pronoun": "he"}, {"name": "FRED", "pronoun": "he"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_cast",
+        ),
+        (
+            json!({"captions": ["x".repeat(1001)]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_caption",
+        ),
+        (
+            json!({"captions": [], "cast": [{"name": "Fred", "pronoun": "xe"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            json!({"captions": vec!["a"; 201]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_captions",
+        ),
+    ] {
+        let response = client()
+            .post(server.at("/api/mentions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], code, "{problem}");
+    }
+    let response = client()
+        .post(server.at("/api/mentions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let doc = get_json(&server, "/openapi.json").await;
+    for path in [
+        "/api/mentions",
+        "/api/stories/{id}/export.zip",
+        "/api/stories/{id}/export.gif",
+        "/api/stories/{id}/export.pdf",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from OpenAPI"
+        );
+    }
+    assert!(doc["components"]["schemas"]["MentionsResponse"].is_object());
+}
+
+#[tokio::test]
+async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = client();
+
+    let response = http
+        .post(server.at("/ui/characters"))
+        .header("hx-request", "true")
+        .multipart(character_form("Fred", "he", png(4, 4), "fred.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let html = response.text().await.unwrap();
+    assert_eq!(element_text(&html, "characters-status"), "Added Fred.");
+    let fred = get_json(&server, "/api/characters").await["items"][0]["id"]
+        .as_i64()
+        .unwrap();
+    let wilma = create_character(&server, "Wilma", "she").await;
+
+    // Rename inline with HTMX: the section comes back, saying what happened.
+    let response = post_form(
+        &server,
+        &format!("/ui/characters/{fred}/rename"),
+        &[("name", "Frederick"), ("pronoun", "they")],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["hx-trigger"], "characters-changed");
+    let html = response.text().await.unwrap();
+    assert!(html.starts_with("<section id=\"characters\""));
+    assert_eq!(
+        element_text(&html, "characters-status"),
+        "Renamed Fred to Frederick (they)."
+    );
+    let got = get_json(&server, &format!("/api/characters/{fred}")).await;
+    assert_eq!(
+        (got["name"].as_str(), got["pronoun"].as_str()),
+        (Some("Frederick"), Some("they"))
+    );
+
+    // Without JavaScript: 303 back to the character on the page.
+    let response = post_form(
+        &server,
+        &format!("/ui/characters/{fred}/rename"),
+        &[("name", "Fred"), ("pronoun", "he")],
+        false,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/#character-{fred}")
+    );
+
+    // A duplicate name (any case) is refused next to that card's name field, keeping the
+    // typing, with the form open.
+    let response = post_form(
+        &server,
+        &format!("/ui/characters/{wilma}/rename"),
+        &[("name", "FRED"), ("pronoun", "she")],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = response.text().await.unwrap();
+    assert!(element_text(&html, &format!("rename-name-{wilma}-error")).contains("already exists"));
+    assert!(html.contains(&format!(
+        "id=\"rename-name-{wilma}\" name=\"name\" value=\"FRED\""
+    )));
+    assert!(html.contains("<details class=\"inline-edit\" open>"));
+    let response = post_form(
+        &server,
+        &format!("/ui/characters/{wilma}/rename"),
+        &[("name", "Wilma"), ("pronoun", "xe")],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(element_text(
+        &response.text().await.unwrap(),
+        &format!("rename-pronoun-{wilma}-error")
+    )
+    .contains("he, she, they, it"));
+    assert_eq!(
+        get_json(&server, &format!("/api/characters/{wilma}")).await["name"],
+        "Wilma"
+    );
+
+    // Refused uploads: each message sits next to the field it is about.
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "Barney",
+            b"hello, not an image".to_vec(),
+            "character-portrait-error",
+            "must be a PNG, JPEG or WebP image",
+        ),
+        (
+            "Barney",
+            png_claiming(5000, 5000),
+            "character-portrait-error",
+            "at most 4096 px a side",
+        ),
+        (
+            "Barney",
+            {
+                // A real PNG header, then 11 MiB: too large whatever it holds.
+                let mut big = png(2, 2);
+                big.resize(11 * 1024 * 1024, 0);
+                big
+            },
+            "character-portrait-error",
+            "larger than 10 MiB",
+        ),
+        ("fred", png(4, 4), "character-name-error", "already exists"),
+        ("", png(4, 4), "character-name-error", "must not be empty"),
+    ];
+    for (name, bytes, field, message) in cases {
+        let response = http
+            .post(server.at("/ui/characters"))
+            .header("hx-request", "true")
+            .multipart(character_form(name, "he", bytes, "upload.png"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{field} {message}"
+        );
+        let html = response.text().await.unwrap();
+        let text = element_text(&html, field);
+        assert!(
+            text.contains(message),
+            "{field}: {text:?} lacks {message:?}"
+        );
+        assert!(
+            html.contains(&format!("value=\"{name}\"")),
+            "the typed name is kept"
+        );
+        // A good portrait survives an HTMX swap (hx-preserve); a refused one is cleared.
+        assert_eq!(
+            html.contains("hx-preserve=\"true\""),
+            field != "character-portrait-error",
+            "{field}"
+        );
+    }
+    // Several problems at once are all reported, and without JavaScript the whole page comes
+    // back with the messages in place.
+    let response = http
+        .post(server.at("/ui/characters"))
+        .multipart(character_form("Wilma", "it", b"GIF89a".to_vec(), "w.gif"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = response.text().await.unwrap();
+    assert!(html.starts_with("<!doctype html>"));
+    assert!(element_text(&html, "character-name-error").contains("already exists"));
+    assert!(element_text(&html, "character-portrait-error").contains("PNG, JPEG or WebP"));
+    assert!(html.contains("aria-describedby=\"character-portrait-hint character-portrait-error\""));
+    assert_eq!(
+        get_json(&server, "/api/characters").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Delete asks first (a <details> step, no script needed), then removes.
+    let page = http
+        .get(server.at("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&format!("id=\"delete-confirm-{wilma}\"")));
+    let response = post_form(
+        &server,
+        &format!("/ui/characters/{wilma}/delete"),
+        &[],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        element_text(&response.text().await.unwrap(), "characters-status"),
+        "Deleted Wilma."
+    );
+    let response = client()
+        .get(server.at(&format!("/api/characters/{wilma}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn captions_are_edited_and_reordered_through_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let fred = create_character(&server, "Fred", "he").await;
+    let story = create_story(&server, "Order", &["A one.", "B two.", "C three."], &[fred]).await;
+    let id = story["id"].as_i64().unwrap();
+    let ids: Vec<i64> = story["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_i64().unwrap())
+        .collect();
+    let story_path = format!("/api/stories/{id}");
+
+    // The page: editor with keyboard-reachable move buttons, the strip, the generate panel.
+    let page = client()
+        .get(server.at(&format!("/stories/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<section id=\"generate-panel\""));
+    assert!(html.contains("<section id=\"frames-strip\""));
+    for (position, frame) in ids.iter().enumerate() {
+        assert!(html.contains(&format!(
+            "id=\"frame-{position}\" data-frame-id=\"{frame}\""
+        )));
+        assert!(html.contains(&format!(
+            "<button type=\"submit\" name=\"direction\" value=\"up\" id=\"move-up-{frame}\""
+        )));
+    }
+    assert!(html.contains("aria-label=\"Move caption 1 up\" aria-disabled=\"true\""));
+    assert!(html.contains("aria-label=\"Move caption 3 down\" aria-disabled=\"true\""));
+    assert!(html.contains(&format!(
+        "<label for=\"caption-text-{}\">Caption 1</label>",
+        ids[0]
+    )));
+
+    // Move C up with HTMX: the editor comes back and the strip is told to refresh.
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/frames/{}/move", ids[2]),
+        &[("direction", "up")],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["hx-trigger"], "frames-changed");
+    let html = response.text().await.unwrap();
+    assert!(html.starts_with("<section id=\"captions-editor\""));
+    assert_eq!(
+        element_text(&html, "captions-status"),
+        "Moved “C three.” up to place 2 of 3."
+    );
+    assert_eq!(
+        captions_of(&get_json(&server, &story_path).await),
+        ["A one.", "C three.", "B two."]
+    );
+
+    // Move A down without JavaScript: a 303 back to the caption.
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/frames/{}/move", ids[0]),
+        &[("direction", "down")],
+        false,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/stories/{id}#caption-{}", ids[0])
+    );
+    assert_eq!(
+        captions_of(&get_json(&server, &story_path).await),
+        ["C three.", "A one.", "B two."]
+    );
+
+    // The first caption cannot go further up: said, nothing changes.
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/frames/{}/move", ids[2]),
+        &[("direction", "up")],
+        true,
+    )
+    .await;
+    assert_eq!(
+        element_text(&response.text().await.unwrap(), "captions-status"),
+        "Caption 1 is already first."
+    );
+    assert_eq!(
+        captions_of(&get_json(&server, &story_path).await),
+        ["C three.", "A one.", "B two."]
+    );
+
+    // Edit, refuse an empty edit (message next to that caption, typing kept), add, delete.
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/frames/{}", ids[1]),
+        &[("caption", "Fred two."), ("frame_id", &ids[1].to_string())],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/frames/{}", ids[0]),
+        &[("caption", "   ")],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = response.text().await.unwrap();
+    assert_eq!(
+        element_text(&html, &format!("caption-error-{}", ids[0])),
+        "The caption must not be empty."
+    );
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/frames"),
+        &[("caption", "Zero, first of all."), ("position", "0")],
+        false,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/frames/{}/delete", ids[2]),
+        &[],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        element_text(&response.text().await.unwrap(), "captions-status")
+            .starts_with("Deleted caption 2")
+    );
+    assert_eq!(
+        captions_of(&get_json(&server, &story_path).await),
+        ["Zero, first of all.", "A one.", "Fred two."]
+    );
+
+    // The strip on its own, as HTMX refreshes it.
+    let strip = client()
+        .get(server.at(&format!("/ui/stories/{id}/frames")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(strip.starts_with("<section id=\"frames-strip\""));
+    assert!(strip.contains("hx-trigger=\"frames-changed from:body\""));
+    assert!(strip.contains(&format!("id=\"frame-2\" data-frame-id=\"{}\"", ids[1])));
+    assert!(strip.contains("Not generated"));
+
+    // Title and cast: an empty title is refused in place.
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/details"),
+        &[("title", "")],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = response.text().await.unwrap();
+    assert!(html.starts_with("<div id=\"story\""));
+    assert_eq!(
+        element_text(&html, "story-title-error"),
+        "The title must not be empty."
+    );
+    let fred_text = fred.to_string();
+    let response = post_form(
+        &server,
+        &format!("/ui/stories/{id}/details"),
+        &[("title", "New order"), ("character_id", &fred_text)],
+        false,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(get_json(&server, &story_path).await["title"], "New order");
+
+    // A story that does not exist is an HTML 404 page for the browser.
+    let response = client()
+        .get(server.at("/stories/999"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let html = response.text().await.unwrap();
+    assert_eq!(
+        element_text(&html, "not-found-detail"),
+        "Story 999 does not exist."
+    );
+}
+
+/// Stores an image in a frame the way the generation worker does.
+async fn store_frame_image(
+    server: &Server,
+    frame_id: i64,
+    image: &[u8],
+    seed: i64,
+    duration_ms: i64,
+    status: &str,
+) {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::ConnectOptions;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(server.data_dir.join("storygpt-v.db"))
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let done = sqlx::query(
+        "UPDATE frames SET image = ?, image_mime = 'image/png', seed = ?, duration_ms = ?, status = ?
+         WHERE id = ?",
+    )
+    .bind(image)
+    .bind(seed)
+    .bind(duration_ms)
+    .bind(status)
+    .bind(frame_id)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+}
+
+/// The archive's file names in central-directory order.
+fn names_in_order(archive: &mut zip::ZipArchive<Cursor<Vec<u8>>>) -> Vec<String> {
+    (0..archive.len())
+        .map(|i| archive.by_index(i).unwrap().name().unwrap().to_string())
+        .collect()
+}
+
+fn colour_png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb(rgb));
+    common::encode(&img, image::ImageFormat::Png)
+}
+
+/// Checks a PDF's structure and returns (page count, image XObject count).
+fn check_pdf(pdf: &[u8]) -> (usize, usize) {
+    assert!(pdf.starts_with(b"%PDF-1."), "header");
+    assert!(pdf.ends_with(b"%%EOF\n"), "trailer end");
+    let tail_at = pdf
+        .windows(10)
+        .rposition(|w| w == b"startxref\n")
+        .expect("startxref");
+    let tail = std::str::from_utf8(&pdf[tail_at..]).unwrap();
+    let xref: usize = tail.lines().nth(1).unwrap().parse().unwrap();
+    let table = std::str::from_utf8(&pdf[xref..tail_at]).expect("ASCII xref table");
+    let mut lines = table.lines();
+    assert_eq!(lines.next(), Some("xref"));
+    let header: Vec<usize> = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(header[0], 0);
+    let entries: Vec<&str> = lines.by_ref().take(header[1]).collect();
+    assert_eq!(entries[0], "0000000000 65535 f ");
+    for (number, entry) in entries.iter().enumerate().skip(1) {
+        assert!(entry.ends_with(" 00000 n "), "entry {number}: {entry:?}");
+        let offset: usize = entry[..10].parse().unwrap();
+        assert!(
+            pdf[offset..].starts_with(format!("{number} 0 obj").as_bytes()),
+            "xref offset of object {number} does not point at it"
+        );
+    }
+    let trailer: String = lines.collect::<Vec<_>>().join(" ");
+    assert!(trailer.starts_with("trailer << /Size "), "{trailer}");
+    assert!(trailer.contains(&format!("/Size {}", header[1])));
+    let text = String::from_utf8_lossy(pdf);
+    let images = text.matches("/Subtype /Image").count();
+    assert_eq!(images, text.matches("/Filter /DCTDecode").count());
+    let pages = text.matches("/Type /Page ").count();
+    assert!(text.contains("/Type /Pages /Kids ["));
+    assert!(text.contains(&format!("/Count {pages} >>")));
+    (pages, images)
+}
+
+/// `qpdf --check` or `pdfinfo` on the file when either is installed.
+fn validate_with_tools(pdf: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("story.pdf");
+    std::fs::write(&path, pdf).unwrap();
+    let mut checked = false;
+    for (tool, args) in [("qpdf", vec!["--check"]), ("pdfinfo", vec![])] {
+        match std::process::Command::new(tool)
+            .args(&args)
+            .arg(&path)
+            .output()
+        {
+            Ok(out) => {
+                assert!(
+                    out.status.success(),
+                    "{tool} refused the PDF:\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                checked = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("cannot run {tool}: {e}"),
+        }
+    }
+    if !checked {
+        eprintln!(
+            "note: neither qpdf nor pdfinfo is installed; the PDF was checked structurally only"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stories_export_as_zip_gif_and_pdf() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let http = client();
+    let fred = create_character(&server, "Fred", "he").await;
+    let wilma = create_character(&server, "Wilma", "she").await;
+    let story = create_story(
+        &server,
+        "Fred & Wilma: (a day) \\ out",
+        &[
+            "Fred opens the door.",
+            "He waves at Wilma.",
+            "They laugh — “happily” 😀.",
+        ],
+        &[fred, wilma],
+    )
+    .await;
+    let id = story["id"].as_i64().unwrap();
+    let frames: Vec<i64> = story["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_i64().unwrap())
+        .collect();
+    let base = format!("/api/stories/{id}");
+
+    // Nothing generated: GIF and PDF say so; the ZIP holds story.json alone.
+    for ext in ["gif", "pdf"] {
+        let response = http
+            .get(server.at(&format!("{base}/export.{ext}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "story_not_generated");
+    }
+    let zip = http
+        .get(server.at(&format!("{base}/export.zip")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(zip.status(), StatusCode::OK);
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(zip.bytes().await.unwrap().to_vec())).unwrap();
+    assert_eq!(names_in_order(&mut archive), ["story.json"]);
+    let mut text = String::new();
+    archive
+        .by_name("story.json")
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let json: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["frames"][0]["image"], Value::Null);
+    let response = http
+        .get(server.at("/api/stories/999/export.zip"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    // Frames 1 and 3 generated; frame 2 still pending.
+    let first = colour_png(16, 12, [200, 30, 30]);
+    let third = colour_png(16, 12, [30, 30, 200]);
+    store_frame_image(&server, frames[0], &first, 11, 1500, "ready").await;
+    store_frame_image(&server, frames[2], &third, 33, 2750, "ready").await;
+
+    // ZIP: story.json, then the exact stored PNG bytes, named by story position.
+    let response = http
+        .get(server.at(&format!("{base}/export.zip")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/zip");
+    assert_eq!(
+        response.headers()["content-disposition"],
+        format!("attachment; filename=\"story-{id}-fred-wilma-a-day-out.zip\"")
+    );
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(response.bytes().await.unwrap().to_vec())).unwrap();
+    assert_eq!(
+        names_in_order(&mut archive),
+        ["story.json", "frame-01.png", "frame-03.png"]
+    );
+    for (name, expected) in [("frame-01.png", &first), ("frame-03.png", &third)] {
+        let mut bytes = Vec::new();
+        archive
+            .by_name(name)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
+        assert_eq!(&bytes, expected, "{name} must be the stored bytes");
+    }
+    let mut text = String::new();
+    archive
+        .by_name("story.json")
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let json: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["title"], "Fred & Wilma: (a day) \\ out");
+    assert_eq!(json["captions"][1], "He waves at Wilma.");
+    assert_eq!(
+        json["characters"],
+        json!([{"id": fred, "name": "Fred", "pronoun": "he"}, {"id": wilma, "name": "Wilma", "pronoun": "she"}])
+    );
+    assert_eq!(
+        json["frames"][0],
+        json!({"position": 1, "caption": "Fred opens the door.", "status": "ready", "seed": 11,
+               "duration_ms": 1500, "image": "frame-01.png"})
+    );
+    assert_eq!(json["frames"][1]["status"], "pending");
+    assert_eq!(json["frames"][1]["image"], Value::Null);
+    assert_eq!(json["frames"][2]["seed"], 33);
+
+    // GIF: the two ready frames, 16x12, 1.5 s each, looping forever.
+    let response = http
+        .get(server.at(&format!("{base}/export.gif")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/gif");
+    let gif = response.bytes().await.unwrap();
+    let loop_forever = b"NETSCAPE2.0\x03\x01\x00\x00";
+    assert!(gif.windows(loop_forever.len()).any(|w| w == loop_forever));
+    use image::AnimationDecoder;
+    let decoded = image::codecs::gif::GifDecoder::new(Cursor::new(gif.to_vec()))
+        .unwrap()
+        .into_frames()
+        .collect_frames()
+        .unwrap();
+    assert_eq!(decoded.len(), 2);
+    for (frame, rgb) in decoded.iter().zip([[200u8, 30, 30], [30, 30, 200]]) {
+        assert_eq!(frame.buffer().dimensions(), (16, 12));
+        assert_eq!(frame.delay().numer_denom_ms(), (1500, 1));
+        let pixel = frame.buffer().get_pixel(8, 6).0;
+        for c in 0..3 {
+            assert!(
+                (pixel[c] as i32 - rgb[c] as i32).abs() <= 8,
+                "{pixel:?} vs {rgb:?}"
+            );
+        }
+    }
+
+    // PDF: one page, two image XObjects; the pending frame is an empty panel.
+    let response = http
+        .get(server.at(&format!("{base}/export.pdf")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/pdf");
+    let pdf = response.bytes().await.unwrap();
+    assert_eq!(check_pdf(&pdf), (1, 2));
+    let text = String::from_utf8_lossy(&pdf);
+    assert!(text.contains("(Frame 2: not generated yet)"));
+    // The caption's dash and curly quotes are WinAnsi codes; the emoji becomes "?".
+    assert!(
+        text.contains(r"(They laugh \227 \223happily\224 ?.)"),
+        "caption not WinAnsi-encoded as expected"
+    );
+    validate_with_tools(&pdf);
+
+    // Seven ready frames make two pages.
+    let captions: Vec<String> = (1..=7).map(|i| format!("Panel {i}.")).collect();
+    let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let long = create_story(&server, "Seven", &refs, &[]).await;
+    for (i, frame) in long["frames"].as_array().unwrap().iter().enumerate() {
+        let img = common::encode(&test_image(6, 6), image::ImageFormat::Png);
+        store_frame_image(
+            &server,
+            frame["id"].as_i64().unwrap(),
+            &img,
+            i as i64,
+            100,
+            "ready",
+        )
+        .await;
+    }
+    let pdf = http
+        .get(server.at(&format!("/api/stories/{}/export.pdf", long["id"])))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(check_pdf(&pdf), (2, 7));
+    validate_with_tools(&pdf);
+
+    // The strip shows the generated frames with their facts and links the exports.
+    let strip = http
+        .get(server.at(&format!("/ui/stories/{id}/frames")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(strip.contains(&format!(
+        "src=\"/api/stories/{id}/frames/{}/image\"",
+        frames[0]
+    )));
+    assert!(strip.contains("<dd class=\"frame-seed\">33</dd>"));
+    assert!(strip.contains("<dd class=\"frame-time\">2.8 s</dd>"));
+    assert!(strip.contains(&format!(
+        "id=\"export-pdf\" href=\"/api/stories/{id}/export.pdf\""
+    )));
+}
