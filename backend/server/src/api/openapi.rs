@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::path::{HttpMethod, Operation};
 use utoipa::OpenApi;
 
-use super::{characters, health, stories};
+use super::{characters, events, health, jobs, stories};
 use crate::error::ApiError;
 
 /// The API description.
@@ -21,10 +21,13 @@ use crate::error::ApiError;
         stories::create, stories::list, stories::get_one, stories::update, stories::delete,
         stories::insert_frame, stories::edit_frame, stories::delete_frame, stories::reorder,
         stories::frame_image,
+        jobs::generate, jobs::get_one, jobs::list, jobs::cancel,
+        events::job_events, events::story_events,
     ),
     tags(
         (name = "characters", description = "The character library"),
         (name = "stories", description = "Stories and their captions"),
+        (name = "jobs", description = "Generation jobs and their live progress (server-sent events)"),
         (name = "health", description = "Probes"),
     )
 )]

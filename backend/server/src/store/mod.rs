@@ -2,6 +2,8 @@
 //! handlers never see SQL and the schema has one owner.
 
 pub mod characters;
+pub mod job_events;
+pub mod jobs;
 pub mod stories;
 
 use base64::Engine;
