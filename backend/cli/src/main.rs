@@ -31,6 +31,12 @@ enum Command {
     /// Run one network (unet, vae-encode, vae-decode, clip-text, clip-vision, llm) from a reference
     /// model directory on tensors in a safetensors file and write its outputs (conformance).
     Component(commands::component::ComponentArgs),
+    /// Model bundles: `bundle random --config toy --out DIR` writes an untrained toy bundle;
+    /// `bundle info DIR` loads one and says what it is.
+    Bundle(commands::bundle::BundleArgs),
+    /// Illustrate a story (STORY.json: characters with portraits, captions) with a model
+    /// bundle: writes frame-NN.png and story.json.
+    Generate(commands::generate::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +47,8 @@ fn main() -> std::process::ExitCode {
         Command::Data(args) => commands::data::run(args),
         Command::Toyworld(args) => commands::toyworld::run(args),
         Command::Component(args) => commands::component::run(args),
+        Command::Bundle(args) => commands::bundle::run(args),
+        Command::Generate(args) => commands::generate::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -290,7 +290,9 @@ impl CharLdm {
                 out
             };
             let noise = seeded_normal(&mut rng, shape, &device, dtype)?;
-            latents = scheduler.step(&eps, t, &latents, Some(&noise))?;
+            // Detached so that sampling with trainable (Var) weights, e.g. during training,
+            // does not keep every step's autograd graph alive.
+            latents = scheduler.step(&eps, t, &latents, Some(&noise))?.detach();
             progress(i + 1, total);
         }
 

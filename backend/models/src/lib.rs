@@ -4,6 +4,7 @@
 //! crate's differentiable layers and read their shapes from the checkpoint's `config.json`;
 //! schedulers are pure maths built from `scheduler_config.json`.
 
+pub mod bundle;
 pub mod char_ldm;
 pub mod clip;
 pub mod conformance;
@@ -11,6 +12,7 @@ pub mod fuse;
 pub mod llm;
 pub mod lreg;
 pub mod mappers;
+pub mod pipeline;
 pub mod prompt;
 pub mod schedulers;
 pub mod stage2_losses;

@@ -1,7 +1,9 @@
 //! One module per subcommand; each exposes its clap arguments and a `run` function.
 
+pub mod bundle;
 pub mod component;
 pub mod data;
+pub mod generate;
 pub mod serve;
 pub mod toyworld;
 
