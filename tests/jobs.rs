@@ -19,18 +19,23 @@ use serde_json::{json, Value};
 /// Longest any single wait in these tests may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// One random toy bundle for every server of this test binary (making one costs seconds).
-/// It is made by the service itself: a server started without `--bundle` writes it into its
-/// data directory.
+/// One random toy bundle for every server of this test binary (making one costs seconds),
+/// made with `storygpt-v bundle random`.
 fn bundle() -> &'static PathBuf {
     static BUNDLE: OnceLock<PathBuf> = OnceLock::new();
     BUNDLE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let server = Server::start(&dir);
-        server.kill_hard();
-        let bundle = dir.join("bundles").join("toy-random");
-        assert!(bundle.is_dir(), "no bundle at {}", bundle.display());
-        bundle
+        let dir = tempfile::tempdir().unwrap().keep().join("toy");
+        let output = std::process::Command::new(common::binary())
+            .args(["bundle", "random", "--config", "toy", "--out"])
+            .arg(&dir)
+            .output()
+            .expect("run storygpt-v bundle random");
+        assert!(
+            output.status.success(),
+            "bundle random failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        dir
     })
 }
 
