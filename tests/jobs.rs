@@ -561,6 +561,24 @@ async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
     let long_id = long["id"].as_i64().unwrap();
     wait_job(&server, long_id, "running").await;
 
+    // The story shows which frame is being drawn and which wait.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let story = get(&server, &format!("/api/stories/{story_id}")).await;
+        let statuses: Vec<&str> = story["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["status"].as_str().unwrap())
+            .collect();
+        if statuses == ["running", "queued"] {
+            break;
+        }
+        assert_eq!(statuses, ["queued", "queued"]);
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     let second = generate(&server, story_id, json!({"steps": 1})).await;
     let third = generate(&server, story_id, json!({"steps": 1})).await;
     let response = post_generate(&server, story_id, json!({"steps": 1})).await;
@@ -737,4 +755,105 @@ async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt() {
         .as_str()
         .unwrap()
         .contains("shutting down"));
+}
+
+#[tokio::test]
+async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--max-attempts", "1"]);
+    let story_id = story(&server, &["Fred sings.", "He bows.", "They clap."]).await;
+    let job = generate(&server, story_id, json!({"steps": 20})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("frame").await;
+    server.kill_hard();
+
+    let server = start(dir.path(), &["--max-attempts", "1"]);
+    let failed = get(&server, &format!("/api/jobs/{job_id}")).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"]
+        .as_str()
+        .unwrap()
+        .contains("attempt 1 of 1"));
+    let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
+        .await
+        .rest()
+        .await;
+    assert_eq!(all.last().unwrap().name, "failed");
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let statuses: Vec<&str> = story["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses[0], "ready");
+    assert!(statuses[1..].iter().all(|s| *s == "failed"), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let story_id = story(&server, &["Fred runs.", "He stops.", "He sits."]).await;
+    let job = generate(&server, story_id, json!({"steps": 10})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("started").await;
+    // While it runs: rewrite the last caption and delete the middle frame.
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let middle = story["frames"][1]["id"].as_i64().unwrap();
+    let last = story["frames"][2]["id"].as_i64().unwrap();
+    let response = http()
+        .patch(server.at(&format!("/api/stories/{story_id}/frames/{last}")))
+        .json(&json!({"caption": "He lies down."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = http()
+        .delete(server.at(&format!("/api/stories/{story_id}/frames/{middle}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let rest = events.rest().await;
+    assert_eq!(rest.last().unwrap().name, "completed", "{:?}", names(&rest));
+    // The job drew its snapshot: the deleted frame's image went nowhere, and the edited
+    // frame's image, drawn from the old caption, is stale.
+    let discarded = rest
+        .iter()
+        .find(|e| e.name == "frame" && e.data["position"] == 1)
+        .unwrap();
+    assert!(discarded.data["image_url"].is_null());
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let frames = story["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frames[0]["status"], "ready");
+    assert_eq!(frames[1]["status"], "stale");
+    assert_eq!(frames[1]["caption"], "He lies down.");
+    image(&server, frames[1]["image_url"].as_str().unwrap()).await;
+
+    // Deleting the story stops its running job; the worker goes on with the next one.
+    let job = generate(&server, story_id, json!({"steps": 200})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let other = self::story(&server, &["Wilma smiles."]).await;
+    let next = generate(&server, other, json!({"steps": 1})).await;
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("started").await;
+    let response = http()
+        .delete(server.at(&format!("/api/stories/{story_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let rest = events.rest().await;
+    assert_eq!(rest.last().unwrap().name, "cancelled", "{:?}", names(&rest));
+    let response = http()
+        .get(server.at(&format!("/api/jobs/{job_id}")))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::NOT_FOUND, "not_found").await;
+    wait_job(&server, next["id"].as_i64().unwrap(), "succeeded").await;
 }

@@ -908,8 +908,8 @@ pub async fn recover(pool: &SqlitePool, max_attempts: u32) -> ApiResult<Recovery
         } else if attempts >= max_attempts as i64 {
             recovery.failed.push(id);
             Outcome::Failed(format!(
-                "the server stopped {attempts} times while drawing this job; giving up, as the job \
-                 may be what stops it (see the server log)"
+                "the server stopped while drawing this job, on attempt {attempts} of {max_attempts}; \
+                 giving up, as the job may be what stops it (see the server log)"
             ))
         } else {
             recovery.requeued.push(id);
