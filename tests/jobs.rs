@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{character_form, png, Server};
@@ -19,31 +17,8 @@ use serde_json::{json, Value};
 /// Longest any single wait in these tests may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// One random toy bundle for every server of this test binary (making one costs seconds),
-/// made with `storygpt-v bundle random`.
-fn bundle() -> &'static PathBuf {
-    static BUNDLE: OnceLock<PathBuf> = OnceLock::new();
-    BUNDLE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep().join("toy");
-        let output = std::process::Command::new(common::binary())
-            .args(["bundle", "random", "--config", "toy", "--out"])
-            .arg(&dir)
-            .output()
-            .expect("run storygpt-v bundle random");
-        assert!(
-            output.status.success(),
-            "bundle random failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        dir
-    })
-}
-
 fn start(dir: &std::path::Path, extra: &[&str]) -> Server {
-    let bundle = bundle().to_str().unwrap().to_string();
-    let mut args = vec!["--bundle", bundle.as_str()];
-    args.extend_from_slice(extra);
-    Server::start_with(dir, &args, &[])
+    Server::start_with(dir, extra, &[])
 }
 
 fn http() -> Client {
@@ -198,8 +173,12 @@ impl Stream {
                 .await
                 .expect("the event stream stalled")
                 .unwrap();
-            self.buffer
-                .push_str(std::str::from_utf8(&chunk?).unwrap().replace("\r\n", "\n").as_str());
+            self.buffer.push_str(
+                std::str::from_utf8(&chunk?)
+                    .unwrap()
+                    .replace("\r\n", "\n")
+                    .as_str(),
+            );
         }
     }
 
@@ -248,7 +227,9 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
     let ready = get(&server, "/readyz").await;
     assert_eq!(ready["model"]["trained"], false, "{ready}");
     assert_eq!(ready["model"]["device"], "cpu");
-    assert!(ready["model"]["name"].as_str().is_some_and(|n| !n.is_empty()));
+    assert!(ready["model"]["name"]
+        .as_str()
+        .is_some_and(|n| !n.is_empty()));
     let (width, height) = (
         ready["model"]["width"].as_u64().unwrap() as u32,
         ready["model"]["height"].as_u64().unwrap() as u32,
@@ -280,7 +261,10 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
     // ...and comes back with Last-Event-ID: it gets only what came after, to the end.
     let mut second = Stream::open(&server, &events_path, Some(resume_at)).await;
     let tail = second.rest().await;
-    assert!(stored_ids(&tail).iter().all(|&id| id > resume_at), "{tail:?}");
+    assert!(
+        stored_ids(&tail).iter().all(|&id| id > resume_at),
+        "{tail:?}"
+    );
     assert_eq!(names(&tail).iter().filter(|n| **n == "frame").count(), 2);
     assert_eq!(tail.last().unwrap().name, "completed");
 
@@ -292,10 +276,17 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
     assert_eq!(names(&all)[..2], ["queued", "started"]);
     assert_eq!(*names(&all).last().unwrap(), "completed");
     let tail_ids: Vec<i64> = ids.iter().copied().filter(|&id| id > resume_at).collect();
-    assert_eq!(stored_ids(&tail), tail_ids, "the resumed stream missed nothing");
+    assert_eq!(
+        stored_ids(&tail),
+        tail_ids,
+        "the resumed stream missed nothing"
+    );
     let frames: Vec<&Event> = all.iter().filter(|e| e.name == "frame").collect();
     assert_eq!(
-        frames.iter().map(|e| e.data["position"].as_i64().unwrap()).collect::<Vec<_>>(),
+        frames
+            .iter()
+            .map(|e| e.data["position"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
         [0, 1, 2]
     );
     for event in &all {
@@ -430,7 +421,12 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
         .send()
         .await
         .unwrap();
-    problem(response, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+    problem(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
     let response = http()
         .post(server.at(&format!("/api/stories/{story_id}/generate")))
         .header("idempotency-key", "x".repeat(300))
@@ -439,7 +435,10 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
         .unwrap();
     problem(response, StatusCode::BAD_REQUEST, "invalid_idempotency_key").await;
     assert!(
-        get(&server, "/api/jobs").await["items"].as_array().unwrap().is_empty(),
+        get(&server, "/api/jobs").await["items"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
         "a refused request queues nothing"
     );
 
@@ -461,7 +460,12 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(json_of(again).await["id"], job["id"]);
     let other = send(json!({"steps": 2})).await.unwrap();
-    problem(other, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    problem(
+        other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
     let listed = get(&server, &format!("/api/jobs?story_id={story_id}")).await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
 
@@ -476,7 +480,11 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
     assert!(listed["next_cursor"].is_string());
 
-    for path in ["/api/jobs/999999", "/api/jobs/abc", "/api/jobs/999999/events"] {
+    for path in [
+        "/api/jobs/999999",
+        "/api/jobs/abc",
+        "/api/jobs/999999/events",
+    ] {
         let response = http().get(server.at(path)).send().await.unwrap();
         problem(response, StatusCode::NOT_FOUND, "not_found").await;
     }
@@ -505,7 +513,11 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
 async fn cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
-    let story_id = story(&server, &["Fred runs.", "He jumps.", "He falls.", "He laughs."]).await;
+    let story_id = story(
+        &server,
+        &["Fred runs.", "He jumps.", "He falls.", "He laughs."],
+    )
+    .await;
     let job = generate(&server, story_id, json!({"steps": 40})).await;
     let job_id = job["id"].as_i64().unwrap();
     let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
@@ -590,7 +602,10 @@ async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
     assert!(retry_after > 0);
     problem(response, StatusCode::TOO_MANY_REQUESTS, "queue_full").await;
     let ready = get(&server, "/readyz").await;
-    assert_eq!(ready["queue"], json!({"queued": 2, "running": 1, "capacity": 2, "worker_alive": true}));
+    assert_eq!(
+        ready["queue"],
+        json!({"queued": 2, "running": 1, "capacity": 2, "worker_alive": true})
+    );
 
     // Cancelling a queued job takes effect at once and makes room.
     let second_id = second["id"].as_i64().unwrap();
@@ -715,7 +730,10 @@ async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
         }
         out
     };
-    assert_eq!(stored[0], first_image, "the frame drawn before the crash is kept");
+    assert_eq!(
+        stored[0], first_image,
+        "the frame drawn before the crash is kept"
+    );
 
     // The seeds were fixed at enqueue time, so the frames redrawn after the crash are the
     // frames an uninterrupted run draws.
@@ -725,7 +743,10 @@ async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
     let twin = get(&server, &format!("/api/stories/{twin}")).await;
     for (p, frame) in twin["frames"].as_array().unwrap().iter().enumerate() {
         let bytes = image(&server, frame["image_url"].as_str().unwrap()).await;
-        assert!(bytes == stored[p], "frame {p} differs from an uninterrupted run");
+        assert!(
+            bytes == stored[p],
+            "frame {p} differs from an uninterrupted run"
+        );
     }
 }
 
@@ -771,10 +792,7 @@ async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_fra
     let server = start(dir.path(), &["--max-attempts", "1"]);
     let failed = get(&server, &format!("/api/jobs/{job_id}")).await;
     assert_eq!(failed["status"], "failed", "{failed}");
-    assert!(failed["error"]
-        .as_str()
-        .unwrap()
-        .contains("attempt 1 of 1"));
+    assert!(failed["error"].as_str().unwrap().contains("attempt 1 of 1"));
     let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
         .await
         .rest()
@@ -856,4 +874,43 @@ async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
         .unwrap();
     problem(response, StatusCode::NOT_FOUND, "not_found").await;
     wait_job(&server, next["id"].as_i64().unwrap(), "succeeded").await;
+}
+
+#[tokio::test]
+async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_default_bundle(dir.path(), &[]);
+    let ready = get(&server, "/readyz").await;
+    assert_eq!(ready["status"], "ok");
+    assert_eq!(ready["model"]["trained"], false);
+    let bundle = dir.path().join("bundles").join("toy-random");
+    assert_eq!(ready["model"]["bundle"], bundle.to_str().unwrap());
+    assert!(server.log().contains("UNTRAINED"), "{}", server.log());
+    // The next start reuses it.
+    assert!(server.terminate());
+    let server = Server::start_with_default_bundle(dir.path(), &[]);
+    assert_eq!(
+        get(&server, "/readyz").await["model"]["bundle"],
+        bundle.to_str().unwrap()
+    );
+
+    // A bundle that is not there stops the start with what to do about it.
+    let output = std::process::Command::new(common::binary())
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--bundle",
+            "/nonexistent/bundle",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/bundle") && stderr.contains("bundle random"),
+        "{stderr}"
+    );
 }

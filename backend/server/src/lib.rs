@@ -100,7 +100,10 @@ pub async fn serve(
     // Jobs a crash left `running` are requeued (or failed, or cancelled) before any worker
     // could claim them.
     let recovery = store::jobs::recover(&pool, config.max_attempts).await?;
-    if !(recovery.requeued.is_empty() && recovery.failed.is_empty() && recovery.cancelled.is_empty()) {
+    if !(recovery.requeued.is_empty()
+        && recovery.failed.is_empty()
+        && recovery.cancelled.is_empty())
+    {
         tracing::warn!(
             requeued = ?recovery.requeued, failed = ?recovery.failed, cancelled = ?recovery.cancelled,
             "recovered jobs interrupted by the last stop"

@@ -67,10 +67,12 @@ pub fn resolve_bundle(configured: Option<&Path>, data_dir: &Path) -> anyhow::Res
             .with_context(|| format!("cannot create {}", parent.display()))?;
         let partial = parent.join(format!(".toy-random.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
-        let _report = models::bundle::write_random("toy", &partial, 0)
-            .with_context(|| format!("cannot write a random toy bundle to {}", partial.display()))?;
-        std::fs::rename(&partial, &random)
-            .with_context(|| format!("cannot move the random toy bundle to {}", random.display()))?;
+        let _report = models::bundle::write_random("toy", &partial, 0).with_context(|| {
+            format!("cannot write a random toy bundle to {}", partial.display())
+        })?;
+        std::fs::rename(&partial, &random).with_context(|| {
+            format!("cannot move the random toy bundle to {}", random.display())
+        })?;
     }
     tracing::warn!(
         bundle = %random.display(),

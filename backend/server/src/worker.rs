@@ -84,7 +84,9 @@ impl WorkerHandle {
         if let Some(thread) = thread {
             let joined = tokio::task::spawn_blocking(move || thread.join());
             if tokio::time::timeout(limit, joined).await.is_err() {
-                tracing::warn!("the worker did not stop in time; its job is requeued on the next start");
+                tracing::warn!(
+                    "the worker did not stop in time; its job is requeued on the next start"
+                );
             }
         }
     }
@@ -230,7 +232,12 @@ impl Ctx {
     }
 
     fn run_job(&self, pipeline: &StoryPipeline, job: Claimed) {
-        tracing::info!(job = job.job_id, story = job.story_id, attempt = job.attempt, "job started");
+        tracing::info!(
+            job = job.job_id,
+            story = job.story_id,
+            attempt = job.attempt,
+            "job started"
+        );
         self.hub.publish(job.event.clone());
         let outcome = self.draw(pipeline, &job);
         self.shared.cancels.lock().unwrap().remove(&job.job_id);
@@ -245,7 +252,9 @@ impl Ctx {
             }
             Ok(None) => self.vanished(&job),
             // The row stays `running`; the next start's recovery puts it right.
-            Err(e) => tracing::error!(job = job.job_id, error = %e, "cannot record the end of a job"),
+            Err(e) => {
+                tracing::error!(job = job.job_id, error = %e, "cannot record the end of a job")
+            }
         }
     }
 
@@ -290,21 +299,31 @@ impl Ctx {
         let mut on_event = |event: PipelineEvent<'_>| self.on_event(job, &todo, &state, event);
         let cancel = || self.should_stop(job, &state);
         let result = catch_unwind(AssertUnwindSafe(|| {
-            pipeline.generate(&story, &requests, &existing, &options, &mut on_event, &cancel)
+            pipeline.generate(
+                &story,
+                &requests,
+                &existing,
+                &options,
+                &mut on_event,
+                &cancel,
+            )
         }));
         let state = state.into_inner();
         if state.gone {
             return None;
         }
         if let Some(error) = state.error {
-            return Some(Outcome::Failed(format!("could not record the job's progress: {error}")));
+            return Some(Outcome::Failed(format!(
+                "could not record the job's progress: {error}"
+            )));
         }
         Some(match result {
             Ok(Ok(_)) => Outcome::Succeeded,
             Ok(Err(e)) if models::char_ldm::is_cancelled(&e) => {
                 if self.stopping() {
                     Outcome::Requeued {
-                        reason: "the server is shutting down; the job resumes when it starts again".into(),
+                        reason: "the server is shutting down; the job resumes when it starts again"
+                            .into(),
                         counts: false,
                     }
                 } else {
@@ -442,7 +461,12 @@ impl Ctx {
                 let p = progress(frame_of(ordinal), step, steps, state.done);
                 if state.last_stored_progress.elapsed() < PROGRESS_EVERY {
                     let data = serde_json::to_value(&p).unwrap_or_default();
-                    self.hub.publish(JobEvent::new(job.job_id, job.story_id, kind::PROGRESS, data));
+                    self.hub.publish(JobEvent::new(
+                        job.job_id,
+                        job.story_id,
+                        kind::PROGRESS,
+                        data,
+                    ));
                     return;
                 }
                 state.last_stored_progress = Instant::now();
@@ -471,7 +495,10 @@ impl Ctx {
             Ok(Some(event)) => self.hub.publish(event),
             Ok(None) => {
                 // The job stopped running under us: only its deletion does that.
-                if !matches!(self.block_on(store::poll(&self.pool, job.job_id)), Ok(Some(_))) {
+                if !matches!(
+                    self.block_on(store::poll(&self.pool, job.job_id)),
+                    Ok(Some(_))
+                ) {
                     state.gone = true;
                 }
             }
@@ -481,19 +508,11 @@ impl Ctx {
 }
 
 /// The model's defaults with the job's steps and guidance; delayed conditioning keeps its
-/// share of the steps (the paper merges after 15 of 30).
+/// share of the steps (`with_steps`).
 fn options(defaults: GenerateOptions, job: &Claimed) -> GenerateOptions {
-    let steps = job.params.steps as usize;
-    let merge = if defaults.steps == 0 {
-        0
-    } else {
-        (defaults.start_merge_step * steps + defaults.steps / 2) / defaults.steps
-    };
     GenerateOptions {
-        steps,
         guidance_scale: job.params.guidance_scale,
-        start_merge_step: merge.min(steps),
-        ..defaults
+        ..defaults.with_steps(job.params.steps as usize)
     }
 }
 

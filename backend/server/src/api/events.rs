@@ -152,7 +152,10 @@ async fn catch_up(
         let full = events.len() as i64 == PAGE;
         for event in events {
             *last = event.id.unwrap_or(*last);
-            sender.send(sse_event(&event)).await.map_err(|_| End::Gone)?;
+            sender
+                .send(sse_event(&event))
+                .await
+                .map_err(|_| End::Gone)?;
             if matches!(scope, Scope::Job(_)) && event.is_final() {
                 return Err(End::Final);
             }

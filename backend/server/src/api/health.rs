@@ -77,7 +77,11 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         ),
     };
     let health = Health {
-        status: if status == StatusCode::OK { "ok" } else { "unavailable" },
+        status: if status == StatusCode::OK {
+            "ok"
+        } else {
+            "unavailable"
+        },
         detail,
         model,
         queue,

@@ -14,7 +14,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiPath, ApiQuery};
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::store::jobs::{self as store, Cancel, Enqueued, GenerateSpec, Idempotency, Job, MAX_SEED};
+use crate::store::jobs::{
+    self as store, Cancel, Enqueued, GenerateSpec, Idempotency, Job, MAX_SEED,
+};
 use crate::store::{page_limit, Page};
 use crate::AppState;
 
@@ -149,7 +151,10 @@ impl GenerateRequest {
 
 /// Parses an optional JSON body: empty means all defaults (so a bare POST, e.g. from an HTML
 /// button, draws the whole story); otherwise it must be JSON, refused like every JSON body.
-fn parse_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<GenerateRequest> {
+fn parse_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<GenerateRequest> {
     let body = body.map_err(|e| {
         let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             "payload_too_large"
@@ -181,12 +186,19 @@ fn parse_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiRe
         .map_err(super::json_rejection)
 }
 
-fn idempotency(headers: &HeaderMap, story: i64, request: &GenerateRequest) -> ApiResult<Option<Idempotency>> {
+fn idempotency(
+    headers: &HeaderMap,
+    story: i64,
+    request: &GenerateRequest,
+) -> ApiResult<Option<Idempotency>> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
     let key = value.to_str().unwrap_or_default().trim();
-    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+    if key.is_empty()
+        || key.len() > MAX_KEY_LEN
+        || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
         return Err(ApiError::bad_request(
             "invalid_idempotency_key",
             format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters (a UUID is ideal)"),
@@ -263,7 +275,10 @@ pub async fn generate(
 #[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = i64, Path)),
     responses((status = 200, description = "The job", body = Job),
               (status = 404, description = "No such job", body = Problem)))]
-pub async fn get_one(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<Json<Job>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<Job>> {
     Ok(Json(store::get(&state.pool, id).await?))
 }
 
@@ -297,13 +312,23 @@ pub async fn list(
         if !STATUSES.contains(&status) {
             return Err(ApiError::bad_request(
                 "invalid_query",
-                format!("status must be among {}; got {status:?}", STATUSES.join(", ")),
+                format!(
+                    "status must be among {}; got {status:?}",
+                    STATUSES.join(", ")
+                ),
             ));
         }
         statuses.push(status.to_string());
     }
     Ok(Json(
-        store::list(&state.pool, params.story_id, &statuses, params.cursor.as_deref(), limit).await?,
+        store::list(
+            &state.pool,
+            params.story_id,
+            &statuses,
+            params.cursor.as_deref(),
+            limit,
+        )
+        .await?,
     ))
 }
 
@@ -314,7 +339,10 @@ pub async fn list(
               (status = 202, description = "Cancellation asked; the running job stops at its next step", body = Job),
               (status = 404, description = "No such job", body = Problem),
               (status = 409, description = "The job already succeeded or failed", body = Problem)))]
-pub async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<Response> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
     Ok(match store::cancel(&state.pool, id).await? {
         Cancel::Cancelled(job, event) => {
             state.hub.publish(event);

@@ -75,7 +75,10 @@ impl JobEvent {
 
 /// Stores an event (inside the caller's transaction) and returns it with its id.
 pub async fn insert(conn: &mut SqliteConnection, mut event: JobEvent) -> ApiResult<JobEvent> {
-    let at = event.data["at"].as_str().map(str::to_string).unwrap_or_else(now);
+    let at = event.data["at"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(now);
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO job_events (job_id, kind, data, created_at) VALUES (?, ?, ?, ?) RETURNING id",
     )
@@ -110,10 +113,12 @@ impl Scope {
 
 fn known_kind(text: &str) -> &'static str {
     use kind::*;
-    [QUEUED, STARTED, PROGRESS, FRAME, COMPLETED, FAILED, CANCELLED]
-        .into_iter()
-        .find(|k| *k == text)
-        .unwrap_or("unknown")
+    [
+        QUEUED, STARTED, PROGRESS, FRAME, COMPLETED, FAILED, CANCELLED,
+    ]
+    .into_iter()
+    .find(|k| *k == text)
+    .unwrap_or("unknown")
 }
 
 /// Stored events of a scope with ids above `after`, oldest first, at most `limit`.

@@ -259,10 +259,11 @@ async fn to_job(conn: &mut SqliteConnection, row: JobRow) -> ApiResult<Job> {
 
 /// Fetches a job with its frames, or 404.
 pub async fn get_in(conn: &mut SqliteConnection, id: i64) -> ApiResult<Job> {
-    let row: Option<JobRow> = sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row: Option<JobRow> =
+        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
     let row = row.ok_or_else(|| ApiError::not_found("job", id))?;
     to_job(conn, row).await
 }
@@ -848,10 +849,11 @@ pub enum Cancel {
 /// flag). A job that already succeeded or failed cannot be cancelled (409).
 pub async fn cancel(pool: &SqlitePool, id: i64) -> ApiResult<Cancel> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let row: Option<(i64, String)> = sqlx::query_as("SELECT story_id, status FROM jobs WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let row: Option<(i64, String)> =
+        sqlx::query_as("SELECT story_id, status FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
     let (story, status) = row.ok_or_else(|| ApiError::not_found("job", id))?;
     let result = match status.as_str() {
         "queued" => {
@@ -904,7 +906,9 @@ pub async fn recover(pool: &SqlitePool, max_attempts: u32) -> ApiResult<Recovery
     for (id, story, attempts, cancel_requested) in running {
         let outcome = if cancel_requested {
             recovery.cancelled.push(id);
-            Outcome::Cancelled(Some("the server stopped before the job noticed the cancellation".into()))
+            Outcome::Cancelled(Some(
+                "the server stopped before the job noticed the cancellation".into(),
+            ))
         } else if attempts >= max_attempts as i64 {
             recovery.failed.push(id);
             Outcome::Failed(format!(
@@ -914,7 +918,9 @@ pub async fn recover(pool: &SqlitePool, max_attempts: u32) -> ApiResult<Recovery
         } else {
             recovery.requeued.push(id);
             Outcome::Requeued {
-                reason: "the server stopped while the job was running; frames already drawn are kept".into(),
+                reason:
+                    "the server stopped while the job was running; frames already drawn are kept"
+                        .into(),
                 counts: true,
             }
         };
@@ -946,9 +952,10 @@ pub async fn portraits(pool: &SqlitePool, ids: &[i64]) -> ApiResult<Vec<Option<V
 
 /// The stored image of a frame, if it has one.
 pub async fn frame_image(pool: &SqlitePool, frame: i64) -> ApiResult<Option<Vec<u8>>> {
-    let image: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT image FROM frames WHERE id = ?")
-        .bind(frame)
-        .fetch_optional(pool)
-        .await?;
+    let image: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT image FROM frames WHERE id = ?")
+            .bind(frame)
+            .fetch_optional(pool)
+            .await?;
     Ok(image.flatten())
 }

@@ -212,7 +212,9 @@ pub async fn exists(pool: &SqlitePool, id: i64) -> ApiResult<()> {
         .bind(id)
         .fetch_optional(pool)
         .await?;
-    found.map(|_| ()).ok_or_else(|| ApiError::not_found("story", id))
+    found
+        .map(|_| ())
+        .ok_or_else(|| ApiError::not_found("story", id))
 }
 
 /// Lists stories in id order, a page at a time.
