@@ -99,7 +99,7 @@ pub async fn serve(
     tracing::info!(database = %config.database_path().display(), "database ready");
     // Jobs a crash left `running` are requeued (or failed, or cancelled) before any worker
     // could claim them.
-    let recovery = store::jobs::recover(&pool, config.max_attempts).await?;
+    let recovery = store::job_runs::recover(&pool, config.max_attempts).await?;
     if !(recovery.requeued.is_empty()
         && recovery.failed.is_empty()
         && recovery.cancelled.is_empty())

@@ -27,7 +27,8 @@ use tokio::runtime::Handle;
 use crate::live::Hub;
 use crate::model::ModelInfo;
 use crate::store::job_events::{kind, JobEvent};
-use crate::store::jobs::{self as store, Claimed, FinishedFrame, JobFrameRow, Outcome, Progress};
+use crate::store::job_runs::{self as store, Claimed, FinishedFrame, Outcome};
+use crate::store::jobs::{JobFrameRow, Progress};
 
 /// At most one stored `progress` event per job per this interval (every step still goes to
 /// live viewers); frame and state-change events are always stored.

@@ -22,7 +22,7 @@ use utoipa::IntoParams;
 use super::{ApiPath, ApiQuery};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::store::job_events::{self, JobEvent, Scope};
-use crate::store::{jobs, stories};
+use crate::store::{job_runs, stories};
 use crate::AppState;
 
 /// Stored events read from the database per query while catching up.
@@ -69,7 +69,7 @@ pub async fn job_events(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = resume_point(&headers, &params)?.unwrap_or(0);
-    jobs::poll(&state.pool, id)
+    job_runs::poll(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::not_found("job", id))?;
     Ok(stream(state, Scope::Job(id), after))
@@ -170,7 +170,7 @@ async fn job_gone_or_finished(state: &AppState, scope: Scope) -> bool {
     let Scope::Job(id) = scope else {
         return false;
     };
-    match jobs::poll(&state.pool, id).await {
+    match job_runs::poll(&state.pool, id).await {
         Ok(Some((status, _))) => matches!(status.as_str(), "succeeded" | "failed" | "cancelled"),
         _ => true,
     }

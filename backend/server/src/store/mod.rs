@@ -3,6 +3,7 @@
 
 pub mod characters;
 pub mod job_events;
+pub mod job_runs;
 pub mod jobs;
 pub mod stories;
 
