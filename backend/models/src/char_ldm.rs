@@ -18,10 +18,10 @@
 use crate::clip::{ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel};
 use crate::fuse::{CharacterSlot, FuseModule, MAX_CHARACTERS};
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
-use crate::unet::UNet2DConditionModel;
+use crate::unet::{AttentionCapture, CapturedAttention, UNet2DConditionModel};
 use crate::vae::AutoencoderKL;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -227,6 +227,30 @@ impl CharLdm {
         progress: &mut dyn FnMut(usize, usize),
         cancel: &dyn Fn() -> bool,
     ) -> Result<Tensor> {
+        Ok(self
+            .sample_with_attention(text_cond, cond, negative, opts, &[], progress, cancel)?
+            .0)
+    }
+
+    /// As [`CharLdm::sample`], and also the cross-attention heatmaps of the condition tokens
+    /// `tokens` (indices into the 77): `(k, H/f, W/f)` f32, the `attn2` probabilities of the
+    /// conditional pass averaged over heads, every cross-attention layer (each upsampled to
+    /// the latent size) and every step, each map scaled to a maximum of 1. `None` when
+    /// `tokens` is empty.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_with_attention(
+        &self,
+        text_cond: &Tensor,
+        cond: Option<&Tensor>,
+        negative: &Tensor,
+        opts: &SampleOptions,
+        tokens: &[usize],
+        progress: &mut dyn FnMut(usize, usize),
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(&t) = tokens.iter().find(|&&t| t >= text_cond.dim(1).unwrap_or(0)) {
+            bail!("attention token {t} is outside the condition")
+        }
         let f = self.downscale();
         if opts.height == 0
             || opts.width == 0
@@ -256,6 +280,7 @@ impl CharLdm {
         let noise0 = seeded_normal(&mut rng, shape, &device, dtype)?;
         let mut latents = (noise0 * scheduler.init_noise_sigma())?;
         let use_cfg = opts.guidance_scale != 1.0;
+        let mut heat: Option<Tensor> = None;
         let uncond_cond = |c: &Tensor| -> Result<Tensor> {
             Ok(if use_cfg {
                 Tensor::cat(&[negative, c], 0)?
@@ -281,7 +306,20 @@ impl CharLdm {
                 input
             };
             let ts = Tensor::new(t as f32, &device)?;
-            let out = self.unet.forward(&input, &ts, &ctx)?;
+            let out = if tokens.is_empty() {
+                self.unet.forward(&input, &ts, &ctx)?
+            } else {
+                let o =
+                    self.unet
+                        .forward_with_capture(&input, &ts, &ctx, &AttentionCapture::all())?;
+                let cond_row = if use_cfg { 1 } else { 0 };
+                let step_map = attention_maps(&o.attention_probs, cond_row, tokens, shape)?;
+                heat = Some(match heat {
+                    Some(h) => (h + step_map)?,
+                    None => step_map,
+                });
+                o.sample
+            };
             let eps = if use_cfg {
                 let u = out.narrow(0, 0, 1)?;
                 let c = out.narrow(0, 1, 1)?;
@@ -302,8 +340,56 @@ impl CharLdm {
             z = (z + s)?;
         }
         let img = self.vae.decode(&z)?.squeeze(0)?.to_dtype(DType::F32)?;
-        Ok(((img + 1.0)? / 2.0)?.clamp(0f32, 1f32)?)
+        let heat = heat
+            .map(|h| -> Result<Tensor> {
+                let h = h.to_dtype(DType::F32)?;
+                let max = h.max_keepdim(2)?.max_keepdim(1)?;
+                Ok(h.broadcast_div(&(max + 1e-12)?)?)
+            })
+            .transpose()?;
+        Ok((((img + 1.0)? / 2.0)?.clamp(0f32, 1f32)?, heat))
     }
+}
+
+/// Mean over heads and layers of the `attn2` probabilities of batch row `row` at `tokens`,
+/// each layer's map upsampled (nearest) to the latent size: `(k, h, w)`.
+fn attention_maps(
+    maps: &[CapturedAttention],
+    row: usize,
+    tokens: &[usize],
+    latent: (usize, usize, usize, usize),
+) -> Result<Tensor> {
+    let (_, _, h, w) = latent;
+    let mut sum: Option<Tensor> = None;
+    for m in maps {
+        let (_, _, hw, _) = m.probs.dims4()?;
+        // Square-ish maps: the layer's resolution keeps the latent's aspect ratio.
+        let scale = ((h * w) as f64 / hw as f64).sqrt().round() as usize;
+        if scale == 0 || (h / scale) * (w / scale) != hw {
+            bail!(
+                "attention map {} has {hw} positions, not a downscale of {h}x{w}",
+                m.layer
+            )
+        }
+        let (lh, lw) = (h / scale, w / scale);
+        let p = m.probs.detach().i(row)?.mean(0)?; // (hw, 77)
+        let idx = Tensor::from_vec(
+            tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+            tokens.len(),
+            p.device(),
+        )?;
+        let sel = p
+            .index_select(&idx, 1)?
+            .t()?
+            .reshape((1, tokens.len(), lh, lw))?;
+        let up = sel.upsample_nearest2d(h, w)?.squeeze(0)?;
+        sum = Some(match sum {
+            Some(s) => (s + up)?,
+            None => up,
+        });
+    }
+    let n = maps.len().max(1) as f64;
+    Ok((sum.context("the UNet has no cross-attention layer")? / n)?)
 }
 
 /// Unit normals of `shape` from `rng` (Box-Muller, f64 on the CPU), moved to `device` / `dtype`.

@@ -81,6 +81,9 @@ pub struct GenerateOptions {
     pub height: usize,
     /// Frame width in pixels.
     pub width: usize,
+    /// Also return the cross-attention heatmap of each character mention
+    /// ([`FrameOutput::attention`]); costs a little time per step.
+    pub capture_attention: bool,
 }
 
 impl GenerateOptions {
@@ -129,6 +132,20 @@ pub struct FrameOutput {
     pub prompt_tokens: usize,
     /// LLM positions actually computed for this frame (the rest came from the KV cache).
     pub llm_positions_computed: usize,
+    /// Cross-attention heatmaps of the caption's character mentions (when requested).
+    pub attention: Vec<AttentionMap>,
+}
+
+/// Where the UNet looked for one word of the caption.
+#[derive(Debug, Clone)]
+pub struct AttentionMap {
+    /// The word as written ("Mia", "He").
+    pub text: String,
+    /// The characters it refers to: the name itself, or for a pronoun the matching
+    /// characters of the latest earlier caption that names any.
+    pub characters: Vec<String>,
+    /// Frame-sized heatmap, 255 where the token's attention peaks.
+    pub heatmap: image::GrayImage,
 }
 
 /// Progress of [`StoryPipeline::generate`].
@@ -382,6 +399,7 @@ impl StoryPipeline {
             scheduler: bundle.scheduler_kind()?,
             height: s.height,
             width: s.width,
+            capture_attention: false,
         };
         let llm_desc = match &lm {
             CausalLm::Llama(_) => "llama",
@@ -517,6 +535,59 @@ impl StoryPipeline {
             .collect()
     }
 
+    /// The character mentions of the last caption of `captions` as (CLIP token index of the
+    /// mention's last token, text, characters referred to). Pronouns resolve to the
+    /// characters of the latest earlier caption naming any, filtered by pronoun family.
+    fn mention_tokens(
+        &self,
+        captions: &[String],
+        characters: &[CharacterInput],
+    ) -> Vec<(usize, String, Vec<String>)> {
+        use data::mentions::{find_mentions, mentioned_characters, MentionKind};
+        let cast: BTreeMap<String, String> = characters
+            .iter()
+            .map(|c| (c.name.clone(), c.pronoun.clone()))
+            .collect();
+        let Ok(rules) = data::rules::RuleSet::custom(&cast) else {
+            return Vec::new();
+        };
+        let Some((caption, earlier)) = captions.split_last() else {
+            return Vec::new();
+        };
+        let previous: Vec<usize> = earlier
+            .iter()
+            .rev()
+            .map(|c| mentioned_characters(c, &rules))
+            .find(|m| !m.is_empty())
+            .unwrap_or_default();
+        let mut out: Vec<(usize, String, Vec<String>)> = Vec::new();
+        for m in find_mentions(caption, &rules) {
+            let refers: Vec<String> = match &m.kind {
+                MentionKind::Character { name, .. } => vec![name.clone()],
+                MentionKind::Pronoun { pronoun, .. } => previous
+                    .iter()
+                    .map(|&k| &rules.characters[k])
+                    .filter(|c| *pronoun == data::Pronoun::They || c.pronoun == *pronoun)
+                    .map(|c| c.name.clone())
+                    .collect(),
+            };
+            // The token index of this occurrence: tokenize the caption up to its end.
+            let Some(token) = self
+                .char_ldm
+                .tokenizer
+                .find_phrase(&caption[..m.byte_end], m.text.trim_end_matches("'s"))
+                .last()
+                .map(|r| r.end - 1)
+            else {
+                continue;
+            };
+            if !out.iter().any(|(t, _, _)| *t == token) {
+                out.push((token, m.text.clone(), refers));
+            }
+        }
+        out
+    }
+
     /// Mapper_LLM visual tokens `(m, d)` of a frame.
     pub fn visual_tokens(&self, frame: &RgbImage) -> Result<Tensor> {
         let px = self.visual_processor.preprocess(frame, &self.device)?;
@@ -637,11 +708,18 @@ impl StoryPipeline {
                 width: opts.width,
                 scheduler: opts.scheduler,
             };
-            let image = self.char_ldm.sample(
+            let mentions = if opts.capture_attention {
+                self.mention_tokens(&story.captions[..=i], &story.characters)
+            } else {
+                Vec::new()
+            };
+            let tokens: Vec<usize> = mentions.iter().map(|m| m.0).collect();
+            let (image, heat) = self.char_ldm.sample_with_attention(
                 &text_cond,
                 cond.as_ref(),
                 &negative,
                 &sample_opts,
+                &tokens,
                 &mut |step, steps| {
                     on_event(PipelineEvent::Step {
                         index: i,
@@ -654,6 +732,20 @@ impl StoryPipeline {
                 cancel,
             )?;
             let image = crate::char_ldm::to_rgb_image(&image)?;
+            let attention = match heat {
+                Some(h) => mentions
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, (_, text, characters))| {
+                        Ok(AttentionMap {
+                            text,
+                            characters,
+                            heatmap: heatmap_image(&h.i(k)?, opts.width, opts.height)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
             if visual.len() == i {
                 visual.push(self.visual_tokens(&image)?);
             } else {
@@ -669,6 +761,7 @@ impl StoryPipeline {
                 condition: kind,
                 prompt_tokens,
                 llm_positions_computed: computed,
+                attention,
             };
             on_event(PipelineEvent::FrameFinished {
                 ordinal,
@@ -751,6 +844,26 @@ impl StoryPipeline {
     }
 }
 
+/// A `(h, w)` map in [0, 1] as a `width` x `height` grey image (bilinear).
+fn heatmap_image(map: &Tensor, width: usize, height: usize) -> Result<image::GrayImage> {
+    let (h, w) = map.dims2()?;
+    let v = map.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let small = image::GrayImage::from_raw(
+        w as u32,
+        h as u32,
+        v.iter()
+            .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect(),
+    )
+    .context("heatmap buffer")?;
+    Ok(image::imageops::resize(
+        &small,
+        width as u32,
+        height as u32,
+        image::imageops::FilterType::Triangle,
+    ))
+}
+
 /// LLM state kept between the frames of one generation.
 struct LlmState {
     cache: KvCache,
@@ -826,6 +939,7 @@ mod tests {
             scheduler: SchedulerKind::Pndm,
             height: 64,
             width: 64,
+            capture_attention: false,
         };
         assert_eq!(o.with_steps(10).start_merge_step, 5);
         assert_eq!(o.with_steps(4).start_merge_step, 2);

@@ -337,3 +337,45 @@ fn random_bundles_are_reproducible() {
     let err = models::bundle::write_random("huge", &a.path().join("x"), 5).unwrap_err();
     assert!(format!("{err:#}").contains("toy"));
 }
+
+#[test]
+fn attention_heatmaps_of_character_mentions() {
+    with_pipeline(|p| {
+        let s = story(&FOUR[..2]);
+        let mut opts = quick(p);
+        opts.capture_attention = true;
+        let out = p
+            .generate(&s, &all(2, 3), &[], &opts, &mut |_| {}, &|| false)
+            .unwrap();
+        let first: Vec<(&str, Vec<String>)> = out[0]
+            .attention
+            .iter()
+            .map(|a| (a.text.as_str(), a.characters.clone()))
+            .collect();
+        assert_eq!(first, vec![("Tom", vec!["Tom".to_string()])]);
+        let second: Vec<(&str, Vec<String>)> = out[1]
+            .attention
+            .iter()
+            .map(|a| (a.text.as_str(), a.characters.clone()))
+            .collect();
+        // "He" resolves to Tom, the character of the previous caption.
+        assert_eq!(
+            second,
+            vec![
+                ("He", vec!["Tom".to_string()]),
+                ("Mia", vec!["Mia".to_string()])
+            ]
+        );
+        for a in out.iter().flat_map(|o| &o.attention) {
+            assert_eq!(a.heatmap.dimensions(), (64, 64));
+            // Scaled to a peak of 1 before the bilinear resize, which softens it slightly.
+            let max = *a.heatmap.as_raw().iter().max().unwrap();
+            let min = *a.heatmap.as_raw().iter().min().unwrap();
+            assert!(max >= 200 && min < max, "{min}..{max}");
+        }
+        // Capturing attention does not change the frames.
+        let plain = run(p, &s, &all(2, 3), &[]);
+        assert_eq!(plain[1].image, out[1].image);
+        assert!(plain[1].attention.is_empty());
+    })
+}
