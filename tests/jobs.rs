@@ -755,7 +755,7 @@ async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
     let story_id = story(&server, &["Fred reads.", "He yawns."]).await;
-    let job = generate(&server, story_id, json!({"steps": 8})).await;
+    let job = generate(&server, story_id, json!({"steps": 25})).await;
     let job_id = job["id"].as_i64().unwrap();
     let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
     events.until("progress").await;
@@ -814,7 +814,7 @@ async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
     let story_id = story(&server, &["Fred runs.", "He stops.", "He sits."]).await;
-    let job = generate(&server, story_id, json!({"steps": 10})).await;
+    let job = generate(&server, story_id, json!({"steps": 20})).await;
     let job_id = job["id"].as_i64().unwrap();
     let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
     events.until("started").await;
