@@ -445,6 +445,8 @@ impl Ctx {
             step,
             steps,
         };
+        // Only a frame that cannot be stored fails the job; a lost progress row is logged.
+        let mut essential = false;
         let stored = match event {
             PipelineEvent::FrameStarted { ordinal, .. } => {
                 let row = frame_of(ordinal);
@@ -484,6 +486,7 @@ impl Ctx {
                 };
                 state.done += 1;
                 let p = progress(row, state.steps, state.steps, state.done);
+                essential = true;
                 let finished = FinishedFrame {
                     ordinal: row.ordinal,
                     png,
@@ -503,7 +506,8 @@ impl Ctx {
                     state.gone = true;
                 }
             }
-            Err(e) => state.error = Some(e.to_string()),
+            Err(e) if essential => state.error = Some(e.to_string()),
+            Err(e) => tracing::warn!(job = job.job_id, error = %e, "cannot record progress"),
         }
     }
 }

@@ -304,7 +304,8 @@ pub(crate) async fn finish_in(
 }
 
 /// Ends a running job with `outcome` and stores its event; `None` when the job no longer
-/// runs (its story was deleted, or it was already finished).
+/// runs (its story was deleted, or it was already finished). A job that would go back to the
+/// queue but whose cancellation was asked for is cancelled instead.
 pub async fn finish(
     pool: &SqlitePool,
     job: &Claimed,
@@ -314,6 +315,16 @@ pub async fn finish(
     if !is_running(&mut tx, job.job_id).await? {
         return Ok(None);
     }
+    let cancel_requested: bool =
+        sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = ?")
+            .bind(job.job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let cancelled = Outcome::Cancelled(None);
+    let outcome = match outcome {
+        Outcome::Requeued { .. } if cancel_requested => &cancelled,
+        other => other,
+    };
     let event = finish_in(&mut tx, job.job_id, job.story_id, outcome).await?;
     tx.commit().await?;
     Ok(Some(event))
