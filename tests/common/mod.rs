@@ -32,8 +32,28 @@ impl Server {
         Self::start_with(data_dir, &[], &[])
     }
 
-    /// Starts the server with extra arguments and environment variables.
+    /// Starts the server with extra arguments and environment variables. Unless they name a
+    /// bundle, the server gets the [`shared_bundle`], so that each start does not spend
+    /// seconds making its own.
     pub fn start_with(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let names_bundle =
+            args.contains(&"--bundle") || envs.iter().any(|(k, _)| *k == "STORYGPT_BUNDLE");
+        if names_bundle {
+            return Self::launch(data_dir, args, envs);
+        }
+        let bundle = shared_bundle().to_str().expect("UTF-8 path").to_string();
+        let mut all = vec!["--bundle", bundle.as_str()];
+        all.extend_from_slice(args);
+        Self::launch(data_dir, &all, envs)
+    }
+
+    /// Starts the server exactly as told: without `--bundle` it falls back to its default
+    /// bundle (and makes a random one in its data directory, which takes seconds).
+    pub fn start_with_default_bundle(data_dir: &Path, args: &[&str]) -> Server {
+        Self::launch(data_dir, args, &[])
+    }
+
+    fn launch(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stderr_log =
@@ -52,6 +72,8 @@ impl Server {
             .env_remove("STORYGPT_BIND")
             .env_remove("STORYGPT_DATA_DIR")
             .env_remove("STORYGPT_CONFIG")
+            .env_remove("STORYGPT_BUNDLE")
+            .env_remove("STORYGPT_DEVICE")
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -129,6 +151,57 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.stderr_log);
     }
+}
+
+/// A random toy model bundle (`storygpt-v bundle random --config toy`) shared by every test
+/// server. Making one takes seconds, so it is made once per build of the binary and kept in
+/// cargo's scratch directory for test binaries; its name carries the binary's modification
+/// time, so a rebuilt binary (which may write bundles differently) gets a fresh one.
+pub fn shared_bundle() -> &'static Path {
+    static BUNDLE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUNDLE.get_or_init(|| {
+        let stamp = std::fs::metadata(binary())
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let dir = root.join(format!("toy-bundle-{stamp}"));
+        if dir.is_dir() {
+            return dir;
+        }
+        // Made under a private name and renamed into place, so test binaries running side by
+        // side never see a half-written bundle; the first rename wins.
+        let partial = root.join(format!("toy-bundle-{stamp}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&partial);
+        let output = Command::new(binary())
+            .args(["bundle", "random", "--config", "toy", "--out"])
+            .arg(&partial)
+            .output()
+            .expect("run storygpt-v bundle random");
+        assert!(
+            output.status.success(),
+            "storygpt-v bundle random failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if std::fs::rename(&partial, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&partial);
+        }
+        assert!(dir.is_dir(), "no bundle at {}", dir.display());
+        // Bundles of earlier builds are of no more use.
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with("toy-bundle-")
+                    && entry.path() != dir
+                    && !name.contains(".partial-")
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        dir
+    })
 }
 
 /// A small RGB test image whose pixels encode their coordinates.

@@ -18,6 +18,14 @@ pub const MAX_PORTRAIT_BYTES: usize = 10 * 1024 * 1024;
 /// rather than a reset connection; bodies beyond it are cut off at once. Other routes keep
 /// axum's 2 MiB default, plenty for 200 captions.
 pub const UPLOAD_BODY_LIMIT: usize = 32 * 1024 * 1024;
+/// Default device of the generation worker.
+pub const DEFAULT_DEVICE: &str = "cpu";
+/// Default number of jobs that may wait in the queue before new ones get 429.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 32;
+/// Default interval between SSE heartbeat comments on a quiet stream.
+pub const DEFAULT_SSE_HEARTBEAT_MS: u64 = 15_000;
+/// Default number of times a job is started before an interruption (crash) fails it.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 /// The settings a TOML config file may hold; every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -27,6 +35,16 @@ pub struct FileConfig {
     pub bind: Option<String>,
     /// Directory for the database and other state.
     pub data_dir: Option<PathBuf>,
+    /// Model bundle directory.
+    pub bundle: Option<PathBuf>,
+    /// Device of the generation worker: cpu, cuda or cuda:N.
+    pub device: Option<String>,
+    /// How many jobs may wait in the queue.
+    pub queue_capacity: Option<usize>,
+    /// Interval between SSE heartbeats, in milliseconds.
+    pub sse_heartbeat_ms: Option<u64>,
+    /// Starts of a job before an interruption fails it.
+    pub max_attempts: Option<u32>,
 }
 
 impl FileConfig {
@@ -45,6 +63,36 @@ pub struct ServeConfig {
     pub bind: SocketAddr,
     /// Directory holding `storygpt-v.db`.
     pub data_dir: PathBuf,
+    /// Model bundle directory; `None`: the default (see `model::resolve_bundle`).
+    pub bundle: Option<PathBuf>,
+    /// Device of the generation worker.
+    pub device: String,
+    /// How many jobs may wait in the queue before new ones get 429.
+    pub queue_capacity: usize,
+    /// Interval between SSE heartbeat comments on a quiet stream.
+    pub sse_heartbeat: std::time::Duration,
+    /// Starts of a job before an interruption (crash, kill -9) fails it instead of requeuing.
+    pub max_attempts: u32,
+}
+
+/// Values given explicitly (flags or environment, already resolved by the CLI); each wins
+/// over the config file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// Address to listen on.
+    pub bind: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Model bundle directory.
+    pub bundle: Option<PathBuf>,
+    /// Worker device.
+    pub device: Option<String>,
+    /// Queue capacity.
+    pub queue_capacity: Option<usize>,
+    /// SSE heartbeat interval in milliseconds.
+    pub sse_heartbeat_ms: Option<u64>,
+    /// Attempt limit.
+    pub max_attempts: Option<u32>,
 }
 
 impl ServeConfig {
@@ -55,6 +103,27 @@ impl ServeConfig {
         data_dir: Option<PathBuf>,
         file: FileConfig,
     ) -> anyhow::Result<Self> {
+        Self::resolve_with(
+            Overrides {
+                bind,
+                data_dir,
+                ..Overrides::default()
+            },
+            file,
+        )
+    }
+
+    /// Merges every explicit value over the file config over the defaults, and checks them.
+    pub fn resolve_with(explicit: Overrides, file: FileConfig) -> anyhow::Result<Self> {
+        let Overrides {
+            bind,
+            data_dir,
+            bundle,
+            device,
+            queue_capacity,
+            sse_heartbeat_ms,
+            max_attempts,
+        } = explicit;
         let bind_text = bind
             .or(file.bind)
             .unwrap_or_else(|| DEFAULT_BIND.to_string());
@@ -65,7 +134,35 @@ impl ServeConfig {
         if data_dir.as_os_str().is_empty() {
             bail!("the data directory must not be empty");
         }
-        Ok(Self { bind, data_dir })
+        let queue_capacity = queue_capacity
+            .or(file.queue_capacity)
+            .unwrap_or(DEFAULT_QUEUE_CAPACITY);
+        if queue_capacity == 0 {
+            bail!("the queue capacity must be at least 1");
+        }
+        let heartbeat_ms = sse_heartbeat_ms
+            .or(file.sse_heartbeat_ms)
+            .unwrap_or(DEFAULT_SSE_HEARTBEAT_MS);
+        if heartbeat_ms < 10 {
+            bail!("the SSE heartbeat interval must be at least 10 ms; got {heartbeat_ms}");
+        }
+        let max_attempts = max_attempts
+            .or(file.max_attempts)
+            .unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if max_attempts == 0 {
+            bail!("max_attempts must be at least 1");
+        }
+        Ok(Self {
+            bind,
+            data_dir,
+            bundle: bundle.or(file.bundle),
+            device: device
+                .or(file.device)
+                .unwrap_or_else(|| DEFAULT_DEVICE.to_string()),
+            queue_capacity,
+            sse_heartbeat: std::time::Duration::from_millis(heartbeat_ms),
+            max_attempts,
+        })
     }
 
     /// Path of the SQLite database inside the data directory.
@@ -96,11 +193,17 @@ mod tests {
         let file = FileConfig {
             bind: Some("0.0.0.0:9000".into()),
             data_dir: Some("/srv/a".into()),
+            queue_capacity: Some(4),
+            ..FileConfig::default()
         };
         let cfg = ServeConfig::resolve(Some("127.0.0.1:7000".into()), None, file).unwrap();
         assert_eq!(cfg.bind.port(), 7000);
         assert_eq!(cfg.data_dir, PathBuf::from("/srv/a"));
+        assert_eq!(cfg.queue_capacity, 4);
         let cfg = ServeConfig::resolve(None, None, FileConfig::default()).unwrap();
+        assert_eq!(cfg.device, DEFAULT_DEVICE);
+        assert_eq!(cfg.queue_capacity, DEFAULT_QUEUE_CAPACITY);
+        assert!(cfg.bundle.is_none());
         assert_eq!(cfg.bind.to_string(), DEFAULT_BIND);
         assert_eq!(cfg.database_path(), PathBuf::from("./data/storygpt-v.db"));
     }

@@ -1,7 +1,8 @@
 //! The storygpt-v web service: REST API, HTML pages and the SQLite store.
 //!
-//! `serve` opens the database, builds the router and runs until SIGINT or SIGTERM. Handlers
-//! stay thin: they parse, call a `store` function and map the result.
+//! `serve` opens the database, puts interrupted jobs right, loads the model bundle on the
+//! worker thread, builds the router and runs until SIGINT or SIGTERM. Handlers stay thin: they
+//! parse, call a `store` function and map the result.
 
 pub mod api;
 pub mod config;
@@ -9,11 +10,15 @@ pub mod db;
 pub mod error;
 pub mod export;
 pub mod images;
+pub mod live;
 pub mod mentions;
+pub mod model;
 pub mod pages;
 pub mod store;
 pub mod validate;
+pub mod worker;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue, Request};
@@ -27,11 +32,30 @@ use tower_http::trace::TraceLayer;
 
 pub use config::{FileConfig, ServeConfig};
 
-/// Shared state every handler gets: the database pool.
+/// Shared state every handler gets.
 #[derive(Clone)]
 pub struct AppState {
     /// Connection pool to the SQLite database.
     pub pool: SqlitePool,
+    /// Live fan-out of job events to SSE streams.
+    pub hub: live::Hub,
+    /// The generation worker (and the model it loaded).
+    pub worker: Arc<worker::WorkerHandle>,
+    /// Queue and stream settings.
+    pub settings: Arc<JobSettings>,
+    /// Turns true when the server starts shutting down; long-lived streams end then.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Settings of the job queue and its event streams.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    /// How many jobs may wait before new ones get 429.
+    pub queue_capacity: usize,
+    /// Interval between heartbeat comments on a quiet SSE stream.
+    pub heartbeat: Duration,
+    /// Seconds a client is told to wait (Retry-After) when the queue is full.
+    pub retry_after_secs: u64,
 }
 
 /// The whole HTTP application.
@@ -75,6 +99,25 @@ pub async fn serve(
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let pool = db::open(&config.database_path()).await?;
     tracing::info!(database = %config.database_path().display(), "database ready");
+    // Jobs a crash left `running` are requeued (or failed, or cancelled) before any worker
+    // could claim them.
+    let recovery = store::job_runs::recover(&pool, config.max_attempts).await?;
+    if !(recovery.requeued.is_empty()
+        && recovery.failed.is_empty()
+        && recovery.cancelled.is_empty())
+    {
+        tracing::warn!(
+            requeued = ?recovery.requeued, failed = ?recovery.failed, cancelled = ?recovery.cancelled,
+            "recovered jobs interrupted by the last stop"
+        );
+    }
+    let bundle = {
+        let (configured, data_dir) = (config.bundle.clone(), config.data_dir.clone());
+        tokio::task::spawn_blocking(move || model::resolve_bundle(configured.as_deref(), &data_dir))
+            .await??
+    };
+    let hub = live::Hub::new();
+    let worker = worker::start(pool.clone(), hub.clone(), bundle, config.device.clone()).await?;
     let listener = TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
@@ -82,14 +125,39 @@ pub async fn serve(
     // Signal handlers are installed before anyone can learn the address, so a SIGTERM sent
     // right after start-up still shuts down cleanly.
     let shutdown = shutdown_signal()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            // The running job goes back to the queue at its next step while requests drain.
+            worker.request_stop();
+            let _ = stop_tx.send(true);
+        });
+    }
     tracing::info!(%addr, "listening");
     on_listen(addr);
-    let state = AppState { pool: pool.clone() };
+    let state = AppState {
+        pool: pool.clone(),
+        hub,
+        worker: worker.clone(),
+        settings: Arc::new(JobSettings {
+            queue_capacity: config.queue_capacity,
+            heartbeat: config.sse_heartbeat,
+            retry_after_secs: 10,
+        }),
+        stop: stop_rx.clone(),
+    };
+    let mut stopped = stop_rx;
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
         .await
         .context("server error")?;
-    tracing::info!("shutting down: closing the database");
+    tracing::info!("shutting down: stopping the worker");
+    worker.stop(Duration::from_secs(30)).await;
+    tracing::info!("closing the database");
     tokio::time::timeout(Duration::from_secs(10), pool.close())
         .await
         .ok();

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use server::config::Overrides;
 use server::{FileConfig, ServeConfig};
 
 /// Arguments of `serve`.
@@ -16,9 +17,32 @@ pub struct ServeArgs {
     #[arg(long, env = "STORYGPT_DATA_DIR")]
     data_dir: Option<PathBuf>,
 
-    /// Optional TOML file with `bind` and `data_dir`; flags and environment win over it.
+    /// Optional TOML file with any of the settings below by the same names (`bind`,
+    /// `data_dir`, `bundle`, ...); flags and environment win over it.
     #[arg(long, env = "STORYGPT_CONFIG")]
     config: Option<PathBuf>,
+
+    /// Model bundle directory, loaded once at start [default: ./models/toy if present, else
+    /// a random UNTRAINED toy bundle made under the data directory].
+    #[arg(long, env = "STORYGPT_BUNDLE")]
+    bundle: Option<PathBuf>,
+
+    /// Device the generation worker runs the model on: cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "STORYGPT_DEVICE")]
+    device: Option<String>,
+
+    /// Jobs that may wait in the queue before new requests get 429 [default: 32].
+    #[arg(long, env = "STORYGPT_QUEUE_CAPACITY")]
+    queue_capacity: Option<usize>,
+
+    /// Milliseconds between heartbeat comments on a quiet event stream [default: 15000].
+    #[arg(long, env = "STORYGPT_SSE_HEARTBEAT_MS")]
+    sse_heartbeat_ms: Option<u64>,
+
+    /// Starts of a job before an interruption (crash, kill -9) fails it rather than
+    /// requeuing it [default: 3].
+    #[arg(long, env = "STORYGPT_MAX_ATTEMPTS")]
+    max_attempts: Option<u32>,
 }
 
 /// Resolves the configuration and serves until SIGINT/SIGTERM.
@@ -27,7 +51,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let config = ServeConfig::resolve(args.bind, args.data_dir, file)?;
+    let explicit = Overrides {
+        bind: args.bind,
+        data_dir: args.data_dir,
+        bundle: args.bundle,
+        device: args.device,
+        queue_capacity: args.queue_capacity,
+        sse_heartbeat_ms: args.sse_heartbeat_ms,
+        max_attempts: args.max_attempts,
+    };
+    let config = ServeConfig::resolve_with(explicit, file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -6,6 +6,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::model::ModelInfo;
 use crate::AppState;
 
 /// Probe answer.
@@ -16,6 +17,25 @@ pub struct Health {
     /// What failed, when something did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The loaded model (readiness only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelInfo>,
+    /// The job queue (readiness only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueInfo>,
+}
+
+/// How busy the generation queue is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueInfo {
+    /// Jobs waiting.
+    pub queued: i64,
+    /// Jobs being drawn.
+    pub running: i64,
+    /// Jobs that may wait before new ones get 429.
+    pub capacity: usize,
+    /// Whether the worker thread runs.
+    pub worker_alive: bool,
 }
 
 /// The process is alive and serving requests.
@@ -24,30 +44,47 @@ pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok",
         detail: None,
+        model: None,
+        queue: None,
     })
 }
 
-/// The process can do its work: the database answers.
+/// The process can do its work: the database answers, the model is loaded and its worker runs.
 #[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, body = Health), (status = 503, description = "Database unreachable", body = Health)))]
+    responses((status = 200, body = Health), (status = 503, description = "Database unreachable or worker stopped", body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    match sqlx::query_scalar::<_, i64>("SELECT 1")
-        .fetch_one(&state.pool)
-        .await
-    {
-        Ok(_) => (
-            StatusCode::OK,
-            Json(Health {
-                status: "ok",
-                detail: None,
-            }),
-        ),
+    let model = Some(state.worker.model.clone());
+    let alive = state.worker.is_alive();
+    let (status, detail, queue) = match crate::store::jobs::counts(&state.pool).await {
+        Ok((queued, running)) => {
+            let queue = Some(QueueInfo {
+                queued,
+                running,
+                capacity: state.settings.queue_capacity,
+                worker_alive: alive,
+            });
+            if alive {
+                (StatusCode::OK, None, queue)
+            } else {
+                let detail = "the generation worker stopped; see the server log".to_string();
+                (StatusCode::SERVICE_UNAVAILABLE, Some(detail), queue)
+            }
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health {
-                status: "unavailable",
-                detail: Some(format!("database: {e}")),
-            }),
+            Some(format!("database: {}", e.detail)),
+            None,
         ),
-    }
+    };
+    let health = Health {
+        status: if status == StatusCode::OK {
+            "ok"
+        } else {
+            "unavailable"
+        },
+        detail,
+        model,
+        queue,
+    };
+    (status, Json(health))
 }

@@ -2,8 +2,10 @@
 //! malformed request into a problem document instead of axum's plain-text rejections.
 
 pub mod characters;
+pub mod events;
 pub mod export;
 pub mod health;
+pub mod jobs;
 pub mod mentions;
 pub mod openapi;
 pub mod stories;
@@ -57,6 +59,12 @@ pub fn router() -> Router<AppState> {
         .route("/stories/{id}/export.gif", get(export::gif))
         .route("/stories/{id}/export.pdf", get(export::pdf))
         .route("/mentions", post(mentions::find))
+        .route("/stories/{id}/generate", post(jobs::generate))
+        .route("/stories/{id}/events", get(events::story_events))
+        .route("/jobs", get(jobs::list))
+        .route("/jobs/{id}", get(jobs::get_one))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/jobs/{id}/events", get(events::job_events))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -86,7 +94,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
+pub(crate) fn json_rejection(rejection: JsonRejection) -> ApiError {
     let detail = rejection.body_text();
     match rejection {
         JsonRejection::JsonDataError(_) => ApiError::invalid("invalid_body", detail),

@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::path::{HttpMethod, Operation};
 use utoipa::OpenApi;
 
-use super::{characters, export, health, mentions, stories};
+use super::{characters, events, export, health, jobs, mentions, stories};
 use crate::error::ApiError;
 
 /// The API description.
@@ -22,11 +22,14 @@ use crate::error::ApiError;
         stories::insert_frame, stories::edit_frame, stories::delete_frame, stories::reorder,
         stories::frame_image, mentions::find,
         export::zip, export::gif, export::pdf,
+        jobs::generate, jobs::get_one, jobs::list, jobs::cancel,
+        events::job_events, events::story_events,
     ),
     tags(
         (name = "characters", description = "The character library"),
         (name = "stories", description = "Stories and their captions"),
         (name = "exports", description = "Downloads of a story: ZIP, animated GIF, printable PDF"),
+        (name = "jobs", description = "Generation jobs and their live progress (server-sent events)"),
         (name = "health", description = "Probes"),
     )
 )]

@@ -3,6 +3,9 @@
 
 pub mod characters;
 pub mod frame_media;
+pub mod job_events;
+pub mod job_runs;
+pub mod jobs;
 pub mod stories;
 
 use base64::Engine;

@@ -206,6 +206,17 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
     })
 }
 
+/// 404 unless the story exists.
+pub async fn exists(pool: &SqlitePool, id: i64) -> ApiResult<()> {
+    let found: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    found
+        .map(|_| ())
+        .ok_or_else(|| ApiError::not_found("story", id))
+}
+
 /// Lists stories in id order, a page at a time.
 pub async fn list(
     pool: &SqlitePool,
@@ -326,17 +337,15 @@ pub async fn edit_caption(
     let mut tx = pool.begin().await?;
     touch(&mut tx, story).await?;
     frame_position(&mut tx, story, frame).await?;
-    sqlx::query(
-        "UPDATE frames SET caption = ?, updated_at = ?,
-                status = CASE WHEN image IS NOT NULL AND caption <> ? THEN 'stale' ELSE status END
-         WHERE id = ?",
-    )
-    .bind(caption)
-    .bind(now())
-    .bind(caption)
-    .bind(frame)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("UPDATE frames SET caption = ?, updated_at = ? WHERE id = ?")
+        .bind(caption)
+        .bind(now())
+        .bind(frame)
+        .execute(&mut *tx)
+        .await?;
+    // An image drawn from another caption becomes `stale` (and `ready` again if the caption
+    // goes back); a frame a job still has to draw stays `queued`.
+    super::jobs::refresh_frames(&mut tx, story).await?;
     tx.commit().await?;
     get(pool, story).await
 }

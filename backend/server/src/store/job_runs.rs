@@ -1,0 +1,411 @@
+//! The worker's side of the job queue: claiming the next job, recording its progress and
+//! finished frames, ending it, and putting interrupted jobs right at start-up. Each function
+//! is one transaction that also stores the event it announces (see `store::jobs`).
+
+use sqlx::{SqliteConnection, SqlitePool};
+
+use super::job_events::{self, kind, JobEvent};
+use super::jobs::{
+    job_frames, parse_params, refresh_frames, JobFrameRow, JobParams, Progress, FRAME_STATUS,
+};
+use crate::db::now;
+use crate::error::{ApiError, ApiResult};
+
+/// A job a worker claimed.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Job id.
+    pub job_id: i64,
+    /// Its story.
+    pub story_id: i64,
+    /// How many times it has been started, this time included.
+    pub attempt: i64,
+    /// The snapshot and options.
+    pub params: JobParams,
+    /// Its frames in drawing order (some may be done by an interrupted earlier attempt).
+    pub frames: Vec<JobFrameRow>,
+    /// The `started` event to publish.
+    pub event: JobEvent,
+}
+
+/// Claims the oldest queued job for `worker`, atomically: one UPDATE picks and marks it, so
+/// two workers can never both take a job.
+pub async fn claim(pool: &SqlitePool, worker: &str) -> ApiResult<Option<Claimed>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let row: Option<(i64, i64, String, i64)> = sqlx::query_as(
+        "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, worker = ?
+         WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1)
+         RETURNING id, story_id, params, attempts",
+    )
+    .bind(now())
+    .bind(worker)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((job_id, story_id, params, attempt)) = row else {
+        return Ok(None);
+    };
+    let params = parse_params(&params)?;
+    let frames = job_frames(&mut tx, job_id).await?;
+    let done = frames.iter().filter(|f| f.state == "done").count();
+    let event = job_events::insert(
+        &mut tx,
+        JobEvent::new(
+            job_id,
+            story_id,
+            kind::STARTED,
+            serde_json::json!({"attempt": attempt, "frames": frames.len(), "frames_done": done}),
+        ),
+    )
+    .await?;
+    refresh_frames(&mut tx, story_id).await?;
+    tx.commit().await?;
+    Ok(Some(Claimed {
+        job_id,
+        story_id,
+        attempt,
+        params,
+        frames,
+        event,
+    }))
+}
+
+/// Whether the job still runs and whether cancellation was asked for; `None` once the job
+/// is gone (its story was deleted).
+pub async fn poll(pool: &SqlitePool, job: i64) -> ApiResult<Option<(String, bool)>> {
+    Ok(
+        sqlx::query_as("SELECT status, cancel_requested FROM jobs WHERE id = ?")
+            .bind(job)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+async fn is_running(conn: &mut SqliteConnection, job: i64) -> ApiResult<bool> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+        .bind(job)
+        .fetch_optional(conn)
+        .await?;
+    Ok(status.as_deref() == Some("running"))
+}
+
+async fn set_progress(conn: &mut SqliteConnection, job: i64, progress: &Progress) -> ApiResult<()> {
+    sqlx::query("UPDATE jobs SET progress = ? WHERE id = ?")
+        .bind(serde_json::to_string(progress).map_err(ApiError::internal)?)
+        .bind(job)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records progress (and marks the frame being drawn `running` when `frame_started`), with a
+/// stored `progress` event. `None` when the job no longer runs.
+pub async fn progress(
+    pool: &SqlitePool,
+    job: &Claimed,
+    progress: &Progress,
+    frame_started: Option<i64>,
+) -> ApiResult<Option<JobEvent>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    if !is_running(&mut tx, job.job_id).await? {
+        return Ok(None);
+    }
+    if let Some(ordinal) = frame_started {
+        sqlx::query("UPDATE job_frames SET state = 'running' WHERE job_id = ? AND ordinal = ?")
+            .bind(job.job_id)
+            .bind(ordinal)
+            .execute(&mut *tx)
+            .await?;
+        refresh_frames(&mut tx, job.story_id).await?;
+    }
+    set_progress(&mut tx, job.job_id, progress).await?;
+    let event = job_events::insert(
+        &mut tx,
+        JobEvent::new(
+            job.job_id,
+            job.story_id,
+            kind::PROGRESS,
+            serde_json::to_value(progress).map_err(ApiError::internal)?,
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(event))
+}
+
+/// A finished frame, ready to store.
+#[derive(Debug, Clone)]
+pub struct FinishedFrame {
+    /// 1-based place in the job's drawing order.
+    pub ordinal: i64,
+    /// PNG bytes.
+    pub png: Vec<u8>,
+    /// How long drawing it took.
+    pub duration_ms: i64,
+}
+
+/// Stores a finished frame: its image, seed and timing, its job frame marked done, and its
+/// `frame` event, all in one transaction, so a crash can neither lose a stored frame's event
+/// nor store a frame twice. `None` when the job no longer runs or the frame was already
+/// stored (by an earlier attempt).
+pub async fn frame_done(
+    pool: &SqlitePool,
+    job: &Claimed,
+    frame: &FinishedFrame,
+    progress: &Progress,
+) -> ApiResult<Option<JobEvent>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    if !is_running(&mut tx, job.job_id).await? {
+        return Ok(None);
+    }
+    let row: Option<(i64, Option<i64>, i64)> = sqlx::query_as(
+        "UPDATE job_frames SET state = 'done' WHERE job_id = ? AND ordinal = ? AND state <> 'done'
+         RETURNING position, frame_id, seed",
+    )
+    .bind(job.job_id)
+    .bind(frame.ordinal)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((position, frame_id, seed)) = row else {
+        return Ok(None);
+    };
+    let caption = job.params.captions.get(position as usize).cloned();
+    let now = now();
+    let mut image_url = None;
+    if let Some(frame_id) = frame_id {
+        sqlx::query(
+            "UPDATE frames SET image = ?, image_mime = 'image/png', seed = ?, duration_ms = ?,
+                    image_caption = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&frame.png)
+        .bind(seed)
+        .bind(frame.duration_ms)
+        .bind(&caption)
+        .bind(&now)
+        .bind(frame_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+            .bind(&now)
+            .bind(job.story_id)
+            .execute(&mut *tx)
+            .await?;
+        image_url = Some(format!(
+            "/api/stories/{}/frames/{frame_id}/image",
+            job.story_id
+        ));
+    }
+    refresh_frames(&mut tx, job.story_id).await?;
+    set_progress(&mut tx, job.job_id, progress).await?;
+    let event = job_events::insert(
+        &mut tx,
+        JobEvent::new(
+            job.job_id,
+            job.story_id,
+            kind::FRAME,
+            serde_json::json!({
+                "frame": frame.ordinal, "frames": progress.frames, "frames_done": progress.frames_done,
+                "position": position, "frame_id": frame_id, "seed": seed,
+                "duration_ms": frame.duration_ms, "image_url": image_url,
+            }),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(event))
+}
+
+/// How a job ends (or, for `Requeued`, pauses).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every frame is drawn.
+    Succeeded,
+    /// It stopped with this error.
+    Failed(String),
+    /// A client cancelled it; frames already drawn stay.
+    Cancelled(Option<String>),
+    /// Back to the queue (the server is stopping, or restarted after a crash), with why.
+    Requeued {
+        /// Why it went back.
+        reason: String,
+        /// Whether the interrupted attempt counts towards the attempt limit (a crash does, a
+        /// clean shutdown does not).
+        counts: bool,
+    },
+}
+
+pub(crate) async fn finish_in(
+    conn: &mut SqliteConnection,
+    job: i64,
+    story: i64,
+    outcome: &Outcome,
+) -> ApiResult<JobEvent> {
+    let now = now();
+    let (frames, done): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(SUM(state = 'done'), 0) FROM job_frames WHERE job_id = ?",
+    )
+    .bind(job)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (status, frame_state, error, event_kind, fields) = match outcome {
+        Outcome::Succeeded => (
+            "succeeded",
+            "done",
+            None,
+            kind::COMPLETED,
+            serde_json::json!({"frames": frames, "frames_done": done}),
+        ),
+        Outcome::Failed(error) => (
+            "failed",
+            "failed",
+            Some(error.clone()),
+            kind::FAILED,
+            serde_json::json!({"error": error, "frames": frames, "frames_done": done}),
+        ),
+        Outcome::Cancelled(reason) => (
+            "cancelled",
+            "cancelled",
+            None,
+            kind::CANCELLED,
+            serde_json::json!({"frames": frames, "frames_done": done, "reason": reason}),
+        ),
+        Outcome::Requeued { reason, .. } => (
+            "queued",
+            "queued",
+            None,
+            kind::QUEUED,
+            serde_json::json!({"frames": frames, "frames_done": done, "requeued": true, "reason": reason}),
+        ),
+    };
+    let requeued = matches!(outcome, Outcome::Requeued { .. });
+    let uncount = matches!(outcome, Outcome::Requeued { counts: false, .. });
+    sqlx::query(
+        "UPDATE jobs SET status = ?, error = ?, worker = NULL,
+                finished_at = CASE WHEN ? THEN NULL ELSE ? END,
+                attempts = attempts - CASE WHEN ? THEN 1 ELSE 0 END,
+                cancel_requested = cancel_requested OR ?
+         WHERE id = ?",
+    )
+    .bind(status)
+    .bind(&error)
+    .bind(requeued)
+    .bind(&now)
+    .bind(uncount)
+    .bind(status == "cancelled")
+    .bind(job)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE job_frames SET state = ? WHERE job_id = ? AND state <> 'done'")
+        .bind(frame_state)
+        .bind(job)
+        .execute(&mut *conn)
+        .await?;
+    refresh_frames(conn, story).await?;
+    job_events::insert(conn, JobEvent::new(job, story, event_kind, fields)).await
+}
+
+/// Ends a running job with `outcome` and stores its event; `None` when the job no longer
+/// runs (its story was deleted, or it was already finished). A job that would go back to the
+/// queue but whose cancellation was asked for is cancelled instead.
+pub async fn finish(
+    pool: &SqlitePool,
+    job: &Claimed,
+    outcome: &Outcome,
+) -> ApiResult<Option<JobEvent>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    if !is_running(&mut tx, job.job_id).await? {
+        return Ok(None);
+    }
+    let cancel_requested: bool =
+        sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = ?")
+            .bind(job.job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let cancelled = Outcome::Cancelled(None);
+    let outcome = match outcome {
+        Outcome::Requeued { .. } if cancel_requested => &cancelled,
+        other => other,
+    };
+    let event = finish_in(&mut tx, job.job_id, job.story_id, outcome).await?;
+    tx.commit().await?;
+    Ok(Some(event))
+}
+
+/// What [`recover`] found after a restart.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Jobs put back in the queue.
+    pub requeued: Vec<i64>,
+    /// Jobs failed after too many interrupted attempts.
+    pub failed: Vec<i64>,
+    /// Jobs whose cancellation was asked for before the interruption.
+    pub cancelled: Vec<i64>,
+}
+
+/// Run at start-up, before any worker: a job still `running` was interrupted (crash, kill -9,
+/// power loss). It goes back to the queue, keeping the frames it finished, unless it was being
+/// cancelled (then it is cancelled) or it has been interrupted `max_attempts` times (then it
+/// fails, since it may be what brings the server down).
+pub async fn recover(pool: &SqlitePool, max_attempts: u32) -> ApiResult<Recovery> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let running: Vec<(i64, i64, i64, bool)> = sqlx::query_as(
+        "SELECT id, story_id, attempts, cancel_requested FROM jobs WHERE status = 'running' ORDER BY id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut recovery = Recovery::default();
+    for (id, story, attempts, cancel_requested) in running {
+        let outcome = if cancel_requested {
+            recovery.cancelled.push(id);
+            Outcome::Cancelled(Some(
+                "the server stopped before the job noticed the cancellation".into(),
+            ))
+        } else if attempts >= max_attempts as i64 {
+            recovery.failed.push(id);
+            Outcome::Failed(format!(
+                "the server stopped while drawing this job, on attempt {attempts} of {max_attempts}; \
+                 giving up, as the job may be what stops it (see the server log)"
+            ))
+        } else {
+            recovery.requeued.push(id);
+            Outcome::Requeued {
+                reason:
+                    "the server stopped while the job was running; frames already drawn are kept"
+                        .into(),
+                counts: true,
+            }
+        };
+        finish_in(&mut tx, id, story, &outcome).await?;
+    }
+    // Any frame left marked queued or running without a job to back it is set right too.
+    let sql = format!(
+        "UPDATE frames SET status = {FRAME_STATUS}, updated_at = ?
+         WHERE status IN ('queued', 'running') AND status IS NOT ({FRAME_STATUS})"
+    );
+    sqlx::query(&sql).bind(now()).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(recovery)
+}
+
+/// The stored bytes of each character's portrait (`None` for a deleted character).
+pub async fn portraits(pool: &SqlitePool, ids: &[i64]) -> ApiResult<Vec<Option<Vec<u8>>>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        out.push(
+            sqlx::query_scalar("SELECT portrait FROM characters WHERE id = ?")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// The stored image of a frame, if it has one.
+pub async fn frame_image(pool: &SqlitePool, frame: i64) -> ApiResult<Option<Vec<u8>>> {
+    let image: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT image FROM frames WHERE id = ?")
+            .bind(frame)
+            .fetch_optional(pool)
+            .await?;
+    Ok(image.flatten())
+}

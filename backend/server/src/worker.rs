@@ -1,0 +1,528 @@
+//! The generation worker: one dedicated OS thread per device that owns the loaded
+//! `StoryPipeline` (which need not be `Send`, and whose denoising loop would starve the async
+//! runtime), claims queued jobs from the database one at a time in id order, draws them, and
+//! records each step through `store::jobs` (database first, then the live hub).
+//!
+//! Cancellation is polled before every denoising step: a client's cancel (flagged in memory
+//! at once, and in the database), the job vanishing (its story deleted), or the server
+//! stopping, in which case the job goes back to the queue without counting as an attempt.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use models::pipeline::{
+    CharacterInput, FrameRequest, GenerateOptions, PipelineEvent, StoryInput, StoryPipeline,
+};
+use sqlx::SqlitePool;
+use tokio::runtime::Handle;
+
+use crate::live::Hub;
+use crate::model::ModelInfo;
+use crate::store::job_events::{kind, JobEvent};
+use crate::store::job_runs::{self as store, Claimed, FinishedFrame, Outcome};
+use crate::store::jobs::{JobFrameRow, Progress};
+
+/// At most one stored `progress` event per job per this interval (every step still goes to
+/// live viewers); frame and state-change events are always stored.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// How often a running job re-reads its row (cancel flag, or gone with its story).
+const POLL_EVERY: Duration = Duration::from_millis(250);
+/// How long an idle worker sleeps between looks at the queue when nobody wakes it.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// State shared between the worker thread and the service.
+#[derive(Default)]
+struct Shared {
+    stopping: AtomicBool,
+    alive: AtomicBool,
+    cancels: Mutex<HashSet<i64>>,
+}
+
+/// The service's handle on its worker thread.
+pub struct WorkerHandle {
+    /// The loaded model.
+    pub model: ModelInfo,
+    wake: SyncSender<()>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WorkerHandle {
+    /// Tells an idle worker to look at the queue now.
+    pub fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Asks the running job `job` to stop at its next step (the database flag is the record;
+    /// this makes it immediate).
+    pub fn cancel(&self, job: i64) {
+        self.shared.cancels.lock().unwrap().insert(job);
+    }
+
+    /// Whether the worker thread is running.
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// Asks the worker to stop: a running job goes back to the queue at its next step.
+    pub fn request_stop(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Stops the worker and waits (up to `limit`) for its thread to end.
+    pub async fn stop(&self, limit: Duration) {
+        self.request_stop();
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(thread) = thread {
+            let joined = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout(limit, joined).await.is_err() {
+                tracing::warn!(
+                    "the worker did not stop in time; its job is requeued on the next start"
+                );
+            }
+        }
+    }
+}
+
+/// Clears `alive` however the thread ends (panics included), so `/readyz` reports it.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Starts the worker thread for `device`: it loads the bundle there and reports back before
+/// any job is taken. Fails with the loading error when the bundle does not load.
+pub async fn start(
+    pool: SqlitePool,
+    hub: Hub,
+    bundle: PathBuf,
+    device: String,
+) -> anyhow::Result<Arc<WorkerHandle>> {
+    let shared = Arc::new(Shared::default());
+    let (wake, woken) = sync_channel(1);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let ctx = Ctx {
+        pool,
+        hub,
+        shared: shared.clone(),
+        runtime: Handle::current(),
+        name: format!("pid {} on {device}", std::process::id()),
+    };
+    shared.alive.store(true, Ordering::SeqCst);
+    let thread = std::thread::Builder::new()
+        .name(format!("worker-{device}"))
+        .spawn(move || {
+            let _guard = AliveGuard(ctx.shared.clone());
+            let loaded = load(&bundle, &device);
+            let pipeline = match loaded {
+                Ok((pipeline, info)) => {
+                    let _ = ready_tx.send(Ok(info));
+                    pipeline
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            ctx.run(&pipeline, &woken);
+        })
+        .context("cannot start the worker thread")?;
+    let model = match ready_rx.await {
+        Ok(Ok(model)) => model,
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Err(_) => anyhow::bail!("the worker thread stopped while loading the model"),
+    };
+    Ok(Arc::new(WorkerHandle {
+        model,
+        wake,
+        shared,
+        thread: Mutex::new(Some(thread)),
+    }))
+}
+
+fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPipeline, ModelInfo)> {
+    let device = nn::device::parse_device(device_name).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let pipeline = StoryPipeline::load(bundle, &device)
+        .with_context(|| format!("cannot load the model bundle {}", bundle.display()))?;
+    let info = pipeline.info();
+    let defaults = pipeline.default_options();
+    let model = ModelInfo {
+        name: info.name.clone(),
+        description: info.description.clone(),
+        trained: info.trained,
+        device: device_name.to_string(),
+        height: info.height,
+        width: info.width,
+        llm: info.llm.clone(),
+        bundle: bundle.display().to_string(),
+        default_steps: defaults.steps.clamp(1, 200) as u32,
+        default_guidance: defaults.guidance_scale.clamp(1.0, 30.0),
+    };
+    tracing::info!(
+        bundle = %bundle.display(), name = %model.name, trained = model.trained,
+        device = %model.device, seconds = started.elapsed().as_secs_f32(), "model loaded"
+    );
+    Ok((pipeline, model))
+}
+
+struct Ctx {
+    pool: SqlitePool,
+    hub: Hub,
+    shared: Arc<Shared>,
+    runtime: Handle,
+    name: String,
+}
+
+/// Per-job state the progress callback and the cancel check share.
+struct Drawing {
+    /// Frames of the job finished so far (earlier attempts included).
+    done: usize,
+    /// Denoising steps per frame as the sampler counts them (some samplers take a warm-up
+    /// step more than asked); the job's `steps` until the first step says otherwise.
+    steps: usize,
+    last_stored_progress: Instant,
+    last_poll: Instant,
+    /// The job's row vanished (its story was deleted).
+    gone: bool,
+    /// A store error while recording; the job fails with it.
+    error: Option<String>,
+}
+
+impl Ctx {
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+
+    fn run(&self, pipeline: &StoryPipeline, woken: &Receiver<()>) {
+        tracing::info!(worker = %self.name, "worker ready");
+        while !self.stopping() {
+            match self.block_on(store::claim(&self.pool, &self.name)) {
+                Ok(Some(job)) => self.run_job(pipeline, job),
+                Ok(None) => {
+                    if let Err(RecvTimeoutError::Disconnected) = woken.recv_timeout(IDLE_POLL) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim a job; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+        tracing::info!("worker stopped");
+    }
+
+    fn run_job(&self, pipeline: &StoryPipeline, job: Claimed) {
+        tracing::info!(
+            job = job.job_id,
+            story = job.story_id,
+            attempt = job.attempt,
+            "job started"
+        );
+        self.hub.publish(job.event.clone());
+        let outcome = self.draw(pipeline, &job);
+        self.shared.cancels.lock().unwrap().remove(&job.job_id);
+        let Some(outcome) = outcome else {
+            self.vanished(&job);
+            return;
+        };
+        match self.block_on(store::finish(&self.pool, &job, &outcome)) {
+            Ok(Some(event)) => {
+                tracing::info!(job = job.job_id, outcome = ?outcome, "job ended");
+                self.hub.publish(event);
+            }
+            Ok(None) => self.vanished(&job),
+            // The row stays `running`; the next start's recovery puts it right.
+            Err(e) => {
+                tracing::error!(job = job.job_id, error = %e, "cannot record the end of a job")
+            }
+        }
+    }
+
+    /// The job's story was deleted while it ran: tell its viewers (there is no row left to
+    /// store an event in).
+    fn vanished(&self, job: &Claimed) {
+        tracing::info!(job = job.job_id, "job stopped: its story was deleted");
+        self.hub.publish(JobEvent::new(
+            job.job_id,
+            job.story_id,
+            kind::CANCELLED,
+            serde_json::json!({"reason": "the story was deleted"}),
+        ));
+    }
+
+    /// Draws the job's unfinished frames; `None` when the job vanished meanwhile.
+    fn draw(&self, pipeline: &StoryPipeline, job: &Claimed) -> Option<Outcome> {
+        let todo: Vec<&JobFrameRow> = job.frames.iter().filter(|f| f.state != "done").collect();
+        if todo.is_empty() {
+            return Some(Outcome::Succeeded);
+        }
+        let (story, existing) = match self.inputs(job, &todo) {
+            Ok(inputs) => inputs,
+            Err(e) => return Some(Outcome::Failed(format!("{e:#}"))),
+        };
+        let requests: Vec<FrameRequest> = todo
+            .iter()
+            .map(|f| FrameRequest {
+                index: f.position as usize,
+                seed: f.seed as u64,
+            })
+            .collect();
+        let options = options(pipeline.default_options(), job);
+        let state = RefCell::new(Drawing {
+            done: job.frames.len() - todo.len(),
+            steps: job.params.steps as usize,
+            last_stored_progress: Instant::now(),
+            last_poll: Instant::now(),
+            gone: false,
+            error: None,
+        });
+        let mut on_event = |event: PipelineEvent<'_>| self.on_event(job, &todo, &state, event);
+        let cancel = || self.should_stop(job, &state);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            pipeline.generate(
+                &story,
+                &requests,
+                &existing,
+                &options,
+                &mut on_event,
+                &cancel,
+            )
+        }));
+        let state = state.into_inner();
+        if state.gone {
+            return None;
+        }
+        if let Some(error) = state.error {
+            return Some(Outcome::Failed(format!(
+                "could not record the job's progress: {error}"
+            )));
+        }
+        Some(match result {
+            Ok(Ok(_)) => Outcome::Succeeded,
+            Ok(Err(e)) if models::char_ldm::is_cancelled(&e) => {
+                if self.stopping() {
+                    Outcome::Requeued {
+                        reason: "the server is shutting down; the job resumes when it starts again"
+                            .into(),
+                        counts: false,
+                    }
+                } else {
+                    Outcome::Cancelled(None)
+                }
+            }
+            Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(job = job.job_id, %message, "the model panicked");
+                Outcome::Failed(format!("the model crashed: {message}"))
+            }
+        })
+    }
+
+    /// The story input (cast with portraits read now) and the images of earlier frames that
+    /// the drawn frames look at.
+    fn inputs(
+        &self,
+        job: &Claimed,
+        todo: &[&JobFrameRow],
+    ) -> anyhow::Result<(StoryInput, Vec<Option<image::RgbImage>>)> {
+        let params = &job.params;
+        let ids: Vec<i64> = params.characters.iter().map(|c| c.id).collect();
+        let portraits = self.block_on(store::portraits(&self.pool, &ids))?;
+        let mut characters = Vec::with_capacity(ids.len());
+        for (member, portrait) in params.characters.iter().zip(portraits) {
+            let bytes = portrait.with_context(|| {
+                format!(
+                    "character {} ({}) was deleted after the job was queued; queue it again",
+                    member.id, member.name
+                )
+            })?;
+            let image = image::load_from_memory(&bytes)
+                .with_context(|| format!("the portrait of {} does not decode", member.name))?
+                .to_rgb8();
+            characters.push(CharacterInput {
+                name: member.name.clone(),
+                pronoun: member.pronoun.clone(),
+                portrait: Some(image),
+            });
+        }
+        let last = todo.iter().map(|f| f.position as usize).max().unwrap_or(0);
+        let mut existing = vec![None; params.captions.len()];
+        for (position, slot) in existing.iter_mut().enumerate().take(last) {
+            if todo.iter().any(|f| f.position as usize == position) {
+                continue;
+            }
+            let missing = || {
+                format!(
+                    "frame {} (position {position}) has no image to draw the later frames from; \
+                     generate it first",
+                    params.frame_ids[position]
+                )
+            };
+            let bytes = self
+                .block_on(store::frame_image(&self.pool, params.frame_ids[position]))?
+                .with_context(missing)?;
+            *slot = Some(
+                image::load_from_memory(&bytes)
+                    .with_context(missing)?
+                    .to_rgb8(),
+            );
+        }
+        Ok((
+            StoryInput {
+                characters,
+                captions: params.captions.clone(),
+            },
+            existing,
+        ))
+    }
+
+    fn should_stop(&self, job: &Claimed, state: &RefCell<Drawing>) -> bool {
+        if self.stopping() || self.shared.cancels.lock().unwrap().contains(&job.job_id) {
+            return true;
+        }
+        let mut state = state.borrow_mut();
+        if state.gone || state.error.is_some() {
+            return true;
+        }
+        if state.last_poll.elapsed() >= POLL_EVERY {
+            state.last_poll = Instant::now();
+            match self.block_on(store::poll(&self.pool, job.job_id)) {
+                Ok(Some((_, cancel_requested))) => return cancel_requested,
+                Ok(None) => {
+                    state.gone = true;
+                    return true;
+                }
+                Err(e) => tracing::warn!(job = job.job_id, error = %e, "cannot poll the job"),
+            }
+        }
+        false
+    }
+
+    fn on_event(
+        &self,
+        job: &Claimed,
+        todo: &[&JobFrameRow],
+        state: &RefCell<Drawing>,
+        event: PipelineEvent<'_>,
+    ) {
+        let mut state = state.borrow_mut();
+        if state.gone || state.error.is_some() {
+            return;
+        }
+        let frame_of = |ordinal: usize| todo[ordinal.saturating_sub(1).min(todo.len() - 1)];
+        let progress = |row: &JobFrameRow, step: usize, steps: usize, done: usize| Progress {
+            frame: row.ordinal as usize,
+            frames: job.frames.len(),
+            frames_done: done,
+            position: row.position as usize,
+            frame_id: row.frame_id,
+            step,
+            steps,
+        };
+        // Only a frame that cannot be stored fails the job; a lost progress row is logged.
+        let mut essential = false;
+        let stored = match event {
+            PipelineEvent::FrameStarted { ordinal, .. } => {
+                let row = frame_of(ordinal);
+                let p = progress(row, 0, state.steps, state.done);
+                state.last_stored_progress = Instant::now();
+                self.block_on(store::progress(&self.pool, job, &p, Some(row.ordinal)))
+            }
+            PipelineEvent::Step {
+                ordinal,
+                step,
+                steps,
+                ..
+            } => {
+                state.steps = steps;
+                let p = progress(frame_of(ordinal), step, steps, state.done);
+                if state.last_stored_progress.elapsed() < PROGRESS_EVERY {
+                    let data = serde_json::to_value(&p).unwrap_or_default();
+                    self.hub.publish(JobEvent::new(
+                        job.job_id,
+                        job.story_id,
+                        kind::PROGRESS,
+                        data,
+                    ));
+                    return;
+                }
+                state.last_stored_progress = Instant::now();
+                self.block_on(store::progress(&self.pool, job, &p, None))
+            }
+            PipelineEvent::FrameFinished { ordinal, frame, .. } => {
+                let row = frame_of(ordinal);
+                let png = match encode_png(&frame.image) {
+                    Ok(png) => png,
+                    Err(e) => {
+                        state.error = Some(format!("cannot encode the frame as PNG: {e}"));
+                        return;
+                    }
+                };
+                state.done += 1;
+                let p = progress(row, state.steps, state.steps, state.done);
+                essential = true;
+                let finished = FinishedFrame {
+                    ordinal: row.ordinal,
+                    png,
+                    duration_ms: frame.duration.as_millis() as i64,
+                };
+                self.block_on(store::frame_done(&self.pool, job, &finished, &p))
+            }
+        };
+        match stored {
+            Ok(Some(event)) => self.hub.publish(event),
+            Ok(None) => {
+                // The job stopped running under us: only its deletion does that.
+                if !matches!(
+                    self.block_on(store::poll(&self.pool, job.job_id)),
+                    Ok(Some(_))
+                ) {
+                    state.gone = true;
+                }
+            }
+            Err(e) if essential => state.error = Some(e.to_string()),
+            Err(e) => tracing::warn!(job = job.job_id, error = %e, "cannot record progress"),
+        }
+    }
+}
+
+/// The model's defaults with the job's steps and guidance; delayed conditioning keeps its
+/// share of the steps (`with_steps`).
+fn options(defaults: GenerateOptions, job: &Claimed) -> GenerateOptions {
+    GenerateOptions {
+        guidance_scale: job.params.guidance_scale,
+        ..defaults.with_steps(job.params.steps as usize)
+    }
+}
+
+fn encode_png(image: &image::RgbImage) -> image::ImageResult<Vec<u8>> {
+    let mut out = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?;
+    Ok(out)
+}

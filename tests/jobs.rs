@@ -1,0 +1,916 @@
+//! End-to-end tests of generation jobs against the real binary and a real (random toy) model
+//! bundle: queueing, the worker drawing frames into the store, the SSE streams (order, resume
+//! with Last-Event-ID, heartbeats), cancelling, a full queue, and recovery after kill -9.
+//!
+//! Frames of the toy bundle are 64x64 and take a fraction of a second with a few steps, so
+//! most tests ask for 1-3 steps; the tests that need a job to be running for a while (cancel,
+//! queue full, crash) ask for many.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{character_form, png, Server};
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+
+/// Longest any single wait in these tests may take before the test fails.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn start(dir: &std::path::Path, extra: &[&str]) -> Server {
+    Server::start_with(dir, extra, &[])
+}
+
+fn http() -> Client {
+    Client::new()
+}
+
+async fn json_of(response: reqwest::Response) -> Value {
+    response.json().await.unwrap()
+}
+
+async fn get(server: &Server, path: &str) -> Value {
+    let response = http().get(server.at(path)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+    json_of(response).await
+}
+
+async fn problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status, "unexpected status");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    body
+}
+
+/// A story with these captions whose cast is one character (created on first use).
+async fn story(server: &Server, captions: &[&str]) -> i64 {
+    let characters = get(server, "/api/characters").await;
+    let fred = match characters["items"].as_array().unwrap().first() {
+        Some(fred) => fred["id"].as_i64().unwrap(),
+        None => {
+            let response = http()
+                .post(server.at("/api/characters"))
+                .multipart(character_form("Fred", "he", png(24, 24), "fred.png"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::CREATED);
+            json_of(response).await["id"].as_i64().unwrap()
+        }
+    };
+    let response = http()
+        .post(server.at("/api/stories"))
+        .json(&json!({"title": "Test", "captions": captions, "character_ids": [fred]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    json_of(response).await["id"].as_i64().unwrap()
+}
+
+async fn post_generate(server: &Server, story: i64, body: Value) -> reqwest::Response {
+    http()
+        .post(server.at(&format!("/api/stories/{story}/generate")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Queues a job and returns it (checking the 202 and its Location).
+async fn generate(server: &Server, story: i64, body: Value) -> Value {
+    let response = post_generate(server, story, body).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let job = json_of(response).await;
+    assert_eq!(location, format!("/api/jobs/{}", job["id"]));
+    job
+}
+
+async fn wait_job(server: &Server, job: i64, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let current = get(server, &format!("/api/jobs/{job}")).await;
+        if current["status"] == status {
+            return current;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {job} never became {status}: {current}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+struct Event {
+    name: String,
+    id: Option<i64>,
+    data: Value,
+}
+
+/// A minimal SSE reader over a streaming response.
+struct Stream {
+    response: reqwest::Response,
+    buffer: String,
+    heartbeats: usize,
+}
+
+impl Stream {
+    async fn open(server: &Server, path: &str, last_event_id: Option<i64>) -> Stream {
+        let mut request = http().get(server.at(path));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Stream {
+            response,
+            buffer: String::new(),
+            heartbeats: 0,
+        }
+    }
+
+    /// The next event, or `None` when the server ended the stream; counts heartbeats.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = Event {
+                    name: "message".into(),
+                    id: None,
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        if line.contains("heartbeat") {
+                            self.heartbeats += 1;
+                        }
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event.name = v.trim().into();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        event.id = Some(v.trim().parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a heartbeat
+                }
+                event.data = serde_json::from_str(&data).unwrap();
+                return Some(event);
+            }
+            let chunk = tokio::time::timeout(PATIENCE, self.response.chunk())
+                .await
+                .expect("the event stream stalled")
+                .unwrap();
+            self.buffer.push_str(
+                std::str::from_utf8(&chunk?)
+                    .unwrap()
+                    .replace("\r\n", "\n")
+                    .as_str(),
+            );
+        }
+    }
+
+    /// Reads until an event named `name`, returning everything read (that event last).
+    async fn until(&mut self, name: &str) -> Vec<Event> {
+        let mut seen = Vec::new();
+        while let Some(event) = self.next().await {
+            let done = event.name == name;
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+        panic!("the stream ended before a `{name}` event: {seen:?}");
+    }
+
+    /// Reads to the end of the stream.
+    async fn rest(&mut self) -> Vec<Event> {
+        let mut seen = Vec::new();
+        while let Some(event) = self.next().await {
+            seen.push(event);
+        }
+        seen
+    }
+}
+
+fn names(events: &[Event]) -> Vec<&str> {
+    events.iter().map(|e| e.name.as_str()).collect()
+}
+
+fn stored_ids(events: &[Event]) -> Vec<i64> {
+    events.iter().filter_map(|e| e.id).collect()
+}
+
+async fn image(server: &Server, url: &str) -> Vec<u8> {
+    let response = http().get(server.at(url)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
+    assert_eq!(response.headers()["content-type"], "image/png");
+    response.bytes().await.unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let ready = get(&server, "/readyz").await;
+    assert_eq!(ready["model"]["trained"], false, "{ready}");
+    assert_eq!(ready["model"]["device"], "cpu");
+    assert!(ready["model"]["name"]
+        .as_str()
+        .is_some_and(|n| !n.is_empty()));
+    let (width, height) = (
+        ready["model"]["width"].as_u64().unwrap() as u32,
+        ready["model"]["height"].as_u64().unwrap() as u32,
+    );
+    let story_id = story(
+        &server,
+        &["Fred opens the door.", "He waves.", "Fred laughs."],
+    )
+    .await;
+
+    let job = generate(&server, story_id, json!({"steps": 2, "seed": 7})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let seeds: Vec<i64> = job["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["seed"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seeds, [7, 8, 9], "frame p gets seed + p");
+    assert_eq!(job["events_url"], format!("/api/jobs/{job_id}/events"));
+
+    // A viewer follows the job up to its first finished frame, then drops off...
+    let events_path = format!("/api/jobs/{job_id}/events");
+    let mut first = Stream::open(&server, &events_path, None).await;
+    let head = first.until("frame").await;
+    drop(first);
+    assert_eq!(names(&head)[..2], ["queued", "started"]);
+    let resume_at = head.last().unwrap().id.expect("a frame event has an id");
+    // ...and comes back with Last-Event-ID: it gets only what came after, to the end.
+    let mut second = Stream::open(&server, &events_path, Some(resume_at)).await;
+    let tail = second.rest().await;
+    assert!(
+        stored_ids(&tail).iter().all(|&id| id > resume_at),
+        "{tail:?}"
+    );
+    assert_eq!(names(&tail).iter().filter(|n| **n == "frame").count(), 2);
+    assert_eq!(tail.last().unwrap().name, "completed");
+
+    // The whole stored history, replayed after the fact, in order and ending with `completed`.
+    let all = Stream::open(&server, &events_path, None).await.rest().await;
+    let ids = stored_ids(&all);
+    assert_eq!(ids.len(), all.len(), "a replay sends stored events only");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    assert_eq!(names(&all)[..2], ["queued", "started"]);
+    assert_eq!(*names(&all).last().unwrap(), "completed");
+    let tail_ids: Vec<i64> = ids.iter().copied().filter(|&id| id > resume_at).collect();
+    assert_eq!(
+        stored_ids(&tail),
+        tail_ids,
+        "the resumed stream missed nothing"
+    );
+    let frames: Vec<&Event> = all.iter().filter(|e| e.name == "frame").collect();
+    assert_eq!(
+        frames
+            .iter()
+            .map(|e| e.data["position"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    for event in &all {
+        assert_eq!(event.data["job_id"], job_id);
+        assert_eq!(event.data["story_id"], story_id);
+        if event.name == "progress" {
+            let p = &event.data;
+            assert_eq!(p["frames"], 3);
+            assert!(p["frame"].as_u64().unwrap() >= 1 && p["frame"].as_u64().unwrap() <= 3);
+            assert!(p["step"].as_u64().unwrap() <= p["steps"].as_u64().unwrap());
+        }
+    }
+
+    let finished = get(&server, &format!("/api/jobs/{job_id}")).await;
+    assert_eq!(finished["status"], "succeeded");
+    assert_eq!(finished["attempts"], 1);
+    assert!(finished["error"].is_null());
+    assert!(finished["started_at"].is_string() && finished["finished_at"].is_string());
+    assert_eq!(finished["progress"]["frames_done"], 3);
+
+    // Every frame is stored: ready, with its seed and an image of the bundle's size.
+    let drawn = get(&server, &format!("/api/stories/{story_id}")).await;
+    let mut before = Vec::new();
+    for (p, frame) in drawn["frames"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(frame["status"], "ready", "{frame}");
+        assert_eq!(frame["seed"], 7 + p as i64);
+        let url = frame["image_url"].as_str().unwrap();
+        assert_eq!(frames[p].data["image_url"], url);
+        let bytes = image(&server, url).await;
+        let decoded = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (width, height));
+        before.push(bytes);
+    }
+    // Images are cacheable by content.
+    let url = drawn["frames"][0]["image_url"].as_str().unwrap();
+    let response = http().get(server.at(url)).send().await.unwrap();
+    let etag = response.headers()["etag"].clone();
+    let response = http()
+        .get(server.at(url))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+
+    // Redrawing one frame with a given seed changes that frame only.
+    let redo = generate(
+        &server,
+        story_id,
+        json!({"frames": [{"position": 1, "seed": 99}], "steps": 2}),
+    )
+    .await;
+    let redo_id = redo["id"].as_i64().unwrap();
+    let events = Stream::open(&server, &format!("/api/jobs/{redo_id}/events"), None)
+        .await
+        .rest()
+        .await;
+    assert_eq!(names(&events).iter().filter(|n| **n == "frame").count(), 1);
+    assert_eq!(*names(&events).last().unwrap(), "completed");
+    let redrawn = get(&server, &format!("/api/stories/{story_id}")).await;
+    let frames_now = redrawn["frames"].as_array().unwrap();
+    assert_eq!(frames_now[1]["seed"], 99);
+    for (p, frame) in frames_now.iter().enumerate() {
+        let bytes = image(&server, frame["image_url"].as_str().unwrap()).await;
+        assert_eq!(bytes == before[p], p != 1, "frame {p}");
+    }
+
+    // Editing a caption makes its image stale; the job keeps the caption it drew.
+    let frame_id = frames_now[2]["id"].as_i64().unwrap();
+    let edited: Value = json_of(
+        http()
+            .patch(server.at(&format!("/api/stories/{story_id}/frames/{frame_id}")))
+            .json(&json!({"caption": "Fred sits down."}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(edited["frames"][2]["status"], "stale");
+    let old = get(&server, &format!("/api/jobs/{job_id}")).await;
+    assert_eq!(old["frames"][2]["caption"], "Fred laughs.");
+
+    // A finished job cannot be cancelled.
+    let response = http()
+        .post(server.at(&format!("/api/jobs/{job_id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::CONFLICT, "job_finished").await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let story_id = story(&server, &["Fred opens the door.", "He waves."]).await;
+    let empty = story(&server, &[]).await;
+
+    let cases = [
+        (json!({"steps": 0}), "invalid_steps"),
+        (json!({"steps": 201}), "invalid_steps"),
+        (json!({"guidance_scale": 0.5}), "invalid_guidance"),
+        (json!({"frames": [2]}), "unknown_frame"),
+        (json!({"frames": [-1]}), "unknown_frame"),
+        (json!({"frames": []}), "invalid_frames"),
+        (json!({"frames": [0, 0]}), "invalid_frames"),
+        (json!({"seed": 9_007_199_254_740_992u64}), "invalid_seed"),
+        // Frame 1 is drawn looking at frame 0, which has no image yet.
+        (json!({"frames": [1]}), "missing_context"),
+        (json!({"stepz": 3}), "invalid_body"),
+    ];
+    for (body, code) in cases {
+        let response = post_generate(&server, story_id, body.clone()).await;
+        problem(response, StatusCode::UNPROCESSABLE_ENTITY, code).await;
+    }
+    let response = post_generate(&server, empty, json!({})).await;
+    problem(response, StatusCode::UNPROCESSABLE_ENTITY, "empty_story").await;
+    let response = post_generate(&server, 9999, json!({})).await;
+    problem(response, StatusCode::NOT_FOUND, "not_found").await;
+    let response = http()
+        .post(server.at(&format!("/api/stories/{story_id}/generate")))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST, "invalid_json").await;
+    let response = http()
+        .post(server.at(&format!("/api/stories/{story_id}/generate")))
+        .header("content-type", "text/plain")
+        .body("steps=3")
+        .send()
+        .await
+        .unwrap();
+    problem(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    let response = http()
+        .post(server.at(&format!("/api/stories/{story_id}/generate")))
+        .header("idempotency-key", "x".repeat(300))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST, "invalid_idempotency_key").await;
+    assert!(
+        get(&server, "/api/jobs").await["items"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "a refused request queues nothing"
+    );
+
+    // The same key with the same body is the same job, however often it is sent.
+    let send = |body: Value| {
+        http()
+            .post(server.at(&format!("/api/stories/{story_id}/generate")))
+            .header("idempotency-key", "retry-me-1")
+            .json(&body)
+            .send()
+    };
+    let first = send(json!({"steps": 1})).await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let location = first.headers()["location"].clone();
+    let job = json_of(first).await;
+    let again = send(json!({"steps": 1})).await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    assert_eq!(again.headers()["location"], location);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(json_of(again).await["id"], job["id"]);
+    let other = send(json!({"steps": 2})).await.unwrap();
+    problem(
+        other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
+    let listed = get(&server, &format!("/api/jobs?story_id={story_id}")).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+
+    // A frame whose predecessor waits in an earlier job may be queued behind it.
+    let second = generate(&server, story_id, json!({"frames": [1], "steps": 1})).await;
+    wait_job(&server, second["id"].as_i64().unwrap(), "succeeded").await;
+    assert_eq!(
+        get(&server, &format!("/api/jobs/{}", job["id"])).await["status"],
+        "succeeded"
+    );
+    let listed = get(&server, "/api/jobs?status=succeeded&limit=1").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    assert!(listed["next_cursor"].is_string());
+
+    for path in [
+        "/api/jobs/999999",
+        "/api/jobs/abc",
+        "/api/jobs/999999/events",
+    ] {
+        let response = http().get(server.at(path)).send().await.unwrap();
+        problem(response, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    let response = http()
+        .post(server.at("/api/jobs/999999/cancel"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::NOT_FOUND, "not_found").await;
+    let response = http()
+        .get(server.at("/api/jobs?status=done"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST, "invalid_query").await;
+    let response = http()
+        .get(server.at(&format!("/api/stories/{story_id}/events")))
+        .header("last-event-id", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST, "invalid_last_event_id").await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let story_id = story(
+        &server,
+        &["Fred runs.", "He jumps.", "He falls.", "He laughs."],
+    )
+    .await;
+    let job = generate(&server, story_id, json!({"steps": 40})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("frame").await;
+
+    let response = http()
+        .post(server.at(&format!("/api/jobs/{job_id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(json_of(response).await["cancel_requested"], true);
+    let rest = events.rest().await;
+    assert_eq!(rest.last().unwrap().name, "cancelled", "{:?}", names(&rest));
+
+    let cancelled = get(&server, &format!("/api/jobs/{job_id}")).await;
+    assert_eq!(cancelled["status"], "cancelled");
+    assert!(cancelled["finished_at"].is_string());
+    let done: Vec<bool> = cancelled["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["status"] == "done")
+        .collect();
+    let drawn = done.iter().filter(|d| **d).count();
+    assert!((1..4).contains(&drawn), "{cancelled}");
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    for (frame, done) in story["frames"].as_array().unwrap().iter().zip(&done) {
+        if *done {
+            assert_eq!(frame["status"], "ready");
+            image(&server, frame["image_url"].as_str().unwrap()).await;
+        } else {
+            assert_eq!(frame["status"], "pending", "{frame}");
+            assert!(frame["image_url"].is_null());
+        }
+    }
+    // Cancelling again is harmless.
+    let response = http()
+        .post(server.at(&format!("/api/jobs/{job_id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(json_of(response).await["status"], "cancelled");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--queue-capacity", "2"]);
+    let story_id = story(&server, &["Fred waits.", "He waits more."]).await;
+    let long = generate(&server, story_id, json!({"steps": 200})).await;
+    let long_id = long["id"].as_i64().unwrap();
+    wait_job(&server, long_id, "running").await;
+
+    // The story shows which frame is being drawn and which wait.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let story = get(&server, &format!("/api/stories/{story_id}")).await;
+        let statuses: Vec<&str> = story["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["status"].as_str().unwrap())
+            .collect();
+        if statuses == ["running", "queued"] {
+            break;
+        }
+        assert_eq!(statuses, ["queued", "queued"]);
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let second = generate(&server, story_id, json!({"steps": 1})).await;
+    let third = generate(&server, story_id, json!({"steps": 1})).await;
+    let response = post_generate(&server, story_id, json!({"steps": 1})).await;
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after > 0);
+    problem(response, StatusCode::TOO_MANY_REQUESTS, "queue_full").await;
+    let ready = get(&server, "/readyz").await;
+    assert_eq!(
+        ready["queue"],
+        json!({"queued": 2, "running": 1, "capacity": 2, "worker_alive": true})
+    );
+
+    // Cancelling a queued job takes effect at once and makes room.
+    let second_id = second["id"].as_i64().unwrap();
+    let response = http()
+        .post(server.at(&format!("/api/jobs/{second_id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(json_of(response).await["status"], "cancelled");
+    let events = Stream::open(&server, &format!("/api/jobs/{second_id}/events"), None)
+        .await
+        .rest()
+        .await;
+    assert_eq!(names(&events), ["queued", "cancelled"]);
+    let fourth = generate(&server, story_id, json!({"steps": 1})).await;
+
+    // Stop the long job; the queue then runs the others in order.
+    let response = http()
+        .post(server.at(&format!("/api/jobs/{long_id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    wait_job(&server, long_id, "cancelled").await;
+    let third = wait_job(&server, third["id"].as_i64().unwrap(), "succeeded").await;
+    let fourth = wait_job(&server, fourth["id"].as_i64().unwrap(), "succeeded").await;
+    assert!(third["finished_at"].as_str() <= fourth["started_at"].as_str());
+}
+
+#[tokio::test]
+async fn the_story_stream_follows_each_job_of_the_story_and_sends_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--sse-heartbeat-ms", "100"]);
+    let story_id = story(&server, &["Fred sleeps."]).await;
+    let path = format!("/api/stories/{story_id}/events");
+    let mut stream = Stream::open(&server, &path, None).await;
+    // A quiet stream carries heartbeats only.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let first = generate(&server, story_id, json!({"steps": 1})).await;
+    let second = generate(&server, story_id, json!({"steps": 1})).await;
+    let mut seen = Vec::new();
+    while seen
+        .iter()
+        .filter(|e: &&Event| e.name == "completed")
+        .count()
+        < 2
+    {
+        seen.push(stream.next().await.expect("the story stream stays open"));
+    }
+    assert!(stream.heartbeats >= 2, "{} heartbeats", stream.heartbeats);
+    let of = |job: &Value| -> Vec<&str> {
+        seen.iter()
+            .filter(|e| e.data["job_id"] == job["id"])
+            .map(|e| e.name.as_str())
+            .filter(|n| *n != "progress")
+            .collect()
+    };
+    assert_eq!(of(&first), ["queued", "started", "frame", "completed"]);
+    assert_eq!(of(&second), ["queued", "started", "frame", "completed"]);
+    // The stream outlives the jobs, heartbeating.
+    let before = stream.heartbeats;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(later.is_err(), "no event expected: {later:?}");
+    assert!(stream.heartbeats > before);
+
+    let response = http()
+        .get(server.at("/api/stories/9999/events"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let captions = ["Fred opens the door.", "He waves.", "Fred laughs."];
+    let story_id = story(&server, &captions).await;
+    let job = generate(&server, story_id, json!({"steps": 12, "seed": 5})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    let head = events.until("frame").await;
+    let first_url = head.last().unwrap().data["image_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first_image = image(&server, &first_url).await;
+    // Let the second frame get under way, then crash.
+    events.until("progress").await;
+    server.kill_hard();
+
+    let server = start(dir.path(), &[]);
+    let finished = wait_job(&server, job_id, "succeeded").await;
+    assert_eq!(finished["attempts"], 2, "{finished}");
+    let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
+        .await
+        .rest()
+        .await;
+    let requeued: Vec<&Event> = all
+        .iter()
+        .filter(|e| e.name == "queued" && e.data["requeued"] == true)
+        .collect();
+    assert_eq!(requeued.len(), 1, "{:?}", names(&all));
+    let mut positions: Vec<i64> = all
+        .iter()
+        .filter(|e| e.name == "frame")
+        .map(|e| e.data["position"].as_i64().unwrap())
+        .collect();
+    positions.sort();
+    assert_eq!(positions, [0, 1, 2], "each frame exactly once");
+    assert_eq!(*names(&all).last().unwrap(), "completed");
+
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let stored: Vec<Vec<u8>> = {
+        let mut out = Vec::new();
+        for frame in story["frames"].as_array().unwrap() {
+            assert_eq!(frame["status"], "ready");
+            out.push(image(&server, frame["image_url"].as_str().unwrap()).await);
+        }
+        out
+    };
+    assert_eq!(
+        stored[0], first_image,
+        "the frame drawn before the crash is kept"
+    );
+
+    // The seeds were fixed at enqueue time, so the frames redrawn after the crash are the
+    // frames an uninterrupted run draws.
+    let twin = self::story(&server, &captions).await;
+    let job = generate(&server, twin, json!({"steps": 12, "seed": 5})).await;
+    wait_job(&server, job["id"].as_i64().unwrap(), "succeeded").await;
+    let twin = get(&server, &format!("/api/stories/{twin}")).await;
+    for (p, frame) in twin["frames"].as_array().unwrap().iter().enumerate() {
+        let bytes = image(&server, frame["image_url"].as_str().unwrap()).await;
+        assert!(
+            bytes == stored[p],
+            "frame {p} differs from an uninterrupted run"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let story_id = story(&server, &["Fred reads.", "He yawns."]).await;
+    let job = generate(&server, story_id, json!({"steps": 25})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("progress").await;
+    assert!(server.terminate(), "SIGTERM stops the server cleanly");
+
+    let server = start(dir.path(), &[]);
+    let finished = wait_job(&server, job_id, "succeeded").await;
+    assert_eq!(finished["attempts"], 1, "{finished}");
+    let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
+        .await
+        .rest()
+        .await;
+    let requeued = all
+        .iter()
+        .find(|e| e.name == "queued" && e.data["requeued"] == true)
+        .expect("a requeue event");
+    assert!(requeued.data["reason"]
+        .as_str()
+        .unwrap()
+        .contains("shutting down"));
+}
+
+#[tokio::test]
+async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--max-attempts", "1"]);
+    let story_id = story(&server, &["Fred sings.", "He bows.", "They clap."]).await;
+    let job = generate(&server, story_id, json!({"steps": 20})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("frame").await;
+    server.kill_hard();
+
+    let server = start(dir.path(), &["--max-attempts", "1"]);
+    let failed = get(&server, &format!("/api/jobs/{job_id}")).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("attempt 1 of 1"));
+    let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
+        .await
+        .rest()
+        .await;
+    assert_eq!(all.last().unwrap().name, "failed");
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let statuses: Vec<&str> = story["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses[0], "ready");
+    assert!(statuses[1..].iter().all(|s| *s == "failed"), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let story_id = story(&server, &["Fred runs.", "He stops.", "He sits."]).await;
+    let job = generate(&server, story_id, json!({"steps": 20})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("started").await;
+    // While it runs: rewrite the last caption and delete the middle frame.
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let middle = story["frames"][1]["id"].as_i64().unwrap();
+    let last = story["frames"][2]["id"].as_i64().unwrap();
+    let response = http()
+        .patch(server.at(&format!("/api/stories/{story_id}/frames/{last}")))
+        .json(&json!({"caption": "He lies down."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = http()
+        .delete(server.at(&format!("/api/stories/{story_id}/frames/{middle}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let rest = events.rest().await;
+    assert_eq!(rest.last().unwrap().name, "completed", "{:?}", names(&rest));
+    // The job drew its snapshot: the deleted frame's image went nowhere, and the edited
+    // frame's image, drawn from the old caption, is stale.
+    let discarded = rest
+        .iter()
+        .find(|e| e.name == "frame" && e.data["position"] == 1)
+        .unwrap();
+    assert!(discarded.data["image_url"].is_null());
+    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let frames = story["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frames[0]["status"], "ready");
+    assert_eq!(frames[1]["status"], "stale");
+    assert_eq!(frames[1]["caption"], "He lies down.");
+    image(&server, frames[1]["image_url"].as_str().unwrap()).await;
+
+    // Deleting the story stops its running job; the worker goes on with the next one.
+    let job = generate(&server, story_id, json!({"steps": 200})).await;
+    let job_id = job["id"].as_i64().unwrap();
+    let other = self::story(&server, &["Wilma smiles."]).await;
+    let next = generate(&server, other, json!({"steps": 1})).await;
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    events.until("started").await;
+    let response = http()
+        .delete(server.at(&format!("/api/stories/{story_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let rest = events.rest().await;
+    assert_eq!(rest.last().unwrap().name, "cancelled", "{:?}", names(&rest));
+    let response = http()
+        .get(server.at(&format!("/api/jobs/{job_id}")))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::NOT_FOUND, "not_found").await;
+    wait_job(&server, next["id"].as_i64().unwrap(), "succeeded").await;
+}
+
+#[tokio::test]
+async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_default_bundle(dir.path(), &[]);
+    let ready = get(&server, "/readyz").await;
+    assert_eq!(ready["status"], "ok");
+    assert_eq!(ready["model"]["trained"], false);
+    let bundle = dir.path().join("bundles").join("toy-random");
+    assert_eq!(ready["model"]["bundle"], bundle.to_str().unwrap());
+    assert!(server.log().contains("UNTRAINED"), "{}", server.log());
+    // The next start reuses it.
+    assert!(server.terminate());
+    let server = Server::start_with_default_bundle(dir.path(), &[]);
+    assert_eq!(
+        get(&server, "/readyz").await["model"]["bundle"],
+        bundle.to_str().unwrap()
+    );
+
+    // A bundle that is not there stops the start with what to do about it.
+    let output = std::process::Command::new(common::binary())
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--bundle",
+            "/nonexistent/bundle",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/bundle") && stderr.contains("bundle random"),
+        "{stderr}"
+    );
+}
