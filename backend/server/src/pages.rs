@@ -4,6 +4,7 @@
 //! a refused form is rendered again with the messages next to its fields); with HTMX loaded
 //! they swap just the section that changed and show the same messages in place.
 
+mod generate;
 mod story;
 
 use askama::Template;
@@ -29,6 +30,7 @@ const HTMX_JS: &[u8] = include_bytes!(concat!(
 ));
 const APP_CSS: &str = include_str!("../../../static/app.css");
 const STUDIO_JS: &str = include_str!("../../../static/studio.js");
+const GENERATE_JS: &str = include_str!("../../../static/generate.js");
 
 /// Highlight colours (`c0`..`c7` in app.css); a cast member's colour is its cast index mod 8.
 pub const COLOURS: usize = 8;
@@ -46,6 +48,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/stories", get(stories_section).post(add_story))
         .route("/ui/stories/{id}/delete", post(delete_story))
         .merge(story::router())
+        .merge(generate::router())
         .route(
             "/static/htmx.min.js",
             get(|| async { asset(HTMX_JS.to_vec(), "text/javascript") }),
@@ -57,6 +60,10 @@ pub fn router() -> Router<AppState> {
         .route(
             "/static/studio.js",
             get(|| async { asset(STUDIO_JS.as_bytes().to_vec(), "text/javascript") }),
+        )
+        .route(
+            "/static/generate.js",
+            get(|| async { asset(GENERATE_JS.as_bytes().to_vec(), "text/javascript") }),
         )
 }
 

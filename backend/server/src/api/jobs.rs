@@ -233,12 +233,9 @@ pub async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let request = parse_body(&headers, body)?;
-    let defaults = &state.worker.model;
-    let spec = request.validate(defaults.default_steps, defaults.default_guidance)?;
     let idem = idempotency(&headers, id, &request)?;
-    let capacity = state.settings.queue_capacity as i64;
-    let enqueued = match store::enqueue(&state.pool, id, &spec, idem.as_ref(), capacity).await {
-        Ok(enqueued) => enqueued,
+    let (job, replayed) = match queue(&state, id, &request, idem.as_ref()).await {
+        Ok(queued) => queued,
         Err(e) if e.code == "queue_full" => {
             let mut response = e.into_response();
             response.headers_mut().insert(
@@ -248,14 +245,6 @@ pub async fn generate(
             return Ok(response);
         }
         Err(e) => return Err(e),
-    };
-    let (job, replayed) = match enqueued {
-        Enqueued::New(job, event) => {
-            state.hub.publish(event);
-            state.worker.wake();
-            (job, false)
-        }
-        Enqueued::Replayed(job) => (job, true),
     };
     let mut response = (
         StatusCode::ACCEPTED,
@@ -269,6 +258,46 @@ pub async fn generate(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// Validates and queues a generation request for story `id`, announces it and wakes the
+/// worker; the one path every way of starting a job goes through (API and pages). Returns the
+/// job and whether it was an idempotent replay.
+pub(crate) async fn queue(
+    state: &AppState,
+    id: i64,
+    request: &GenerateRequest,
+    idem: Option<&Idempotency>,
+) -> ApiResult<(Job, bool)> {
+    let defaults = &state.worker.model;
+    let spec = request.validate(defaults.default_steps, defaults.default_guidance)?;
+    let capacity = state.settings.queue_capacity as i64;
+    Ok(
+        match store::enqueue(&state.pool, id, &spec, idem, capacity).await? {
+            Enqueued::New(job, event) => {
+                state.hub.publish(event);
+                state.worker.wake();
+                (job, false)
+            }
+            Enqueued::Replayed(job) => (job, true),
+        },
+    )
+}
+
+/// Asks job `id` to stop (see [`cancel`]); the status says whether it already has (200) or
+/// will at its next step (202).
+pub(crate) async fn stop(state: &AppState, id: i64) -> ApiResult<(Job, StatusCode)> {
+    Ok(match store::cancel(&state.pool, id).await? {
+        Cancel::Cancelled(job, event) => {
+            state.hub.publish(event);
+            (job, StatusCode::OK)
+        }
+        Cancel::Requested(job) => {
+            state.worker.cancel(job.id);
+            (job, StatusCode::ACCEPTED)
+        }
+        Cancel::AlreadyCancelled(job) => (job, StatusCode::OK),
+    })
 }
 
 /// Get a job: status, frames, progress, timestamps and error.
@@ -343,15 +372,6 @@ pub async fn cancel(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Response> {
-    Ok(match store::cancel(&state.pool, id).await? {
-        Cancel::Cancelled(job, event) => {
-            state.hub.publish(event);
-            (StatusCode::OK, Json(job)).into_response()
-        }
-        Cancel::Requested(job) => {
-            state.worker.cancel(job.id);
-            (StatusCode::ACCEPTED, Json(job)).into_response()
-        }
-        Cancel::AlreadyCancelled(job) => (StatusCode::OK, Json(job)).into_response(),
-    })
+    let (job, status) = stop(&state, id).await?;
+    Ok((status, Json(job)).into_response())
 }

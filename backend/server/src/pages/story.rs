@@ -263,6 +263,7 @@ struct StoryView {
     new_highlight_html: String,
     status: String,
     strip_html: String,
+    panel_html: String,
 }
 
 #[derive(Template)]
@@ -293,6 +294,8 @@ struct StoryInput {
     new_caption: Option<(String, String, String)>,
     /// A refused title/cast change: title, cast ids, message.
     details: Option<(String, Vec<i64>, String)>,
+    /// A message for the generate panel (a refused generation without HTMX).
+    panel_message: String,
 }
 
 fn story_cast(story: &Story, library: &[Character]) -> Vec<CastMember> {
@@ -395,7 +398,28 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
         new_highlight_html,
         status: input.status,
         strip_html: frames_strip(state, id).await?,
+        panel_html: super::generate::panel_html(state, id, &input.panel_message).await?,
     })
+}
+
+/// The whole story page with a message in the generate panel (a refused generation request
+/// without HTMX), answered with `status`.
+pub(super) async fn page_with_panel_message(
+    state: &AppState,
+    id: i64,
+    message: String,
+    status: StatusCode,
+) -> ApiResult<Response> {
+    let view = story_view(
+        state,
+        id,
+        StoryInput {
+            panel_message: message,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(render(StoryPage { view }, status))
 }
 
 #[derive(Template)]

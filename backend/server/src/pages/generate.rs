@@ -1,0 +1,200 @@
+//! The story page's generate panel: start a generation job, follow it live, cancel it.
+//!
+//! The panel is server-rendered (it shows the job that is queued or running when the page
+//! loads, with its progress) and its forms work without JavaScript. `static/generate.js`
+//! follows the story's event stream (`/api/stories/{id}/events`) to move the progress bars
+//! step by step, refresh the frames strip as each frame is stored, and re-render the panel
+//! when a job ends. Jobs are queued through [`crate::api::jobs::queue`], the same path as
+//! `POST /api/stories/{id}/generate`.
+
+use askama::Template;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use super::{form_field, is_htmx, sentence};
+use crate::api::jobs::{queue, stop, GenerateRequest};
+use crate::api::ApiPath;
+use crate::error::{ApiError, ApiResult};
+use crate::store::jobs::{self as job_store, Job};
+use crate::store::stories;
+use crate::AppState;
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ui/stories/{id}/generate", post(start))
+        .route("/ui/stories/{id}/generate-panel", get(panel_fragment))
+        .route("/ui/stories/{story}/jobs/{job}/cancel", post(cancel))
+}
+
+/// What the panel shows of the active job.
+struct ActiveJob {
+    id: i64,
+    status: String,
+    frames: usize,
+    frames_done: usize,
+    frame: usize,
+    step: usize,
+    steps: usize,
+    cancel_requested: bool,
+}
+
+#[derive(Template)]
+#[template(path = "generate_panel.html")]
+struct GeneratePanel {
+    story_id: i64,
+    has_frames: bool,
+    model_name: String,
+    trained: bool,
+    default_steps: u32,
+    job: Option<ActiveJob>,
+    message: String,
+}
+
+/// The job of story `id` that is running, else the oldest queued one.
+async fn active_job(state: &AppState, id: i64) -> ApiResult<Option<Job>> {
+    let statuses = ["running".to_string(), "queued".to_string()];
+    let page = job_store::list(&state.pool, Some(id), &statuses, None, 50).await?;
+    Ok(page
+        .items
+        .iter()
+        .find(|j| j.status == "running")
+        .or_else(|| page.items.first())
+        .cloned())
+}
+
+/// The panel's HTML for story `id`, with `message` in its status line.
+pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiResult<String> {
+    let story = stories::get(&state.pool, id).await?;
+    let job = active_job(state, id).await?.map(|j| {
+        let p = j.progress.as_ref();
+        ActiveJob {
+            id: j.id,
+            status: j.status.clone(),
+            frames: p.map_or(j.frames.len(), |p| p.frames),
+            frames_done: p.map_or(0, |p| p.frames_done),
+            frame: p.map_or(0, |p| p.frame),
+            step: p.map_or(0, |p| p.step),
+            steps: p.map_or(j.steps as usize, |p| p.steps),
+            cancel_requested: j.cancel_requested,
+        }
+    });
+    let model = &state.worker.model;
+    GeneratePanel {
+        story_id: id,
+        has_frames: !story.frames.is_empty(),
+        model_name: model.name.clone(),
+        trained: model.trained,
+        default_steps: model.default_steps,
+        job,
+        message: message.to_string(),
+    }
+    .render()
+    .map_err(ApiError::internal)
+}
+
+async fn panel_fragment(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
+    Ok(Html(panel_html(&state, id, "").await?).into_response())
+}
+
+/// Answers a panel form: with HTMX the re-rendered panel (and `frames-changed` so the strip
+/// shows the new statuses), without it a 303 back to the page, or the page with the message
+/// when refused.
+async fn answer(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: i64,
+    outcome: Result<String, ApiError>,
+) -> ApiResult<Response> {
+    let (message, status) = match outcome {
+        Ok(message) => (message, StatusCode::OK),
+        // A story or job that does not exist has no panel to show a message in.
+        Err(e) if e.status == StatusCode::NOT_FOUND => return Err(e),
+        // 422 so that HTMX swaps the panel in (see base.html's responseHandling); the
+        // message carries the reason, including a full queue.
+        Err(e) => (sentence(&e.detail), StatusCode::UNPROCESSABLE_ENTITY),
+    };
+    if !is_htmx(headers) {
+        if status.is_success() {
+            return Ok(Redirect::to(&format!("/stories/{id}#generate-panel")).into_response());
+        }
+        return super::story::page_with_panel_message(state, id, message, status).await;
+    }
+    let mut response = (status, Html(panel_html(state, id, &message).await?)).into_response();
+    if status.is_success() {
+        response
+            .headers_mut()
+            .insert("hx-trigger", HeaderValue::from_static("frames-changed"));
+    }
+    Ok(response)
+}
+
+fn parse_number<T: std::str::FromStr>(body: &[u8], name: &str, what: &str) -> ApiResult<Option<T>> {
+    match form_field(body, name).map(|v| v.trim().to_string()) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            ApiError::invalid(
+                "invalid_form",
+                format!("{what} must be a whole number; got {v:?}"),
+            )
+        }),
+    }
+}
+
+/// `POST /ui/stories/{id}/generate`: form fields `steps` and `seed` (both optional).
+async fn start(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let outcome = async {
+        let request = GenerateRequest {
+            steps: parse_number(&body, "steps", "steps")?,
+            seed: parse_number(&body, "seed", "the seed")?,
+            ..Default::default()
+        };
+        let (job, _) = queue(&state, id, &request, None).await?;
+        let n = job.frames.len();
+        Ok(format!(
+            "Queued job {}: {n} frame{} with {} steps each.",
+            job.id,
+            if n == 1 { "" } else { "s" },
+            job.steps
+        ))
+    }
+    .await;
+    answer(&state, &headers, id, outcome).await
+}
+
+/// `POST /ui/stories/{story}/jobs/{job}/cancel`.
+async fn cancel(
+    State(state): State<AppState>,
+    ApiPath((story, job)): ApiPath<(i64, i64)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let outcome = async {
+        let existing = job_store::get(&state.pool, job).await?;
+        if existing.story_id != story {
+            return Err(ApiError::not_found("job", job));
+        }
+        let (job, status) = stop(&state, job).await?;
+        Ok(if status == StatusCode::ACCEPTED {
+            format!(
+                "Stopping job {} after the current step; finished frames stay.",
+                job.id
+            )
+        } else {
+            format!("Job {} was cancelled.", job.id)
+        })
+    }
+    .await;
+    answer(&state, &headers, story, outcome).await
+}

@@ -1,0 +1,119 @@
+// storygpt-v generate panel: live progress from the story's event stream.
+//
+// The panel (#generate-panel) is server-rendered and works without this file. Here we follow
+// /api/stories/{id}/events (server-sent events; the browser reconnects and resumes with
+// Last-Event-ID by itself) and:
+// - move the frame and step progress bars on `progress`;
+// - refresh the frames strip when a frame is stored (`frame`), so frames appear as they finish;
+// - re-render the panel when a job is queued, ends, or is cancelled.
+// Announcements go to the panel's aria-live status line only for frames and endings, not for
+// every step, so screen readers are not flooded.
+(function () {
+  "use strict";
+
+  function panel() {
+    return document.getElementById("generate-panel");
+  }
+
+  function refreshPanel(storyId, message) {
+    if (!window.htmx) return;
+    window.htmx
+      .ajax("GET", "/ui/stories/" + storyId + "/generate-panel", {
+        target: "#generate-panel",
+        swap: "outerHTML",
+      })
+      .then(function () {
+        if (message) setText("generate-status", message);
+      });
+  }
+
+  function refreshStrip() {
+    if (window.htmx) window.htmx.trigger(document.body, "frames-changed");
+  }
+
+  function setText(id, text) {
+    var el = document.getElementById(id);
+    if (el) el.textContent = text;
+  }
+
+  function setBar(id, value, max) {
+    var el = document.getElementById(id);
+    if (!el) return;
+    el.max = Math.max(1, max);
+    el.value = Math.min(value, el.max);
+    el.textContent = value + " of " + max;
+  }
+
+  function follow(storyId) {
+    if (!window.EventSource) return;
+    var source = new EventSource("/api/stories/" + storyId + "/events");
+    function on(name, handler) {
+      source.addEventListener(name, function (e) {
+        var data;
+        try {
+          data = JSON.parse(e.data);
+        } catch (err) {
+          return;
+        }
+        handler(data);
+      });
+    }
+    function activeJob() {
+      var p = panel();
+      return p && p.dataset.jobId ? Number(p.dataset.jobId) : null;
+    }
+    on("queued", function () {
+      if (activeJob() === null) refreshPanel(storyId);
+      refreshStrip();
+    });
+    on("started", function (d) {
+      if (activeJob() !== d.job_id) refreshPanel(storyId);
+      setText("job-status", "running");
+      refreshStrip();
+    });
+    on("progress", function (d) {
+      if (activeJob() !== d.job_id) return refreshPanel(storyId);
+      setText("job-status", "running");
+      setBar("frames-progress", d.frames_done, d.frames);
+      setText("frames-progress-text", d.frames_done + " of " + d.frames);
+      setBar("steps-progress", d.step, d.steps);
+      setText("steps-progress-text", d.step + " of " + d.steps);
+      setText("current-frame-label", "frame " + d.frame + " of " + d.frames);
+    });
+    on("frame", function (d) {
+      setBar("frames-progress", d.frames_done, d.frames);
+      setText("frames-progress-text", d.frames_done + " of " + d.frames);
+      setText(
+        "generate-status",
+        "Frame " + (d.position + 1) + " is ready (" + d.frames_done + " of " + d.frames + " done)."
+      );
+      refreshStrip();
+    });
+    on("completed", function (d) {
+      refreshStrip();
+      refreshPanel(storyId, "Done: " + d.frames_done + " of " + d.frames + " frames drawn.");
+    });
+    on("failed", function (d) {
+      refreshStrip();
+      refreshPanel(storyId, "Generation failed: " + (d.error || "unknown error"));
+    });
+    on("cancelled", function (d) {
+      refreshStrip();
+      refreshPanel(
+        storyId,
+        "Cancelled: " + d.frames_done + " of " + d.frames + " frames were drawn and kept."
+      );
+    });
+  }
+
+  function start() {
+    var p = panel();
+    if (p && p.dataset.storyId) follow(p.dataset.storyId);
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
+})();

@@ -1,0 +1,69 @@
+//! The studio in a real browser: tests/browser/studio.mjs (playwright-core from npm driving the
+//! system's headless Chromium) against the real server with the random toy bundle.
+//!
+//! CI installs Debian's `chromium` (see .ci/run). Elsewhere the test is skipped, with a note,
+//! when no Chromium is found; set CHROMIUM to use another binary. Under CI=true a missing
+//! browser or missing node_modules is a failure, so the flow cannot silently stop being tested.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Server;
+
+fn chromium() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+#[test]
+fn studio_flow_in_headless_chromium() {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let Some(browser) = chromium() else {
+        assert!(
+            !in_ci,
+            "CI must have Chromium installed (.ci/run installs Debian's chromium)"
+        );
+        eprintln!("skipped: no Chromium found (install `chromium` or set CHROMIUM)");
+        return;
+    };
+    assert!(
+        root.join("node_modules/playwright-core").is_dir(),
+        "node_modules/playwright-core is missing: run `npm ci` first"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let shot = data.path().join("failure.png");
+    let out = Command::new("node")
+        .arg(root.join("tests/browser/studio.mjs"))
+        .arg(&server.url)
+        .current_dir(&root)
+        .env("CHROMIUM", &browser)
+        .env("PORTRAITS", root.join("examples/story/portraits"))
+        .env("SCREENSHOT", &shot)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    if !out.status.success() {
+        let kept = std::env::temp_dir().join("storygpt-v-browser-failure.png");
+        let _ = std::fs::copy(&shot, &kept);
+        panic!(
+            "the browser flow failed (screenshot: {})\n{stdout}\n{stderr}",
+            kept.display()
+        );
+    }
+    assert!(stdout.contains("browser flow passed"));
+}

@@ -1,0 +1,136 @@
+// The studio flow in a real headless Chromium (playwright-core driving the system browser):
+// create two characters with portraits, write a three-caption story with a pronoun, generate
+// it and watch the frames appear, redraw one frame, cancel a run, export the ZIP, and check
+// the page at phone width. Run by tests/browser.rs against a live server:
+//   node tests/browser/studio.mjs BASE_URL
+// Environment: CHROMIUM (browser binary), PORTRAITS (directory with tom.png and mia.png).
+import { chromium } from "playwright-core";
+import assert from "node:assert/strict";
+import path from "node:path";
+
+const base = process.argv[2];
+const portraits = process.env.PORTRAITS;
+const step = (what) => console.log(`- ${what}`);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--no-first-run"],
+});
+const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1200, height: 900 } });
+const page = await context.newPage();
+page.setDefaultTimeout(30_000);
+const pageErrors = [];
+page.on("pageerror", (e) => pageErrors.push(String(e)));
+
+try {
+  await page.goto(base + "/");
+
+  step("create two characters with portraits");
+  for (const [name, pronoun, file] of [["Tom", "he", "tom.png"], ["Mia", "she", "mia.png"]]) {
+    await page.fill("#character-name", name);
+    await page.selectOption("#character-pronoun", pronoun);
+    await page.setInputFiles("#character-portrait", path.join(portraits, file));
+    await page.locator("#character-portrait-preview").waitFor({ state: "visible" });
+    await page.click("#add-character");
+    await page.locator("#character-list .card", { hasText: name }).waitFor();
+  }
+  assert.equal(await page.locator("#character-list .card").count(), 2);
+
+  step("write a three-caption story with a pronoun");
+  await page.fill("#story-title", "In the garden");
+  await page.fill("#story-captions", "Tom walks into the garden.\nHe waves at Mia.\nThey laugh together.");
+  for (const name of ["Tom", "Mia"]) {
+    await page.locator("#stories label.check", { hasText: name }).locator("input").check();
+  }
+  await page.locator("#stories button[type=submit]").click();
+  await page.locator("#stories a.title", { hasText: "In the garden" }).click();
+  await page.waitForURL(/\/stories\/\d+/);
+  assert.equal(await page.locator("#caption-list .caption-item").count(), 3);
+  // The pronoun is highlighted with the character it refers to.
+  const second = page.locator("#caption-list .caption-item").nth(1).locator(".highlight");
+  await assert.doesNotReject(second.locator("mark").first().waitFor());
+  assert.match(await second.innerText(), /Tom/);
+
+  step("generate and watch the frames appear");
+  await page.fill("#generate-steps", "25");
+  await page.click("#generate-story");
+  await page.locator("#generate-progress").waitFor();
+  const seen = new Set();
+  let stepsMoved = false;
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const images = await page.locator("#frames-strip li.frame img").count();
+    seen.add(images);
+    const stepValue = await page.locator("#steps-progress").evaluate((el) => el.value).catch(() => 0);
+    if (stepValue > 0) stepsMoved = true;
+    if (images === 3) break;
+    assert.ok(Date.now() < deadline, `frames did not all appear (seen image counts ${[...seen]})`);
+    await page.waitForTimeout(100);
+  }
+  assert.ok(seen.has(1) || seen.has(2), `frames should appear one by one; saw counts ${[...seen]}`);
+  assert.ok(stepsMoved, "the step progress bar never moved");
+  await page.locator("#generate-status", { hasText: "Done" }).waitFor();
+  await page.locator("#generate-story").waitFor();
+  for (let i = 0; i < 3; i++) {
+    const seed = (await page.locator(`#frame-${i} .frame-seed`).innerText()).trim();
+    assert.match(seed, /^\d+$/, `frame ${i + 1} shows its seed`);
+  }
+
+  step("redraw the second frame with a new seed");
+  const seedBefore = (await page.locator("#frame-1 .frame-seed").innerText()).trim();
+  const srcBefore = await page.locator("#frame-1 img").getAttribute("src");
+  await page.click("#regenerate-1");
+  await page.waitForFunction(
+    ([before]) => {
+      const el = document.querySelector("#frame-1 .frame-seed");
+      const li = document.querySelector("#frame-1");
+      return el && li && el.textContent.trim() !== before && li.dataset.status === "ready";
+    },
+    [seedBefore],
+    { timeout: 60_000 },
+  );
+  assert.ok(await page.locator("#frame-1 img").getAttribute("src"), "frame 2 still has an image");
+  assert.ok(srcBefore);
+
+  step("cancel a running generation; finished frames stay");
+  await page.fill("#generate-steps", "200");
+  await page.click("#generate-story");
+  await page.locator("#cancel-job").waitFor();
+  await page.waitForFunction(() => Number(document.querySelector("#steps-progress")?.value || 0) > 0,
+                             null, { timeout: 60_000 });
+  await page.click("#cancel-job");
+  await page.locator("#generate-status", { hasText: "Cancelled" }).waitFor({ timeout: 60_000 });
+  assert.equal(await page.locator("#frames-strip li.frame img").count(), 3);
+
+  step("export the ZIP");
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export-zip")]);
+  const zipPath = await download.path();
+  const bytes = (await import("node:fs")).readFileSync(zipPath);
+  assert.equal(bytes.subarray(0, 2).toString("latin1"), "PK", "a ZIP archive");
+  const text = bytes.toString("latin1");
+  for (const name of ["story.json", "frame-01.png", "frame-02.png", "frame-03.png"]) {
+    assert.ok(text.includes(name), `the ZIP holds ${name}`);
+  }
+
+  step("every form control has a label; the page fits a phone");
+  const unlabelled = await page.$$eval("input:not([type=hidden]), select, textarea, button", (els) =>
+    els.filter((el) => {
+      if (el.getAttribute("aria-label") || el.getAttribute("aria-labelledby")) return false;
+      if (el.tagName === "BUTTON") return !el.textContent.trim();
+      return !(el.labels && el.labels.length);
+    }).map((el) => el.id || el.name || el.outerHTML.slice(0, 60)));
+  assert.deepEqual(unlabelled, []);
+  await page.setViewportSize({ width: 390, height: 844 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 1, `the story page is ${overflow}px wider than a phone screen`);
+
+  assert.deepEqual(pageErrors, [], "no script errors");
+  console.log("browser flow passed");
+} catch (e) {
+  await page.screenshot({ path: process.env.SCREENSHOT || "/tmp/storygpt-v-browser-failure.png", fullPage: true }).catch(() => {});
+  console.error(e);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
