@@ -1,10 +1,10 @@
 //! End-to-end tests of the story studio against the real binary: live caption highlights and
 //! their JSON twin `/api/mentions`, the character library's rename and upload messages,
 //! caption editing and reordering through the HTML forms (with and without HTMX), the frames
-//! strip, and the ZIP / GIF / PDF exports.
+//! strip, the ZIP / GIF / PDF exports, and the generate panel's forms.
 //!
-//! Generation is not wired yet, so the export tests put frame images into the database the
-//! way the worker will: straight into the `frames` row, through SQL.
+//! The export tests put frame images into the database straight into the `frames` row,
+//! through SQL, so that they control the exact bytes; the generate-panel test runs the worker.
 
 mod common;
 
@@ -1003,4 +1003,131 @@ async fn stories_export_as_zip_gif_and_pdf() {
     assert!(strip.contains(&format!(
         "id=\"export-pdf\" href=\"/api/stories/{id}/export.pdf\""
     )));
+}
+
+async fn wait_for_job(server: &Server, job: i64, status: &str) -> Value {
+    for _ in 0..600 {
+        let j = get_json(server, &format!("/api/jobs/{job}")).await;
+        if j["status"] == status {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {job} never became {status}");
+}
+
+#[tokio::test]
+async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let tom = create_character(&server, "Tom", "he").await;
+    let story = create_story(&server, "Panel", &["Tom waves.", "He sits."], &[tom]).await;
+    let id = story["id"].as_i64().unwrap();
+    let page = client()
+        .get(server.at(&format!("/stories/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("id=\"generate-story\""),
+        "the panel offers generation"
+    );
+    assert!(
+        page.contains("untrained"),
+        "an untrained model is said to be one"
+    );
+
+    // Without HTMX: a plain form post queues the job and comes back to the page.
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/generate"),
+        &[("steps", "2"), ("seed", "5")],
+        false,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let jobs = get_json(&server, &format!("/api/jobs?story_id={id}")).await;
+    let job = jobs["items"][0]["id"].as_i64().unwrap();
+    let done = wait_for_job(&server, job, "succeeded").await;
+    assert_eq!(done["steps"], 2);
+    let story = get_json(&server, &format!("/api/stories/{id}")).await;
+    assert_eq!(story["frames"][1]["seed"], 6, "seed + position");
+
+    // Refused: the panel says why (422 so HTMX swaps it in), and nothing is queued.
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/generate"),
+        &[("steps", "0")],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = r.text().await.unwrap();
+    assert!(
+        element_text(&html, "generate-status").contains("between 1 and 200"),
+        "{html}"
+    );
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/generate"),
+        &[("seed", "x")],
+        false,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("whole number"));
+    let jobs = get_json(&server, &format!("/api/jobs?story_id={id}")).await;
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 1);
+
+    // With HTMX: the panel comes back showing the running job, with a cancel button that works.
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/generate"),
+        &[("steps", "200")],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["hx-trigger"], "frames-changed");
+    let html = r.text().await.unwrap();
+    assert!(html.contains("id=\"cancel-job\""), "{html}");
+    assert!(element_text(&html, "generate-status").contains("2 frames with 200 steps"));
+    let jobs = get_json(
+        &server,
+        &format!("/api/jobs?story_id={id}&status=queued,running"),
+    )
+    .await;
+    let job = jobs["items"][0]["id"].as_i64().unwrap();
+    wait_for_job(&server, job, "running").await;
+    // Another story's address cannot cancel it.
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{}/jobs/{job}/cancel", id + 1000),
+        &[],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/jobs/{job}/cancel"),
+        &[],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("Stopping job"));
+    wait_for_job(&server, job, "cancelled").await;
+    let panel = client()
+        .get(server.at(&format!("/ui/stories/{id}/generate-panel")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(panel.contains("id=\"generate-story\"") && !panel.contains("cancel-job"));
 }
