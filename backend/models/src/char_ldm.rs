@@ -130,6 +130,21 @@ impl CharLdm {
         self.vae.config().downscale()
     }
 
+    /// Checks a frame size (a positive multiple of the VAE downscale factor) and a step count
+    /// (at least 1) before any work is done.
+    pub fn check_options(&self, height: usize, width: usize, steps: usize) -> Result<()> {
+        let f = self.downscale();
+        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+            bail!(
+                "image size {height}x{width} (height x width) is not a positive multiple of the VAE downscale factor {f}"
+            )
+        }
+        if steps == 0 {
+            bail!("sampling needs at least one step")
+        }
+        Ok(())
+    }
+
     /// The plain CLIP text condition of `caption`, `(1, 77, d)`.
     pub fn text_condition(&self, caption: &str) -> Result<Tensor> {
         let ids = self.tokenizer.encode_batch(&[caption], &self.device)?;
@@ -251,21 +266,8 @@ impl CharLdm {
         if let Some(&t) = tokens.iter().find(|&&t| t >= text_cond.dim(1).unwrap_or(0)) {
             bail!("attention token {t} is outside the condition")
         }
+        self.check_options(opts.height, opts.width, opts.steps)?;
         let f = self.downscale();
-        if opts.height == 0
-            || opts.width == 0
-            || !opts.height.is_multiple_of(f)
-            || !opts.width.is_multiple_of(f)
-        {
-            bail!(
-                "image size {}x{} (height x width) is not a positive multiple of the VAE downscale factor {f}",
-                opts.height,
-                opts.width
-            )
-        }
-        if opts.steps == 0 {
-            bail!("sampling needs at least one step")
-        }
         let device = text_cond.device().clone();
         let dtype = text_cond.dtype();
         let late_cond = cond.unwrap_or(text_cond);

@@ -477,21 +477,8 @@ impl StoryPipeline {
         if frames.is_empty() {
             bail!("no frames requested")
         }
-        let f = self.char_ldm.downscale();
-        if opts.height == 0
-            || opts.width == 0
-            || !opts.height.is_multiple_of(f)
-            || !opts.width.is_multiple_of(f)
-        {
-            bail!(
-                "frame size {}x{} must be a positive multiple of {f}",
-                opts.width,
-                opts.height
-            )
-        }
-        if opts.steps == 0 {
-            bail!("steps must be at least 1")
-        }
+        self.char_ldm
+            .check_options(opts.height, opts.width, opts.steps)?;
         for c in &story.characters {
             data::rules::Pronoun::parse(&c.pronoun)
                 .map_err(|e| anyhow::anyhow!("character {}: {e}", c.name))?;
