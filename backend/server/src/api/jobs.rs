@@ -216,6 +216,31 @@ fn job_location(job: &Job) -> String {
     format!("/api/jobs/{}", job.id)
 }
 
+/// Validates `request` against the model's defaults, queues it for `story`, announces the new
+/// job and wakes the worker: the one way a job gets queued, shared by the API and the studio's
+/// forms. Returns the job and whether it is an earlier one replayed for the same key. A full
+/// queue is the `queue_full` error; callers add `Retry-After` (`AppState::settings`).
+pub async fn queue(
+    state: &AppState,
+    story: i64,
+    request: &GenerateRequest,
+    idem: Option<&Idempotency>,
+) -> ApiResult<(Job, bool)> {
+    let defaults = &state.worker.model;
+    let spec = request.validate(defaults.default_steps, defaults.default_guidance)?;
+    let capacity = state.settings.queue_capacity as i64;
+    Ok(
+        match store::enqueue(&state.pool, story, &spec, idem, capacity).await? {
+            Enqueued::New(job, event) => {
+                state.hub.publish(event);
+                state.worker.wake();
+                (job, false)
+            }
+            Enqueued::Replayed(job) => (job, true),
+        },
+    )
+}
+
 /// Queue generation of a story, or of some of its frames.
 #[utoipa::path(post, path = "/api/stories/{id}/generate", tag = "jobs",
     params(("id" = i64, Path),
@@ -233,12 +258,9 @@ pub async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let request = parse_body(&headers, body)?;
-    let defaults = &state.worker.model;
-    let spec = request.validate(defaults.default_steps, defaults.default_guidance)?;
     let idem = idempotency(&headers, id, &request)?;
-    let capacity = state.settings.queue_capacity as i64;
-    let enqueued = match store::enqueue(&state.pool, id, &spec, idem.as_ref(), capacity).await {
-        Ok(enqueued) => enqueued,
+    let (job, replayed) = match queue(&state, id, &request, idem.as_ref()).await {
+        Ok(queued) => queued,
         Err(e) if e.code == "queue_full" => {
             let mut response = e.into_response();
             response.headers_mut().insert(
@@ -248,14 +270,6 @@ pub async fn generate(
             return Ok(response);
         }
         Err(e) => return Err(e),
-    };
-    let (job, replayed) = match enqueued {
-        Enqueued::New(job, event) => {
-            state.hub.publish(event);
-            state.worker.wake();
-            (job, false)
-        }
-        Enqueued::Replayed(job) => (job, true),
     };
     let mut response = (
         StatusCode::ACCEPTED,
