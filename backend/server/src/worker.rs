@@ -26,8 +26,8 @@ use tokio::runtime::Handle;
 
 use crate::live::Hub;
 use crate::model::ModelInfo;
-use crate::store::job_events::{kind, JobEvent};
 use crate::store::frame_attention::AttentionPng;
+use crate::store::job_events::{kind, JobEvent};
 use crate::store::job_runs::{self as store, Claimed, FinishedFrame, Outcome};
 use crate::store::jobs::{JobFrameRow, Progress};
 

@@ -54,12 +54,14 @@ async fn regenerate(
             )
         }
         // An unknown story is the one error with no strip to show it in.
-        Err(e) if e.status == StatusCode::NOT_FOUND || e.status.is_server_error() => {
-            return Err(e)
-        }
+        Err(e) if e.status == StatusCode::NOT_FOUND || e.status.is_server_error() => return Err(e),
         Err(e) => (
             StripNotice {
-                text: format!("Frame {} was not redrawn: {}", position + 1, sentence(&e.detail)),
+                text: format!(
+                    "Frame {} was not redrawn: {}",
+                    position + 1,
+                    sentence(&e.detail)
+                ),
                 error: true,
             },
             e.status,

@@ -97,13 +97,12 @@ pub async fn list(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<Vec<At
 /// The PNG of map `ordinal` of a frame.
 pub async fn png(pool: &SqlitePool, story: i64, frame: i64, ordinal: i64) -> ApiResult<Vec<u8>> {
     check_frame(pool, story, frame).await?;
-    let png: Option<Vec<u8>> = sqlx::query_scalar(
-        "SELECT png FROM frame_attention WHERE frame_id = ? AND ordinal = ?",
-    )
-    .bind(frame)
-    .bind(ordinal)
-    .fetch_optional(pool)
-    .await?;
+    let png: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT png FROM frame_attention WHERE frame_id = ? AND ordinal = ?")
+            .bind(frame)
+            .bind(ordinal)
+            .fetch_optional(pool)
+            .await?;
     png.ok_or_else(|| {
         ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
