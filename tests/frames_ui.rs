@@ -443,4 +443,13 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip() {
         .await
         .unwrap();
     assert!(strip.contains("data-attention-count=\"0\""));
+
+    // Both endpoints are in the API description.
+    let doc = get(&server, "/openapi.json").await;
+    for path in [
+        "/api/stories/{id}/frames/{frame_id}/attention",
+        "/api/stories/{id}/frames/{frame_id}/attention/{k}",
+    ] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path}");
+    }
 }
