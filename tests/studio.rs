@@ -995,7 +995,7 @@ async fn stories_export_as_zip_gif_and_pdf() {
         .await
         .unwrap();
     assert!(strip.contains(&format!(
-        "src=\"/api/stories/{id}/frames/{}/image\"",
+        "src=\"/api/stories/{id}/frames/{}/image?v=11\"",
         frames[0]
     )));
     assert!(strip.contains("<dd class=\"frame-seed\">33</dd>"));

@@ -1,7 +1,7 @@
 // The studio flow in a real headless Chromium (playwright-core driving the system browser):
 // create two characters with portraits, write a three-caption story with a pronoun, generate
-// it and watch the frames appear, redraw one frame, cancel a run, export the ZIP, and check
-// the page at phone width. Run by tests/browser.rs against a live server:
+// it and watch the frames appear, redraw one frame, open its cross-attention heatmaps, cancel
+// a run, export the ZIP, and check labels and the page at phone width. Run by tests/browser.rs against a live server:
 //   node tests/browser/studio.mjs BASE_URL
 // Environment: CHROMIUM (browser binary), PORTRAITS (directory with tom.png and mia.png).
 import { chromium } from "playwright-core";
@@ -92,6 +92,24 @@ try {
   );
   assert.ok(await page.locator("#frame-1 img").getAttribute("src"), "frame 2 still has an image");
   assert.ok(srcBefore);
+
+  step("see where the model looked for each character");
+  await page.click("#attention-1");
+  assert.equal(await page.locator("#attention-1").getAttribute("aria-pressed"), "true");
+  const overlay = page.locator("#frame-1 .attention-overlay");
+  await overlay.waitFor();
+  await page.waitForFunction(() => {
+    const img = document.querySelector("#frame-1 .attention-overlay");
+    return img && img.complete && img.naturalWidth > 0;
+  });
+  // "He waves at Mia.": one view per mention, the pronoun labelled with whom it refers to.
+  const view = page.locator("#attention-view-1");
+  await assert.doesNotReject(view.locator("button", { hasText: "Mia" }).first().waitFor());
+  assert.match(await view.innerText(), /Tom/);
+  await view.locator("button", { hasText: "Mia" }).first().click();
+  await page.keyboard.press("Escape");
+  await overlay.waitFor({ state: "detached" });
+  assert.equal(await page.locator("#attention-1").getAttribute("aria-pressed"), "false");
 
   step("cancel a running generation; finished frames stay");
   await page.fill("#generate-steps", "200");

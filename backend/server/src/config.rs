@@ -26,6 +26,9 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 32;
 pub const DEFAULT_SSE_HEARTBEAT_MS: u64 = 15_000;
 /// Default number of times a job is started before an interruption (crash) fails it.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Whether the worker keeps each frame's cross-attention heatmaps by default: capturing them
+/// costs a little time per denoising step and a few KiB per mention.
+pub const DEFAULT_CAPTURE_ATTENTION: bool = true;
 
 /// The settings a TOML config file may hold; every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +48,8 @@ pub struct FileConfig {
     pub sse_heartbeat_ms: Option<u64>,
     /// Starts of a job before an interruption fails it.
     pub max_attempts: Option<u32>,
+    /// Store each frame's cross-attention heatmaps.
+    pub capture_attention: Option<bool>,
 }
 
 impl FileConfig {
@@ -73,6 +78,8 @@ pub struct ServeConfig {
     pub sse_heartbeat: std::time::Duration,
     /// Starts of a job before an interruption (crash, kill -9) fails it instead of requeuing.
     pub max_attempts: u32,
+    /// Store each frame's cross-attention heatmaps (one per character mention).
+    pub capture_attention: bool,
 }
 
 /// Values given explicitly (flags or environment, already resolved by the CLI); each wins
@@ -93,6 +100,8 @@ pub struct Overrides {
     pub sse_heartbeat_ms: Option<u64>,
     /// Attempt limit.
     pub max_attempts: Option<u32>,
+    /// Store attention heatmaps.
+    pub capture_attention: Option<bool>,
 }
 
 impl ServeConfig {
@@ -123,6 +132,7 @@ impl ServeConfig {
             queue_capacity,
             sse_heartbeat_ms,
             max_attempts,
+            capture_attention,
         } = explicit;
         let bind_text = bind
             .or(file.bind)
@@ -162,6 +172,9 @@ impl ServeConfig {
             queue_capacity,
             sse_heartbeat: std::time::Duration::from_millis(heartbeat_ms),
             max_attempts,
+            capture_attention: capture_attention
+                .or(file.capture_attention)
+                .unwrap_or(DEFAULT_CAPTURE_ATTENTION),
         })
     }
 
@@ -206,6 +219,13 @@ mod tests {
         assert!(cfg.bundle.is_none());
         assert_eq!(cfg.bind.to_string(), DEFAULT_BIND);
         assert_eq!(cfg.database_path(), PathBuf::from("./data/storygpt-v.db"));
+        assert!(cfg.capture_attention);
+        let file = FileConfig {
+            capture_attention: Some(false),
+            ..FileConfig::default()
+        };
+        let cfg = ServeConfig::resolve(None, None, file).unwrap();
+        assert!(!cfg.capture_attention);
     }
 
     #[test]

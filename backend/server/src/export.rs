@@ -356,6 +356,7 @@ mod tests {
             image_mime: image.as_ref().map(|_| "image/png".to_string()),
             image,
             updated_at: "2025-03-04T05:06:07.000Z".into(),
+            attention_count: 0,
         }
     }
 

@@ -117,7 +117,14 @@ pub async fn serve(
             .await??
     };
     let hub = live::Hub::new();
-    let worker = worker::start(pool.clone(), hub.clone(), bundle, config.device.clone()).await?;
+    let worker = worker::start(
+        pool.clone(),
+        hub.clone(),
+        bundle,
+        config.device.clone(),
+        config.capture_attention,
+    )
+    .await?;
     let listener = TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;

@@ -4,6 +4,7 @@
 //! a refused form is rendered again with the messages next to its fields); with HTMX loaded
 //! they swap just the section that changed and show the same messages in place.
 
+mod frames;
 mod generate;
 mod story;
 
@@ -31,6 +32,7 @@ const HTMX_JS: &[u8] = include_bytes!(concat!(
 const APP_CSS: &str = include_str!("../../../static/app.css");
 const STUDIO_JS: &str = include_str!("../../../static/studio.js");
 const GENERATE_JS: &str = include_str!("../../../static/generate.js");
+const FRAMES_JS: &str = include_str!("../../../static/frames.js");
 
 /// Highlight colours (`c0`..`c7` in app.css); a cast member's colour is its cast index mod 8.
 pub const COLOURS: usize = 8;
@@ -49,6 +51,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/stories/{id}/delete", post(delete_story))
         .merge(story::router())
         .merge(generate::router())
+        .merge(frames::router())
         .route(
             "/static/htmx.min.js",
             get(|| async { asset(HTMX_JS.to_vec(), "text/javascript") }),
@@ -64,6 +67,10 @@ pub fn router() -> Router<AppState> {
         .route(
             "/static/generate.js",
             get(|| async { asset(GENERATE_JS.as_bytes().to_vec(), "text/javascript") }),
+        )
+        .route(
+            "/static/frames.js",
+            get(|| async { asset(FRAMES_JS.as_bytes().to_vec(), "text/javascript") }),
         )
 }
 
@@ -711,6 +718,23 @@ struct StripFrame {
     seed: String,
     timing: String,
     image_url: Option<String>,
+    /// The attention maps of the image, `data-attention-url` of its toggle.
+    attention_url: String,
+    /// How many attention maps the image has.
+    attention_count: i64,
+    /// Changes whenever the image does, so the heatmap URLs the strip's script builds from
+    /// the list are fresh after a redraw.
+    version: String,
+}
+
+/// A message at the top of the strip, read out by screen readers (`role=status`), or
+/// `role=alert` for a refused action.
+#[derive(Default)]
+pub struct StripNotice {
+    /// The sentence.
+    pub text: String,
+    /// Whether it says something went wrong.
+    pub error: bool,
 }
 
 /// The read-only frames strip of a story (`frames_strip.html`).
@@ -723,6 +747,7 @@ struct FramesStrip {
     busy: bool,
     /// Frames with a ready image (GIF and PDF exports need one).
     ready_count: usize,
+    notice: StripNotice,
 }
 
 fn status_label(status: &str) -> &'static str {
@@ -742,6 +767,15 @@ fn status_label(status: &str) -> &'static str {
 /// embeds it and `GET /ui/stories/{id}/frames` serves it alone, which is how HTMX refreshes
 /// it (on a `frames-changed` event, and every few seconds while frames are being drawn).
 pub async fn frames_strip(state: &AppState, story_id: i64) -> ApiResult<String> {
+    frames_strip_with(state, story_id, StripNotice::default()).await
+}
+
+/// [`frames_strip`] with a message in its live region (what a Redraw button did).
+pub async fn frames_strip_with(
+    state: &AppState,
+    story_id: i64,
+    notice: StripNotice,
+) -> ApiResult<String> {
     let frames = frame_media::frames(&state.pool, story_id, false).await?;
     let busy = frames
         .iter()
@@ -753,9 +787,18 @@ pub async fn frames_strip(state: &AppState, story_id: i64) -> ApiResult<String> 
     let frames = frames
         .into_iter()
         .map(|f| StripFrame {
-            image_url: f
-                .has_image
-                .then(|| format!("/api/stories/{story_id}/frames/{}/image", f.id)),
+            // The seed in the query string changes with each redraw, so the browser cannot
+            // keep showing the old image from its memory cache under the same address.
+            image_url: f.has_image.then(|| {
+                format!(
+                    "/api/stories/{story_id}/frames/{}/image?v={}",
+                    f.id,
+                    f.seed.unwrap_or_default()
+                )
+            }),
+            attention_url: format!("/api/stories/{story_id}/frames/{}/attention", f.id),
+            attention_count: f.attention_count,
+            version: f.seed.unwrap_or_default().to_string(),
             id: f.id,
             position: f.position,
             number: f.position + 1,
@@ -777,6 +820,7 @@ pub async fn frames_strip(state: &AppState, story_id: i64) -> ApiResult<String> 
         frames,
         busy,
         ready_count,
+        notice,
     }
     .render()
     .map_err(ApiError::internal)

@@ -26,6 +26,7 @@ use tokio::runtime::Handle;
 
 use crate::live::Hub;
 use crate::model::ModelInfo;
+use crate::store::frame_attention::AttentionPng;
 use crate::store::job_events::{kind, JobEvent};
 use crate::store::job_runs::{self as store, Claimed, FinishedFrame, Outcome};
 use crate::store::jobs::{JobFrameRow, Progress};
@@ -109,6 +110,7 @@ pub async fn start(
     hub: Hub,
     bundle: PathBuf,
     device: String,
+    capture_attention: bool,
 ) -> anyhow::Result<Arc<WorkerHandle>> {
     let shared = Arc::new(Shared::default());
     let (wake, woken) = sync_channel(1);
@@ -119,6 +121,7 @@ pub async fn start(
         shared: shared.clone(),
         runtime: Handle::current(),
         name: format!("pid {} on {device}", std::process::id()),
+        capture_attention,
     };
     shared.alive.store(true, Ordering::SeqCst);
     let thread = std::thread::Builder::new()
@@ -187,6 +190,8 @@ struct Ctx {
     shared: Arc<Shared>,
     runtime: Handle,
     name: String,
+    /// Ask the model for each character mention's cross-attention heatmap.
+    capture_attention: bool,
 }
 
 /// Per-job state the progress callback and the cancel check share.
@@ -288,7 +293,10 @@ impl Ctx {
                 seed: f.seed as u64,
             })
             .collect();
-        let options = options(pipeline.default_options(), job);
+        let options = GenerateOptions {
+            capture_attention: self.capture_attention,
+            ..options(pipeline.default_options(), job)
+        };
         let state = RefCell::new(Drawing {
             done: job.frames.len() - todo.len(),
             steps: job.params.steps as usize,
@@ -484,6 +492,13 @@ impl Ctx {
                         return;
                     }
                 };
+                let attention = match encode_attention(&frame.attention) {
+                    Ok(maps) => maps,
+                    Err(e) => {
+                        state.error = Some(format!("cannot encode an attention map as PNG: {e}"));
+                        return;
+                    }
+                };
                 state.done += 1;
                 let p = progress(row, state.steps, state.steps, state.done);
                 essential = true;
@@ -491,6 +506,7 @@ impl Ctx {
                     ordinal: row.ordinal,
                     png,
                     duration_ms: frame.duration.as_millis() as i64,
+                    attention,
                 };
                 self.block_on(store::frame_done(&self.pool, job, &finished, &p))
             }
@@ -521,8 +537,27 @@ fn options(defaults: GenerateOptions, job: &Claimed) -> GenerateOptions {
     }
 }
 
-fn encode_png(image: &image::RgbImage) -> image::ImageResult<Vec<u8>> {
+fn encode_png<P: image::PixelWithColorType>(
+    image: &image::ImageBuffer<P, Vec<P::Subpixel>>,
+) -> image::ImageResult<Vec<u8>>
+where
+    [P::Subpixel]: image::EncodableLayout,
+{
     let mut out = Vec::new();
     image.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?;
     Ok(out)
+}
+
+fn encode_attention(
+    maps: &[models::pipeline::AttentionMap],
+) -> image::ImageResult<Vec<AttentionPng>> {
+    maps.iter()
+        .map(|m| {
+            Ok(AttentionPng {
+                text: m.text.clone(),
+                characters: m.characters.clone(),
+                png: encode_png(&m.heatmap)?,
+            })
+        })
+        .collect()
 }

@@ -43,6 +43,13 @@ pub struct ServeArgs {
     /// requeuing it [default: 3].
     #[arg(long, env = "STORYGPT_MAX_ATTEMPTS")]
     max_attempts: Option<u32>,
+
+    /// Store each frame's cross-attention heatmap of every character mention (shown in the
+    /// studio's frames strip): true or false; the bare flag means true [default: true].
+    #[arg(long, env = "STORYGPT_CAPTURE_ATTENTION", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    capture_attention: Option<bool>,
 }
 
 /// Resolves the configuration and serves until SIGINT/SIGTERM.
@@ -59,6 +66,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         queue_capacity: args.queue_capacity,
         sse_heartbeat_ms: args.sse_heartbeat_ms,
         max_attempts: args.max_attempts,
+        capture_attention: args.capture_attention,
     };
     let config = ServeConfig::resolve_with(explicit, file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

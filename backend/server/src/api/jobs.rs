@@ -216,6 +216,31 @@ fn job_location(job: &Job) -> String {
     format!("/api/jobs/{}", job.id)
 }
 
+/// Validates `request` against the model's defaults, queues it for `story`, announces the new
+/// job and wakes the worker: the one way a job gets queued, shared by the API and the studio's
+/// forms. Returns the job and whether it is an earlier one replayed for the same key. A full
+/// queue is the `queue_full` error; callers add `Retry-After` (`AppState::settings`).
+pub async fn queue(
+    state: &AppState,
+    story: i64,
+    request: &GenerateRequest,
+    idem: Option<&Idempotency>,
+) -> ApiResult<(Job, bool)> {
+    let defaults = &state.worker.model;
+    let spec = request.validate(defaults.default_steps, defaults.default_guidance)?;
+    let capacity = state.settings.queue_capacity as i64;
+    Ok(
+        match store::enqueue(&state.pool, story, &spec, idem, capacity).await? {
+            Enqueued::New(job, event) => {
+                state.hub.publish(event);
+                state.worker.wake();
+                (job, false)
+            }
+            Enqueued::Replayed(job) => (job, true),
+        },
+    )
+}
+
 /// Queue generation of a story, or of some of its frames.
 #[utoipa::path(post, path = "/api/stories/{id}/generate", tag = "jobs",
     params(("id" = i64, Path),
@@ -258,30 +283,6 @@ pub async fn generate(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
-}
-
-/// Validates and queues a generation request for story `id`, announces it and wakes the
-/// worker; the one path every way of starting a job goes through (API and pages). Returns the
-/// job and whether it was an idempotent replay.
-pub(crate) async fn queue(
-    state: &AppState,
-    id: i64,
-    request: &GenerateRequest,
-    idem: Option<&Idempotency>,
-) -> ApiResult<(Job, bool)> {
-    let defaults = &state.worker.model;
-    let spec = request.validate(defaults.default_steps, defaults.default_guidance)?;
-    let capacity = state.settings.queue_capacity as i64;
-    Ok(
-        match store::enqueue(&state.pool, id, &spec, idem, capacity).await? {
-            Enqueued::New(job, event) => {
-                state.hub.publish(event);
-                state.worker.wake();
-                (job, false)
-            }
-            Enqueued::Replayed(job) => (job, true),
-        },
-    )
 }
 
 /// Asks job `id` to stop (see [`cancel`]); the status says whether it already has (200) or

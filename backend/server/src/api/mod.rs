@@ -55,6 +55,14 @@ pub fn router() -> Router<AppState> {
             "/stories/{id}/frames/{frame_id}/image",
             get(stories::frame_image),
         )
+        .route(
+            "/stories/{id}/frames/{frame_id}/attention",
+            get(stories::frame_attention),
+        )
+        .route(
+            "/stories/{id}/frames/{frame_id}/attention/{k}",
+            get(stories::frame_attention_map),
+        )
         .route("/stories/{id}/export.zip", get(export::zip))
         .route("/stories/{id}/export.gif", get(export::gif))
         .route("/stories/{id}/export.pdf", get(export::pdf))

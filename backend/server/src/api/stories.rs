@@ -4,13 +4,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::characters::image_response;
 use super::{ApiJson, ApiPath, ApiQuery, ListParams};
 use crate::error::{ApiResult, Problem};
+use crate::store::frame_attention;
 use crate::store::stories::{self as store, Story, StorySummary};
 use crate::store::{page_limit, Page};
 use crate::{validate, AppState};
@@ -219,4 +220,62 @@ pub async fn frame_image(
     let (bytes, mime) = store::frame_image(&state.pool, id, frame_id).await?;
     let hash = hex::encode(Sha256::digest(&bytes));
     Ok(image_response(bytes, &mime, &hash, &headers))
+}
+
+/// Where the model looked for one character mention while drawing a frame's image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AttentionMapInfo {
+    /// The mention as the caption writes it ("Fred", "He").
+    pub text: String,
+    /// The characters it refers to: the name itself, or for a pronoun the characters of the
+    /// latest earlier caption that names any (matching the pronoun).
+    pub characters: Vec<String>,
+    /// The heatmap: a frame-sized grey PNG, brighter where the mention's cross-attention is
+    /// stronger (255 at its peak).
+    pub image_url: String,
+}
+
+/// The cross-attention heatmaps of a frame's image, one per character mention of the caption
+/// it was drawn from, in caption order. They belong to the image: redrawing the frame replaces
+/// them, editing its caption does not. Empty before the frame is drawn, when its caption names
+/// nobody, or when the server does not capture attention.
+#[utoipa::path(get, path = "/api/stories/{id}/frames/{frame_id}/attention", tag = "stories",
+    params(("id" = i64, Path), ("frame_id" = i64, Path)),
+    responses((status = 200, description = "The maps, in caption order", body = Vec<AttentionMapInfo>),
+              (status = 404, description = "No such story or frame", body = Problem)))]
+pub async fn frame_attention(
+    State(state): State<AppState>,
+    ApiPath((id, frame_id)): ApiPath<(i64, i64)>,
+) -> ApiResult<Json<Vec<AttentionMapInfo>>> {
+    let entries = frame_attention::list(&state.pool, id, frame_id).await?;
+    Ok(Json(
+        entries
+            .into_iter()
+            .map(|e| AttentionMapInfo {
+                image_url: format!(
+                    "/api/stories/{id}/frames/{frame_id}/attention/{}",
+                    e.ordinal
+                ),
+                text: e.text,
+                characters: e.characters,
+            })
+            .collect(),
+    ))
+}
+
+/// One cross-attention heatmap of a frame (the `image_url` of its entry in the list).
+#[utoipa::path(get, path = "/api/stories/{id}/frames/{frame_id}/attention/{k}", tag = "stories",
+    params(("id" = i64, Path), ("frame_id" = i64, Path),
+           ("k" = i64, Path, description = "0-based index in the frame's list of maps")),
+    responses((status = 200, description = "A frame-sized grey PNG", content_type = "image/png"),
+              (status = 304, description = "Not modified (If-None-Match matched the ETag)"),
+              (status = 404, description = "No such story, frame or map", body = Problem)))]
+pub async fn frame_attention_map(
+    State(state): State<AppState>,
+    ApiPath((id, frame_id, k)): ApiPath<(i64, i64, i64)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let bytes = frame_attention::png(&state.pool, id, frame_id, k).await?;
+    let hash = hex::encode(Sha256::digest(&bytes));
+    Ok(image_response(bytes, "image/png", &hash, &headers))
 }

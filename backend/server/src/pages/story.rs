@@ -446,6 +446,19 @@ async fn story_page(
     }
 }
 
+/// The story page with a message in the frames strip: how a strip action refused without
+/// JavaScript answers (`pages::frames`).
+pub(super) async fn page_with_strip_notice(
+    state: &AppState,
+    id: i64,
+    notice: super::StripNotice,
+    status: StatusCode,
+) -> ApiResult<Response> {
+    let mut view = story_view(state, id, StoryInput::default()).await?;
+    view.strip_html = super::frames_strip_with(state, id, notice).await?;
+    Ok(render(StoryPage { view }, status))
+}
+
 async fn strip_fragment(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,

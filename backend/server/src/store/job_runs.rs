@@ -4,6 +4,7 @@
 
 use sqlx::{SqliteConnection, SqlitePool};
 
+use super::frame_attention::{self, AttentionPng};
 use super::job_events::{self, kind, JobEvent};
 use super::jobs::{
     job_frames, parse_params, refresh_frames, JobFrameRow, JobParams, Progress, FRAME_STATUS,
@@ -141,10 +142,13 @@ pub struct FinishedFrame {
     pub png: Vec<u8>,
     /// How long drawing it took.
     pub duration_ms: i64,
+    /// Cross-attention heatmaps of its caption's character mentions (empty when not
+    /// captured); they replace the frame's old maps with its old image.
+    pub attention: Vec<AttentionPng>,
 }
 
-/// Stores a finished frame: its image, seed and timing, its job frame marked done, and its
-/// `frame` event, all in one transaction, so a crash can neither lose a stored frame's event
+/// Stores a finished frame: its image, seed, timing and attention maps, its job frame marked
+/// done, and its `frame` event, all in one transaction, so a crash can neither lose a stored frame's event
 /// nor store a frame twice. `None` when the job no longer runs or the frame was already
 /// stored (by an earlier attempt).
 pub async fn frame_done(
@@ -184,6 +188,7 @@ pub async fn frame_done(
         .bind(frame_id)
         .execute(&mut *tx)
         .await?;
+        frame_attention::replace_in(&mut tx, frame_id, &frame.attention).await?;
         sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
             .bind(&now)
             .bind(job.story_id)

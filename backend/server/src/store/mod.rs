@@ -2,6 +2,7 @@
 //! handlers never see SQL and the schema has one owner.
 
 pub mod characters;
+pub mod frame_attention;
 pub mod frame_media;
 pub mod job_events;
 pub mod job_runs;

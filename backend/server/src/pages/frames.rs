@@ -1,0 +1,98 @@
+//! The frames strip's actions: "Redraw" one frame with a new seed. It queues through the same
+//! code path as `POST /api/stories/{id}/generate` with `{"frames": [position]}` (validation,
+//! context check, queue capacity, the `queued` event, waking the worker), so the strip and
+//! the API can never disagree on what may be queued.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::post;
+use axum::Router;
+
+use super::{frames_strip_with, is_htmx, sentence, StripNotice};
+use crate::api::jobs::{queue, FrameChoice, GenerateRequest};
+use crate::api::ApiPath;
+use crate::error::ApiResult;
+use crate::AppState;
+
+pub(super) fn router() -> Router<AppState> {
+    // The second segment is a 0-based position (as in the API's `frames`), but the router
+    // needs the same parameter name as the caption routes at that place in the path.
+    Router::new().route(
+        "/ui/stories/{id}/frames/{frame_id}/regenerate",
+        post(regenerate),
+    )
+}
+
+/// `POST /ui/stories/{id}/frames/{position}/regenerate`: queues a job drawing just that frame
+/// with a fresh random seed (the other frames are its context and stay as they are).
+///
+/// Without HTMX: a 303 back to the frame on the story page, or the page with the reason in
+/// the strip. With HTMX: the strip, which then polls while the frame is queued, and
+/// `jobs-changed` triggered on the body so the generation panel picks up the new job; a
+/// refusal comes back as 422 (which the page's HTMX swaps) with the reason in the strip's
+/// alert region.
+async fn regenerate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((id, position)): ApiPath<(i64, i64)>,
+) -> ApiResult<Response> {
+    let request = GenerateRequest {
+        frames: Some(vec![FrameChoice::Position(position)]),
+        ..GenerateRequest::default()
+    };
+    let (notice, status, retry_after) = match queue(&state, id, &request, None).await {
+        Ok((job, _)) => {
+            let seed = job.frames.first().map(|f| f.seed).unwrap_or_default();
+            (
+                StripNotice {
+                    text: format!("Frame {} will be redrawn with seed {seed}.", position + 1),
+                    error: false,
+                },
+                StatusCode::OK,
+                false,
+            )
+        }
+        // An unknown story is the one error with no strip to show it in.
+        Err(e) if e.status == StatusCode::NOT_FOUND || e.status.is_server_error() => return Err(e),
+        Err(e) => (
+            StripNotice {
+                text: format!(
+                    "Frame {} was not redrawn: {}",
+                    position + 1,
+                    sentence(&e.detail)
+                ),
+                error: true,
+            },
+            e.status,
+            e.code == "queue_full",
+        ),
+    };
+    if !is_htmx(&headers) {
+        if status.is_success() {
+            return Ok(Redirect::to(&format!("/stories/{id}#frame-{position}")).into_response());
+        }
+        let mut response = super::story::page_with_strip_notice(&state, id, notice, status).await?;
+        if retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(state.settings.retry_after_secs),
+            );
+        }
+        return Ok(response);
+    }
+    let html = frames_strip_with(&state, id, notice).await?;
+    let status = if status.is_success() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    let mut response = (status, Html(html)).into_response();
+    if status.is_success() {
+        response.headers_mut().insert(
+            "hx-trigger",
+            HeaderValue::from_static(r#"{"jobs-changed": {"target": "body"}}"#),
+        );
+    }
+    Ok(response)
+}

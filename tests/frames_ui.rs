@@ -1,0 +1,455 @@
+//! End-to-end tests of the frames strip's per-frame features against the real binary and a
+//! real (random toy) model bundle: the cross-attention heatmaps stored with each frame (API,
+//! replaced on redraw, kept on a caption edit, deleted with the frame), and the strip's
+//! "Redraw" route with and without HTMX, including its refusals.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{character_form, png, Server};
+use reqwest::{redirect, Client, StatusCode};
+use serde_json::{json, Value};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn http() -> Client {
+    Client::new()
+}
+
+/// A client that shows redirects instead of following them (as a browser's form post sees).
+fn no_redirects() -> Client {
+    Client::builder()
+        .redirect(redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn get(server: &Server, path: &str) -> Value {
+    let response = http().get(server.at(path)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+    response.json().await.unwrap()
+}
+
+async fn problem(response: reqwest::Response, status: StatusCode) {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+}
+
+async fn character(server: &Server, name: &str, pronoun: &str) -> i64 {
+    let response = http()
+        .post(server.at("/api/characters"))
+        .multipart(character_form(name, pronoun, png(24, 24), "p.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json::<Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn story(server: &Server, captions: &[&str], cast: &[i64]) -> i64 {
+    let response = http()
+        .post(server.at("/api/stories"))
+        .json(&json!({"title": "Strip", "captions": captions, "character_ids": cast}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json::<Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn generate(server: &Server, story: i64, body: Value) -> i64 {
+    let response = http()
+        .post(server.at(&format!("/api/stories/{story}/generate")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    response.json::<Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn wait_job(server: &Server, job: i64, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let current = get(server, &format!("/api/jobs/{job}")).await;
+        if current["status"] == status {
+            return current;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {job} never became {status}: {current}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The story's jobs, oldest first.
+async fn jobs_of(server: &Server, story: i64) -> Vec<Value> {
+    get(server, &format!("/api/jobs?story_id={story}")).await["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn bytes(server: &Server, url: &str) -> Vec<u8> {
+    let response = http().get(server.at(url)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
+    assert_eq!(response.headers()["content-type"], "image/png");
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// Each heatmap of a frame: (text, characters, PNG bytes), checking each decodes as a grey
+/// image the size of the frame.
+async fn heatmaps(server: &Server, story: i64, frame: &Value) -> Vec<(String, Value, Vec<u8>)> {
+    let id = frame["id"].as_i64().unwrap();
+    let list = get(
+        server,
+        &format!("/api/stories/{story}/frames/{id}/attention"),
+    )
+    .await;
+    let drawn = image::load_from_memory(&bytes(server, frame["image_url"].as_str().unwrap()).await)
+        .unwrap();
+    let mut out = Vec::new();
+    for (k, entry) in list.as_array().unwrap().iter().enumerate() {
+        let url = entry["image_url"].as_str().unwrap();
+        assert_eq!(
+            url,
+            format!("/api/stories/{story}/frames/{id}/attention/{k}")
+        );
+        let png = bytes(server, url).await;
+        let map = image::load_from_memory(&png).unwrap();
+        assert_eq!(map.color(), image::ColorType::L8, "a grey heatmap");
+        assert_eq!((map.width(), map.height()), (drawn.width(), drawn.height()));
+        out.push((
+            entry["text"].as_str().unwrap().to_string(),
+            entry["characters"].clone(),
+            png,
+        ));
+    }
+    out
+}
+
+async fn frames(server: &Server, story: i64) -> Vec<Value> {
+    get(server, &format!("/api/stories/{story}")).await["frames"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn attention_rows(server: &Server, frame: i64) -> i64 {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::ConnectOptions;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(server.data_dir.join("storygpt-v.db"))
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT COUNT(*) FROM frame_attention WHERE frame_id = ?")
+        .bind(frame)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+fn regenerate_url(story: i64, position: usize) -> String {
+    format!("/ui/stories/{story}/frames/{position}/regenerate")
+}
+
+#[tokio::test]
+async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    // One waiting job at most, so the test can fill the queue on purpose.
+    let server = Server::start_with(dir.path(), &["--queue-capacity", "1"], &[]);
+    let tom = character(&server, "Tom", "he").await;
+    let mia = character(&server, "Mia", "she").await;
+    let id = story(
+        &server,
+        &["Tom meets Mia.", "He waves.", "Mia laughs."],
+        &[tom, mia],
+    )
+    .await;
+    let job = generate(&server, id, json!({"steps": 2, "seed": 7})).await;
+    wait_job(&server, job, "succeeded").await;
+    let before = frames(&server, id).await;
+    let mut before_images = Vec::new();
+    for frame in &before {
+        before_images.push(bytes(&server, frame["image_url"].as_str().unwrap()).await);
+    }
+
+    // One map per mention, in caption order; the pronoun resolves to the earlier caption's
+    // character of its gender.
+    let first = heatmaps(&server, id, &before[0]).await;
+    let summary: Vec<(&str, &Value)> = first.iter().map(|(t, c, _)| (t.as_str(), c)).collect();
+    assert_eq!(
+        summary,
+        vec![("Tom", &json!(["Tom"])), ("Mia", &json!(["Mia"]))]
+    );
+    let second = heatmaps(&server, id, &before[1]).await;
+    let summary: Vec<(&str, &Value)> = second.iter().map(|(t, c, _)| (t.as_str(), c)).collect();
+    assert_eq!(summary, vec![("He", &json!(["Tom"]))]);
+
+    // Heatmaps are cached like frame images.
+    let map_url = format!("/api/stories/{id}/frames/{}/attention/0", before[1]["id"]);
+    let response = http().get(server.at(&map_url)).send().await.unwrap();
+    assert_eq!(response.headers()["cache-control"], "private, no-cache");
+    let etag = response.headers()["etag"].clone();
+    let response = http()
+        .get(server.at(&map_url))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+
+    // Unknown story, frame (or a frame of another story) and map: 404 problem documents.
+    let other = story(&server, &["Nobody here."], &[]).await;
+    let other_frame = frames(&server, other).await[0]["id"].as_i64().unwrap();
+    let frame1 = before[1]["id"].as_i64().unwrap();
+    for path in [
+        format!("/api/stories/999999/frames/{frame1}/attention"),
+        format!("/api/stories/{id}/frames/999999/attention"),
+        format!("/api/stories/{id}/frames/{other_frame}/attention"),
+        format!("/api/stories/{id}/frames/{frame1}/attention/1"),
+        format!("/api/stories/{id}/frames/{frame1}/attention/x"),
+        format!("/api/stories/{id}/frames/999999/attention/0"),
+    ] {
+        let response = http().get(server.at(&path)).send().await.unwrap();
+        problem(response, StatusCode::NOT_FOUND).await;
+    }
+    // A frame never drawn has no maps yet.
+    assert_eq!(
+        get(
+            &server,
+            &format!("/api/stories/{other}/frames/{other_frame}/attention")
+        )
+        .await,
+        json!([])
+    );
+
+    // The strip offers Redraw and the heatmap toggle on every drawn frame.
+    let strip = http()
+        .get(server.at(&format!("/ui/stories/{id}/frames")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (position, n) in [(0, 1), (1, 2), (2, 3)] {
+        assert!(strip.contains(&format!("id=\"regenerate-{position}\"")));
+        assert!(strip.contains(&format!("aria-label=\"Redraw frame {n} with a new seed\"")));
+        assert!(strip.contains(&format!("id=\"attention-{position}\"")));
+    }
+    assert!(strip.contains(">Where characters are</button>"));
+    let script = http()
+        .get(server.at("/static/frames.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(script.headers()["content-type"], "text/javascript");
+
+    // Editing a caption keeps the maps: they describe the image, which is still there.
+    let response = http()
+        .patch(server.at(&format!("/api/stories/{id}/frames/{frame1}")))
+        .json(&json!({"caption": "He runs to Mia."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(heatmaps(&server, id, &before[1]).await, second);
+
+    // Redraw frame 2 with HTMX while another job holds the worker, so the answer is certain
+    // to show the frame waiting: the strip polls, and the generate panel is told.
+    let blocker_story = story(&server, &["Tom sleeps."], &[tom]).await;
+    let blocker = generate(&server, blocker_story, json!({"steps": 200})).await;
+    wait_job(&server, blocker, "running").await;
+    let response = http()
+        .post(server.at(&regenerate_url(id, 1)))
+        .header("hx-request", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let trigger = response.headers()["hx-trigger"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let trigger: Value = serde_json::from_str(&trigger).unwrap();
+    assert_eq!(trigger["jobs-changed"]["target"], "body");
+    let strip = response.text().await.unwrap();
+    assert!(strip.starts_with("<section id=\"frames-strip\""), "{strip}");
+    assert!(strip.contains("every 3s"), "a busy strip polls: {strip}");
+    assert!(strip.contains("Frame 2 will be redrawn with seed"));
+    let redraw = jobs_of(&server, id).await.last().unwrap().clone();
+    assert_eq!(redraw["frames"].as_array().unwrap().len(), 1, "{redraw}");
+    assert_eq!(redraw["frames"][0]["position"], 1);
+
+    // The queue (capacity 1) is now full: the strip says so instead of redrawing, under
+    // HTMX as a 422 it swaps in, without it as the story page with 429 and Retry-After.
+    let response = http()
+        .post(server.at(&regenerate_url(id, 2)))
+        .header("hx-request", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(response.headers().get("hx-trigger").is_none());
+    let strip = response.text().await.unwrap();
+    assert!(strip.contains("role=\"alert\""), "{strip}");
+    assert!(
+        strip.contains("Frame 3 was not redrawn: The generation queue is full"),
+        "{strip}"
+    );
+    let response = no_redirects()
+        .post(server.at(&regenerate_url(id, 2)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "10");
+    let page = response.text().await.unwrap();
+    assert!(page.contains("<h1 id=\"story-title\">Strip</h1>"));
+    assert!(page.contains("Frame 3 was not redrawn"));
+
+    let cancel = http()
+        .post(server.at(&format!("/api/jobs/{blocker}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert!(cancel.status().is_success());
+    wait_job(&server, redraw["id"].as_i64().unwrap(), "succeeded").await;
+
+    // Only frame 2 changed: a new seed, a new image, and new maps, drawn from the caption as
+    // it is now (which names Mia too).
+    let after = frames(&server, id).await;
+    for k in [0, 2] {
+        assert_eq!(after[k]["seed"], before[k]["seed"]);
+        assert_eq!(
+            bytes(&server, after[k]["image_url"].as_str().unwrap()).await,
+            before_images[k]
+        );
+    }
+    assert_eq!(after[1]["seed"], redraw["frames"][0]["seed"]);
+    assert_ne!(after[1]["seed"], before[1]["seed"]);
+    assert_eq!(after[1]["status"], "ready");
+    assert_ne!(
+        bytes(&server, after[1]["image_url"].as_str().unwrap()).await,
+        before_images[1]
+    );
+    let redrawn = heatmaps(&server, id, &after[1]).await;
+    let summary: Vec<(&str, &Value)> = redrawn.iter().map(|(t, c, _)| (t.as_str(), c)).collect();
+    assert_eq!(
+        summary,
+        vec![("He", &json!(["Tom"])), ("Mia", &json!(["Mia"]))]
+    );
+    assert_ne!(redrawn[0].2, second[0].2, "the map of the new image");
+
+    // Without HTMX: a 303 back to the frame, and the job draws just that frame.
+    let response = no_redirects()
+        .post(server.at(&regenerate_url(id, 2)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/stories/{id}#frame-2").as_str()
+    );
+    let redraw = jobs_of(&server, id).await.last().unwrap().clone();
+    assert_eq!(redraw["frames"].as_array().unwrap().len(), 1);
+    assert_eq!(redraw["frames"][0]["position"], 2);
+    wait_job(&server, redraw["id"].as_i64().unwrap(), "succeeded").await;
+    let last = frames(&server, id).await;
+    assert_eq!(last[2]["seed"], redraw["frames"][0]["seed"]);
+    assert_ne!(
+        bytes(&server, last[2]["image_url"].as_str().unwrap()).await,
+        before_images[2]
+    );
+    assert_eq!(last[0]["seed"], before[0]["seed"]);
+    assert_eq!(last[1]["seed"], after[1]["seed"]);
+
+    // Deleting a frame deletes its maps with it.
+    let frame2 = last[2]["id"].as_i64().unwrap();
+    assert_eq!(attention_rows(&server, frame2).await, 1);
+    let response = http()
+        .delete(server.at(&format!("/api/stories/{id}/frames/{frame2}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(attention_rows(&server, frame2).await, 0);
+}
+
+#[tokio::test]
+async fn a_redraw_without_its_context_is_refused_in_the_strip() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &["--capture-attention", "false"], &[]);
+    let fred = character(&server, "Fred", "he").await;
+    let id = story(&server, &["Fred opens the door.", "He waves."], &[fred]).await;
+
+    // Frame 2 looks at frame 1, which has no image: nothing is queued, and the strip says why.
+    let response = http()
+        .post(server.at(&regenerate_url(id, 1)))
+        .header("hx-request", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let strip = response.text().await.unwrap();
+    assert!(strip.contains("Frame 2 was not redrawn:"), "{strip}");
+    let response = no_redirects()
+        .post(server.at(&regenerate_url(id, 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("Frame 2 was not redrawn:"));
+    assert!(jobs_of(&server, id).await.is_empty());
+    // An unknown story has no strip to answer with.
+    let response = http()
+        .post(server.at(&regenerate_url(999_999, 0)))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::NOT_FOUND).await;
+
+    // With capture turned off, frames are drawn without maps.
+    let job = generate(&server, id, json!({"steps": 1})).await;
+    wait_job(&server, job, "succeeded").await;
+    let drawn = frames(&server, id).await;
+    assert!(heatmaps(&server, id, &drawn[0]).await.is_empty());
+    let strip = http()
+        .get(server.at(&format!("/ui/stories/{id}/frames")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(strip.contains("data-attention-count=\"0\""));
+
+    // Both endpoints are in the API description.
+    let doc = get(&server, "/openapi.json").await;
+    for path in [
+        "/api/stories/{id}/frames/{frame_id}/attention",
+        "/api/stories/{id}/frames/{frame_id}/attention/{k}",
+    ] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path}");
+    }
+}
