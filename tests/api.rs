@@ -4,51 +4,23 @@
 mod common;
 
 use common::{
-    character_form, encode, jpeg_with_exif_orientation, png, png_claiming, test_image, Server,
+    character_form, create_character, encode, get_json, http, jpeg_with_exif_orientation, png,
+    png_claiming, test_image, Server,
 };
 use image::ImageFormat;
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-fn client() -> Client {
-    Client::new()
-}
-
+/// The API's problem documents also carry their status and a type URL named by the code.
 async fn problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
-    assert_eq!(response.status(), status, "unexpected status");
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(content_type, "application/problem+json");
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
+    let body = common::problem(response, status, code).await;
     assert_eq!(body["status"], status.as_u16());
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
     assert_eq!(body["type"], format!("/problems/{code}"));
     body
 }
 
-async fn create_character(server: &Server, name: &str, pronoun: &str) -> Value {
-    let response = client()
-        .post(server.at("/api/characters"))
-        .multipart(character_form(name, pronoun, png(8, 6), "p.png"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json().await.unwrap()
-}
-
 async fn count(server: &Server, what: &str) -> usize {
-    let body: Value = client()
-        .get(server.at(&format!("/api/{what}?limit=200")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = get_json(server, &format!("/api/{what}?limit=200")).await;
     body["items"].as_array().unwrap().len()
 }
 
@@ -56,7 +28,7 @@ async fn count(server: &Server, what: &str) -> usize {
 async fn character_lifecycle_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = client();
+    let http = http();
 
     let response = http
         .post(server.at("/api/characters"))
@@ -74,14 +46,7 @@ async fn character_lifecycle_over_http() {
     assert_eq!(fred["portrait"]["height"], 6);
     assert_eq!(fred["portrait"]["mime"], "image/png");
 
-    let got: Value = http
-        .get(server.at(&location))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = get_json(&server, &location).await;
     assert_eq!(got, fred);
 
     // The portrait comes back with its type, an ETag, and 304 when unchanged.
@@ -175,7 +140,7 @@ async fn character_lifecycle_over_http() {
 async fn jpeg_and_webp_portraits_are_normalised() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = client();
+    let http = http();
 
     // EXIF orientation 6 (rotate 90° clockwise): a 4x2 photo is stored as 2x4, EXIF gone.
     let jpeg = jpeg_with_exif_orientation(4, 2, 6);
@@ -239,7 +204,7 @@ async fn jpeg_and_webp_portraits_are_normalised() {
 async fn bad_character_input_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = client();
+    let http = http();
     let fred = create_character(&server, "Fred", "he").await;
     let fred_url = server.at(&format!("/api/characters/{}", fred["id"]));
 
@@ -496,14 +461,7 @@ async fn characters_paginate_with_cursors() {
     let mut url = server.at("/api/characters?limit=2");
     let mut pages = 0;
     loop {
-        let page: Value = client()
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
         pages += 1;
         seen.extend(
             page["items"]
@@ -525,7 +483,7 @@ async fn characters_paginate_with_cursors() {
 async fn story_lifecycle_and_caption_editing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = client();
+    let http = http();
     let fred = create_character(&server, "Fred", "he").await;
     let wilma = create_character(&server, "Wilma", "she").await;
 
@@ -553,14 +511,7 @@ async fn story_lifecycle_and_caption_editing() {
     assert!(frames[1]["image_url"].is_null());
     let ids: Vec<i64> = frames.iter().map(|f| f["id"].as_i64().unwrap()).collect();
 
-    let listed: Value = http
-        .get(server.at("/api/stories"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = get_json(&server, "/api/stories").await;
     assert_eq!(listed["items"][0]["frame_count"], 3);
     assert!(listed["next_cursor"].is_null());
 
@@ -714,7 +665,7 @@ async fn story_lifecycle_and_caption_editing() {
 async fn bad_story_input_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = client();
+    let http = http();
     let create = |body: Value| http.post(server.at("/api/stories")).json(&body).send();
 
     problem(
@@ -791,7 +742,7 @@ async fn bad_story_input_is_refused_and_changes_nothing() {
     )
     .await;
     // Its own client: the server closes a connection whose body it did not read.
-    let response = Client::new()
+    let response = common::http()
         .post(server.at("/api/stories"))
         .json(&json!({"title": "x".repeat(3 * 1024 * 1024)}))
         .send()
@@ -969,14 +920,7 @@ async fn bad_story_input_is_refused_and_changes_nothing() {
 async fn openapi_document_describes_every_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let doc: Value = client()
-        .get(server.at("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = get_json(&server, "/openapi.json").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
     let expected = [
@@ -1006,7 +950,7 @@ async fn openapi_document_describes_every_endpoint() {
     assert!(doc["components"]["schemas"]["Problem"].is_object());
     assert!(doc["components"]["schemas"]["Character"].is_object());
 
-    let docs = client().get(server.at("/docs")).send().await.unwrap();
+    let docs = http().get(server.at("/docs")).send().await.unwrap();
     assert_eq!(docs.status(), StatusCode::OK);
     let html = docs.text().await.unwrap();
     assert!(html.contains("/api/stories/{id}/frames/order"));

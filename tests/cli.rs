@@ -276,6 +276,20 @@ fn os(s: &str) -> &std::ffi::OsStr {
     std::ffi::OsStr::new(s)
 }
 
+/// The arguments of `generate` with its bundle, story and output folder; each call adds its
+/// own flags after them.
+fn generate_args<'a>(bundle: &'a Path, story: &'a Path, out: &'a Path) -> Vec<&'a std::ffi::OsStr> {
+    vec![
+        os("generate"),
+        os("--bundle"),
+        bundle.as_os_str(),
+        os("--story"),
+        story.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+    ]
+}
+
 #[test]
 fn generate_illustrates_a_story_with_a_random_toy_bundle() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,17 +312,8 @@ fn generate_illustrates_a_story_with_a_random_toy_bundle() {
     let story = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/story/story.json");
     let out = dir.path().join("frames");
     let gen = |extra: &[&str]| {
-        let mut args = vec![
-            os("generate"),
-            os("--bundle"),
-            bundle.as_os_str(),
-            os("--story"),
-            story.as_os_str(),
-            os("--out"),
-            out.as_os_str(),
-            os("--steps"),
-            os("2"),
-        ];
+        let mut args = generate_args(&bundle, &story, &out);
+        args.extend([os("--steps"), os("2")]);
         args.extend(extra.iter().map(|s| os(s)));
         run_ok(&args)
     };
@@ -349,36 +354,12 @@ fn generate_illustrates_a_story_with_a_random_toy_bundle() {
     // Errors name the problem.
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"captions": []}"#).unwrap();
-    let err = run_err(&[
-        os("generate"),
-        os("--bundle"),
-        bundle.as_os_str(),
-        os("--story"),
-        bad.as_os_str(),
-        os("--out"),
-        out.as_os_str(),
-    ]);
+    let err = run_err(&generate_args(&bundle, &bad, &out));
     assert!(err.contains("captions") && err.contains("empty"), "{err}");
-    let err = run_err(&[
-        os("generate"),
-        os("--bundle"),
-        dir.path().as_os_str(),
-        os("--story"),
-        story.as_os_str(),
-        os("--out"),
-        out.as_os_str(),
-    ]);
+    let err = run_err(&generate_args(dir.path(), &story, &out));
     assert!(err.contains("bundle.toml"), "{err}");
-    let err = run_err(&[
-        os("generate"),
-        os("--bundle"),
-        bundle.as_os_str(),
-        os("--story"),
-        story.as_os_str(),
-        os("--out"),
-        out.as_os_str(),
-        os("--frames"),
-        os("9"),
-    ]);
+    let mut args = generate_args(&bundle, &story, &out);
+    args.extend([os("--frames"), os("9")]);
+    let err = run_err(&args);
     assert!(err.contains("frames 1..=4"), "{err}");
 }

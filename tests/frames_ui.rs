@@ -5,31 +5,12 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{character_form, png, Server};
-use reqwest::{redirect, Client, StatusCode};
+use common::{
+    character_form, create_character_from, create_story, get_ok, get_png, get_text, http,
+    no_redirects, png, wait_job, Server,
+};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn http() -> Client {
-    Client::new()
-}
-
-/// A client that shows redirects instead of following them (as a browser's form post sees).
-fn no_redirects() -> Client {
-    Client::builder()
-        .redirect(redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-async fn get(server: &Server, path: &str) -> Value {
-    let response = http().get(server.at(path)).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
-    response.json().await.unwrap()
-}
 
 async fn problem(response: reqwest::Response, status: StatusCode) {
     assert_eq!(response.status(), status);
@@ -39,28 +20,16 @@ async fn problem(response: reqwest::Response, status: StatusCode) {
     );
 }
 
+/// A character with a 24x24 portrait; returns its id.
 async fn character(server: &Server, name: &str, pronoun: &str) -> i64 {
-    let response = http()
-        .post(server.at("/api/characters"))
-        .multipart(character_form(name, pronoun, png(24, 24), "p.png"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json::<Value>().await.unwrap()["id"]
+    create_character_from(server, character_form(name, pronoun, png(24, 24), "p.png")).await["id"]
         .as_i64()
         .unwrap()
 }
 
+/// A story titled "Strip"; returns its id.
 async fn story(server: &Server, captions: &[&str], cast: &[i64]) -> i64 {
-    let response = http()
-        .post(server.at("/api/stories"))
-        .json(&json!({"title": "Strip", "captions": captions, "character_ids": cast}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json::<Value>().await.unwrap()["id"]
+    create_story(server, "Strip", captions, cast).await["id"]
         .as_i64()
         .unwrap()
 }
@@ -78,48 +47,26 @@ async fn generate(server: &Server, story: i64, body: Value) -> i64 {
         .unwrap()
 }
 
-async fn wait_job(server: &Server, job: i64, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let current = get(server, &format!("/api/jobs/{job}")).await;
-        if current["status"] == status {
-            return current;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {job} never became {status}: {current}\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The story's jobs, oldest first.
 async fn jobs_of(server: &Server, story: i64) -> Vec<Value> {
-    get(server, &format!("/api/jobs?story_id={story}")).await["items"]
+    get_ok(server, &format!("/api/jobs?story_id={story}")).await["items"]
         .as_array()
         .unwrap()
         .clone()
-}
-
-async fn bytes(server: &Server, url: &str) -> Vec<u8> {
-    let response = http().get(server.at(url)).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
-    assert_eq!(response.headers()["content-type"], "image/png");
-    response.bytes().await.unwrap().to_vec()
 }
 
 /// Each heatmap of a frame: (text, characters, PNG bytes), checking each decodes as a grey
 /// image the size of the frame.
 async fn heatmaps(server: &Server, story: i64, frame: &Value) -> Vec<(String, Value, Vec<u8>)> {
     let id = frame["id"].as_i64().unwrap();
-    let list = get(
+    let list = get_ok(
         server,
         &format!("/api/stories/{story}/frames/{id}/attention"),
     )
     .await;
-    let drawn = image::load_from_memory(&bytes(server, frame["image_url"].as_str().unwrap()).await)
-        .unwrap();
+    let drawn =
+        image::load_from_memory(&get_png(server, frame["image_url"].as_str().unwrap()).await)
+            .unwrap();
     let mut out = Vec::new();
     for (k, entry) in list.as_array().unwrap().iter().enumerate() {
         let url = entry["image_url"].as_str().unwrap();
@@ -127,7 +74,7 @@ async fn heatmaps(server: &Server, story: i64, frame: &Value) -> Vec<(String, Va
             url,
             format!("/api/stories/{story}/frames/{id}/attention/{k}")
         );
-        let png = bytes(server, url).await;
+        let png = get_png(server, url).await;
         let map = image::load_from_memory(&png).unwrap();
         assert_eq!(map.color(), image::ColorType::L8, "a grey heatmap");
         assert_eq!((map.width(), map.height()), (drawn.width(), drawn.height()));
@@ -141,21 +88,14 @@ async fn heatmaps(server: &Server, story: i64, frame: &Value) -> Vec<(String, Va
 }
 
 async fn frames(server: &Server, story: i64) -> Vec<Value> {
-    get(server, &format!("/api/stories/{story}")).await["frames"]
+    get_ok(server, &format!("/api/stories/{story}")).await["frames"]
         .as_array()
         .unwrap()
         .clone()
 }
 
 async fn attention_rows(server: &Server, frame: i64) -> i64 {
-    use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::ConnectOptions;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(server.data_dir.join("storygpt-v.db"))
-        .busy_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let mut conn = server.db().await;
     sqlx::query_scalar("SELECT COUNT(*) FROM frame_attention WHERE frame_id = ?")
         .bind(frame)
         .fetch_one(&mut conn)
@@ -163,8 +103,21 @@ async fn attention_rows(server: &Server, frame: i64) -> i64 {
         .unwrap()
 }
 
-fn regenerate_url(story: i64, position: usize) -> String {
-    format!("/ui/stories/{story}/frames/{position}/regenerate")
+/// Presses a frame's Redraw button: with HTMX, or as a plain form post whose redirect is
+/// returned rather than followed.
+async fn press_redraw(
+    server: &Server,
+    story: i64,
+    position: usize,
+    htmx: bool,
+) -> reqwest::Response {
+    let url = server.at(&format!("/ui/stories/{story}/frames/{position}/regenerate"));
+    let request = if htmx {
+        http().post(url).header("hx-request", "true")
+    } else {
+        no_redirects().post(url)
+    };
+    request.send().await.unwrap()
 }
 
 #[tokio::test]
@@ -185,7 +138,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     let before = frames(&server, id).await;
     let mut before_images = Vec::new();
     for frame in &before {
-        before_images.push(bytes(&server, frame["image_url"].as_str().unwrap()).await);
+        before_images.push(get_png(&server, frame["image_url"].as_str().unwrap()).await);
     }
 
     // One map per mention, in caption order; the pronoun resolves to the earlier caption's
@@ -230,7 +183,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     }
     // A frame never drawn has no maps yet.
     assert_eq!(
-        get(
+        get_ok(
             &server,
             &format!("/api/stories/{other}/frames/{other_frame}/attention")
         )
@@ -239,14 +192,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     );
 
     // The strip offers Redraw and the heatmap toggle on every drawn frame.
-    let strip = http()
-        .get(server.at(&format!("/ui/stories/{id}/frames")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
     for (position, n) in [(0, 1), (1, 2), (2, 3)] {
         assert!(strip.contains(&format!("id=\"regenerate-{position}\"")));
         assert!(strip.contains(&format!("aria-label=\"Redraw frame {n} with a new seed\"")));
@@ -275,12 +221,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     let blocker_story = story(&server, &["Tom sleeps."], &[tom]).await;
     let blocker = generate(&server, blocker_story, json!({"steps": 200})).await;
     wait_job(&server, blocker, "running").await;
-    let response = http()
-        .post(server.at(&regenerate_url(id, 1)))
-        .header("hx-request", "true")
-        .send()
-        .await
-        .unwrap();
+    let response = press_redraw(&server, id, 1, true).await;
     assert_eq!(response.status(), StatusCode::OK);
     let trigger = response.headers()["hx-trigger"]
         .to_str()
@@ -298,12 +239,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
 
     // The queue (capacity 1) is now full: the strip says so instead of redrawing, under
     // HTMX as a 422 it swaps in, without it as the story page with 429 and Retry-After.
-    let response = http()
-        .post(server.at(&regenerate_url(id, 2)))
-        .header("hx-request", "true")
-        .send()
-        .await
-        .unwrap();
+    let response = press_redraw(&server, id, 2, true).await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(response.headers().get("hx-trigger").is_none());
     let strip = response.text().await.unwrap();
@@ -312,11 +248,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
         strip.contains("Frame 3 was not redrawn: The generation queue is full"),
         "{strip}"
     );
-    let response = no_redirects()
-        .post(server.at(&regenerate_url(id, 2)))
-        .send()
-        .await
-        .unwrap();
+    let response = press_redraw(&server, id, 2, false).await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(response.headers()["retry-after"], "10");
     let page = response.text().await.unwrap();
@@ -337,7 +269,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     for k in [0, 2] {
         assert_eq!(after[k]["seed"], before[k]["seed"]);
         assert_eq!(
-            bytes(&server, after[k]["image_url"].as_str().unwrap()).await,
+            get_png(&server, after[k]["image_url"].as_str().unwrap()).await,
             before_images[k]
         );
     }
@@ -345,7 +277,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     assert_ne!(after[1]["seed"], before[1]["seed"]);
     assert_eq!(after[1]["status"], "ready");
     assert_ne!(
-        bytes(&server, after[1]["image_url"].as_str().unwrap()).await,
+        get_png(&server, after[1]["image_url"].as_str().unwrap()).await,
         before_images[1]
     );
     let redrawn = heatmaps(&server, id, &after[1]).await;
@@ -357,11 +289,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     assert_ne!(redrawn[0].2, second[0].2, "the map of the new image");
 
     // Without HTMX: a 303 back to the frame, and the job draws just that frame.
-    let response = no_redirects()
-        .post(server.at(&regenerate_url(id, 2)))
-        .send()
-        .await
-        .unwrap();
+    let response = press_redraw(&server, id, 2, false).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         response.headers()["location"],
@@ -374,7 +302,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     let last = frames(&server, id).await;
     assert_eq!(last[2]["seed"], redraw["frames"][0]["seed"]);
     assert_ne!(
-        bytes(&server, last[2]["image_url"].as_str().unwrap()).await,
+        get_png(&server, last[2]["image_url"].as_str().unwrap()).await,
         before_images[2]
     );
     assert_eq!(last[0]["seed"], before[0]["seed"]);
@@ -400,20 +328,11 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip() {
     let id = story(&server, &["Fred opens the door.", "He waves."], &[fred]).await;
 
     // Frame 2 looks at frame 1, which has no image: nothing is queued, and the strip says why.
-    let response = http()
-        .post(server.at(&regenerate_url(id, 1)))
-        .header("hx-request", "true")
-        .send()
-        .await
-        .unwrap();
+    let response = press_redraw(&server, id, 1, true).await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let strip = response.text().await.unwrap();
     assert!(strip.contains("Frame 2 was not redrawn:"), "{strip}");
-    let response = no_redirects()
-        .post(server.at(&regenerate_url(id, 1)))
-        .send()
-        .await
-        .unwrap();
+    let response = press_redraw(&server, id, 1, false).await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(response
         .text()
@@ -422,11 +341,7 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip() {
         .contains("Frame 2 was not redrawn:"));
     assert!(jobs_of(&server, id).await.is_empty());
     // An unknown story has no strip to answer with.
-    let response = http()
-        .post(server.at(&regenerate_url(999_999, 0)))
-        .send()
-        .await
-        .unwrap();
+    let response = press_redraw(&server, 999_999, 0, false).await;
     problem(response, StatusCode::NOT_FOUND).await;
 
     // With capture turned off, frames are drawn without maps.
@@ -434,18 +349,11 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip() {
     wait_job(&server, job, "succeeded").await;
     let drawn = frames(&server, id).await;
     assert!(heatmaps(&server, id, &drawn[0]).await.is_empty());
-    let strip = http()
-        .get(server.at(&format!("/ui/stories/{id}/frames")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
     assert!(strip.contains("data-attention-count=\"0\""));
 
     // Both endpoints are in the API description.
-    let doc = get(&server, "/openapi.json").await;
+    let doc = get_ok(&server, "/openapi.json").await;
     for path in [
         "/api/stories/{id}/frames/{frame_id}/attention",
         "/api/stories/{id}/frames/{frame_id}/attention/{k}",

@@ -10,73 +10,50 @@ mod common;
 
 use std::time::Duration;
 
-use common::{character_form, png, Server};
-use reqwest::{Client, StatusCode};
+use common::{
+    character_form, create_character_from, create_story, get_ok, get_png, http, png, problem,
+    wait_job, Server, PATIENCE,
+};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-/// Longest any single wait in these tests may take before the test fails.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 fn start(dir: &std::path::Path, extra: &[&str]) -> Server {
     Server::start_with(dir, extra, &[])
-}
-
-fn http() -> Client {
-    Client::new()
 }
 
 async fn json_of(response: reqwest::Response) -> Value {
     response.json().await.unwrap()
 }
 
-async fn get(server: &Server, path: &str) -> Value {
-    let response = http().get(server.at(path)).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
-    json_of(response).await
-}
-
-async fn problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
-    assert_eq!(response.status(), status, "unexpected status");
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
-    body
-}
-
 /// A story with these captions whose cast is one character (created on first use).
 async fn story(server: &Server, captions: &[&str]) -> i64 {
-    let characters = get(server, "/api/characters").await;
+    let characters = get_ok(server, "/api/characters").await;
     let fred = match characters["items"].as_array().unwrap().first() {
         Some(fred) => fred["id"].as_i64().unwrap(),
         None => {
-            let response = http()
-                .post(server.at("/api/characters"))
-                .multipart(character_form("Fred", "he", png(24, 24), "fred.png"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::CREATED);
-            json_of(response).await["id"].as_i64().unwrap()
+            let form = character_form("Fred", "he", png(24, 24), "fred.png");
+            create_character_from(server, form).await["id"]
+                .as_i64()
+                .unwrap()
         }
     };
-    let response = http()
-        .post(server.at("/api/stories"))
-        .json(&json!({"title": "Test", "captions": captions, "character_ids": [fred]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    json_of(response).await["id"].as_i64().unwrap()
+    create_story(server, "Test", captions, &[fred]).await["id"]
+        .as_i64()
+        .unwrap()
 }
 
 async fn post_generate(server: &Server, story: i64, body: Value) -> reqwest::Response {
     http()
         .post(server.at(&format!("/api/stories/{story}/generate")))
         .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn cancel(server: &Server, job: i64) -> reqwest::Response {
+    http()
+        .post(server.at(&format!("/api/jobs/{job}/cancel")))
         .send()
         .await
         .unwrap()
@@ -90,22 +67,6 @@ async fn generate(server: &Server, story: i64, body: Value) -> Value {
     let job = json_of(response).await;
     assert_eq!(location, format!("/api/jobs/{}", job["id"]));
     job
-}
-
-async fn wait_job(server: &Server, job: i64, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let current = get(server, &format!("/api/jobs/{job}")).await;
-        if current["status"] == status {
-            return current;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {job} never became {status}: {current}\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// One server-sent event.
@@ -213,18 +174,11 @@ fn stored_ids(events: &[Event]) -> Vec<i64> {
     events.iter().filter_map(|e| e.id).collect()
 }
 
-async fn image(server: &Server, url: &str) -> Vec<u8> {
-    let response = http().get(server.at(url)).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
-    assert_eq!(response.headers()["content-type"], "image/png");
-    response.bytes().await.unwrap().to_vec()
-}
-
 #[tokio::test]
 async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
-    let ready = get(&server, "/readyz").await;
+    let ready = get_ok(&server, "/readyz").await;
     assert_eq!(ready["model"]["trained"], false, "{ready}");
     assert_eq!(ready["model"]["device"], "cpu");
     assert!(ready["model"]["name"]
@@ -300,7 +254,7 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
         }
     }
 
-    let finished = get(&server, &format!("/api/jobs/{job_id}")).await;
+    let finished = get_ok(&server, &format!("/api/jobs/{job_id}")).await;
     assert_eq!(finished["status"], "succeeded");
     assert_eq!(finished["attempts"], 1);
     assert!(finished["error"].is_null());
@@ -308,14 +262,14 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
     assert_eq!(finished["progress"]["frames_done"], 3);
 
     // Every frame is stored: ready, with its seed and an image of the bundle's size.
-    let drawn = get(&server, &format!("/api/stories/{story_id}")).await;
+    let drawn = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     let mut before = Vec::new();
     for (p, frame) in drawn["frames"].as_array().unwrap().iter().enumerate() {
         assert_eq!(frame["status"], "ready", "{frame}");
         assert_eq!(frame["seed"], 7 + p as i64);
         let url = frame["image_url"].as_str().unwrap();
         assert_eq!(frames[p].data["image_url"], url);
-        let bytes = image(&server, url).await;
+        let bytes = get_png(&server, url).await;
         let decoded = image::load_from_memory(&bytes).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (width, height));
         before.push(bytes);
@@ -346,11 +300,11 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
         .await;
     assert_eq!(names(&events).iter().filter(|n| **n == "frame").count(), 1);
     assert_eq!(*names(&events).last().unwrap(), "completed");
-    let redrawn = get(&server, &format!("/api/stories/{story_id}")).await;
+    let redrawn = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     let frames_now = redrawn["frames"].as_array().unwrap();
     assert_eq!(frames_now[1]["seed"], 99);
     for (p, frame) in frames_now.iter().enumerate() {
-        let bytes = image(&server, frame["image_url"].as_str().unwrap()).await;
+        let bytes = get_png(&server, frame["image_url"].as_str().unwrap()).await;
         assert_eq!(bytes == before[p], p != 1, "frame {p}");
     }
 
@@ -366,15 +320,11 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
     )
     .await;
     assert_eq!(edited["frames"][2]["status"], "stale");
-    let old = get(&server, &format!("/api/jobs/{job_id}")).await;
+    let old = get_ok(&server, &format!("/api/jobs/{job_id}")).await;
     assert_eq!(old["frames"][2]["caption"], "Fred laughs.");
 
     // A finished job cannot be cancelled.
-    let response = http()
-        .post(server.at(&format!("/api/jobs/{job_id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let response = cancel(&server, job_id).await;
     problem(response, StatusCode::CONFLICT, "job_finished").await;
 }
 
@@ -435,7 +385,7 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
         .unwrap();
     problem(response, StatusCode::BAD_REQUEST, "invalid_idempotency_key").await;
     assert!(
-        get(&server, "/api/jobs").await["items"]
+        get_ok(&server, "/api/jobs").await["items"]
             .as_array()
             .unwrap()
             .is_empty(),
@@ -466,17 +416,17 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
         "idempotency_key_reused",
     )
     .await;
-    let listed = get(&server, &format!("/api/jobs?story_id={story_id}")).await;
+    let listed = get_ok(&server, &format!("/api/jobs?story_id={story_id}")).await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
 
     // A frame whose predecessor waits in an earlier job may be queued behind it.
     let second = generate(&server, story_id, json!({"frames": [1], "steps": 1})).await;
     wait_job(&server, second["id"].as_i64().unwrap(), "succeeded").await;
     assert_eq!(
-        get(&server, &format!("/api/jobs/{}", job["id"])).await["status"],
+        get_ok(&server, &format!("/api/jobs/{}", job["id"])).await["status"],
         "succeeded"
     );
-    let listed = get(&server, "/api/jobs?status=succeeded&limit=1").await;
+    let listed = get_ok(&server, "/api/jobs?status=succeeded&limit=1").await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
     assert!(listed["next_cursor"].is_string());
 
@@ -488,11 +438,7 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
         let response = http().get(server.at(path)).send().await.unwrap();
         problem(response, StatusCode::NOT_FOUND, "not_found").await;
     }
-    let response = http()
-        .post(server.at("/api/jobs/999999/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let response = cancel(&server, 999_999).await;
     problem(response, StatusCode::NOT_FOUND, "not_found").await;
     let response = http()
         .get(server.at("/api/jobs?status=done"))
@@ -523,17 +469,13 @@ async fn cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew() {
     let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
     events.until("frame").await;
 
-    let response = http()
-        .post(server.at(&format!("/api/jobs/{job_id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let response = cancel(&server, job_id).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert_eq!(json_of(response).await["cancel_requested"], true);
     let rest = events.rest().await;
     assert_eq!(rest.last().unwrap().name, "cancelled", "{:?}", names(&rest));
 
-    let cancelled = get(&server, &format!("/api/jobs/{job_id}")).await;
+    let cancelled = get_ok(&server, &format!("/api/jobs/{job_id}")).await;
     assert_eq!(cancelled["status"], "cancelled");
     assert!(cancelled["finished_at"].is_string());
     let done: Vec<bool> = cancelled["frames"]
@@ -544,22 +486,18 @@ async fn cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew() {
         .collect();
     let drawn = done.iter().filter(|d| **d).count();
     assert!((1..4).contains(&drawn), "{cancelled}");
-    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     for (frame, done) in story["frames"].as_array().unwrap().iter().zip(&done) {
         if *done {
             assert_eq!(frame["status"], "ready");
-            image(&server, frame["image_url"].as_str().unwrap()).await;
+            get_png(&server, frame["image_url"].as_str().unwrap()).await;
         } else {
             assert_eq!(frame["status"], "pending", "{frame}");
             assert!(frame["image_url"].is_null());
         }
     }
     // Cancelling again is harmless.
-    let response = http()
-        .post(server.at(&format!("/api/jobs/{job_id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let response = cancel(&server, job_id).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(json_of(response).await["status"], "cancelled");
 }
@@ -576,7 +514,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
     // The story shows which frame is being drawn and which wait.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let story = get(&server, &format!("/api/stories/{story_id}")).await;
+        let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
         let statuses: Vec<&str> = story["frames"]
             .as_array()
             .unwrap()
@@ -601,7 +539,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
         .unwrap();
     assert!(retry_after > 0);
     problem(response, StatusCode::TOO_MANY_REQUESTS, "queue_full").await;
-    let ready = get(&server, "/readyz").await;
+    let ready = get_ok(&server, "/readyz").await;
     assert_eq!(
         ready["queue"],
         json!({"queued": 2, "running": 1, "capacity": 2, "worker_alive": true})
@@ -609,11 +547,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
 
     // Cancelling a queued job takes effect at once and makes room.
     let second_id = second["id"].as_i64().unwrap();
-    let response = http()
-        .post(server.at(&format!("/api/jobs/{second_id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let response = cancel(&server, second_id).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(json_of(response).await["status"], "cancelled");
     let events = Stream::open(&server, &format!("/api/jobs/{second_id}/events"), None)
@@ -624,11 +558,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
     let fourth = generate(&server, story_id, json!({"steps": 1})).await;
 
     // Stop the long job; the queue then runs the others in order.
-    let response = http()
-        .post(server.at(&format!("/api/jobs/{long_id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let response = cancel(&server, long_id).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     wait_job(&server, long_id, "cancelled").await;
     let third = wait_job(&server, third["id"].as_i64().unwrap(), "succeeded").await;
@@ -695,7 +625,7 @@ async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
         .as_str()
         .unwrap()
         .to_string();
-    let first_image = image(&server, &first_url).await;
+    let first_image = get_png(&server, &first_url).await;
     // Let the second frame get under way, then crash.
     events.until("progress").await;
     server.kill_hard();
@@ -721,12 +651,12 @@ async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
     assert_eq!(positions, [0, 1, 2], "each frame exactly once");
     assert_eq!(*names(&all).last().unwrap(), "completed");
 
-    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     let stored: Vec<Vec<u8>> = {
         let mut out = Vec::new();
         for frame in story["frames"].as_array().unwrap() {
             assert_eq!(frame["status"], "ready");
-            out.push(image(&server, frame["image_url"].as_str().unwrap()).await);
+            out.push(get_png(&server, frame["image_url"].as_str().unwrap()).await);
         }
         out
     };
@@ -740,9 +670,9 @@ async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
     let twin = self::story(&server, &captions).await;
     let job = generate(&server, twin, json!({"steps": 12, "seed": 5})).await;
     wait_job(&server, job["id"].as_i64().unwrap(), "succeeded").await;
-    let twin = get(&server, &format!("/api/stories/{twin}")).await;
+    let twin = get_ok(&server, &format!("/api/stories/{twin}")).await;
     for (p, frame) in twin["frames"].as_array().unwrap().iter().enumerate() {
-        let bytes = image(&server, frame["image_url"].as_str().unwrap()).await;
+        let bytes = get_png(&server, frame["image_url"].as_str().unwrap()).await;
         assert!(
             bytes == stored[p],
             "frame {p} differs from an uninterrupted run"
@@ -790,7 +720,7 @@ async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_fra
     server.kill_hard();
 
     let server = start(dir.path(), &["--max-attempts", "1"]);
-    let failed = get(&server, &format!("/api/jobs/{job_id}")).await;
+    let failed = get_ok(&server, &format!("/api/jobs/{job_id}")).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(failed["error"].as_str().unwrap().contains("attempt 1 of 1"));
     let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
@@ -798,7 +728,7 @@ async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_fra
         .rest()
         .await;
     assert_eq!(all.last().unwrap().name, "failed");
-    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     let statuses: Vec<&str> = story["frames"]
         .as_array()
         .unwrap()
@@ -819,7 +749,7 @@ async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
     let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
     events.until("started").await;
     // While it runs: rewrite the last caption and delete the middle frame.
-    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     let middle = story["frames"][1]["id"].as_i64().unwrap();
     let last = story["frames"][2]["id"].as_i64().unwrap();
     let response = http()
@@ -844,13 +774,13 @@ async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
         .find(|e| e.name == "frame" && e.data["position"] == 1)
         .unwrap();
     assert!(discarded.data["image_url"].is_null());
-    let story = get(&server, &format!("/api/stories/{story_id}")).await;
+    let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     let frames = story["frames"].as_array().unwrap();
     assert_eq!(frames.len(), 2);
     assert_eq!(frames[0]["status"], "ready");
     assert_eq!(frames[1]["status"], "stale");
     assert_eq!(frames[1]["caption"], "He lies down.");
-    image(&server, frames[1]["image_url"].as_str().unwrap()).await;
+    get_png(&server, frames[1]["image_url"].as_str().unwrap()).await;
 
     // Deleting the story stops its running job; the worker goes on with the next one.
     let job = generate(&server, story_id, json!({"steps": 200})).await;
@@ -880,7 +810,7 @@ async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
 async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with_default_bundle(dir.path(), &[]);
-    let ready = get(&server, "/readyz").await;
+    let ready = get_ok(&server, "/readyz").await;
     assert_eq!(ready["status"], "ok");
     assert_eq!(ready["model"]["trained"], false);
     let bundle = dir.path().join("bundles").join("toy-random");
@@ -890,7 +820,7 @@ async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
     assert!(server.terminate());
     let server = Server::start_with_default_bundle(dir.path(), &[]);
     assert_eq!(
-        get(&server, "/readyz").await["model"]["bundle"],
+        get_ok(&server, "/readyz").await["model"]["bundle"],
         bundle.to_str().unwrap()
     );
 

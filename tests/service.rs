@@ -5,7 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{binary, character_form, png, Server};
+use common::{
+    binary, character_form, get_json, get_text, no_redirects, png, post_ui_character, Server,
+};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
@@ -19,14 +21,7 @@ async fn first_start_creates_the_database_and_probes_answer() {
         "the database is created on first start"
     );
     let http = Client::new();
-    let health: Value = http
-        .get(server.at("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = get_json(&server, "/healthz").await;
     assert_eq!(health["status"], "ok");
     let ready = http.get(server.at("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
@@ -62,23 +57,9 @@ async fn seed(server: &Server) -> (Value, Value) {
 
 async fn assert_intact(server: &Server, fred: &Value, story: &Value) {
     let http = Client::new();
-    let got: Value = http
-        .get(server.at(&format!("/api/characters/{}", fred["id"])))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = get_json(server, &format!("/api/characters/{}", fred["id"])).await;
     assert_eq!(&got, fred);
-    let got: Value = http
-        .get(server.at(&format!("/api/stories/{}", story["id"])))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = get_json(server, &format!("/api/stories/{}", story["id"])).await;
     assert_eq!(&got, story);
     let portrait = http
         .get(server.at(fred["portrait"]["url"].as_str().unwrap()))
@@ -222,10 +203,7 @@ fn help_explains_each_subcommand() {
 async fn the_page_lists_and_its_forms_add_characters_and_stories() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
 
     let page = http.get(server.at("/")).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
@@ -243,13 +221,11 @@ async fn the_page_lists_and_its_forms_add_characters_and_stories() {
     assert_eq!(css.headers()["content-type"], "text/css");
 
     // With HTMX: the characters section comes back as a fragment.
-    let response = http
-        .post(server.at("/ui/characters"))
-        .header("hx-request", "true")
-        .multipart(character_form("Pebbles", "she", png(4, 4), "p.png"))
-        .send()
-        .await
-        .unwrap();
+    let response = post_ui_character(
+        &server,
+        character_form("Pebbles", "she", png(4, 4), "p.png"),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["hx-trigger"], "characters-changed");
     let fragment = response.text().await.unwrap();
@@ -257,32 +233,18 @@ async fn the_page_lists_and_its_forms_add_characters_and_stories() {
     assert!(fragment.contains("Pebbles"));
 
     // A refused form keeps what was typed and says why, in place.
-    let response = http
-        .post(server.at("/ui/characters"))
-        .header("hx-request", "true")
-        .multipart(character_form(
-            "Bamm-Bamm",
-            "he",
-            b"not an image".to_vec(),
-            "x.png",
-        ))
-        .send()
-        .await
-        .unwrap();
+    let response = post_ui_character(
+        &server,
+        character_form("Bamm-Bamm", "he", b"not an image".to_vec(), "x.png"),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let fragment = response.text().await.unwrap();
     assert!(fragment.contains("role=\"alert\""));
     assert!(fragment.contains("value=\"Bamm-Bamm\""));
 
     // Without JavaScript: post, then a redirect to the page.
-    let pebbles: Value = http
-        .get(server.at("/api/characters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pebbles: Value = get_json(&server, "/api/characters").await;
     let pebbles_id = pebbles["items"][0]["id"].as_i64().unwrap();
     let body = format!(
         "title=Playtime&captions=Pebbles+plays.%0D%0AShe+laughs.%0D%0A&character_id={pebbles_id}"
@@ -295,24 +257,10 @@ async fn the_page_lists_and_its_forms_add_characters_and_stories() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    let stories: Value = http
-        .get(server.at("/api/stories"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stories: Value = get_json(&server, "/api/stories").await;
     assert_eq!(stories["items"][0]["title"], "Playtime");
     assert_eq!(stories["items"][0]["frame_count"], 2);
-    let html = http
-        .get(server.at("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = get_text(&server, "/").await;
     assert!(html.contains("Playtime"));
     assert!(html.contains("2 captions"));
 

@@ -9,53 +9,13 @@
 mod common;
 
 use std::io::{Cursor, Read};
-use std::time::Duration;
 
-use common::{character_form, png, png_claiming, test_image, Server};
-use reqwest::{Client, StatusCode};
+use common::{
+    character_form, create_character_id, create_story, get_json, get_text, no_redirects, png,
+    png_claiming, post_form, post_ui_character, test_image, wait_job, Server,
+};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-fn client() -> Client {
-    // Redirects are asserted, not followed.
-    Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-async fn create_character(server: &Server, name: &str, pronoun: &str) -> i64 {
-    let response = client()
-        .post(server.at("/api/characters"))
-        .multipart(character_form(name, pronoun, png(8, 6), "p.png"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.unwrap();
-    body["id"].as_i64().unwrap()
-}
-
-async fn create_story(server: &Server, title: &str, captions: &[&str], cast: &[i64]) -> Value {
-    let response = client()
-        .post(server.at("/api/stories"))
-        .json(&json!({"title": title, "captions": captions, "character_ids": cast}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json().await.unwrap()
-}
-
-async fn get_json(server: &Server, path: &str) -> Value {
-    client()
-        .get(server.at(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
 
 fn captions_of(story: &Value) -> Vec<String> {
     story["frames"]
@@ -82,26 +42,13 @@ fn element_text(html: &str, id: &str) -> String {
         .replace("&amp;", "&")
 }
 
-async fn post_form(
-    server: &Server,
-    path: &str,
-    form: &[(&str, &str)],
-    htmx: bool,
-) -> reqwest::Response {
-    let mut request = client().post(server.at(path)).form(form);
-    if htmx {
-        request = request.header("hx-request", "true");
-    }
-    request.send().await.unwrap()
-}
-
 #[tokio::test]
 async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let fred = create_character(&server, "Fred", "he").await;
-    let wilma = create_character(&server, "Wilma", "she").await;
-    create_character(&server, "Betty", "she").await; // in the library, not in the cast
+    let fred = create_character_id(&server, "Fred", "he").await;
+    let wilma = create_character_id(&server, "Wilma", "she").await;
+    create_character_id(&server, "Betty", "she").await; // in the library, not in the cast
     let story = create_story(
         &server,
         "At the door",
@@ -167,20 +114,13 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
     );
 
     // The story page shows the same highlights without JavaScript, inside live regions.
-    let page = client()
-        .get(server.at(&format!("/stories/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&server, &format!("/stories/{id}")).await;
     assert!(page.contains(&format!("id=\"highlight-{second}\" aria-live=\"polite\"")));
     assert!(page.contains("“He” refers to Fred."));
     assert!(page.contains("hx-trigger=\"input changed delay:300ms, keyup changed delay:300ms\""));
 
     // The JSON twin.
-    let response = client()
+    let response = no_redirects()
         .post(server.at("/api/mentions"))
         .json(&json!({
             "captions": ["Fred opens the door.", "He waves at Wilma.", "They laugh with Barney."],
@@ -234,7 +174,7 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
             "too_many_captions",
         ),
     ] {
-        let response = client()
+        let response = no_redirects()
             .post(server.at("/api/mentions"))
             .json(&body)
             .send()
@@ -248,7 +188,7 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["code"], code, "{problem}");
     }
-    let response = client()
+    let response = no_redirects()
         .post(server.at("/api/mentions"))
         .header("content-type", "application/json")
         .body("{not json")
@@ -276,22 +216,17 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
 async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = client();
+    let http = no_redirects();
 
-    let response = http
-        .post(server.at("/ui/characters"))
-        .header("hx-request", "true")
-        .multipart(character_form("Fred", "he", png(4, 4), "fred.png"))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        post_ui_character(&server, character_form("Fred", "he", png(4, 4), "fred.png")).await;
     assert_eq!(response.status(), StatusCode::OK);
     let html = response.text().await.unwrap();
     assert_eq!(element_text(&html, "characters-status"), "Added Fred.");
     let fred = get_json(&server, "/api/characters").await["items"][0]["id"]
         .as_i64()
         .unwrap();
-    let wilma = create_character(&server, "Wilma", "she").await;
+    let wilma = create_character_id(&server, "Wilma", "she").await;
 
     // Rename inline with HTMX: the section comes back, saying what happened.
     let response = post_form(
@@ -392,13 +327,8 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
         ("", png(4, 4), "character-name-error", "must not be empty"),
     ];
     for (name, bytes, field, message) in cases {
-        let response = http
-            .post(server.at("/ui/characters"))
-            .header("hx-request", "true")
-            .multipart(character_form(name, "he", bytes, "upload.png"))
-            .send()
-            .await
-            .unwrap();
+        let response =
+            post_ui_character(&server, character_form(name, "he", bytes, "upload.png")).await;
         assert_eq!(
             response.status(),
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -444,14 +374,7 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
     );
 
     // Delete asks first (a <details> step, no script needed), then removes.
-    let page = http
-        .get(server.at("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&server, "/").await;
     assert!(page.contains(&format!("id=\"delete-confirm-{wilma}\"")));
     let response = post_form(
         &server,
@@ -465,7 +388,7 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
         element_text(&response.text().await.unwrap(), "characters-status"),
         "Deleted Wilma."
     );
-    let response = client()
+    let response = no_redirects()
         .get(server.at(&format!("/api/characters/{wilma}")))
         .send()
         .await
@@ -477,7 +400,7 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
 async fn captions_are_edited_and_reordered_through_the_page() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let fred = create_character(&server, "Fred", "he").await;
+    let fred = create_character_id(&server, "Fred", "he").await;
     let story = create_story(&server, "Order", &["A one.", "B two.", "C three."], &[fred]).await;
     let id = story["id"].as_i64().unwrap();
     let ids: Vec<i64> = story["frames"]
@@ -489,7 +412,7 @@ async fn captions_are_edited_and_reordered_through_the_page() {
     let story_path = format!("/api/stories/{id}");
 
     // The page: editor with keyboard-reachable move buttons, the strip, the generate panel.
-    let page = client()
+    let page = no_redirects()
         .get(server.at(&format!("/stories/{id}")))
         .send()
         .await
@@ -513,14 +436,16 @@ async fn captions_are_edited_and_reordered_through_the_page() {
         ids[0]
     )));
 
+    // The moves below post the same form, and check the stored order after each.
+    let move_caption = |frame: i64, direction: &'static str, htmx: bool| {
+        let path = format!("/ui/stories/{id}/frames/{frame}/move");
+        let server = &server;
+        async move { post_form(server, &path, &[("direction", direction)], htmx).await }
+    };
+    let captions = || async { captions_of(&get_json(&server, &story_path).await) };
+
     // Move C up with HTMX: the editor comes back and the strip is told to refresh.
-    let response = post_form(
-        &server,
-        &format!("/ui/stories/{id}/frames/{}/move", ids[2]),
-        &[("direction", "up")],
-        true,
-    )
-    .await;
+    let response = move_caption(ids[2], "up", true).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["hx-trigger"], "frames-changed");
     let html = response.text().await.unwrap();
@@ -529,45 +454,24 @@ async fn captions_are_edited_and_reordered_through_the_page() {
         element_text(&html, "captions-status"),
         "Moved “C three.” up to place 2 of 3."
     );
-    assert_eq!(
-        captions_of(&get_json(&server, &story_path).await),
-        ["A one.", "C three.", "B two."]
-    );
+    assert_eq!(captions().await, ["A one.", "C three.", "B two."]);
 
     // Move A down without JavaScript: a 303 back to the caption.
-    let response = post_form(
-        &server,
-        &format!("/ui/stories/{id}/frames/{}/move", ids[0]),
-        &[("direction", "down")],
-        false,
-    )
-    .await;
+    let response = move_caption(ids[0], "down", false).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         response.headers()["location"],
         format!("/stories/{id}#caption-{}", ids[0])
     );
-    assert_eq!(
-        captions_of(&get_json(&server, &story_path).await),
-        ["C three.", "A one.", "B two."]
-    );
+    assert_eq!(captions().await, ["C three.", "A one.", "B two."]);
 
     // The first caption cannot go further up: said, nothing changes.
-    let response = post_form(
-        &server,
-        &format!("/ui/stories/{id}/frames/{}/move", ids[2]),
-        &[("direction", "up")],
-        true,
-    )
-    .await;
+    let response = move_caption(ids[2], "up", true).await;
     assert_eq!(
         element_text(&response.text().await.unwrap(), "captions-status"),
         "Caption 1 is already first."
     );
-    assert_eq!(
-        captions_of(&get_json(&server, &story_path).await),
-        ["C three.", "A one.", "B two."]
-    );
+    assert_eq!(captions().await, ["C three.", "A one.", "B two."]);
 
     // Edit, refuse an empty edit (message next to that caption, typing kept), add, delete.
     let response = post_form(
@@ -612,19 +516,12 @@ async fn captions_are_edited_and_reordered_through_the_page() {
             .starts_with("Deleted caption 2")
     );
     assert_eq!(
-        captions_of(&get_json(&server, &story_path).await),
+        captions().await,
         ["Zero, first of all.", "A one.", "Fred two."]
     );
 
     // The strip on its own, as HTMX refreshes it.
-    let strip = client()
-        .get(server.at(&format!("/ui/stories/{id}/frames")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
     assert!(strip.starts_with("<section id=\"frames-strip\""));
     assert!(strip.contains("hx-trigger=\"frames-changed from:body\""));
     assert!(strip.contains(&format!("id=\"frame-2\" data-frame-id=\"{}\"", ids[1])));
@@ -657,7 +554,7 @@ async fn captions_are_edited_and_reordered_through_the_page() {
     assert_eq!(get_json(&server, &story_path).await["title"], "New order");
 
     // A story that does not exist is an HTML 404 page for the browser.
-    let response = client()
+    let response = no_redirects()
         .get(server.at("/stories/999"))
         .send()
         .await
@@ -679,14 +576,7 @@ async fn store_frame_image(
     duration_ms: i64,
     status: &str,
 ) {
-    use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::ConnectOptions;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(server.data_dir.join("storygpt-v.db"))
-        .busy_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let mut conn = server.db().await;
     let done = sqlx::query(
         "UPDATE frames SET image = ?, image_mime = 'image/png', seed = ?, duration_ms = ?, status = ?
          WHERE id = ?",
@@ -792,9 +682,9 @@ fn validate_with_tools(pdf: &[u8]) {
 async fn stories_export_as_zip_gif_and_pdf() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let http = client();
-    let fred = create_character(&server, "Fred", "he").await;
-    let wilma = create_character(&server, "Wilma", "she").await;
+    let http = no_redirects();
+    let fred = create_character_id(&server, "Fred", "he").await;
+    let wilma = create_character_id(&server, "Wilma", "she").await;
     let story = create_story(
         &server,
         "Fred & Wilma: (a day) \\ out",
@@ -986,14 +876,7 @@ async fn stories_export_as_zip_gif_and_pdf() {
     validate_with_tools(&pdf);
 
     // The strip shows the generated frames with their facts and links the exports.
-    let strip = http
-        .get(server.at(&format!("/ui/stories/{id}/frames")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
     assert!(strip.contains(&format!(
         "src=\"/api/stories/{id}/frames/{}/image?v=11\"",
         frames[0]
@@ -1005,32 +888,14 @@ async fn stories_export_as_zip_gif_and_pdf() {
     )));
 }
 
-async fn wait_for_job(server: &Server, job: i64, status: &str) -> Value {
-    for _ in 0..600 {
-        let j = get_json(server, &format!("/api/jobs/{job}")).await;
-        if j["status"] == status {
-            return j;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("job {job} never became {status}");
-}
-
 #[tokio::test]
 async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
-    let tom = create_character(&server, "Tom", "he").await;
+    let tom = create_character_id(&server, "Tom", "he").await;
     let story = create_story(&server, "Panel", &["Tom waves.", "He sits."], &[tom]).await;
     let id = story["id"].as_i64().unwrap();
-    let page = client()
-        .get(server.at(&format!("/stories/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&server, &format!("/stories/{id}")).await;
     assert!(
         page.contains("id=\"generate-story\""),
         "the panel offers generation"
@@ -1051,7 +916,7 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let jobs = get_json(&server, &format!("/api/jobs?story_id={id}")).await;
     let job = jobs["items"][0]["id"].as_i64().unwrap();
-    let done = wait_for_job(&server, job, "succeeded").await;
+    let done = wait_job(&server, job, "succeeded").await;
     assert_eq!(done["steps"], 2);
     let story = get_json(&server, &format!("/api/stories/{id}")).await;
     assert_eq!(story["frames"][1]["seed"], 6, "seed + position");
@@ -1101,7 +966,7 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     )
     .await;
     let job = jobs["items"][0]["id"].as_i64().unwrap();
-    wait_for_job(&server, job, "running").await;
+    wait_job(&server, job, "running").await;
     // Another story's address cannot cancel it.
     let r = post_form(
         &server,
@@ -1120,14 +985,7 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.text().await.unwrap().contains("Stopping job"));
-    wait_for_job(&server, job, "cancelled").await;
-    let panel = client()
-        .get(server.at(&format!("/ui/stories/{id}/generate-panel")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    wait_job(&server, job, "cancelled").await;
+    let panel = get_text(&server, &format!("/ui/stories/{id}/generate-panel")).await;
     assert!(panel.contains("id=\"generate-story\"") && !panel.contains("cancel-job"));
 }

@@ -10,6 +10,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use image::{ImageFormat, Rgb, RgbImage};
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+
+/// Longest any single wait in these tests may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A running server process; killed when dropped.
 pub struct Server {
@@ -125,6 +130,18 @@ impl Server {
     pub fn kill_hard(mut self) {
         self.child.kill().expect("kill -9");
         let _ = self.child.wait();
+    }
+
+    /// A connection to the server's database, for tests that look at or set rows directly;
+    /// the busy timeout lets it wait for the server's own writes.
+    pub async fn db(&self) -> sqlx::SqliteConnection {
+        use sqlx::ConnectOptions;
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(self.data_dir.join("storygpt-v.db"))
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// What the server wrote to stderr so far.
@@ -297,4 +314,152 @@ pub fn character_form(
             "portrait",
             reqwest::multipart::Part::bytes(portrait).file_name(file_name.to_string()),
         )
+}
+
+/// An HTTP client that follows redirects (reqwest's default).
+pub fn http() -> Client {
+    Client::new()
+}
+
+/// A client that shows redirects instead of following them (as a browser's form post sees),
+/// so that tests can assert them.
+pub fn no_redirects() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// GETs a path and reads the answer as JSON, whatever its status.
+pub async fn get_json(server: &Server, path: &str) -> Value {
+    no_redirects()
+        .get(server.at(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// GETs a path that must answer 200 and reads the answer as JSON.
+pub async fn get_ok(server: &Server, path: &str) -> Value {
+    let response = http().get(server.at(path)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+    response.json().await.unwrap()
+}
+
+/// GETs a page and reads it as text, whatever its status.
+pub async fn get_text(server: &Server, path: &str) -> String {
+    http()
+        .get(server.at(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// GETs a PNG that must answer 200 and returns its bytes.
+pub async fn get_png(server: &Server, url: &str) -> Vec<u8> {
+    let response = http().get(server.at(url)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
+    assert_eq!(response.headers()["content-type"], "image/png");
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// POSTs a URL-encoded form, as the page does with HTMX (`htmx`) or without JavaScript;
+/// redirects are returned, not followed, so that they can be asserted.
+pub async fn post_form(
+    server: &Server,
+    path: &str,
+    form: &[(&str, &str)],
+    htmx: bool,
+) -> reqwest::Response {
+    let mut request = no_redirects().post(server.at(path)).form(form);
+    if htmx {
+        request = request.header("hx-request", "true");
+    }
+    request.send().await.unwrap()
+}
+
+/// POSTs a character form to the page's route with HTMX, which answers with a fragment.
+pub async fn post_ui_character(
+    server: &Server,
+    form: reqwest::multipart::Form,
+) -> reqwest::Response {
+    no_redirects()
+        .post(server.at("/ui/characters"))
+        .header("hx-request", "true")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Checks that an answer is a problem document with this status and code, and returns it.
+pub async fn problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status, "unexpected status");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    body
+}
+
+/// Creates a character from this multipart form through the API; returns the record.
+pub async fn create_character_from(server: &Server, form: reqwest::multipart::Form) -> Value {
+    let response = http()
+        .post(server.at("/api/characters"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json().await.unwrap()
+}
+
+/// Creates a character with a small PNG portrait through the API; returns the record.
+pub async fn create_character(server: &Server, name: &str, pronoun: &str) -> Value {
+    create_character_from(server, character_form(name, pronoun, png(8, 6), "p.png")).await
+}
+
+/// Creates a character as [`create_character`] does; returns its id.
+pub async fn create_character_id(server: &Server, name: &str, pronoun: &str) -> i64 {
+    create_character(server, name, pronoun).await["id"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Creates a story through the API; returns the record.
+pub async fn create_story(server: &Server, title: &str, captions: &[&str], cast: &[i64]) -> Value {
+    let response = http()
+        .post(server.at("/api/stories"))
+        .json(&json!({"title": title, "captions": captions, "character_ids": cast}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json().await.unwrap()
+}
+
+/// Polls a job until it has this status (within [`PATIENCE`]); returns it.
+pub async fn wait_job(server: &Server, job: i64, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let current = get_ok(server, &format!("/api/jobs/{job}")).await;
+        if current["status"] == status {
+            return current;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {job} never became {status}: {current}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -31,7 +31,7 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_CAPTURE_ATTENTION: bool = true;
 
 /// The settings a TOML config file may hold; every key is optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Address to listen on, e.g. "0.0.0.0:8080".
@@ -83,26 +83,9 @@ pub struct ServeConfig {
 }
 
 /// Values given explicitly (flags or environment, already resolved by the CLI); each wins
-/// over the config file.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// Address to listen on.
-    pub bind: Option<String>,
-    /// Data directory.
-    pub data_dir: Option<PathBuf>,
-    /// Model bundle directory.
-    pub bundle: Option<PathBuf>,
-    /// Worker device.
-    pub device: Option<String>,
-    /// Queue capacity.
-    pub queue_capacity: Option<usize>,
-    /// SSE heartbeat interval in milliseconds.
-    pub sse_heartbeat_ms: Option<u64>,
-    /// Attempt limit.
-    pub max_attempts: Option<u32>,
-    /// Store attention heatmaps.
-    pub capture_attention: Option<bool>,
-}
+/// over the config file. They are the same optional settings as a config file holds, so they
+/// share its type and cannot drift apart from it.
+pub type Overrides = FileConfig;
 
 impl ServeConfig {
     /// Merges explicit values (flags or environment, already resolved) over the file config

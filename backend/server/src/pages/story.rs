@@ -506,6 +506,50 @@ async fn respond(
     Ok(response)
 }
 
+/// Answers with the page (or its `part`) carrying a status message.
+async fn say(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: i64,
+    message: String,
+    status: StatusCode,
+    part: Part,
+    anchor: &str,
+) -> ApiResult<Response> {
+    let input = StoryInput {
+        status: message,
+        ..StoryInput::default()
+    };
+    respond(state, headers, id, input, status, part, anchor).await
+}
+
+/// Answers a form that changed the story, the same way for each form: on success the message
+/// that `done` makes (with the anchor to return to without HTMX); when the change was refused
+/// for something the user can fix (a 4xx other than 404), a 422 with the form as `refused`
+/// fills it back in (typed text and the reason); any other error stays an error.
+async fn answer<T>(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: i64,
+    part: Part,
+    result: ApiResult<T>,
+    done: impl FnOnce(T) -> (String, String),
+    refused: impl FnOnce(String) -> StoryInput,
+) -> ApiResult<Response> {
+    match result {
+        Ok(value) => {
+            let (message, anchor) = done(value);
+            say(state, headers, id, message, StatusCode::OK, part, &anchor).await
+        }
+        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
+            let input = refused(sentence(&e.detail));
+            let status = StatusCode::UNPROCESSABLE_ENTITY;
+            respond(state, headers, id, input, status, part, "").await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn short(caption: &str) -> String {
     let mut out: String = caption.chars().take(40).collect();
     if caption.chars().count() > 40 {
@@ -531,32 +575,15 @@ async fn save_details(
         stories::update(&state.pool, id, Some(&title), Some(&cast)).await
     }
     .await;
-    match result {
-        Ok(story) => {
-            let input = StoryInput {
-                status: format!("Saved the title and cast of {}.", short(&story.title)),
-                ..StoryInput::default()
-            };
-            respond(&state, &headers, id, input, StatusCode::OK, Part::Body, "").await
-        }
-        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
-            let input = StoryInput {
-                details: Some((title_text, cast, sentence(&e.detail))),
-                ..StoryInput::default()
-            };
-            respond(
-                &state,
-                &headers,
-                id,
-                input,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Part::Body,
-                "",
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    }
+    let done = |story: Story| {
+        let message = format!("Saved the title and cast of {}.", short(&story.title));
+        (message, String::new())
+    };
+    let refused = |reason| StoryInput {
+        details: Some((title_text, cast, reason)),
+        ..StoryInput::default()
+    };
+    answer(&state, &headers, id, Part::Body, result, done, refused).await
 }
 
 async fn add_caption(
@@ -580,44 +607,17 @@ async fn add_caption(
             .map(|story| (story, position))
     }
     .await;
-    match result {
-        Ok((story, position)) => {
-            let index = position.map_or(story.frames.len() - 1, |p| p as usize);
-            let frame = &story.frames[index];
-            let input = StoryInput {
-                status: format!("Added caption {}: {}.", index + 1, short(&frame.caption)),
-                ..StoryInput::default()
-            };
-            let anchor = format!("#caption-{}", frame.id);
-            respond(
-                &state,
-                &headers,
-                id,
-                input,
-                StatusCode::OK,
-                Part::Editor,
-                &anchor,
-            )
-            .await
-        }
-        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
-            let input = StoryInput {
-                new_caption: Some((text, position_text, sentence(&e.detail))),
-                ..StoryInput::default()
-            };
-            respond(
-                &state,
-                &headers,
-                id,
-                input,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Part::Editor,
-                "",
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    }
+    let done = |(story, position): (Story, Option<i64>)| {
+        let index = position.map_or(story.frames.len() - 1, |p| p as usize);
+        let frame = &story.frames[index];
+        let message = format!("Added caption {}: {}.", index + 1, short(&frame.caption));
+        (message, format!("#caption-{}", frame.id))
+    };
+    let refused = |reason| StoryInput {
+        new_caption: Some((text, position_text, reason)),
+        ..StoryInput::default()
+    };
+    answer(&state, &headers, id, Part::Editor, result, done, refused).await
 }
 
 async fn edit_caption(
@@ -632,47 +632,22 @@ async fn edit_caption(
         stories::edit_caption(&state.pool, id, frame_id, &caption).await
     }
     .await;
-    match result {
-        Ok(story) => {
-            let number = story
-                .frames
-                .iter()
-                .position(|f| f.id == frame_id)
-                .map_or(0, |i| i + 1);
-            let input = StoryInput {
-                status: format!("Saved caption {number}."),
-                ..StoryInput::default()
-            };
-            let anchor = format!("#caption-{frame_id}");
-            respond(
-                &state,
-                &headers,
-                id,
-                input,
-                StatusCode::OK,
-                Part::Editor,
-                &anchor,
-            )
-            .await
-        }
-        Err(e) if e.status.is_client_error() && e.status != StatusCode::NOT_FOUND => {
-            let input = StoryInput {
-                edit: Some((frame_id, text, sentence(&e.detail))),
-                ..StoryInput::default()
-            };
-            respond(
-                &state,
-                &headers,
-                id,
-                input,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Part::Editor,
-                "",
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    }
+    let done = |story: Story| {
+        let number = story
+            .frames
+            .iter()
+            .position(|f| f.id == frame_id)
+            .map_or(0, |i| i + 1);
+        (
+            format!("Saved caption {number}."),
+            format!("#caption-{frame_id}"),
+        )
+    };
+    let refused = |reason| StoryInput {
+        edit: Some((frame_id, text, reason)),
+        ..StoryInput::default()
+    };
+    answer(&state, &headers, id, Part::Editor, result, done, refused).await
 }
 
 /// Moves a caption one place up or down. Moving the first caption up (or the last down) is
@@ -693,20 +668,9 @@ async fn move_caption(
         "up" => from.checked_sub(1),
         "down" => (from + 1 < story.frames.len()).then_some(from + 1),
         other => {
-            let input = StoryInput {
-                status: format!("Cannot move a caption {other:?}: use up or down."),
-                ..StoryInput::default()
-            };
-            return respond(
-                &state,
-                &headers,
-                id,
-                input,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Part::Editor,
-                "",
-            )
-            .await;
+            let message = format!("Cannot move a caption {other:?}: use up or down.");
+            let status = StatusCode::UNPROCESSABLE_ENTITY;
+            return say(&state, &headers, id, message, status, Part::Editor, "").await;
         }
     };
     let caption = short(&story.frames[from].caption);
@@ -727,16 +691,12 @@ async fn move_caption(
             )
         }
     };
-    let input = StoryInput {
-        status,
-        ..StoryInput::default()
-    };
     let anchor = format!("#caption-{frame_id}");
-    respond(
+    say(
         &state,
         &headers,
         id,
-        input,
+        status,
         StatusCode::OK,
         Part::Editor,
         &anchor,
@@ -754,22 +714,20 @@ async fn delete_caption(
         return Err(ApiError::not_found("frame", frame_id));
     };
     stories::delete_frame(&state.pool, id, frame_id).await?;
-    let input = StoryInput {
-        status: format!(
-            "Deleted caption {}: {}.",
-            index + 1,
-            short(&story.frames[index].caption)
-        ),
-        ..StoryInput::default()
-    };
-    respond(
+    let message = format!(
+        "Deleted caption {}: {}.",
+        index + 1,
+        short(&story.frames[index].caption)
+    );
+    let anchor = "#captions-editor";
+    say(
         &state,
         &headers,
         id,
-        input,
+        message,
         StatusCode::OK,
         Part::Editor,
-        "#captions-editor",
+        anchor,
     )
     .await
 }
