@@ -44,6 +44,8 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 struct Shared {
     stopping: AtomicBool,
     alive: AtomicBool,
+    // A set stays valid if a holder panicked, so its lock is taken over when poisoned
+    // (`unwrap_or_else(into_inner)`) instead of turning one panic into many.
     cancels: Mutex<HashSet<i64>>,
 }
 
@@ -65,7 +67,11 @@ impl WorkerHandle {
     /// Asks the running job `job` to stop at its next step (the database flag is the record;
     /// this makes it immediate).
     pub fn cancel(&self, job: i64) {
-        self.shared.cancels.lock().unwrap().insert(job);
+        self.shared
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job);
     }
 
     /// Whether the worker thread is running.
@@ -82,7 +88,7 @@ impl WorkerHandle {
     /// Stops the worker and waits (up to `limit`) for its thread to end.
     pub async fn stop(&self, limit: Duration) {
         self.request_stop();
-        let thread = self.thread.lock().unwrap().take();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             let joined = tokio::task::spawn_blocking(move || thread.join());
             if tokio::time::timeout(limit, joined).await.is_err() {
@@ -246,7 +252,11 @@ impl Ctx {
         );
         self.hub.publish(job.event.clone());
         let outcome = self.draw(pipeline, &job);
-        self.shared.cancels.lock().unwrap().remove(&job.job_id);
+        self.shared
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job.job_id);
         let Some(outcome) = outcome else {
             self.vanished(&job);
             return;
@@ -411,7 +421,14 @@ impl Ctx {
     }
 
     fn should_stop(&self, job: &Claimed, state: &RefCell<Drawing>) -> bool {
-        if self.stopping() || self.shared.cancels.lock().unwrap().contains(&job.job_id) {
+        if self.stopping()
+            || self
+                .shared
+                .cancels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&job.job_id)
+        {
             return true;
         }
         let mut state = state.borrow_mut();

@@ -129,6 +129,17 @@ fn build_and_save<T>(
     file: &Path,
     build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
 ) -> Result<usize> {
+    build_and_save_with(seed, optional, file, Vec::new(), build)
+}
+
+/// As [`build_and_save`], also writing `extra` tensors made elsewhere.
+fn build_and_save_with<T>(
+    seed: u64,
+    optional: &'static [&'static str],
+    file: &Path,
+    extra: Vec<(String, Tensor)>,
+    build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+) -> Result<usize> {
     let made = Arc::new(Mutex::new(BTreeMap::new()));
     let backend = SeededInit {
         seed,
@@ -137,7 +148,8 @@ fn build_and_save<T>(
     };
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
     build(vb)?;
-    let tensors = std::mem::take(&mut *made.lock().expect("init map poisoned"));
+    let mut tensors = std::mem::take(&mut *made.lock().expect("init map poisoned"));
+    tensors.extend(extra);
     let params = tensors.values().map(Tensor::elem_count).sum();
     if let Some(parent) = file.parent() {
         std::fs::create_dir_all(parent)?;
@@ -494,27 +506,20 @@ pub fn write_random(config: &str, out: &Path, seed: u64) -> Result<RandomReport>
         num_tokens: 4,
         llm_dim: z.llm_hidden,
     };
+    // The [IMG] rows come from `ImgTokens::init`: scaled to the frozen rows' mean norm, as
+    // training keeps them.
+    let img_rows = vec![(
+        crate::llm::img_tokens::IMG_ROWS_NAME.to_owned(),
+        rows.embeddings(DType::F32)?,
+    )];
     params.push((
         "stage-2 mappers and [IMG] rows",
-        build_and_save(seed, &[], &stage2, |vb| {
+        build_and_save_with(seed, &[], &stage2, img_rows, |vb| {
             MapperLlm::new(mapper_llm, vb.pp("model.visual_embeddings"))?;
             MapperLdm::new(z.mapper, vb.pp("model.gen_text_hidden_fcs.0"))?;
-            vb.get_with_hints(
-                (8, z.llm_hidden),
-                crate::llm::img_tokens::IMG_ROWS_NAME,
-                Init::Const(0.),
-            )?;
             Ok(())
         })?,
     ));
-    // The [IMG] rows are scaled to the frozen rows' mean norm (as training keeps them), so
-    // they replace the placeholder written above.
-    let mut tensors = candle_core::safetensors::load(&stage2, &Device::Cpu)?;
-    tensors.insert(
-        crate::llm::img_tokens::IMG_ROWS_NAME.to_owned(),
-        rows.embeddings(DType::F32)?,
-    );
-    candle_core::safetensors::save(&tensors, &stage2)?;
 
     let manifest = Manifest {
         format: super::FORMAT_VERSION,
