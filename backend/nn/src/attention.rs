@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::ops::{matmul, softmax_last_dim};
+use crate::ops::{matmul, softmax_last_dim_composed};
 
 /// Options for [`scaled_dot_product_attention`].
 #[derive(Debug, Clone, Default)]
@@ -43,6 +43,22 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     opts: &SdpaOptions,
 ) -> Result<AttentionOutput> {
+    let dtype = q.dtype();
+    let mask_is_trained = opts.mask.is_some_and(|m| m.track_op());
+    if crate::fused::use_fused(q) && matches!(dtype, DType::F32 | DType::F64) && !mask_is_trained {
+        return fused_attention(q, k, v, opts);
+    }
+    scaled_dot_product_attention_composed(q, k, v, opts)
+}
+
+/// [`scaled_dot_product_attention`] from candle primitives (any device; the reference for the
+/// fused CPU path).
+pub fn scaled_dot_product_attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &SdpaOptions,
+) -> Result<AttentionOutput> {
     let (_, _, q_len, d) = q.dims4()?;
     let k_len = k.dim(2)?;
     let dtype = q.dtype();
@@ -61,8 +77,41 @@ pub fn scaled_dot_product_attention(
         let m = causal_mask(q_len, k_len - q_len, cdt, q.device())?;
         scores = scores.broadcast_add(&m)?;
     }
-    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = softmax_last_dim_composed(&scores)?.to_dtype(dtype)?;
     let output = matmul(&probs, &v.contiguous()?)?;
+    Ok(AttentionOutput {
+        output,
+        probs: opts.return_probs.then_some(probs),
+    })
+}
+
+/// The CPU path: `q k^T` and `probs v` as one batched product each over `(batch x heads)`, and
+/// scale + mask + causal mask + softmax in one kernel.
+fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions) -> Result<AttentionOutput> {
+    use crate::fused::{batched_matmul, softmax_fused, SoftmaxMask, Transpose};
+    let (b, h, q_len, d) = q.dims4()?;
+    let (kb, kh, k_len, kd) = k.dims4()?;
+    let (vb, vh, v_len, dv) = v.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || (vb, vh, v_len) != (b, h, k_len) {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let q3 = q.contiguous()?.reshape((b * h, q_len, d))?;
+    let k3 = k.contiguous()?.reshape((b * h, k_len, d))?;
+    let scores = batched_matmul(&q3, &k3, Transpose::No, Transpose::Yes)?.reshape((b, h, q_len, k_len))?;
+    let mask = SoftmaxMask {
+        additive: opts.mask,
+        causal: opts.causal,
+    };
+    let probs = softmax_fused(&scores, scale, mask, false)?;
+    let v3 = v.contiguous()?.reshape((b * h, k_len, dv))?;
+    let output = batched_matmul(&probs.reshape((b * h, q_len, k_len))?, &v3, Transpose::No, Transpose::No)?
+        .reshape((b, h, q_len, dv))?;
     Ok(AttentionOutput {
         output,
         probs: opts.return_probs.then_some(probs),

@@ -17,6 +17,7 @@
 
 pub mod attention;
 pub mod device;
+pub mod fused;
 pub mod gradcheck;
 pub mod layers;
 pub mod norm;
@@ -34,7 +35,7 @@ pub use gradcheck::{
     GradCheckOptions, GradCheckReport,
 };
 pub use layers::{Conv2d, Conv2dConfig, Embedding, Linear};
-pub use norm::{group_norm, layer_norm, rms_norm, GroupNorm, LayerNorm, RmsNorm};
+pub use norm::{group_norm, group_norm_silu, layer_norm, rms_norm, GroupNorm, LayerNorm, RmsNorm};
 pub use ops::{
     gelu, gelu_tanh, log_softmax_last_dim, matmul, mse, quick_gelu, relu, sigmoid, silu,
     softmax_last_dim, Activation,

@@ -18,6 +18,19 @@ pub fn layer_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    if crate::fused::use_fused(xs) {
+        return crate::fused::layer_norm_fused(xs, weight, bias, eps);
+    }
+    layer_norm_composed(xs, weight, bias, eps)
+}
+
+/// [`layer_norm`] from candle primitives (any device; the reference for the fused kernel).
+pub fn layer_norm_composed(
+    xs: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = xs.dtype();
     let cdt = compute_dtype(dtype);
     let x = xs.to_dtype(cdt)?;
@@ -37,6 +50,14 @@ pub fn layer_norm(
 /// Functional Llama / T5 RMS norm exactly as transformers' `LlamaRMSNorm`:
 /// `weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(input_dtype)`.
 pub fn rms_norm(xs: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if crate::fused::use_fused(xs) {
+        return crate::fused::rms_norm_fused(xs, weight, eps);
+    }
+    rms_norm_composed(xs, weight, eps)
+}
+
+/// [`rms_norm`] from candle primitives (any device; the reference for the fused kernel).
+pub fn rms_norm_composed(xs: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
     let x = xs.to_dtype(compute_dtype(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -51,6 +72,28 @@ pub fn rms_norm(xs: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor
 /// channels are split into `num_groups` groups, each normalised over its channels and all
 /// spatial positions; `weight` / `bias` have shape `(C,)`.
 pub fn group_norm(
+    xs: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    if dims.len() < 2 {
+        candle_core::bail!("group_norm expects (N, C, *) input, got {:?}", dims)
+    }
+    let c = dims[1];
+    if num_groups == 0 || !c.is_multiple_of(num_groups) {
+        candle_core::bail!("group_norm: {c} channels are not divisible into {num_groups} groups")
+    }
+    if crate::fused::use_fused(xs) {
+        return crate::fused::group_norm_fused(xs, num_groups, weight, bias, eps, false);
+    }
+    group_norm_composed(xs, num_groups, weight, bias, eps)
+}
+
+/// [`group_norm`] from candle primitives (any device; the reference for the fused kernel).
+pub fn group_norm_composed(
     xs: &Tensor,
     num_groups: usize,
     weight: Option<&Tensor>,
@@ -84,6 +127,21 @@ pub fn group_norm(
         y = y.broadcast_add(&b.to_dtype(cdt)?.reshape(param_shape.as_slice())?)?;
     }
     y.to_dtype(dtype)
+}
+
+/// `silu(group_norm(x))`, the pair that opens every UNet / VAE resnet block, fused into one
+/// kernel on the CPU (composed elsewhere).
+pub fn group_norm_silu(
+    xs: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    if crate::fused::use_fused(xs) {
+        return crate::fused::group_norm_fused(xs, num_groups, weight, bias, eps, true);
+    }
+    group_norm_composed(xs, num_groups, weight, bias, eps)?.silu()
 }
 
 /// `torch.nn.LayerNorm(size, eps, elementwise_affine)` over the last dimension.
@@ -195,6 +253,17 @@ impl GroupNorm {
     /// Normalises each group over its channels and all positions.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         group_norm(
+            xs,
+            self.num_groups,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.eps,
+        )
+    }
+
+    /// `silu(self.forward(xs))` in one fused kernel on the CPU.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        group_norm_silu(
             xs,
             self.num_groups,
             self.weight.as_ref(),

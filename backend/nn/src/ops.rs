@@ -14,6 +14,15 @@ use crate::compute_dtype;
 /// not change the gradient. Rows that are entirely `-inf` give NaN, as in PyTorch.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
+    if crate::fused::use_fused(xs) {
+        return crate::fused::softmax_fused(xs, 1.0, Default::default(), false)?.to_dtype(dtype);
+    }
+    softmax_last_dim_composed(xs)
+}
+
+/// [`softmax_last_dim`] from candle primitives (any device; the reference for the fused kernel).
+pub fn softmax_last_dim_composed(xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
     let x = xs.to_dtype(compute_dtype(dtype))?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -23,6 +32,15 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 
 /// Numerically stable log-softmax over the last dimension, differentiable (computed in f32).
 pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    if crate::fused::use_fused(xs) {
+        return crate::fused::softmax_fused(xs, 1.0, Default::default(), true)?.to_dtype(dtype);
+    }
+    log_softmax_last_dim_composed(xs)
+}
+
+/// [`log_softmax_last_dim`] from candle primitives (the reference for the fused kernel).
+pub fn log_softmax_last_dim_composed(xs: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
     let x = xs.to_dtype(compute_dtype(dtype))?;
     let max = x.max_keepdim(D::Minus1)?.detach();

@@ -331,7 +331,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &skips[rest..], &emb, &context, up_size, &mut cap)?;
             skips.truncate(rest);
         }
-        let h = nn::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         Ok(UNetOutput {
             sample: self.conv_out.forward(&h)?,
             attention_probs: cap.maps,

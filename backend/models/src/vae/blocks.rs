@@ -219,7 +219,7 @@ impl Encoder {
         }
         h = self.mid_block.forward(&h)?;
         self.conv_out
-            .forward(&nn::silu(&self.conv_norm_out.forward(&h)?)?)
+            .forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -279,6 +279,6 @@ impl Decoder {
             h = b.forward(&h)?;
         }
         self.conv_out
-            .forward(&nn::silu(&self.conv_norm_out.forward(&h)?)?)
+            .forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
