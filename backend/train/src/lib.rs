@@ -1,1 +1,13 @@
-//! Training loops, evaluation metrics and benchmark reports.
+//! Training: one loop for every stage (`trainer`), its configuration (`config`), the seeded
+//! batch loader (`loader`), atomic checkpoints (`checkpoint`), and the stages themselves
+//! (`stages`). See docs/TRAINING.md.
+
+pub mod checkpoint;
+pub mod config;
+pub mod loader;
+pub mod stages;
+pub mod trainer;
+
+pub use config::{OptimConfig, RunConfig, Schedule, StageFile, StageSection};
+pub use loader::{BatchSource, Loader};
+pub use trainer::{run, Ending, RunOptions, RunSummary, Stage, StepLoss};

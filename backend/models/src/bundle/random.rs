@@ -56,7 +56,9 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     h
 }
 
-fn seeded_values(seed: u64, name: &str, shape: &Shape, init: Init) -> Vec<f32> {
+/// The initial values of tensor `name` for `seed`, drawn from a ChaCha20 stream seeded by both
+/// and shaped by the layer's init hint (also used to seed training runs).
+pub fn seeded_values(seed: u64, name: &str, shape: &Shape, init: Init) -> Vec<f32> {
     let n = shape.elem_count();
     let mut rng = ChaCha20Rng::seed_from_u64(name_seed(seed, name));
     let uniform = |rng: &mut ChaCha20Rng, lo: f64, hi: f64| -> Vec<f32> {
