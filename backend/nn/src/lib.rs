@@ -13,6 +13,7 @@
 //! * [`attention`]: [`scaled_dot_product_attention`] that can return its probabilities.
 //! * [`rotary`]: [`RotaryEmbedding`] (Llama rotate-half convention, KV-cache offsets).
 //! * [`weights`]: [`Weights`], a safetensors / torch-pickle loader usable as a `VarBuilder`.
+//! * [`optim`]: in-place [`AdamW`] (PyTorch semantics, checkpointable), [`clip_grad_norm`], [`Ema`].
 //! * [`mod@gradcheck`]: finite-difference gradient checks and "every parameter gets a gradient".
 
 pub mod attention;
@@ -22,6 +23,7 @@ pub mod gradcheck;
 pub mod layers;
 pub mod norm;
 pub mod ops;
+pub mod optim;
 pub mod rotary;
 pub mod weights;
 
@@ -40,6 +42,7 @@ pub use ops::{
     gelu, gelu_tanh, log_softmax_last_dim, matmul, mse, quick_gelu, relu, sigmoid, silu,
     softmax_last_dim, Activation,
 };
+pub use optim::{clip_grad_norm, AdamW, Ema};
 pub use rotary::RotaryEmbedding;
 pub use weights::{Weights, WeightsError};
 

@@ -358,8 +358,12 @@ impl RowNormOp {
                 }
                 (dw, db)
             })
-            .reduce(
-                || (vec![T::zero(); d], vec![T::zero(); if centred { d } else { 0 }]),
+            // Collected in order and summed sequentially: a rayon `reduce` tree depends on work
+            // stealing, and a resumed training run must reproduce the same bits.
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(
+                (vec![T::zero(); d], vec![T::zero(); if centred { d } else { 0 }]),
                 |(mut aw, mut ab), (bw, bb)| {
                     aw.iter_mut().zip(&bw).for_each(|(a, &b)| *a += b);
                     ab.iter_mut().zip(&bb).for_each(|(a, &b)| *a += b);
