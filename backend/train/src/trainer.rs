@@ -34,7 +34,7 @@ pub struct StepLoss {
 /// A trainable stage: the model, its loss and its validation.
 pub trait Stage {
     /// What the loader prepares.
-    type Batch;
+    type Batch: Send + 'static;
     /// The stage's name (`vae`, `clip`, `lm`, ...).
     fn name(&self) -> &'static str;
     /// The trainable variables, each with a stable name (checkpoints and optimiser state).
