@@ -26,8 +26,8 @@ use candle_core::{
     CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use gemm::Parallelism;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::layers::Conv2dConfig;
 
@@ -373,7 +373,17 @@ fn forward_sample<T: WithDType>(
     let par = sample_parallelism(serial);
     if g.is_pointwise() {
         let wm = Mat::rows(w, g.o, ckk);
-        matmul(g.o, howo, ckk, y, howo, wm, Mat::rows(x, ckk, howo), false, par);
+        matmul(
+            g.o,
+            howo,
+            ckk,
+            y,
+            howo,
+            wm,
+            Mat::rows(x, ckk, howo),
+            false,
+            par,
+        );
         return;
     }
     let rows = g.band_rows();
@@ -409,7 +419,9 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     };
     if serial {
         let mut cols = Vec::new();
-        y.chunks_mut(g.out_len()).enumerate().for_each(|item| run(&mut cols, item));
+        y.chunks_mut(g.out_len())
+            .enumerate()
+            .for_each(|item| run(&mut cols, item));
     } else {
         y.par_chunks_mut(g.out_len())
             .enumerate()
@@ -438,7 +450,17 @@ fn backward_sample<T: WithDType>(
     if g.is_pointwise() {
         let gm = Mat::rows(grad, g.o, howo);
         if let Some(dw) = dw {
-            matmul(g.o, ckk, howo, dw, ckk, gm, Mat::rows_t(x, ckk, howo), true, par);
+            matmul(
+                g.o,
+                ckk,
+                howo,
+                dw,
+                ckk,
+                gm,
+                Mat::rows_t(x, ckk, howo),
+                true,
+                par,
+            );
         }
         if let Some(dx) = dx {
             matmul(ckk, howo, g.o, dx, howo, wt, gm, false, par);
@@ -473,6 +495,9 @@ fn backward_sample<T: WithDType>(
     }
 }
 
+/// `(dx, dw)` of one backward pass.
+type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>);
+
 /// Returns `(dx, dw)`, each `None` when not wanted (that argument needs no gradient).
 fn backward<T: WithDType>(
     g: &Geom,
@@ -481,7 +506,7 @@ fn backward<T: WithDType>(
     grad: &[T],
     want_dx: bool,
     want_dw: bool,
-) -> (Option<Vec<T>>, Option<Vec<T>>) {
+) -> Grads<T> {
     let dw_len = if want_dw { g.o * g.ckk() } else { 0 };
     let mut dx = want_dx.then(|| vec![T::zero(); g.n * g.in_len()]);
     let done = |dx, dw: Vec<T>| (dx, want_dw.then_some(dw));
@@ -498,7 +523,17 @@ fn backward<T: WithDType>(
                 .as_mut()
                 .map(|d| &mut d[i * g.in_len()..(i + 1) * g.in_len()]);
             let dw_n = want_dw.then_some(&mut dw[..]);
-            backward_sample(g, x_n(i), w, g_n(i), dw_n, dx_n, &mut cols, &mut dcols, true);
+            backward_sample(
+                g,
+                x_n(i),
+                w,
+                g_n(i),
+                dw_n,
+                dx_n,
+                &mut cols,
+                &mut dcols,
+                true,
+            );
         }
         return done(dx, dw);
     }
@@ -507,7 +542,17 @@ fn backward<T: WithDType>(
     let init = || -> Acc<T> { (vec![T::zero(); dw_len], Vec::new(), Vec::new()) };
     let step = |(mut dw, mut cols, mut dcols): Acc<T>, i: usize, dx_n: Option<&mut [T]>| {
         let dw_n = want_dw.then_some(&mut dw[..]);
-        backward_sample(g, x_n(i), w, g_n(i), dw_n, dx_n, &mut cols, &mut dcols, false);
+        backward_sample(
+            g,
+            x_n(i),
+            w,
+            g_n(i),
+            dw_n,
+            dx_n,
+            &mut cols,
+            &mut dcols,
+            false,
+        );
         (dw, cols, dcols)
     };
     let reduce = |a: Acc<T>, b: Acc<T>| {
@@ -534,7 +579,10 @@ fn backward<T: WithDType>(
 /// The contiguous slice of a CPU storage under `layout`.
 fn slice_of<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("fast conv2d: non-contiguous argument (shape {:?})", l.shape())
+        candle_core::bail!(
+            "fast conv2d: non-contiguous argument (shape {:?})",
+            l.shape()
+        )
     };
     Ok(&s.as_slice::<T>()?[start..end])
 }
@@ -593,7 +641,7 @@ impl CustomOp2 for FastConv2d {
             (ws, wl): (&CpuStorage, &Layout),
             (gs, gl): (&CpuStorage, &Layout),
             want: (bool, bool),
-        ) -> Result<(Option<Vec<T>>, Option<Vec<T>>)> {
+        ) -> Result<Grads<T>> {
             let x = slice_of::<T>(xs, xl)?;
             let w = slice_of::<T>(ws, wl)?;
             let grad = slice_of::<T>(gs, gl)?;

@@ -165,7 +165,12 @@ fn f32_agrees_on_non_contiguous_inputs() {
     for (pad, stride) in [(1, 1), (1, 2)] {
         // Gradients reach a Var through the strided view.
         let xv = Var::from_tensor(&base).unwrap();
-        let view = xv.as_tensor().transpose(1, 2).unwrap().narrow(3, 2, 8).unwrap();
+        let view = xv
+            .as_tensor()
+            .transpose(1, 2)
+            .unwrap()
+            .narrow(3, 2, 8)
+            .unwrap();
         let mut out = vec![];
         for fast in [true, false] {
             let y = if fast {
@@ -227,13 +232,23 @@ fn frozen_input_or_kernel_gets_no_gradient() {
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     assert!(g.get(&x).is_none());
     let want = reference(&x, wv.as_tensor());
-    assert!(rel_diff(g.get(wv.as_tensor()).unwrap(), want.get(wv.as_tensor()).unwrap()) < 1e-5);
+    assert!(
+        rel_diff(
+            g.get(wv.as_tensor()).unwrap(),
+            want.get(wv.as_tensor()).unwrap()
+        ) < 1e-5
+    );
     // Frozen kernel (a frozen layer): only the input gradient.
     let y = nn::conv::conv2d(xv.as_tensor(), &w, 1, 1).unwrap();
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     assert!(g.get(&w).is_none());
     let want = reference(xv.as_tensor(), &w);
-    assert!(rel_diff(g.get(xv.as_tensor()).unwrap(), want.get(xv.as_tensor()).unwrap()) < 1e-5);
+    assert!(
+        rel_diff(
+            g.get(xv.as_tensor()).unwrap(),
+            want.get(xv.as_tensor()).unwrap()
+        ) < 1e-5
+    );
 }
 
 #[test]
@@ -243,7 +258,10 @@ fn fast_path_selection() {
     assert!(nn::conv::uses_fast_path(&x, &cfg(1, 1)));
     assert!(nn::conv::uses_fast_path(&x, &cfg(0, 2)));
     for dt in [DType::F64, DType::F16, DType::BF16] {
-        assert!(nn::conv::uses_fast_path(&x.to_dtype(dt).unwrap(), &cfg(1, 1)));
+        assert!(nn::conv::uses_fast_path(
+            &x.to_dtype(dt).unwrap(),
+            &cfg(1, 1)
+        ));
     }
     let grouped = Conv2dConfig {
         groups: 2,
@@ -263,13 +281,19 @@ fn fast_path_selection() {
     // Conv2d really runs the custom op: its output is bitwise the op's (candle's conv2d sums
     // in another order), and its backward works where candle's fails (see
     // `candle_conv2d_backward_fails_when_h_and_w_need_different_output_padding`).
-    let w = Var::from_tensor(&seeded_uniform((4, 4, 3, 3), 1, -0.5, 0.5, DType::F32, &dev).unwrap())
-        .unwrap();
-    let xs = Var::from_tensor(&seeded_uniform((2, 4, 7, 6), 2, -1.0, 1.0, DType::F32, &dev).unwrap())
-        .unwrap();
+    let w =
+        Var::from_tensor(&seeded_uniform((4, 4, 3, 3), 1, -0.5, 0.5, DType::F32, &dev).unwrap())
+            .unwrap();
+    let xs =
+        Var::from_tensor(&seeded_uniform((2, 4, 7, 6), 2, -1.0, 1.0, DType::F32, &dev).unwrap())
+            .unwrap();
     let layer = Conv2d::from_tensors(w.as_tensor().clone(), None, cfg(1, 2));
     let y = layer.forward(xs.as_tensor()).unwrap();
-    assert_close(&y, &nn::conv::conv2d(xs.as_tensor(), w.as_tensor(), 1, 2).unwrap(), 0.0);
+    assert_close(
+        &y,
+        &nn::conv::conv2d(xs.as_tensor(), w.as_tensor(), 1, 2).unwrap(),
+        0.0,
+    );
     let g = y.sum_all().unwrap().backward().unwrap();
     assert!(g.get(xs.as_tensor()).is_some() && g.get(w.as_tensor()).is_some());
 }
@@ -330,7 +354,11 @@ fn half_precision_on_cpu_computes_in_f32() {
     let w = seeded_uniform((3, 4, 3, 3), 21, -0.5, 0.5, DType::F32, &dev).unwrap();
     let b = seeded_uniform(3, 22, -0.5, 0.5, DType::F32, &dev).unwrap();
     let c = cfg(1, 2);
-    let want = x.conv2d(&w, 1, 2, 1, 1).unwrap().broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap()).unwrap();
+    let want = x
+        .conv2d(&w, 1, 2, 1, 1)
+        .unwrap()
+        .broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap())
+        .unwrap();
     for dt in [DType::F16, DType::BF16] {
         let layer = Conv2d::from_tensors(w.to_dtype(dt).unwrap(), Some(b.to_dtype(dt).unwrap()), c);
         let xv = Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap();
