@@ -259,39 +259,42 @@ fn col2im<T: WithDType>(g: &Geom, cols: &[T], oy0: usize, oy1: usize, dx: &mut [
     }
 }
 
-/// A row-major matrix view for [`matmul`]: element `(i, j)` at `ptr[i * rs + j * cs]`.
+/// A borrowed `rows x cols` matrix view for [`matmul`]: element `(i, j)` at
+/// `data[i * rs + j * cs]`. Only built by the constructors, which check that every element
+/// lies inside the borrowed slice.
 #[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
+struct Mat<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
 }
 
-impl<T> Mat<T> {
-    /// Row-major `rows x cols` slice (`rs = cols`), checked to be long enough.
-    fn rows(s: &[T], rows: usize, cols: usize) -> Self {
-        assert!(s.len() >= rows * cols);
+impl<'a, T> Mat<'a, T> {
+    fn new(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            assert!((rows - 1) * rs + (cols - 1) * cs < data.len());
+        }
         Self {
-            ptr: s.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
         }
     }
-    /// The transpose of a row-major `rows x cols` slice.
-    fn rows_t(s: &[T], rows: usize, cols: usize) -> Self {
-        assert!(s.len() >= rows * cols);
-        Self {
-            ptr: s.as_ptr(),
-            rs: 1,
-            cs: cols as isize,
-        }
+    /// A row-major `rows x cols` slice.
+    fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+    /// The `cols x rows` transpose of a row-major `rows x cols` slice.
+    fn rows_t(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self::new(data, cols, rows, 1, cols)
     }
 }
 
 /// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n)` (+ `dst` when `accumulate`).
-///
-/// Bounds: `dst` must hold `(m - 1) * dst_rs + n` elements (asserted); the [`Mat`]
-/// constructors assert that `lhs` / `rhs` cover their `m x k` / `k x n` extents.
 #[allow(clippy::too_many_arguments)]
 fn matmul<T: WithDType>(
     m: usize,
@@ -305,21 +308,22 @@ fn matmul<T: WithDType>(
     par: Parallelism,
 ) {
     assert!(T::DTYPE == DType::F32 || T::DTYPE == DType::F64);
+    assert!((lhs.rows, lhs.cols, rhs.rows, rhs.cols) == (m, k, k, n));
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst.len() >= (m - 1) * dst_rs + n && n <= dst_rs);
+    assert!(n <= dst_rs && (m - 1) * dst_rs + n <= dst.len());
     if k == 0 {
         if !accumulate {
             dst.fill(T::zero());
         }
         return;
     }
-    // SAFETY: gemm reads lhs[i*rs + l*cs] for i < m, l < k and rhs likewise for l < k, j < n,
-    // all inside the slices the `Mat`s were built from (asserted there); it writes
-    // dst[i*dst_rs + j] for i < m, j < n, inside `dst` (asserted above), which is borrowed
-    // mutably and so aliases neither input. T is f32 or f64 (asserted), which gemm supports.
-    // With read_dst = false, gemm writes dst without reading it.
+    // SAFETY: gemm reads lhs.data[i*rs + l*cs] for i < m, l < k and rhs.data likewise for
+    // l < k, j < n: inside those slices, checked by `Mat::new` with the shapes asserted
+    // equal above. It writes dst[i*dst_rs + j] for i < m, j < n: inside `dst` (asserted
+    // above), which is borrowed mutably and so aliases neither input. T is f32 or f64
+    // (asserted), both supported by gemm. With read_dst = false gemm does not read dst.
     unsafe {
         gemm::gemm(
             m,
@@ -329,12 +333,12 @@ fn matmul<T: WithDType>(
             1,
             dst_rs as isize,
             accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             T::one(),
             T::one(),
             false,
@@ -430,8 +434,8 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
-/// Backward pass of one sample: when given, adds `g_n cols_n^T` into `dw` and
-/// writes `col2im(W^T g_n)` into it (it must be zero on entry). `cols` / `dcols` are scratch.
+/// Backward pass of one sample: adds `g_n cols_n^T` into `dw` and writes `col2im(W^T g_n)`
+/// into `dx` (zero on entry), each only when given. `cols` / `dcols` are scratch.
 #[allow(clippy::too_many_arguments)]
 fn backward_sample<T: WithDType>(
     g: &Geom,
@@ -477,12 +481,7 @@ fn backward_sample<T: WithDType>(
         let oy1 = (oy0 + rows).min(g.ho);
         let band = (oy1 - oy0) * g.wo;
         // The band's columns of g_n (O x band, row stride H_out*W_out).
-        let g_band = Mat {
-            ptr: grad[oy0 * g.wo..].as_ptr(),
-            rs: howo as isize,
-            cs: 1,
-        };
-        assert!(grad.len() >= (g.o - 1) * howo + oy1 * g.wo);
+        let g_band = Mat::new(&grad[oy0 * g.wo..], g.o, band, howo, 1);
         im2col(g, x, oy0, oy1, cols, serial);
         if let Some(dw) = dw.as_deref_mut() {
             let cols_t = Mat::rows_t(cols, ckk, band);
