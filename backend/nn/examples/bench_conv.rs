@@ -43,8 +43,8 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
     println!(
-        "{:<34} {:>11} {:>11} {:>13} {:>13}",
-        "case", "fwd candle", "fwd nn", "fwd+bwd cand.", "fwd+bwd nn"
+        "{:<34} {:>11} {:>11} {:>13} {:>13} {:>9}",
+        "case", "fwd candle", "fwd nn", "fwd+bwd cand.", "fwd+bwd nn", "loss only"
     );
     // BENCH_CASE=i runs only case i (for profiling).
     let case: Option<usize> = std::env::var("BENCH_CASE")
@@ -93,9 +93,15 @@ fn main() -> Result<()> {
                 Ok(())
             })
         };
+        // What fwd+bwd spends outside the convolution: the loss `sum(y * g)` and its backward
+        // (plus candle's gradient accumulation), on a Var shaped like y.
+        let y0 = Var::from_tensor(&g.zeros_like()?)?;
+        let loss_only = time_ms(reps, || {
+            y0.as_tensor().mul(&g)?.sum_all()?.backward().map(drop)
+        })?;
         let name = format!("{xs:?}->{cout} {k}x{k} p{pad} s{stride}");
         println!(
-            "{name:<34} {:>11.2} {:>11.2} {:>13.2} {:>13.2}",
+            "{name:<34} {:>11.2} {:>11.2} {:>13.2} {:>13.2} {loss_only:>9.2}",
             fwd("candle", &candle)?,
             fwd("nn", &ours)?,
             fwd_bwd("candle", &candle)?,
