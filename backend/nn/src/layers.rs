@@ -1,7 +1,9 @@
 //! Parameterised layers: Linear, Embedding and Conv2d, with PyTorch tensor names.
 //!
 //! The forward passes use only matmul / broadcast / index-select / conv2d, all of which have a
-//! backward pass in candle 0.11 (checked by finite differences in `tests/grad_layers.rs`).
+//! backward pass in candle 0.11 (checked by finite differences in `tests/grad.rs`). On the CPU,
+//! `Conv2d` runs [`crate::conv`]'s custom op, whose backward is much faster than candle's
+//! (checked in `tests/conv.rs`).
 //! Built from a `VarMap`-backed `VarBuilder` the parameters are trainable `Var`s initialised as
 //! PyTorch does; built from [`crate::Weights`] they are frozen tensors.
 
@@ -220,7 +222,10 @@ impl Conv2d {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         let w = self.weight.to_dtype(xs.dtype())?;
-        let y = if crate::ops::needs_f32_kernel(xs) {
+        let y = if crate::conv::uses_fast_path(xs, c) {
+            // CPU: the fast op (f16 / bf16 computed in f32 inside it).
+            crate::conv::conv2d_with(xs, &w, c)?
+        } else if crate::ops::needs_f32_kernel(xs) {
             xs.to_dtype(DType::F32)?
                 .conv2d(
                     &w.to_dtype(DType::F32)?,

@@ -7,6 +7,8 @@
 //! `docs/NN.md` and the `candle_trap_*` tests.
 //!
 //! * [`layers`]: [`Linear`], [`Embedding`], [`Conv2d`].
+//! * [`conv`]: [`conv::conv2d`], a fast CPU convolution (im2col + gemm) with a fast backward,
+//!   used by [`Conv2d`]; candle's conv2d elsewhere (CUDA, groups, dilation).
 //! * [`norm`]: [`LayerNorm`], [`GroupNorm`], [`RmsNorm`] (computed in f32, cast back).
 //! * [`ops`]: [`softmax_last_dim`], [`log_softmax_last_dim`], [`Activation`] and the
 //!   individual activation functions.
@@ -17,6 +19,7 @@
 //! * [`mod@gradcheck`]: finite-difference gradient checks and "every parameter gets a gradient".
 
 pub mod attention;
+pub mod conv;
 pub mod device;
 pub mod fused;
 pub mod gradcheck;
