@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use models::llm::{CausalLm, Llama, LlamaConfig, LogitsFor, Opt, OptConfig};
+use models::llm::{CausalLm, KvCache, Llama, LlamaConfig, LogitsFor, Opt, OptConfig};
 
 const PREFILL: usize = 128;
 const DECODE: usize = 64;
@@ -77,5 +77,41 @@ fn main() -> anyhow::Result<()> {
             best_last
         );
     }
+    kv_cache_appends()?;
+    Ok(())
+}
+
+/// The cache alone at a longer context: 1024 single-position appends to 8 layers of
+/// `(1, 8, len, 64)` keys and values, preallocated buffers vs growing by `Tensor::cat` (what
+/// the cache did before; O(len) copying per step).
+fn kv_cache_appends() -> anyhow::Result<()> {
+    const STEPS: usize = 1024;
+    const LAYERS: usize = 8;
+    let dev = Device::Cpu;
+    let k = Tensor::randn(0f32, 1.0, (1, 8, 1, 64), &dev)?;
+    let t = Instant::now();
+    let mut cache = KvCache::new(LAYERS);
+    for _ in 0..STEPS {
+        for l in 0..LAYERS {
+            cache.append(l, &k, &k)?;
+        }
+    }
+    let buffered = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut layers: Vec<Option<(Tensor, Tensor)>> = vec![None; LAYERS];
+    for _ in 0..STEPS {
+        for slot in layers.iter_mut() {
+            *slot = Some(match slot.take() {
+                None => (k.clone(), k.clone()),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &k], 2)?),
+            });
+        }
+    }
+    let cat = t.elapsed().as_secs_f64();
+    println!(
+        "kv cache, {STEPS} decode appends x {LAYERS} layers: preallocated {:.1} ms, concatenation {:.1} ms",
+        buffered * 1e3,
+        cat * 1e3
+    );
     Ok(())
 }
