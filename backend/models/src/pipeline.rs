@@ -30,7 +30,7 @@ use crate::bundle::{parse_dtype, Bundle, BundleInfo};
 use crate::char_ldm::{Cancelled, CharLdm, SampleOptions};
 use crate::clip::{ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel};
 use crate::fuse::FuseModule;
-use crate::llm::{CausalLm, ImgTokens, KvCache, LlmTokenizer};
+use crate::llm::{CausalLm, ImgTokens, KvCache, LlmTokenizer, LogitsFor};
 use crate::mappers::{MapperLdm, MapperLdmConfig, MapperLlm, MapperLlmConfig};
 use crate::prompt::{build_prompt, Prompt, PromptConfig};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -601,9 +601,13 @@ impl StoryPipeline {
         state.cache.truncate(keep)?;
         let embeds = prompt.embed(&self.lm, &self.img, visual)?.detach();
         let fresh = prompt.len - keep;
-        let out =
-            self.lm
-                .forward_embeds(&embeds.narrow(1, keep, fresh)?, &mut state.cache, None)?;
+        // Only the hidden states of the [IMG] positions are used: skip the lm_head.
+        let out = self.lm.forward_embeds_with(
+            &embeds.narrow(1, keep, fresh)?,
+            &mut state.cache,
+            None,
+            LogitsFor::None,
+        )?;
         let r = prompt.img_positions.len();
         let hidden = out.last_hidden_state.narrow(1, fresh - r, r)?;
         let embs = self.img.embeddings(hidden.dtype())?.unsqueeze(0)?;
@@ -799,8 +803,11 @@ impl StoryPipeline {
         let embeds = prompt.embed(&self.lm, &self.img, &visual)?.detach();
         let keep = prompt.len - suffix.min(prompt.len);
         let embeds = embeds.narrow(1, 0, keep)?;
-        let mut cache = self.lm.new_cache();
-        let mut out = self.lm.forward_embeds(&embeds, &mut cache, None)?;
+        // Room for the whole caption up front; only the last position's logits are sampled.
+        let mut cache = self.lm.new_cache_with_capacity(keep + max_tokens);
+        let mut out = self
+            .lm
+            .forward_embeds_with(&embeds, &mut cache, None, LogitsFor::Last)?;
         let mut rng = match decoding {
             Decoding::TopP { seed, .. } => ChaCha20Rng::seed_from_u64(seed),
             Decoding::Greedy => ChaCha20Rng::seed_from_u64(0),
@@ -825,7 +832,9 @@ impl StoryPipeline {
                 return Ok(text[..cut].trim().to_owned());
             }
             let t = Tensor::new(&[[next]], &self.device)?;
-            out = self.lm.forward_ids(&t, &mut cache, None)?;
+            out = self
+                .lm
+                .forward_ids_with(&t, &mut cache, None, LogitsFor::Last)?;
         }
         Ok(self.tokenizer.decode(&ids)?.trim().to_owned())
     }

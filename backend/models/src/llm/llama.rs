@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::{attention_mask_for, KvCache, LlmOutput};
+use super::{attention_mask_for, logits_for, KvCache, LlmOutput, LogitsFor};
 
 /// The fields of a Llama `config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -212,6 +212,17 @@ impl Llama {
         cache: &mut KvCache,
         attention_mask: Option<&Tensor>,
     ) -> Result<LlmOutput> {
+        self.forward_embeds_with(embeds, cache, attention_mask, LogitsFor::All)
+    }
+
+    /// `forward_embeds` computing logits only for the positions `logits` names.
+    pub fn forward_embeds_with(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        attention_mask: Option<&Tensor>,
+        logits: LogitsFor,
+    ) -> Result<LlmOutput> {
         let (b, s, _) = embeds.dims3()?;
         let offset = cache.len();
         let mask = attention_mask_for(attention_mask, b, offset + s, embeds.dtype())?;
@@ -244,7 +255,7 @@ impl Llama {
             x = (residual + mlp)?;
         }
         let last_hidden_state = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&last_hidden_state)?;
+        let logits = logits_for(&self.lm_head, &last_hidden_state, logits)?;
         Ok(LlmOutput {
             logits,
             last_hidden_state,

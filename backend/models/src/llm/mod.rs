@@ -29,10 +29,39 @@ pub use llama::{Llama, LlamaConfig};
 pub use opt::{Opt, OptConfig};
 pub use tokenizer::LlmTokenizer;
 
+/// Which positions a forward pass computes next-token logits for. The `lm_head` is the
+/// largest matmul of a small model's prefill (`s x d x vocab`); decoding needs only the last
+/// row and the story pipeline's `[IMG]` conditioning needs none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitsFor {
+    /// Every position: `(b, s, vocab)` (training losses, parity tests).
+    #[default]
+    All,
+    /// The last position only: `(b, 1, vocab)`.
+    Last,
+    /// None: an empty `(b, 0, vocab)` tensor; only `last_hidden_state` is wanted.
+    None,
+}
+
+/// Applies `lm_head` to the positions of `x: (b, s, d)` that `which` asks for.
+pub(crate) fn logits_for(lm_head: &nn::Linear, x: &Tensor, which: LogitsFor) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    match which {
+        LogitsFor::All => lm_head.forward(x),
+        LogitsFor::Last if s == 0 => candle_core::bail!("LogitsFor::Last on an empty input"),
+        LogitsFor::Last => lm_head.forward(&x.narrow(1, s - 1, 1)?),
+        LogitsFor::None => {
+            let vocab = lm_head.weight().dims()[0];
+            Tensor::zeros((b, 0, vocab), x.dtype(), x.device())
+        }
+    }
+}
+
 /// What a forward pass returns, for every input position.
 #[derive(Debug, Clone)]
 pub struct LlmOutput {
-    /// `(b, s, vocab)` next-token logits (model dtype).
+    /// `(b, s, vocab)` next-token logits (model dtype); `(b, 1, vocab)` / `(b, 0, vocab)` with
+    /// [`LogitsFor::Last`] / [`LogitsFor::None`].
     pub logits: Tensor,
     /// `(b, s, d)` last-layer hidden states after the final norm (and OPT's `project_out`):
     /// transformers' `hidden_states[-1]`, the input of the `lm_head`.
@@ -174,6 +203,11 @@ impl CausalLm {
         KvCache::new(self.num_layers())
     }
 
+    /// An empty KV cache with room for `capacity` positions before it reallocates.
+    pub fn new_cache_with_capacity(&self, capacity: usize) -> KvCache {
+        KvCache::with_capacity(self.num_layers(), capacity)
+    }
+
     /// Runs the model on input embeddings `(b, s, embed_dim)` after the cached positions,
     /// appending the new keys / values to `cache`. See [`Llama::forward_embeds`] and
     /// [`Opt::forward_embeds`] for `attention_mask` (`(b, cache.len() + s)`, 1 keep).
@@ -182,6 +216,17 @@ impl CausalLm {
         embeds: &Tensor,
         cache: &mut KvCache,
         attention_mask: Option<&Tensor>,
+    ) -> Result<LlmOutput> {
+        self.forward_embeds_with(embeds, cache, attention_mask, LogitsFor::All)
+    }
+
+    /// [`CausalLm::forward_embeds`] computing logits only for the positions `logits` names.
+    pub fn forward_embeds_with(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        attention_mask: Option<&Tensor>,
+        logits: LogitsFor,
     ) -> Result<LlmOutput> {
         if cache.num_layers() != self.num_layers() {
             candle_core::bail!(
@@ -192,8 +237,8 @@ impl CausalLm {
         }
         let embeds = embeds.to_dtype(self.dtype())?;
         match self {
-            Self::Llama(m) => m.forward_embeds(&embeds, cache, attention_mask),
-            Self::Opt(m) => m.forward_embeds(&embeds, cache, attention_mask),
+            Self::Llama(m) => m.forward_embeds_with(&embeds, cache, attention_mask, logits),
+            Self::Opt(m) => m.forward_embeds_with(&embeds, cache, attention_mask, logits),
         }
     }
 
@@ -205,7 +250,18 @@ impl CausalLm {
         cache: &mut KvCache,
         attention_mask: Option<&Tensor>,
     ) -> Result<LlmOutput> {
+        self.forward_ids_with(ids, cache, attention_mask, LogitsFor::All)
+    }
+
+    /// [`CausalLm::forward_ids`] computing logits only for the positions `logits` names.
+    pub fn forward_ids_with(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        attention_mask: Option<&Tensor>,
+        logits: LogitsFor,
+    ) -> Result<LlmOutput> {
         let embeds = self.embed_ids(ids)?;
-        self.forward_embeds(&embeds, cache, attention_mask)
+        self.forward_embeds_with(&embeds, cache, attention_mask, logits)
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::{attention_mask_for, KvCache, LlmOutput};
+use super::{attention_mask_for, logits_for, KvCache, LlmOutput, LogitsFor};
 
 /// OPT's learned positions are offset by 2 (a fairseq legacy).
 pub const OPT_POSITION_OFFSET: usize = 2;
@@ -227,6 +227,17 @@ impl Opt {
         cache: &mut KvCache,
         attention_mask: Option<&Tensor>,
     ) -> Result<LlmOutput> {
+        self.forward_embeds_with(embeds, cache, attention_mask, LogitsFor::All)
+    }
+
+    /// `forward_embeds` computing logits only for the positions `logits` names.
+    pub fn forward_embeds_with(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        attention_mask: Option<&Tensor>,
+        logits: LogitsFor,
+    ) -> Result<LlmOutput> {
         let (b, s, _) = embeds.dims3()?;
         let past = cache.len();
         if past + s > self.config.max_position_embeddings {
@@ -286,9 +297,8 @@ impl Opt {
         if let Some(p) = &self.project_out {
             x = p.forward(&x)?;
         }
-        let logits = self.lm_head.forward(&x)?;
         Ok(LlmOutput {
-            logits,
+            logits: logits_for(&self.lm_head, &x, logits)?,
             last_hidden_state: x,
         })
     }
