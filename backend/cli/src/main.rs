@@ -37,6 +37,9 @@ enum Command {
     /// Illustrate a story (STORY.json: characters with portraits, captions) with a model
     /// bundle: writes frame-NN.png and story.json.
     Generate(commands::generate::GenerateArgs),
+    /// Train a stage of the toy bundle: `train vae --config configs/vae.toml --data DIR --out DIR`
+    /// (checkpoints, --resume, metrics as JSON lines; see docs/TRAINING.md).
+    Train(commands::train::TrainArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Component(args) => commands::component::run(args),
         Command::Bundle(args) => commands::bundle::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Train(args) => commands::train::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -11,3 +11,4 @@ pub mod trainer;
 pub use config::{OptimConfig, RunConfig, Schedule, StageFile, StageSection};
 pub use loader::{BatchSource, Loader};
 pub use trainer::{run, Ending, RunOptions, RunSummary, Stage, StepLoss};
+pub mod driver;

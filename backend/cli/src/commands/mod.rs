@@ -6,6 +6,7 @@ pub mod data;
 pub mod generate;
 pub mod serve;
 pub mod toyworld;
+pub mod train;
 
 use tracing_subscriber::EnvFilter;
 
