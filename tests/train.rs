@@ -1,0 +1,240 @@
+//! `storygpt-v train` through the real binary on a small toy-world dataset: a run killed with
+//! SIGKILL and resumed ends with the same weights as an uninterrupted one; SIGTERM checkpoints;
+//! the VAE stage learns (a fixed small set is overfitted); bad input is refused before any step.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::binary;
+
+/// A 32x32 toy-world dataset shared by the tests (made once).
+fn dataset() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("storygpt-train-data-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(binary())
+            .args(["toyworld", "generate", "--stories", "60", "--size", "32", "--seed", "3", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+}
+
+const TINY: &str = r#"
+[run]
+seed = 5
+batch_size = 4
+max_steps = 40
+val_every = 20
+checkpoint_every = 4
+log_every = 4
+
+[optim]
+lr = 2e-3
+warmup_steps = 4
+schedule = "cosine"
+ema_decay = 0.9
+
+[vae]
+block_out_channels = [32, 32]
+train_frames = 24
+val_frames = 8
+"#;
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("config.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn train(config: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(binary());
+    c.args(["train", "vae", "--config"])
+        .arg(config)
+        .arg("--data")
+        .arg(dataset())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env("RAYON_NUM_THREADS", "2")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run_ok(mut c: Command) -> Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "train failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn latest_step(out: &Path) -> Option<u64> {
+    let root = out.join("runs/vae/checkpoints");
+    let name = std::fs::read_to_string(root.join("latest")).ok()?;
+    name.trim().strip_prefix("step-")?.parse().ok()
+}
+
+fn weights(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("sd/vae/diffusion_pytorch_model.safetensors")).unwrap()
+}
+
+fn train_losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("runs/vae/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), TINY);
+    let whole = tmp.path().join("whole");
+    run_ok(train(&config, &whole, &[]));
+
+    let broken = tmp.path().join("broken");
+    let mut child = train(&config, &broken, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while latest_step(&broken).unwrap_or(0) < 8 {
+        assert!(Instant::now() < deadline, "no checkpoint at step 8");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to write anything more
+    child.wait().unwrap();
+    let killed_at = latest_step(&broken).unwrap();
+    assert!(killed_at < 40, "killed too late to test a resume");
+    assert!(!broken.join("sd/vae").exists(), "a killed run exports nothing");
+
+    // Without --resume the directory is refused; with it the run continues to the end.
+    let refused = train(&config, &broken, &[]).output().unwrap();
+    assert!(!refused.status.success());
+    let msg = String::from_utf8_lossy(&refused.stderr);
+    assert!(msg.contains("already holds a vae run") && msg.contains("--resume"), "{msg}");
+    run_ok(train(&config, &broken, &["--resume"]));
+
+    assert_eq!(weights(&whole), weights(&broken), "resumed weights differ from the uninterrupted run");
+    assert_eq!(train_losses(&whole), train_losses(&broken), "the resumed metrics log differs");
+}
+
+#[test]
+fn sigterm_writes_a_checkpoint_and_resume_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &TINY.replace("checkpoint_every = 4", "checkpoint_every = 0"));
+    let out = tmp.path().join("out");
+    let child = train(&config, &out, &[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait for training to be under way (the first metrics line), then ask it to stop.
+    let metrics = out.join("runs/vae/metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map(|t| t.is_empty()).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(String::from_utf8_lossy(&done.stderr).contains("stopped on request"));
+    let step = latest_step(&out).expect("SIGTERM wrote no checkpoint");
+    assert!((4..40).contains(&step), "checkpoint at step {step}");
+    run_ok(train(&config, &out, &["--resume"]));
+    assert_eq!(latest_step(&out), Some(40));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(record["stages"]["vae"]["steps"], 40);
+}
+
+#[test]
+fn the_vae_overfits_a_fixed_small_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(
+        tmp.path(),
+        &TINY
+            .replace("train_frames = 24", "train_frames = 4")
+            .replace("max_steps = 40", "max_steps = 80")
+            .replace("ema_decay = 0.9", "ema_decay = 0.5"),
+    );
+    let out = tmp.path().join("out");
+    let res = run_ok(train(&config, &out, &[]));
+    let losses = train_losses(&out);
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    assert!(last < first / 4.0, "loss fell only from {first} to {last}");
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("vae gate: validation PSNR"), "{stderr}");
+    for f in ["sd/vae/config.json", "figures/vae-before.png", "figures/vae-after.png", "training.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sd/vae/config.json")).unwrap()).unwrap();
+    let scale = cfg["scaling_factor"].as_f64().unwrap();
+    assert!(scale.is_finite() && scale > 0.0 && scale != 1.0, "measured scaling factor {scale}");
+}
+
+#[test]
+fn bad_input_is_refused_before_any_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expect_err = |config_text: &str, data: &Path, needle: &str| {
+        let config = write_config(tmp.path(), config_text);
+        let out = tmp.path().join("bad-out");
+        let res = Command::new(binary())
+            .args(["train", "vae", "--config"])
+            .arg(&config)
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let msg = String::from_utf8_lossy(&res.stderr).into_owned();
+        assert!(!res.status.success(), "accepted: {config_text}");
+        assert!(msg.contains(needle), "expected `{needle}` in: {msg}");
+        assert!(!out.join("runs/vae/checkpoints").exists(), "a step ran");
+    };
+    expect_err(&TINY.replace("batch_size", "batch_sise"), dataset(), "batch_sise");
+    expect_err(&TINY.replace("lr = 2e-3", "lr = \"fast\""), dataset(), "lr");
+    expect_err(&format!("{TINY}\n[vea]\nx = 1\n"), dataset(), "vea");
+    expect_err(&TINY.replace("[32, 32]", "[30, 30]"), dataset(), "groups");
+    expect_err(TINY, &tmp.path().join("no-such-dataset"), "no-such-dataset");
+
+    // A corrupt frame file and a dataset whose training split is empty.
+    let broken = tmp.path().join("broken-data");
+    copy_dir(dataset(), &broken);
+    let frames = broken.join("video_frames_sampled_4x");
+    for entry in std::fs::read_dir(&frames).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"not a numpy file").unwrap();
+    }
+    expect_err(TINY, &broken, "npy");
+    let empty = tmp.path().join("empty-split");
+    copy_dir(dataset(), &empty);
+    let split_path = empty.join("split.json");
+    let mut split: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&split_path).unwrap()).unwrap();
+    split["train"] = serde_json::json!([]);
+    std::fs::write(&split_path, split.to_string()).unwrap();
+    expect_err(TINY, &empty, "no stories");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
