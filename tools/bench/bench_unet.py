@@ -10,7 +10,7 @@ import sys
 import time
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
 def timed(warmup, iters, fn):
@@ -66,6 +66,45 @@ def bench_train(iters):
     report("train_fwd_only_64_128_b32_8x8", n, times)
 
 
+def bench_toy(iters):
+    """The toy bundle's UNet (cross-attention 128) and VAE training steps, batch 32."""
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
+    b = 32
+    x, t = torch.randn(b, 4, 8, 8), torch.arange(b) * 30 + 1
+    c, target = torch.randn(b, 77, 128), torch.randn(b, 4, 8, 8)
+
+    def unet_step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=c).sample, target).backward()
+        opt.step()
+
+    report("train_step_toy_unet_b32_8x8", sum(p.numel() for p in unet.parameters()),
+           timed(2, iters, unet_step))
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=64).train()
+    vopt = torch.optim.AdamW(vae.parameters(), lr=1e-4, weight_decay=1e-2)
+    img = torch.rand(b, 3, 64, 64) * 2 - 1
+
+    def vae_step():
+        vopt.zero_grad(set_to_none=True)
+        post = vae.encode(img).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).sum() / b
+        (torch.nn.functional.mse_loss(rec, img) + 1e-6 * kl).backward()
+        vopt.step()
+
+    report("toy_vae_train_step_b32_64x64", sum(p.numel() for p in vae.parameters()),
+           timed(2, iters, vae_step))
+
+
 def bench_ops(iters):
     """Per-op split matching bench_ops in bench_unet.rs."""
     x = torch.randn(32, 128, 8, 8, requires_grad=True)
@@ -92,6 +131,8 @@ def main():
     torch.manual_seed(0)
     if which in ("train", "all"):
         bench_train(iters)
+    if which in ("toy", "all"):
+        bench_toy(iters)
     if which == "ops":
         bench_ops(iters)
     if which in ("sd15", "all"):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the UNet benchmarks of candle (ours) and PyTorch/diffusers side by side, 2 threads each,
-# and prints a table. Usage: tools/bench/run.sh [sd15|train|ops|all] [iters]
+# and prints a table. Usage: tools/bench/run.sh [sd15|train|toy|ops|all] [iters]
 # Needs the project venv (.venv with torch + diffusers) for the PyTorch column.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +15,7 @@ if [ -z "${BENCH_UNET_BIN:-}" ]; then
   cargo build -q -p models --profile numeric --example bench_unet
   BENCH_UNET_BIN="${CARGO_TARGET_DIR:-target}/numeric/examples/bench_unet"
 fi
-for case in $( [ "$WHICH" = all ] && echo "train sd15" || echo "$WHICH" ); do
+for case in $( [ "$WHICH" = all ] && echo "train toy sd15" || echo "$WHICH" ); do
   "$PY" tools/bench/bench_unet.py "$case" "$ITERS" | tee -a "$OUT" >&2
   "$BENCH_UNET_BIN" "$case" "$ITERS" | tee -a "$OUT" >&2
 done

@@ -6,7 +6,9 @@
 //!   batch 1, 77x768 context;
 //! * `train`: forward + backward + AdamW step of the calibration config (channels (64, 128),
 //!   1 layer per block, cross-attention 256, 8 heads), batch 32, 8x8 latents, 77 tokens; then
-//!   the forward pass alone (graph-building, as in training) to split the step's time.
+//!   the forward pass alone (graph-building, as in training) to split the step's time; and the
+//!   toy bundle's own UNet (the same with cross-attention 128) and toy VAE ((32, 32, 64, 64),
+//!   f = 8) training steps at batch 32 on 8x8 latents / 64x64 frames.
 //!
 //! Threads: candle's CPU kernels follow `RAYON_NUM_THREADS` (run.sh sets 2).
 
@@ -14,8 +16,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use models::unet::{OneOrMany, UNet2DConditionModel, UNetConfig};
+use models::vae::{AutoencoderKL, VaeConfig};
+use nn::optim::AdamW;
 
 fn train_config() -> UNetConfig {
     UNetConfig {
@@ -73,24 +77,66 @@ fn bench_sd15(dev: &Device, iters: usize) -> Result<()> {
     Ok(())
 }
 
-fn bench_train(dev: &Device, iters: usize) -> Result<()> {
-    let vm = VarMap::new();
-    let unet = UNet2DConditionModel::new(
-        VarBuilder::from_varmap(&vm, DType::F32, dev),
-        &train_config(),
-    )?;
-    let mut opt = AdamW::new(
-        vm.all_vars(),
+fn adamw(vm: &VarMap) -> Result<AdamW> {
+    Ok(AdamW::from_varmap(
+        vm,
         ParamsAdamW {
             lr: 1e-4,
             weight_decay: 1e-2,
             ..Default::default()
         },
-    )?;
+    )?)
+}
+
+fn bench_train(dev: &Device, iters: usize) -> Result<()> {
+    bench_unet_train(dev, iters, &train_config(), "64_128_b32_8x8", true)
+}
+
+fn bench_toy(dev: &Device, iters: usize) -> Result<()> {
+    let mut cfg = train_config();
+    cfg.cross_attention_dim = OneOrMany::One(128);
+    bench_unet_train(dev, iters, &cfg, "toy_unet_b32_8x8", false)?;
+    bench_vae_train(dev, iters)
+}
+
+fn bench_vae_train(dev: &Device, iters: usize) -> Result<()> {
+    let cfg: VaeConfig = serde_json::from_value(serde_json::json!({
+        "block_out_channels": [32, 32, 64, 64],
+        "down_block_types": vec!["DownEncoderBlock2D"; 4],
+        "up_block_types": vec!["UpDecoderBlock2D"; 4],
+        "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 64,
+    }))?;
+    let vm = VarMap::new();
+    let vae = AutoencoderKL::new(VarBuilder::from_varmap(&vm, DType::F32, dev), &cfg)?;
+    let mut opt = adamw(&vm)?;
+    let b = 32;
+    let x = Tensor::rand(-1f32, 1., (b, 3, 64, 64), dev)?;
+    let noise = Tensor::randn(0f32, 1., (b, 4, 8, 8), dev)?;
+    let times = time(2, iters, || {
+        let post = vae.encode(&x)?;
+        let z = post.sample(&noise)?;
+        let rec = vae.decode(&z)?;
+        let kl = ((post.mean.sqr()? + post.logvar.exp()?)? - 1.0)?.sub(&post.logvar)?;
+        let loss = (nn::mse(&rec, &x)? + (kl.sum_all()? * (0.5e-6 / b as f64))?)?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    })?;
+    report("toy_vae_train_step_b32_64x64", num_params(&vm), &times);
+    Ok(())
+}
+
+fn bench_unet_train(dev: &Device, iters: usize, cfg: &UNetConfig, name: &str, fwd_only: bool) -> Result<()> {
+    let vm = VarMap::new();
+    let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&vm, DType::F32, dev), cfg)?;
+    let mut opt = adamw(&vm)?;
+    let ctx = match cfg.cross_attention_dim {
+        OneOrMany::One(d) => d,
+        _ => anyhow::bail!("one cross-attention width expected"),
+    };
     let b = 32;
     let x = Tensor::randn(0f32, 1., (b, 4, 8, 8), dev)?;
     let t = Tensor::arange(0i64, b as i64, dev)?.affine(30.0, 1.0)?;
-    let c = Tensor::randn(0f32, 1., (b, 77, 256), dev)?;
+    let c = Tensor::randn(0f32, 1., (b, 77, ctx), dev)?;
     let target = Tensor::randn(0f32, 1., (b, 4, 8, 8), dev)?;
     let times = time(2, iters, || {
         let pred = unet.forward(&x, &t, &c)?;
@@ -98,12 +144,14 @@ fn bench_train(dev: &Device, iters: usize) -> Result<()> {
         opt.backward_step(&loss)?;
         Ok(())
     })?;
-    report("train_step_64_128_b32_8x8", num_params(&vm), &times);
-    let times = time(1, iters, || {
-        unet.forward(&x, &t, &c)?;
-        Ok(())
-    })?;
-    report("train_fwd_only_64_128_b32_8x8", num_params(&vm), &times);
+    report(&format!("train_step_{name}"), num_params(&vm), &times);
+    if fwd_only {
+        let times = time(1, iters, || {
+            unet.forward(&x, &t, &c)?;
+            Ok(())
+        })?;
+        report(&format!("train_fwd_only_{name}"), num_params(&vm), &times);
+    }
     Ok(())
 }
 
@@ -113,7 +161,7 @@ fn bench_train(dev: &Device, iters: usize) -> Result<()> {
 fn bench_ops(dev: &Device, iters: usize) -> Result<()> {
     let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (32, 128, 8, 8), dev)?)?;
     let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.05, (128, 128, 3, 3), dev)?)?;
-    let conv = || x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1);
+    let conv = || nn::conv::conv2d(x.as_tensor(), w.as_tensor(), 1, 1);
     let gn = || nn::group_norm(x.as_tensor(), 32, None, None, 1e-5);
     let f = time(1, iters, || {
         conv()?;
@@ -153,6 +201,9 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     if which == "train" || which == "all" {
         bench_train(&dev, iters)?;
+    }
+    if which == "toy" || which == "all" {
+        bench_toy(&dev, iters)?;
     }
     if which == "ops" {
         bench_ops(&dev, iters)?;

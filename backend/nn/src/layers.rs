@@ -239,6 +239,7 @@ impl Conv2d {
             xs.conv2d(&w, c.padding, c.stride, c.dilation, c.groups)?
         };
         match &self.bias {
+            Some(b) if crate::fused::use_fused(&y) => crate::fused::channel_bias_fused(&y, b),
             Some(b) => {
                 let b = b.to_dtype(xs.dtype())?.reshape((1, (), 1, 1))?;
                 y.broadcast_add(&b)

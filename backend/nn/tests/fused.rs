@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::*;
-use nn::fused::{batched_matmul, group_norm_fused, layer_norm_fused, rms_norm_fused, softmax_fused, SoftmaxMask, Transpose};
+use nn::fused::{batched_matmul, channel_bias_fused, group_norm_fused, layer_norm_fused, rms_norm_fused, softmax_fused, SoftmaxMask, Transpose};
 use nn::gradcheck::{gradcheck, seeded_uniform, weighted_sum_loss, GradCheckOptions};
 use nn::*;
 
@@ -280,4 +280,21 @@ fn attention_fd_gradients_through_the_fused_path() {
             o.output.sum_all()?.add(&p)
         });
     }
+}
+
+#[test]
+fn channel_bias_fd_gradients_and_agreement() {
+    let x = var(&[3, 5, 2, 3], 81, -1.0, 1.0, DType::F64);
+    let b = var(&[5], 82, -1.0, 1.0, DType::F64);
+    fd(&[("x", &x), ("b", &b)], || channel_bias_fused(x.as_tensor(), b.as_tensor()));
+    let x = var(&[4, 32, 16, 16], 83, -1.0, 1.0, DType::F32);
+    let b = var(&[32], 84, -1.0, 1.0, DType::F32);
+    agree(
+        &[&x, &b],
+        1e-6,
+        || channel_bias_fused(x.as_tensor(), b.as_tensor()),
+        || x.as_tensor().broadcast_add(&b.as_tensor().reshape((1, 32, 1, 1))?),
+    );
+    let err = channel_bias_fused(x.as_tensor(), &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("3 channels") || err.to_string().contains("bias"), "{err}");
 }

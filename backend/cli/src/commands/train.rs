@@ -45,6 +45,11 @@ pub enum StageArg {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    // candle's element-wise thread pool spins while idle, which on a 2-core machine takes cycles
+    // from the rayon threads doing the convolutions: measured 10-15% faster steps without it.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
     let device = nn::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let stop = Arc::new(AtomicBool::new(false));
     // A stop signal finishes the current step and writes a checkpoint before exiting.

@@ -11,6 +11,7 @@
 //! Every kernel is checked against finite differences in f64 and against the composed op in f32
 //! (`tests/fused.rs`).
 
+pub mod bias;
 pub mod bmm;
 pub mod norm;
 pub mod softmax;
@@ -18,6 +19,7 @@ pub mod softmax;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use num_traits::Float;
 
+pub use bias::channel_bias_fused;
 pub use bmm::{batched_matmul, Transpose};
 pub use norm::{group_norm_fused, layer_norm_fused, rms_norm_fused};
 pub use softmax::{softmax_fused, SoftmaxMask};
