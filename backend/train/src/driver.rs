@@ -125,6 +125,13 @@ pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
         .reconstruction_grid(8)?
         .save(figures.join("vae-after.png"))
         .context("writing vae-after.png")?;
+    crate::plot::training_curves(
+        &args.out.join("runs/vae/metrics.jsonl"),
+        &figures.join("vae-curves.svg"),
+        "vae",
+        "psnr_db",
+        "validation PSNR (dB)",
+    )?;
     let psnr = summary.validation.get("psnr_db").copied().unwrap_or(f64::NAN);
     let gates = vec![Gate {
         metric: "validation PSNR (dB)".into(),

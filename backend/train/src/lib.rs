@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod loader;
+pub mod plot;
 pub mod stages;
 pub mod trainer;
 
