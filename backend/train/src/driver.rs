@@ -10,6 +10,7 @@ use candle_core::Device;
 use serde_json::json;
 
 use crate::config::{self, StageFile};
+use crate::stages::lm::{self, LmSection};
 use crate::stages::vae::{self, VaeSection};
 use crate::trainer::{self, Ending, RunOptions};
 
@@ -155,6 +156,83 @@ pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
         }),
     )?;
     print_gates("vae", &gates);
+    Ok(StageReport {
+        ending: Ending::Finished,
+        steps: summary.steps,
+        gates,
+    })
+}
+
+/// Trains the LM stage and writes `OUT/llm`, `OUT/figures/lm-curves.svg` and its record.
+pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
+    let mut file: StageFile<LmSection> = config::load(&args.config)?;
+    apply_overrides(&mut file, args)?;
+    let run_dir = args.out.join("runs").join("lm");
+    if !args.resume {
+        if let Some(dir) = crate::checkpoint::latest(&run_dir)? {
+            let st = crate::checkpoint::read_state(&dir)?;
+            anyhow::bail!(
+                "{} already holds a {} run at step {}; pass --resume to continue it, or choose another --out",
+                run_dir.display(),
+                st.stage,
+                st.step
+            )
+        }
+    }
+    let (mut stage, source, fingerprint) = lm::prepare(&file.stage, &args.data, &args.out, file.run.seed, &args.device)?;
+    let config_json = json!({"stage": "lm", "run": file.run, "optim": file.optim, "lm": file.stage});
+    let summary = trainer::run(
+        &mut stage,
+        source,
+        &file.run,
+        &file.optim,
+        RunOptions {
+            run_dir: run_dir.clone(),
+            resume: args.resume,
+            config: config_json.clone(),
+            data_fingerprint: fingerprint.clone(),
+            stop: args.stop.clone(),
+            on_validation: None,
+        },
+    )?;
+    if summary.ending != Ending::Finished {
+        return Ok(StageReport {
+            ending: summary.ending,
+            steps: summary.steps,
+            gates: vec![],
+        });
+    }
+    stage.export()?;
+    let figures = args.out.join("figures");
+    std::fs::create_dir_all(&figures)?;
+    crate::plot::training_curves(
+        &run_dir.join("metrics.jsonl"),
+        &figures.join("lm-curves.svg"),
+        "lm",
+        "pronoun_cloze",
+        "validation pronoun cloze",
+    )?;
+    let cloze = summary.validation.get("pronoun_cloze").copied().unwrap_or(f64::NAN);
+    let gates = vec![Gate {
+        metric: format!("validation pronoun cloze accuracy ({} questions)", stage.cloze_count()),
+        value: cloze,
+        target: 0.95,
+        passed: cloze >= 0.95,
+    }];
+    record_stage(
+        &args.out,
+        "lm",
+        json!({
+            "config": config_json,
+            "data_fingerprint": fingerprint,
+            "steps": summary.steps,
+            "wall_time_s": summary.elapsed_s,
+            "final_train_loss": summary.last_loss,
+            "validation": summary.validation,
+            "gates": gates,
+        }),
+    )?;
+    print_gates("lm", &gates);
     Ok(StageReport {
         ending: Ending::Finished,
         steps: summary.steps,

@@ -1,6 +1,7 @@
 //! The stages `storygpt-v train STAGE` runs, and what they share: frames of a dataset split
 //! held in memory, and the data fingerprint a resume is checked against.
 
+pub mod lm;
 pub mod vae;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
