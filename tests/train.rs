@@ -238,3 +238,63 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn the_lm_overfits_a_few_stories_and_exports_a_loadable_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("lm.toml");
+    std::fs::write(
+        &config,
+        r#"
+[run]
+batch_size = 8
+max_steps = 80
+val_every = 40
+checkpoint_every = 40
+log_every = 10
+[optim]
+lr = 3e-3
+warmup_steps = 5
+[lm]
+hidden_size = 64
+layers = 2
+heads = 4
+ffn_dim = 128
+bpe_merges = 300
+train_stories = 4
+val_stories = 10
+"#,
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let res = Command::new(binary())
+        .args(["train", "lm", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(dataset())
+        .arg("--out")
+        .arg(&out)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(stderr.contains("lm gate: validation pronoun cloze accuracy"), "{stderr}");
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("runs/lm/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first / 4.0, "loss fell only from {first} to {last}");
+    // The export is a transformers directory the service's loader reads.
+    let lm = models::llm::CausalLm::load(out.join("llm"), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let tok = models::llm::LlmTokenizer::from_dir(out.join("llm"), 0).unwrap();
+    assert_eq!(lm.vocab_size(), tok.inner().get_vocab_size(true));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(record["stages"]["lm"]["steps"], 80);
+    assert!(record["stages"]["lm"]["validation"]["perplexity"].as_f64().unwrap().is_finite());
+}

@@ -41,6 +41,8 @@ pub struct LmSection {
     pub story_len: usize,
     /// Validation stories (perplexity and the pronoun cloze).
     pub val_stories: usize,
+    /// Use only the first N training stories (all when absent).
+    pub train_stories: Option<usize>,
 }
 
 impl Default for LmSection {
@@ -54,6 +56,7 @@ impl Default for LmSection {
             seq_len: 96,
             story_len: 4,
             val_stories: 200,
+            train_stories: None,
         }
     }
 }
@@ -147,7 +150,7 @@ fn stories(reader: &DatasetReader, split: Split, limit: usize) -> Result<Vec<(Ve
 pub fn prepare(section: &LmSection, data: &Path, out: &Path, seed: u64, device: &Device) -> Result<(LmStage, Arc<LmSource>, String)> {
     let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
         .with_context(|| format!("opening dataset {}", data.display()))?;
-    let train = stories(&reader, Split::Train, usize::MAX)?;
+    let train = stories(&reader, Split::Train, section.train_stories.unwrap_or(usize::MAX))?;
     let val = stories(&reader, Split::Val, section.val_stories)?;
     // The vocabulary: training captions in both forms, and the prompt markers of stage 2.
     let mut corpus = Vec::new();
