@@ -298,3 +298,61 @@ val_stories = 10
     assert_eq!(record["stages"]["lm"]["steps"], 80);
     assert!(record["stages"]["lm"]["validation"]["perplexity"].as_f64().unwrap().is_finite());
 }
+
+#[test]
+fn clip_overfits_a_small_set_and_exports_loadable_towers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("clip.toml");
+    std::fs::write(
+        &config,
+        r#"
+[run]
+batch_size = 8
+max_steps = 60
+val_every = 30
+checkpoint_every = 30
+log_every = 10
+[optim]
+lr = 2e-3
+warmup_steps = 5
+[clip]
+text_hidden = 64
+text_layers = 2
+vision_hidden = 64
+vision_layers = 2
+bpe_merges = 200
+train_frames = 8
+val_frames = 16
+"#,
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let res = Command::new(binary())
+        .args(["train", "clip", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(dataset())
+        .arg("--out")
+        .arg(&out)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(stderr.contains("clip gate: validation portrait->name accuracy"), "{stderr}");
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("runs/clip/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first / 4.0, "loss fell only from {first} to {last}");
+    let dev = candle_core::Device::Cpu;
+    models::clip::ClipTextModel::load(&out.join("sd/text_encoder"), candle_core::DType::F32, &dev).unwrap();
+    let vision = models::clip::ClipVisionModel::load(&out.join("clip-vision"), candle_core::DType::F32, &dev).unwrap();
+    let px = candle_core::Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &dev).unwrap();
+    assert!(vision.forward(&px).unwrap().image_embeds.is_some(), "the projection was not exported");
+    models::clip::ClipTokenizer::from_dir(&out.join("sd/tokenizer")).unwrap();
+}

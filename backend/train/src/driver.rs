@@ -10,6 +10,7 @@ use candle_core::Device;
 use serde_json::json;
 
 use crate::config::{self, StageFile};
+use crate::stages::clip::{self, ClipSection};
 use crate::stages::lm::{self, LmSection};
 use crate::stages::vae::{self, VaeSection};
 use crate::trainer::{self, Ending, RunOptions};
@@ -168,17 +169,7 @@ pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
     let mut file: StageFile<LmSection> = config::load(&args.config)?;
     apply_overrides(&mut file, args)?;
     let run_dir = args.out.join("runs").join("lm");
-    if !args.resume {
-        if let Some(dir) = crate::checkpoint::latest(&run_dir)? {
-            let st = crate::checkpoint::read_state(&dir)?;
-            anyhow::bail!(
-                "{} already holds a {} run at step {}; pass --resume to continue it, or choose another --out",
-                run_dir.display(),
-                st.stage,
-                st.step
-            )
-        }
-    }
+    refuse_existing_run(&run_dir, args.resume)?;
     let (mut stage, source, fingerprint) = lm::prepare(&file.stage, &args.data, &args.out, file.run.seed, &args.device)?;
     let config_json = json!({"stage": "lm", "run": file.run, "optim": file.optim, "lm": file.stage});
     let summary = trainer::run(
@@ -233,6 +224,98 @@ pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
         }),
     )?;
     print_gates("lm", &gates);
+    Ok(StageReport {
+        ending: Ending::Finished,
+        steps: summary.steps,
+        gates,
+    })
+}
+
+/// Refuses an `--out` whose stage run exists unless `--resume` (checked before loading data).
+fn refuse_existing_run(run_dir: &Path, resume: bool) -> Result<()> {
+    if !resume {
+        if let Some(dir) = crate::checkpoint::latest(run_dir)? {
+            let st = crate::checkpoint::read_state(&dir)?;
+            anyhow::bail!(
+                "{} already holds a {} run at step {}; pass --resume to continue it, or choose another --out",
+                run_dir.display(),
+                st.stage,
+                st.step
+            )
+        }
+    }
+    Ok(())
+}
+
+/// Trains the CLIP stage and writes `OUT/sd/tokenizer`, `OUT/sd/text_encoder`,
+/// `OUT/clip-vision`, `OUT/figures/clip-curves.svg` and its record.
+pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
+    let mut file: StageFile<ClipSection> = config::load(&args.config)?;
+    apply_overrides(&mut file, args)?;
+    let run_dir = args.out.join("runs").join("clip");
+    refuse_existing_run(&run_dir, args.resume)?;
+    let (mut stage, source, fingerprint) = clip::prepare(&file.stage, &args.data, &args.out, file.run.seed, &args.device)?;
+    let config_json = json!({"stage": "clip", "run": file.run, "optim": file.optim, "clip": file.stage});
+    let summary = trainer::run(
+        &mut stage,
+        source,
+        &file.run,
+        &file.optim,
+        RunOptions {
+            run_dir: run_dir.clone(),
+            resume: args.resume,
+            config: config_json.clone(),
+            data_fingerprint: fingerprint.clone(),
+            stop: args.stop.clone(),
+            on_validation: None,
+        },
+    )?;
+    if summary.ending != Ending::Finished {
+        return Ok(StageReport {
+            ending: summary.ending,
+            steps: summary.steps,
+            gates: vec![],
+        });
+    }
+    stage.export()?;
+    let figures = args.out.join("figures");
+    std::fs::create_dir_all(&figures)?;
+    crate::plot::training_curves(
+        &run_dir.join("metrics.jsonl"),
+        &figures.join("clip-curves.svg"),
+        "clip",
+        "caption_to_frame_r5",
+        "validation caption->frame R@5",
+    )?;
+    let get = |k: &str| summary.validation.get(k).copied().unwrap_or(f64::NAN);
+    let gates = vec![
+        Gate {
+            metric: format!("validation portrait->name accuracy ({} characters)", stage.cast().len()),
+            value: get("portrait_to_name"),
+            target: 1.0,
+            passed: get("portrait_to_name") >= 1.0,
+        },
+        Gate {
+            metric: "validation caption->frame recall@5".into(),
+            value: get("caption_to_frame_r5"),
+            target: 0.5,
+            passed: get("caption_to_frame_r5") >= 0.5,
+        },
+    ];
+    record_stage(
+        &args.out,
+        "clip",
+        json!({
+            "config": config_json,
+            "data_fingerprint": fingerprint,
+            "steps": summary.steps,
+            "wall_time_s": summary.elapsed_s,
+            "final_train_loss": summary.last_loss,
+            "validation": summary.validation,
+            "gates": gates,
+        }),
+    )?;
+    print_gates("clip", &gates);
     Ok(StageReport {
         ending: Ending::Finished,
         steps: summary.steps,

@@ -42,6 +42,8 @@ pub struct TrainArgs {
 pub enum StageArg {
     /// The toy AutoencoderKL on the dataset's frames.
     Vae,
+    /// The toy CLIP text and vision towers, contrastively (caption <-> frame, name <-> portrait).
+    Clip,
     /// The toy causal LM (OPT family) on the dataset's stories, with its own BPE vocabulary.
     Lm,
 }
@@ -71,6 +73,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let report = match args.stage {
         StageArg::Vae => train::driver::train_vae(&driver)?,
         StageArg::Lm => train::driver::train_lm(&driver)?,
+        StageArg::Clip => train::driver::train_clip(&driver)?,
     };
     tracing::info!(steps = report.steps, ending = ?report.ending, "training stopped");
     Ok(())

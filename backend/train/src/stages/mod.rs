@@ -1,6 +1,7 @@
 //! The stages `storygpt-v train STAGE` runs, and what they share: frames of a dataset split
 //! held in memory, and the data fingerprint a resume is checked against.
 
+pub mod clip;
 pub mod lm;
 pub mod vae;
 
@@ -163,6 +164,8 @@ pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
 struct SeededVars {
     varmap: VarMap,
     seed: u64,
+    /// Optional tensors (probed with `contains_tensor`) this network should have.
+    optional: Vec<String>,
 }
 
 impl SimpleBackend for SeededVars {
@@ -187,15 +190,29 @@ impl SimpleBackend for SeededVars {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        self.optional.iter().any(|o| o == name)
+            || self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
     }
 }
 
 /// A VarBuilder whose variables land in `varmap`, seeded by `seed`.
 pub fn seeded_var_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    seeded_var_builder_with(varmap, seed, dtype, device, &[])
+}
+
+/// [`seeded_var_builder`] that also creates the optional tensors `optional` (e.g. CLIP's
+/// `visual_projection.weight`, which the model reads only when present).
+pub fn seeded_var_builder_with(
+    varmap: &VarMap,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    optional: &[&str],
+) -> VarBuilder<'static> {
     let backend = SeededVars {
         varmap: varmap.clone(),
         seed,
+        optional: optional.iter().map(|s| s.to_string()).collect(),
     };
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
