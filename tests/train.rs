@@ -18,11 +18,25 @@ fn dataset() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("storygpt-train-data-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let out = Command::new(binary())
-            .args(["toyworld", "generate", "--stories", "60", "--size", "32", "--seed", "3", "--out"])
+            .args([
+                "toyworld",
+                "generate",
+                "--stories",
+                "60",
+                "--size",
+                "32",
+                "--seed",
+                "3",
+                "--out",
+            ])
             .arg(&dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
 }
@@ -106,47 +120,86 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
     run_ok(train(&config, &whole, &[]));
 
     let broken = tmp.path().join("broken");
-    let mut child = train(&config, &broken, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = train(&config, &broken, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while latest_step(&broken).unwrap_or(0) < 8 {
         assert!(Instant::now() < deadline, "no checkpoint at step 8");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL: no chance to write anything more
     child.wait().unwrap();
     let killed_at = latest_step(&broken).unwrap();
     assert!(killed_at < 40, "killed too late to test a resume");
-    assert!(!broken.join("sd/vae").exists(), "a killed run exports nothing");
+    assert!(
+        !broken.join("sd/vae").exists(),
+        "a killed run exports nothing"
+    );
 
     // Without --resume the directory is refused; with it the run continues to the end.
     let refused = train(&config, &broken, &[]).output().unwrap();
     assert!(!refused.status.success());
     let msg = String::from_utf8_lossy(&refused.stderr);
-    assert!(msg.contains("already holds a vae run") && msg.contains("--resume"), "{msg}");
+    assert!(
+        msg.contains("already holds a vae run") && msg.contains("--resume"),
+        "{msg}"
+    );
     run_ok(train(&config, &broken, &["--resume"]));
 
-    assert_eq!(weights(&whole), weights(&broken), "resumed weights differ from the uninterrupted run");
-    assert_eq!(train_losses(&whole), train_losses(&broken), "the resumed metrics log differs");
+    assert_eq!(
+        weights(&whole),
+        weights(&broken),
+        "resumed weights differ from the uninterrupted run"
+    );
+    assert_eq!(
+        train_losses(&whole),
+        train_losses(&broken),
+        "the resumed metrics log differs"
+    );
 }
 
 #[test]
 fn sigterm_writes_a_checkpoint_and_resume_finishes() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = write_config(tmp.path(), &TINY.replace("checkpoint_every = 4", "checkpoint_every = 0"));
+    let config = write_config(
+        tmp.path(),
+        &TINY.replace("checkpoint_every = 4", "checkpoint_every = 0"),
+    );
     let out = tmp.path().join("out");
-    let child = train(&config, &out, &[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = train(&config, &out, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait for training to be under way (the first metrics line), then ask it to stop.
     let metrics = out.join("runs/vae/metrics.jsonl");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(&metrics).map(|t| t.is_empty()).unwrap_or(true) {
+    while std::fs::read_to_string(&metrics)
+        .map(|t| t.is_empty())
+        .unwrap_or(true)
+    {
         assert!(Instant::now() < deadline, "training did not start");
         std::thread::sleep(Duration::from_millis(5));
     }
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let done = child.wait_with_output().unwrap();
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     assert!(String::from_utf8_lossy(&done.stderr).contains("stopped on request"));
     let step = latest_step(&out).expect("SIGTERM wrote no checkpoint");
     assert!((4..40).contains(&step), "checkpoint at step {step}");
@@ -174,13 +227,22 @@ fn the_vae_overfits_a_fixed_small_set() {
     assert!(last < first / 4.0, "loss fell only from {first} to {last}");
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(stderr.contains("vae gate: validation PSNR"), "{stderr}");
-    for f in ["sd/vae/config.json", "figures/vae-before.png", "figures/vae-after.png", "training.json"] {
+    for f in [
+        "sd/vae/config.json",
+        "figures/vae-before.png",
+        "figures/vae-after.png",
+        "training.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sd/vae/config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("sd/vae/config.json")).unwrap())
+            .unwrap();
     let scale = cfg["scaling_factor"].as_f64().unwrap();
-    assert!(scale.is_finite() && scale > 0.0 && scale != 1.0, "measured scaling factor {scale}");
+    assert!(
+        scale.is_finite() && scale > 0.0 && scale != 1.0,
+        "measured scaling factor {scale}"
+    );
 }
 
 #[test]
@@ -203,7 +265,11 @@ fn bad_input_is_refused_before_any_step() {
         assert!(msg.contains(needle), "expected `{needle}` in: {msg}");
         assert!(!out.join("runs/vae/checkpoints").exists(), "a step ran");
     };
-    expect_err(&TINY.replace("batch_size", "batch_sise"), dataset(), "batch_sise");
+    expect_err(
+        &TINY.replace("batch_size", "batch_sise"),
+        dataset(),
+        "batch_sise",
+    );
     expect_err(&TINY.replace("lr = 2e-3", "lr = \"fast\""), dataset(), "lr");
     expect_err(&format!("{TINY}\n[vea]\nx = 1\n"), dataset(), "vea");
     expect_err(&TINY.replace("[32, 32]", "[30, 30]"), dataset(), "groups");
@@ -220,7 +286,8 @@ fn bad_input_is_refused_before_any_step() {
     let empty = tmp.path().join("empty-split");
     copy_dir(dataset(), &empty);
     let split_path = empty.join("split.json");
-    let mut split: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&split_path).unwrap()).unwrap();
+    let mut split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&split_path).unwrap()).unwrap();
     split["train"] = serde_json::json!([]);
     std::fs::write(&split_path, split.to_string()).unwrap();
     expect_err(TINY, &empty, "no stories");
@@ -279,7 +346,10 @@ val_stories = 10
         .unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{stderr}");
-    assert!(stderr.contains("lm gate: validation pronoun cloze accuracy"), "{stderr}");
+    assert!(
+        stderr.contains("lm gate: validation pronoun cloze accuracy"),
+        "{stderr}"
+    );
     let losses: Vec<f64> = std::fs::read_to_string(out.join("runs/lm/metrics.jsonl"))
         .unwrap()
         .lines()
@@ -290,13 +360,21 @@ val_stories = 10
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(last < first / 4.0, "loss fell only from {first} to {last}");
     // The export is a transformers directory the service's loader reads.
-    let lm = models::llm::CausalLm::load(out.join("llm"), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let lm = models::llm::CausalLm::load(
+        out.join("llm"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let tok = models::llm::LlmTokenizer::from_dir(out.join("llm"), 0).unwrap();
     assert_eq!(lm.vocab_size(), tok.inner().get_vocab_size(true));
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
     assert_eq!(record["stages"]["lm"]["steps"], 80);
-    assert!(record["stages"]["lm"]["validation"]["perplexity"].as_f64().unwrap().is_finite());
+    assert!(record["stages"]["lm"]["validation"]["perplexity"]
+        .as_f64()
+        .unwrap()
+        .is_finite());
 }
 
 #[test]
@@ -339,7 +417,10 @@ val_frames = 16
         .unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{stderr}");
-    assert!(stderr.contains("clip gate: validation portrait->name accuracy"), "{stderr}");
+    assert!(
+        stderr.contains("clip gate: validation portrait->name accuracy"),
+        "{stderr}"
+    );
     let losses: Vec<f64> = std::fs::read_to_string(out.join("runs/clip/metrics.jsonl"))
         .unwrap()
         .lines()
@@ -350,9 +431,18 @@ val_frames = 16
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(last < first / 4.0, "loss fell only from {first} to {last}");
     let dev = candle_core::Device::Cpu;
-    models::clip::ClipTextModel::load(&out.join("sd/text_encoder"), candle_core::DType::F32, &dev).unwrap();
-    let vision = models::clip::ClipVisionModel::load(&out.join("clip-vision"), candle_core::DType::F32, &dev).unwrap();
+    models::clip::ClipTextModel::load(&out.join("sd/text_encoder"), candle_core::DType::F32, &dev)
+        .unwrap();
+    let vision = models::clip::ClipVisionModel::load(
+        &out.join("clip-vision"),
+        candle_core::DType::F32,
+        &dev,
+    )
+    .unwrap();
     let px = candle_core::Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &dev).unwrap();
-    assert!(vision.forward(&px).unwrap().image_embeds.is_some(), "the projection was not exported");
+    assert!(
+        vision.forward(&px).unwrap().image_embeds.is_some(),
+        "the projection was not exported"
+    );
     models::clip::ClipTokenizer::from_dir(&out.join("sd/tokenizer")).unwrap();
 }

@@ -125,7 +125,13 @@ fn bench_vae_train(dev: &Device, iters: usize) -> Result<()> {
     Ok(())
 }
 
-fn bench_unet_train(dev: &Device, iters: usize, cfg: &UNetConfig, name: &str, fwd_only: bool) -> Result<()> {
+fn bench_unet_train(
+    dev: &Device,
+    iters: usize,
+    cfg: &UNetConfig,
+    name: &str,
+    fwd_only: bool,
+) -> Result<()> {
     let vm = VarMap::new();
     let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&vm, DType::F32, dev), cfg)?;
     let mut opt = adamw(&vm)?;

@@ -87,7 +87,12 @@ pub fn scaled_dot_product_attention_composed(
 
 /// The CPU path: `q k^T` and `probs v` as one batched product each over `(batch x heads)`, and
 /// scale + mask + causal mask + softmax in one kernel.
-fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions) -> Result<AttentionOutput> {
+fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &SdpaOptions,
+) -> Result<AttentionOutput> {
     use crate::fused::{batched_matmul, softmax_fused, SoftmaxMask, Transpose};
     let (b, h, q_len, d) = q.dims4()?;
     let (kb, kh, k_len, kd) = k.dims4()?;
@@ -103,15 +108,21 @@ fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SdpaOptions) -> Re
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
     let q3 = q.contiguous()?.reshape((b * h, q_len, d))?;
     let k3 = k.contiguous()?.reshape((b * h, k_len, d))?;
-    let scores = batched_matmul(&q3, &k3, Transpose::No, Transpose::Yes)?.reshape((b, h, q_len, k_len))?;
+    let scores =
+        batched_matmul(&q3, &k3, Transpose::No, Transpose::Yes)?.reshape((b, h, q_len, k_len))?;
     let mask = SoftmaxMask {
         additive: opts.mask,
         causal: opts.causal,
     };
     let probs = softmax_fused(&scores, scale, mask, false)?;
     let v3 = v.contiguous()?.reshape((b * h, k_len, dv))?;
-    let output = batched_matmul(&probs.reshape((b * h, q_len, k_len))?, &v3, Transpose::No, Transpose::No)?
-        .reshape((b, h, q_len, dv))?;
+    let output = batched_matmul(
+        &probs.reshape((b * h, q_len, k_len))?,
+        &v3,
+        Transpose::No,
+        Transpose::No,
+    )?
+    .reshape((b, h, q_len, dv))?;
     Ok(AttentionOutput {
         output,
         probs: opts.return_probs.then_some(probs),

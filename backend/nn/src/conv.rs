@@ -558,7 +558,17 @@ fn backward<T: WithDType>(
                 .as_deref_mut()
                 .map(|d| &mut d[(i - first) * g.in_len()..(i - first + 1) * g.in_len()]);
             let dw_n = want_dw.then_some(&mut dw[..]);
-            backward_sample(g, x_n(i), w, g_n(i), dw_n, dx_n, &mut cols, &mut dcols, false);
+            backward_sample(
+                g,
+                x_n(i),
+                w,
+                g_n(i),
+                dw_n,
+                dx_n,
+                &mut cols,
+                &mut dcols,
+                false,
+            );
         }
         dw
     };

@@ -5,7 +5,10 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::*;
-use nn::fused::{batched_matmul, channel_bias_fused, group_norm_fused, layer_norm_fused, rms_norm_fused, softmax_fused, SoftmaxMask, Transpose};
+use nn::fused::{
+    batched_matmul, channel_bias_fused, group_norm_fused, layer_norm_fused, rms_norm_fused,
+    softmax_fused, SoftmaxMask, Transpose,
+};
 use nn::gradcheck::{gradcheck, seeded_uniform, weighted_sum_loss, GradCheckOptions};
 use nn::*;
 
@@ -15,7 +18,12 @@ fn var(shape: &[usize], seed: u64, lo: f64, hi: f64, dtype: DType) -> Var {
 
 /// Finite-difference check of `f` w.r.t. `vars` (f64).
 fn fd(vars: &[(&str, &Var)], f: impl Fn() -> Result<Tensor>) {
-    let report = gradcheck(vars, || weighted_sum_loss(&f()?, 41), &GradCheckOptions::default()).unwrap();
+    let report = gradcheck(
+        vars,
+        || weighted_sum_loss(&f()?, 41),
+        &GradCheckOptions::default(),
+    )
+    .unwrap();
     assert!(report.checked > 0);
     assert!(report.passed(GRAD_TOL), "{report}");
 }
@@ -28,21 +36,37 @@ fn agree(vars: &[&Var], tol: f64, a: impl Fn() -> Result<Tensor>, b: impl Fn() -
         let grads = weighted_sum_loss(&out, 7).unwrap().backward().unwrap();
         let g: Vec<Tensor> = vars
             .iter()
-            .map(|v| grads.get(v.as_tensor()).expect("variable got no gradient").clone())
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .expect("variable got no gradient")
+                    .clone()
+            })
             .collect();
         (out, g)
     };
     let (oa, ga) = run(&a);
     let (ob, gb) = run(&b);
     let rel = |x: &Tensor, y: &Tensor| {
-        let scale = y.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap();
+        let scale = y
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         max_diff(x, y) / scale.to_scalar::<f64>().unwrap().max(1e-6)
     };
     let r = rel(&oa, &ob);
     assert!(r <= tol, "outputs differ by {r:e} (relative)");
     for (i, (x, y)) in ga.iter().zip(&gb).enumerate() {
         let r = rel(x, y);
-        assert!(r <= tol, "gradient of variable {i} differs by {r:e} (relative)");
+        assert!(
+            r <= tol,
+            "gradient of variable {i} differs by {r:e} (relative)"
+        );
     }
 }
 
@@ -66,10 +90,19 @@ fn group_norm_fd_gradients_odd_shapes() {
         let b = var(&[c], seed + 2, -0.5, 0.5, DType::F64);
         for silu in [false, true] {
             fd(&[("x", &x), ("w", &w), ("b", &b)], || {
-                group_norm_fused(x.as_tensor(), groups, Some(w.as_tensor()), Some(b.as_tensor()), 1e-5, silu)
+                group_norm_fused(
+                    x.as_tensor(),
+                    groups,
+                    Some(w.as_tensor()),
+                    Some(b.as_tensor()),
+                    1e-5,
+                    silu,
+                )
             });
         }
-        fd(&[("x", &x)], || group_norm_fused(x.as_tensor(), groups, None, None, 1e-5, true));
+        fd(&[("x", &x)], || {
+            group_norm_fused(x.as_tensor(), groups, None, None, 1e-5, true)
+        });
     }
 }
 
@@ -82,14 +115,49 @@ fn group_norm_fused_matches_composed_f32() {
     agree(
         &vars,
         1e-5,
-        || group_norm_fused(x.as_tensor(), 32, Some(w.as_tensor()), Some(b.as_tensor()), 1e-6, false),
-        || norm::group_norm_composed(x.as_tensor(), 32, Some(w.as_tensor()), Some(b.as_tensor()), 1e-6),
+        || {
+            group_norm_fused(
+                x.as_tensor(),
+                32,
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-6,
+                false,
+            )
+        },
+        || {
+            norm::group_norm_composed(
+                x.as_tensor(),
+                32,
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-6,
+            )
+        },
     );
     agree(
         &vars,
         1e-5,
-        || group_norm_fused(x.as_tensor(), 32, Some(w.as_tensor()), Some(b.as_tensor()), 1e-6, true),
-        || norm::group_norm_composed(x.as_tensor(), 32, Some(w.as_tensor()), Some(b.as_tensor()), 1e-6)?.silu(),
+        || {
+            group_norm_fused(
+                x.as_tensor(),
+                32,
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-6,
+                true,
+            )
+        },
+        || {
+            norm::group_norm_composed(
+                x.as_tensor(),
+                32,
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-6,
+            )?
+            .silu()
+        },
     );
 }
 
@@ -101,23 +169,37 @@ fn group_norm_layer_uses_fused_kernel_with_silu_and_refuses_bad_groups() {
     let x = input_var((2, 6, 3, 2), 5);
     check_module(&vm, &[("x", &x)], || gn.forward_silu(x.as_tensor()));
     let bad = Tensor::zeros((1, 5, 2), DType::F32, &Device::Cpu).unwrap();
-    let err = group_norm_fused(&bad, 2, None, None, 1e-5, false).unwrap_err().to_string();
+    let err = group_norm_fused(&bad, 2, None, None, 1e-5, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not divisible"), "{err}");
 }
 
 #[test]
 fn layer_norm_and_rms_norm_fd_gradients_odd_shapes() {
-    for (i, shape) in [vec![1, 7], vec![3, 5, 9], vec![2, 1, 13]].into_iter().enumerate() {
+    for (i, shape) in [vec![1, 7], vec![3, 5, 9], vec![2, 1, 13]]
+        .into_iter()
+        .enumerate()
+    {
         let d = *shape.last().unwrap();
         let seed = 100 + 10 * i as u64;
         let x = var(&shape, seed, -1.5, 1.5, DType::F64);
         let w = var(&[d], seed + 1, 0.5, 1.5, DType::F64);
         let b = var(&[d], seed + 2, -0.5, 0.5, DType::F64);
         fd(&[("x", &x), ("w", &w), ("b", &b)], || {
-            layer_norm_fused(x.as_tensor(), Some(w.as_tensor()), Some(b.as_tensor()), 1e-5)
+            layer_norm_fused(
+                x.as_tensor(),
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-5,
+            )
         });
-        fd(&[("x", &x)], || layer_norm_fused(x.as_tensor(), None, None, 1e-5));
-        fd(&[("x", &x), ("w", &w)], || rms_norm_fused(x.as_tensor(), Some(w.as_tensor()), 1e-6));
+        fd(&[("x", &x)], || {
+            layer_norm_fused(x.as_tensor(), None, None, 1e-5)
+        });
+        fd(&[("x", &x), ("w", &w)], || {
+            rms_norm_fused(x.as_tensor(), Some(w.as_tensor()), 1e-6)
+        });
         fd(&[("x", &x)], || rms_norm_fused(x.as_tensor(), None, 1e-6));
     }
 }
@@ -130,8 +212,22 @@ fn layer_norm_and_rms_norm_fused_match_composed_f32() {
     agree(
         &[&x, &w, &b],
         1e-5,
-        || layer_norm_fused(x.as_tensor(), Some(w.as_tensor()), Some(b.as_tensor()), 1e-5),
-        || norm::layer_norm_composed(x.as_tensor(), Some(w.as_tensor()), Some(b.as_tensor()), 1e-5),
+        || {
+            layer_norm_fused(
+                x.as_tensor(),
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-5,
+            )
+        },
+        || {
+            norm::layer_norm_composed(
+                x.as_tensor(),
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-5,
+            )
+        },
     );
     agree(
         &[&x, &w],
@@ -164,27 +260,54 @@ fn softmax_fd_gradients_with_scale_masks_and_causal() {
     let x = var(&[2, 3, 4, 7], 21, -2.0, 2.0, DType::F64);
     let plain = SoftmaxMask::default();
     for log in [false, true] {
-        fd(&[("x", &x)], || softmax_fused(x.as_tensor(), 1.0, plain, log));
-        fd(&[("x", &x)], || softmax_fused(x.as_tensor(), 0.37, plain, log));
+        fd(&[("x", &x)], || {
+            softmax_fused(x.as_tensor(), 1.0, plain, log)
+        });
+        fd(&[("x", &x)], || {
+            softmax_fused(x.as_tensor(), 0.37, plain, log)
+        });
     }
     // A broadcast padding mask (b, 1, 1, k) with a dropped key, and bottom-right causal.
-    let keep = Tensor::new(&[[1f64, 1., 0., 1., 1., 1., 1.], [1., 1., 1., 1., 1., 0., 1.]], &Device::Cpu).unwrap();
+    let keep = Tensor::new(
+        &[[1f64, 1., 0., 1., 1., 1., 1.], [1., 1., 1., 1., 1., 0., 1.]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let pad = padding_mask(&keep, DType::F64).unwrap();
-    let masked = SoftmaxMask { additive: Some(&pad), causal: false };
-    fd(&[("x", &x)], || softmax_fused(x.as_tensor(), 0.5, masked, false));
-    let causal = SoftmaxMask { additive: Some(&pad), causal: true };
-    fd(&[("x", &x)], || softmax_fused(x.as_tensor(), 0.5, causal, false));
+    let masked = SoftmaxMask {
+        additive: Some(&pad),
+        causal: false,
+    };
+    fd(&[("x", &x)], || {
+        softmax_fused(x.as_tensor(), 0.5, masked, false)
+    });
+    let causal = SoftmaxMask {
+        additive: Some(&pad),
+        causal: true,
+    };
+    fd(&[("x", &x)], || {
+        softmax_fused(x.as_tensor(), 0.5, causal, false)
+    });
     // Batch 1, a single key.
     let one = var(&[1, 1, 3, 1], 22, -1.0, 1.0, DType::F64);
-    fd(&[("x", &one)], || softmax_fused(one.as_tensor(), 2.0, plain, false));
+    fd(&[("x", &one)], || {
+        softmax_fused(one.as_tensor(), 2.0, plain, false)
+    });
 }
 
 #[test]
 fn softmax_masks_match_a_materialised_mask() {
     let x = seeded_uniform((2, 2, 3, 5), 31, -3.0, 3.0, DType::F32, &Device::Cpu).unwrap();
-    let keep = Tensor::new(&[[1f32, 0., 1., 1., 1.], [1., 1., 1., 1., 0.]], &Device::Cpu).unwrap();
+    let keep = Tensor::new(
+        &[[1f32, 0., 1., 1., 1.], [1., 1., 1., 1., 0.]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let pad = padding_mask(&keep, DType::F32).unwrap();
-    let opts = SoftmaxMask { additive: Some(&pad), causal: true };
+    let opts = SoftmaxMask {
+        additive: Some(&pad),
+        causal: true,
+    };
     let fused = softmax_fused(&x, 0.5, opts, false).unwrap();
     let full = ((x * 0.5).unwrap().broadcast_add(&pad).unwrap())
         .broadcast_add(&causal_mask(3, 2, DType::F32, &Device::Cpu).unwrap())
@@ -194,7 +317,15 @@ fn softmax_masks_match_a_materialised_mask() {
     // Masked keys get exactly zero probability.
     let v = fused.to_vec3::<f32>().ok();
     assert!(v.is_none(), "rank-4 output");
-    let row = fused.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+    let row = fused
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(row[1], 0.0, "padding");
     assert_eq!(row[3], 0.0, "causal: query 0 sees keys 0..=2");
 }
@@ -228,16 +359,32 @@ fn batched_matmul_fd_gradients_for_every_transpose() {
         let out = batched_matmul(a.as_tensor(), b.as_tensor(), ta, tb).unwrap();
         assert_eq!(out.dims(), &[2, m, n]);
         // The same product through candle's matmul on explicit transposes.
-        let op = |t: &Tensor, tr: Transpose| if tr == Yes { t.transpose(1, 2).unwrap() } else { t.clone() };
-        let reference = op(a.as_tensor(), ta).contiguous().unwrap().matmul(&op(b.as_tensor(), tb).contiguous().unwrap()).unwrap();
+        let op = |t: &Tensor, tr: Transpose| {
+            if tr == Yes {
+                t.transpose(1, 2).unwrap()
+            } else {
+                t.clone()
+            }
+        };
+        let reference = op(a.as_tensor(), ta)
+            .contiguous()
+            .unwrap()
+            .matmul(&op(b.as_tensor(), tb).contiguous().unwrap())
+            .unwrap();
         assert_close(&out, &reference, 1e-12);
-        fd(&[("a", &a), ("b", &b)], || batched_matmul(a.as_tensor(), b.as_tensor(), ta, tb));
+        fd(&[("a", &a), ("b", &b)], || {
+            batched_matmul(a.as_tensor(), b.as_tensor(), ta, tb)
+        });
     }
     // A batch smaller than the thread count and a single-row product.
     let a = var(&[1, 1, 9], 53, -1.0, 1.0, DType::F64);
     let b = var(&[1, 9, 4], 54, -1.0, 1.0, DType::F64);
-    fd(&[("a", &a), ("b", &b)], || batched_matmul(a.as_tensor(), b.as_tensor(), No, No));
-    let err = batched_matmul(a.as_tensor(), a.as_tensor(), No, No).unwrap_err().to_string();
+    fd(&[("a", &a), ("b", &b)], || {
+        batched_matmul(a.as_tensor(), b.as_tensor(), No, No)
+    });
+    let err = batched_matmul(a.as_tensor(), a.as_tensor(), No, No)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("inner sizes differ"), "{err}");
 }
 
@@ -246,11 +393,29 @@ fn attention_fused_matches_composed_with_probs_in_the_graph() {
     let q = var(&[2, 8, 64, 8], 61, -1.0, 1.0, DType::F32);
     let k = var(&[2, 8, 77, 8], 62, -1.0, 1.0, DType::F32);
     let v = var(&[2, 8, 77, 8], 63, -1.0, 1.0, DType::F32);
-    let keep = Tensor::ones((2, 77), DType::F32, &Device::Cpu).unwrap().slice_assign(&[0..1, 70..77], &Tensor::zeros((1, 7), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let keep = Tensor::ones((2, 77), DType::F32, &Device::Cpu)
+        .unwrap()
+        .slice_assign(
+            &[0..1, 70..77],
+            &Tensor::zeros((1, 7), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
     let mask = padding_mask(&keep, DType::F32).unwrap();
     for causal in [false, true] {
-        let (qk, kk) = if causal { (q.as_tensor().narrow(2, 0, 40).unwrap(), k.as_tensor().clone()) } else { (q.as_tensor().clone(), k.as_tensor().clone()) };
-        let opts = SdpaOptions { mask: Some(&mask), causal, scale: None, return_probs: true };
+        let (qk, kk) = if causal {
+            (
+                q.as_tensor().narrow(2, 0, 40).unwrap(),
+                k.as_tensor().clone(),
+            )
+        } else {
+            (q.as_tensor().clone(), k.as_tensor().clone())
+        };
+        let opts = SdpaOptions {
+            mask: Some(&mask),
+            causal,
+            scale: None,
+            return_probs: true,
+        };
         // Loss on the output and on the probabilities (as L_reg does).
         let both = |o: AttentionOutput| -> Result<Tensor> {
             let p = o.probs.unwrap();
@@ -261,8 +426,22 @@ fn attention_fused_matches_composed_with_probs_in_the_graph() {
         agree(
             &[&q, &k, &v],
             2e-5,
-            || both(scaled_dot_product_attention(&qk, &kk, v.as_tensor(), &opts)?),
-            || both(attention::scaled_dot_product_attention_composed(&qk, &kk, v.as_tensor(), &opts)?),
+            || {
+                both(scaled_dot_product_attention(
+                    &qk,
+                    &kk,
+                    v.as_tensor(),
+                    &opts,
+                )?)
+            },
+            || {
+                both(attention::scaled_dot_product_attention_composed(
+                    &qk,
+                    &kk,
+                    v.as_tensor(),
+                    &opts,
+                )?)
+            },
         );
     }
 }
@@ -273,9 +452,15 @@ fn attention_fd_gradients_through_the_fused_path() {
     let k = var(&[1, 2, 4, 5], 72, -1.0, 1.0, DType::F64);
     let v = var(&[1, 2, 4, 3], 73, -1.0, 1.0, DType::F64);
     for causal in [false, true] {
-        let opts = SdpaOptions { mask: None, causal, scale: Some(0.7), return_probs: true };
+        let opts = SdpaOptions {
+            mask: None,
+            causal,
+            scale: Some(0.7),
+            return_probs: true,
+        };
         fd(&[("q", &q), ("k", &k), ("v", &v)], || {
-            let o = scaled_dot_product_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &opts)?;
+            let o =
+                scaled_dot_product_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &opts)?;
             let p = o.probs.unwrap().sqr()?.sum_all()?;
             o.output.sum_all()?.add(&p)
         });
@@ -286,15 +471,27 @@ fn attention_fd_gradients_through_the_fused_path() {
 fn channel_bias_fd_gradients_and_agreement() {
     let x = var(&[3, 5, 2, 3], 81, -1.0, 1.0, DType::F64);
     let b = var(&[5], 82, -1.0, 1.0, DType::F64);
-    fd(&[("x", &x), ("b", &b)], || channel_bias_fused(x.as_tensor(), b.as_tensor()));
+    fd(&[("x", &x), ("b", &b)], || {
+        channel_bias_fused(x.as_tensor(), b.as_tensor())
+    });
     let x = var(&[4, 32, 16, 16], 83, -1.0, 1.0, DType::F32);
     let b = var(&[32], 84, -1.0, 1.0, DType::F32);
     agree(
         &[&x, &b],
         1e-6,
         || channel_bias_fused(x.as_tensor(), b.as_tensor()),
-        || x.as_tensor().broadcast_add(&b.as_tensor().reshape((1, 32, 1, 1))?),
+        || {
+            x.as_tensor()
+                .broadcast_add(&b.as_tensor().reshape((1, 32, 1, 1))?)
+        },
     );
-    let err = channel_bias_fused(x.as_tensor(), &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap_err();
-    assert!(err.to_string().contains("3 channels") || err.to_string().contains("bias"), "{err}");
+    let err = channel_bias_fused(
+        x.as_tensor(),
+        &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("3 channels") || err.to_string().contains("bias"),
+        "{err}"
+    );
 }

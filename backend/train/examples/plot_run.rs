@@ -3,6 +3,9 @@
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(a.len() == 5, "usage: plot_run METRICS.jsonl OUT.svg STAGE VAL_KEY LABEL");
+    anyhow::ensure!(
+        a.len() == 5,
+        "usage: plot_run METRICS.jsonl OUT.svg STAGE VAL_KEY LABEL"
+    );
     train::plot::training_curves(a[0].as_ref(), a[1].as_ref(), &a[2], &a[3], &a[4])
 }

@@ -58,13 +58,19 @@ fn sync_dir(dir: &Path) {
 
 fn save_group(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let path = dir.join(format!("{name}.safetensors"));
-    candle_core::safetensors::save(tensors, &path).with_context(|| format!("writing {}", path.display()))?;
+    candle_core::safetensors::save(tensors, &path)
+        .with_context(|| format!("writing {}", path.display()))?;
     fs::File::open(&path)?.sync_all()?;
     Ok(())
 }
 
 /// Writes a checkpoint and makes it the latest; keeps the newest `keep` checkpoints.
-pub fn save(out: &Path, state: &CheckpointState, tensors: &CheckpointTensors, keep: usize) -> Result<PathBuf> {
+pub fn save(
+    out: &Path,
+    state: &CheckpointState,
+    tensors: &CheckpointTensors,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = dir_of(out);
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let name = step_name(state.step);
@@ -86,7 +92,9 @@ pub fn save(out: &Path, state: &CheckpointState, tensors: &CheckpointTensors, ke
     })();
     if let Err(e) = written {
         let _ = fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing checkpoint {name}; the previous checkpoint is kept")));
+        return Err(e.context(format!(
+            "writing checkpoint {name}; the previous checkpoint is kept"
+        )));
     }
     let final_dir = root.join(&name);
     if final_dir.is_dir() {
@@ -116,16 +124,21 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     for entry in fs::read_dir(root)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             steps.push((n, entry.path()));
-        } else if name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id())) {
+        } else if name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id()))
+        {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
     steps.sort();
     let excess = steps.len().saturating_sub(keep);
     for (_, path) in steps.into_iter().take(excess) {
-        fs::remove_dir_all(&path).with_context(|| format!("removing old checkpoint {}", path.display()))?;
+        fs::remove_dir_all(&path)
+            .with_context(|| format!("removing old checkpoint {}", path.display()))?;
     }
     Ok(())
 }
@@ -137,7 +150,8 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     if !pointer.exists() {
         return Ok(None);
     }
-    let name = fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
+    let name =
+        fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
     let dir = root.join(name.trim());
     anyhow::ensure!(
         dir.join("state.json").is_file(),
@@ -162,7 +176,8 @@ pub fn read_tensors(dir: &Path, device: &Device) -> Result<CheckpointTensors> {
         if !path.exists() {
             return Ok(HashMap::new());
         }
-        candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))
+        candle_core::safetensors::load(&path, device)
+            .with_context(|| format!("reading {}", path.display()))
     };
     Ok(CheckpointTensors {
         model: group("model")?,
@@ -187,8 +202,10 @@ mod tests {
 
     fn tensors(v: f32) -> CheckpointTensors {
         let mut t = CheckpointTensors::default();
-        t.model.insert("w".into(), Tensor::new(&[v, v], &Device::Cpu).unwrap());
-        t.optimizer.insert("w.m".into(), Tensor::new(&[0f32], &Device::Cpu).unwrap());
+        t.model
+            .insert("w".into(), Tensor::new(&[v, v], &Device::Cpu).unwrap());
+        t.optimizer
+            .insert("w.m".into(), Tensor::new(&[0f32], &Device::Cpu).unwrap());
         t
     }
 
@@ -215,7 +232,10 @@ mod tests {
         // A file where the next checkpoint's directory would go makes the final rename fail.
         fs::write(dir_of(out.path()).join("step-00000020"), "in the way").unwrap();
         let err = save(out.path(), &state(20), &tensors(2.0), 2).unwrap_err();
-        assert!(format!("{err:#}").contains("previous checkpoint is kept"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("previous checkpoint is kept"),
+            "{err:#}"
+        );
         let dir = latest(out.path()).unwrap().unwrap();
         assert_eq!(read_state(&dir).unwrap().step, 10);
         let leftovers: Vec<_> = fs::read_dir(dir_of(out.path()))

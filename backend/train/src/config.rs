@@ -127,13 +127,19 @@ impl OptimConfig {
         match self.schedule {
             Schedule::Constant => self.lr,
             Schedule::Linear => floor + (self.lr - floor) * (1.0 - t),
-            Schedule::Cosine => floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+            Schedule::Cosine => {
+                floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
         }
     }
 
     /// Refuses values that cannot train.
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.lr > 0.0 && self.lr.is_finite(), "optim.lr must be positive, got {}", self.lr);
+        anyhow::ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "optim.lr must be positive, got {}",
+            self.lr
+        );
         anyhow::ensure!(
             self.betas.iter().all(|b| (0.0..1.0).contains(b)),
             "optim.betas must lie in [0, 1), got {:?}",
@@ -141,12 +147,18 @@ impl OptimConfig {
         );
         anyhow::ensure!(self.eps > 0.0, "optim.eps must be positive");
         anyhow::ensure!(self.weight_decay >= 0.0, "optim.weight_decay must be >= 0");
-        anyhow::ensure!((0.0..=1.0).contains(&self.min_lr_ratio), "optim.min_lr_ratio must lie in [0, 1]");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.min_lr_ratio),
+            "optim.min_lr_ratio must lie in [0, 1]"
+        );
         if let Some(c) = self.clip_grad_norm {
             anyhow::ensure!(c > 0.0, "optim.clip_grad_norm must be positive");
         }
         if let Some(d) = self.ema_decay {
-            anyhow::ensure!((0.0..1.0).contains(&d), "optim.ema_decay must lie in [0, 1)");
+            anyhow::ensure!(
+                (0.0..1.0).contains(&d),
+                "optim.ema_decay must lie in [0, 1)"
+            );
         }
         Ok(())
     }
@@ -157,7 +169,10 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.batch_size > 0, "run.batch_size must be at least 1");
         anyhow::ensure!(self.max_steps > 0, "run.max_steps must be at least 1");
-        anyhow::ensure!(self.keep_checkpoints > 0, "run.keep_checkpoints must be at least 1");
+        anyhow::ensure!(
+            self.keep_checkpoints > 0,
+            "run.keep_checkpoints must be at least 1"
+        );
         anyhow::ensure!(self.log_every > 0, "run.log_every must be at least 1");
         if let Some(m) = self.max_minutes {
             anyhow::ensure!(m > 0.0, "run.max_minutes must be positive");
@@ -185,7 +200,8 @@ pub struct StageFile<S> {
 
 /// Reads and checks a TOML configuration; errors name the file, the key and the line.
 pub fn load<S: StageSection>(path: &Path) -> Result<StageFile<S>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
     parse(&text).with_context(|| format!("config {}", path.display()))
 }
 
@@ -193,7 +209,9 @@ pub fn load<S: StageSection>(path: &Path) -> Result<StageFile<S>> {
 pub fn parse<S: StageSection>(text: &str) -> Result<StageFile<S>> {
     let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut section = |name: &str| -> toml::Value {
-        table.remove(name).unwrap_or_else(|| toml::Value::Table(Default::default()))
+        table
+            .remove(name)
+            .unwrap_or_else(|| toml::Value::Table(Default::default()))
     };
     let run: RunConfig = section("run")
         .try_into()
@@ -205,7 +223,10 @@ pub fn parse<S: StageSection>(text: &str) -> Result<StageFile<S>> {
         .try_into()
         .map_err(|e| anyhow::anyhow!("[{}]: {e}", S::NAME))?;
     if let Some(extra) = table.keys().next() {
-        anyhow::bail!("unknown section or key `{extra}` (expected [run], [optim] and [{}])", S::NAME)
+        anyhow::bail!(
+            "unknown section or key `{extra}` (expected [run], [optim] and [{}])",
+            S::NAME
+        )
     }
     run.validate()?;
     optim.validate()?;
@@ -227,15 +248,25 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_wrong_types_are_refused_by_name() {
-        let err = parse::<Demo>("[run]\nbatch_sise = 4\n").unwrap_err().to_string();
+        let err = parse::<Demo>("[run]\nbatch_sise = 4\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("batch_sise"), "{err}");
-        let err = parse::<Demo>("[demo]\nwidht = 4\n").unwrap_err().to_string();
+        let err = parse::<Demo>("[demo]\nwidht = 4\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("widht"), "{err}");
-        let err = parse::<Demo>("[optim]\nlr = \"fast\"\n").unwrap_err().to_string();
+        let err = parse::<Demo>("[optim]\nlr = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lr") || err.contains("invalid type"), "{err}");
-        let err = parse::<Demo>("[optim]\nlr = -1.0\n").unwrap_err().to_string();
+        let err = parse::<Demo>("[optim]\nlr = -1.0\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("optim.lr"), "{err}");
-        let err = parse::<Demo>("[demoo]\nwidth = 4\n").unwrap_err().to_string();
+        let err = parse::<Demo>("[demoo]\nwidth = 4\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("demoo"), "{err}");
         let ok = parse::<Demo>("[run]\nmax_steps = 7\n[demo]\nwidth = 3\n").unwrap();
         assert_eq!((ok.run.max_steps, ok.stage.width), (7, 3));
@@ -255,9 +286,15 @@ mod tests {
         assert!((o.lr_at(10, 110) - 1.0).abs() < 1e-12);
         assert!((o.lr_at(60, 110) - 0.55).abs() < 1e-12);
         assert!((o.lr_at(110, 110) - 0.1).abs() < 1e-12);
-        let lin = OptimConfig { schedule: Schedule::Linear, ..o.clone() };
+        let lin = OptimConfig {
+            schedule: Schedule::Linear,
+            ..o.clone()
+        };
         assert!((lin.lr_at(60, 110) - 0.55).abs() < 1e-12);
-        let c = OptimConfig { schedule: Schedule::Constant, ..o };
+        let c = OptimConfig {
+            schedule: Schedule::Constant,
+            ..o
+        };
         assert_eq!(c.lr_at(100, 110), 1.0);
     }
 }

@@ -89,7 +89,8 @@ pub fn record_stage(out: &Path, stage: &str, record: serde_json::Value) -> Resul
 pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
     let mut file: StageFile<VaeSection> = config::load(&args.config)?;
     apply_overrides(&mut file, args)?;
-    let (mut stage, source, fingerprint) = vae::prepare(&file.stage, &args.data, file.run.seed, &args.device)?;
+    let (mut stage, source, fingerprint) =
+        vae::prepare(&file.stage, &args.data, file.run.seed, &args.device)?;
     let run_dir = args.out.join("runs").join("vae");
     let figures = args.out.join("figures");
     std::fs::create_dir_all(&figures)?;
@@ -99,7 +100,8 @@ pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
             .save(figures.join("vae-before.png"))
             .context("writing vae-before.png")?;
     }
-    let config_json = json!({"stage": "vae", "run": file.run, "optim": file.optim, "vae": file.stage});
+    let config_json =
+        json!({"stage": "vae", "run": file.run, "optim": file.optim, "vae": file.stage});
     let summary = trainer::run(
         &mut stage,
         source.clone(),
@@ -134,7 +136,11 @@ pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
         "psnr_db",
         "validation PSNR (dB)",
     )?;
-    let psnr = summary.validation.get("psnr_db").copied().unwrap_or(f64::NAN);
+    let psnr = summary
+        .validation
+        .get("psnr_db")
+        .copied()
+        .unwrap_or(f64::NAN);
     let gates = vec![Gate {
         metric: "validation PSNR (dB)".into(),
         value: psnr,
@@ -170,8 +176,15 @@ pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
     apply_overrides(&mut file, args)?;
     let run_dir = args.out.join("runs").join("lm");
     refuse_existing_run(&run_dir, args.resume)?;
-    let (mut stage, source, fingerprint) = lm::prepare(&file.stage, &args.data, &args.out, file.run.seed, &args.device)?;
-    let config_json = json!({"stage": "lm", "run": file.run, "optim": file.optim, "lm": file.stage});
+    let (mut stage, source, fingerprint) = lm::prepare(
+        &file.stage,
+        &args.data,
+        &args.out,
+        file.run.seed,
+        &args.device,
+    )?;
+    let config_json =
+        json!({"stage": "lm", "run": file.run, "optim": file.optim, "lm": file.stage});
     let summary = trainer::run(
         &mut stage,
         source,
@@ -203,9 +216,16 @@ pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
         "pronoun_cloze",
         "validation pronoun cloze",
     )?;
-    let cloze = summary.validation.get("pronoun_cloze").copied().unwrap_or(f64::NAN);
+    let cloze = summary
+        .validation
+        .get("pronoun_cloze")
+        .copied()
+        .unwrap_or(f64::NAN);
     let gates = vec![Gate {
-        metric: format!("validation pronoun cloze accuracy ({} questions)", stage.cloze_count()),
+        metric: format!(
+            "validation pronoun cloze accuracy ({} questions)",
+            stage.cloze_count()
+        ),
         value: cloze,
         target: 0.95,
         passed: cloze >= 0.95,
@@ -254,8 +274,15 @@ pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
     apply_overrides(&mut file, args)?;
     let run_dir = args.out.join("runs").join("clip");
     refuse_existing_run(&run_dir, args.resume)?;
-    let (mut stage, source, fingerprint) = clip::prepare(&file.stage, &args.data, &args.out, file.run.seed, &args.device)?;
-    let config_json = json!({"stage": "clip", "run": file.run, "optim": file.optim, "clip": file.stage});
+    let (mut stage, source, fingerprint) = clip::prepare(
+        &file.stage,
+        &args.data,
+        &args.out,
+        file.run.seed,
+        &args.device,
+    )?;
+    let config_json =
+        json!({"stage": "clip", "run": file.run, "optim": file.optim, "clip": file.stage});
     let summary = trainer::run(
         &mut stage,
         source,
@@ -290,7 +317,10 @@ pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
     let get = |k: &str| summary.validation.get(k).copied().unwrap_or(f64::NAN);
     let gates = vec![
         Gate {
-            metric: format!("validation portrait->name accuracy ({} characters)", stage.cast().len()),
+            metric: format!(
+                "validation portrait->name accuracy ({} characters)",
+                stage.cast().len()
+            ),
             value: get("portrait_to_name"),
             target: 1.0,
             passed: get("portrait_to_name") >= 1.0,

@@ -30,7 +30,9 @@ pub trait BatchSource: Send + Sync + 'static {
 
 /// Mixes a run seed with a stream id and index (splitmix64), for independent seeded streams.
 pub fn mix_seed(seed: u64, stream: u64, index: u64) -> u64 {
-    let mut z = seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ index.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut z = seed
+        ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ index.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -44,7 +46,11 @@ pub fn batch_indices(n: usize, batch_size: usize, seed: u64, k: u64) -> Vec<usiz
     let per_epoch = (n / batch_size).max(1) as u64;
     let epoch = k / per_epoch;
     let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(seed, PERMUTATION_STREAM, epoch)));
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(
+        seed,
+        PERMUTATION_STREAM,
+        epoch,
+    )));
     let start = ((k % per_epoch) as usize) * batch_size;
     // With fewer examples than a batch, the batch wraps around the epoch's order.
     (0..batch_size).map(|i| order[(start + i) % n]).collect()
@@ -93,7 +99,9 @@ impl<B: Send + 'static> Loader<B> {
     /// The next batch, in order.
     pub fn next_batch(&mut self) -> Result<B> {
         let rx = self.rx.as_ref().context("loader stopped")?;
-        let (k, batch) = rx.recv().context("the loader thread stopped unexpectedly")?;
+        let (k, batch) = rx
+            .recv()
+            .context("the loader thread stopped unexpectedly")?;
         debug_assert_eq!(k, self.next);
         self.next += 1;
         batch.with_context(|| format!("preparing batch {k}"))
@@ -144,7 +152,10 @@ mod tests {
 
     #[test]
     fn an_empty_source_is_refused() {
-        let err = Loader::new(Arc::new(Ids(0)), 3, 7, 0, 2).err().unwrap().to_string();
+        let err = Loader::new(Arc::new(Ids(0)), 3, 7, 0, 2)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("no examples"), "{err}");
     }
 }

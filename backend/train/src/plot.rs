@@ -8,7 +8,8 @@ use plotters::prelude::*;
 
 /// `(step, value)` series of `key` in the lines of `split` (`train` / `val`).
 pub fn series(metrics: &Path, split: &str, key: &str) -> Result<Vec<(f64, f64)>> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -26,10 +27,20 @@ fn bounds(points: &[(f64, f64)]) -> (f64, f64, f64, f64) {
 }
 
 /// Draws `stage`'s training loss and validation `val_key` (labelled `val_label`) side by side.
-pub fn training_curves(metrics: &Path, out: &Path, stage: &str, val_key: &str, val_label: &str) -> Result<()> {
+pub fn training_curves(
+    metrics: &Path,
+    out: &Path,
+    stage: &str,
+    val_key: &str,
+    val_label: &str,
+) -> Result<()> {
     let train = series(metrics, "train", "loss")?;
     let val = series(metrics, "val", val_key)?;
-    anyhow::ensure!(!train.is_empty(), "{} has no training loss to plot", metrics.display());
+    anyhow::ensure!(
+        !train.is_empty(),
+        "{} has no training loss to plot",
+        metrics.display()
+    );
     let root = SVGBackend::new(out, (900, 360)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (left, right) = root.split_horizontally(450);
@@ -41,7 +52,11 @@ pub fn training_curves(metrics: &Path, out: &Path, stage: &str, val_key: &str, v
             .x_label_area_size(32)
             .y_label_area_size(60)
             .build_cartesian_2d(x0..x1, (y0.max(1e-12) * 0.9..y1 * 1.1).log_scale())?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .draw()?;
         chart.draw_series(LineSeries::new(train.iter().copied(), &BLUE))?;
         if !val.is_empty() {
             let (_, _, v0, v1) = bounds(&val);
@@ -52,7 +67,11 @@ pub fn training_curves(metrics: &Path, out: &Path, stage: &str, val_key: &str, v
                 .x_label_area_size(32)
                 .y_label_area_size(60)
                 .build_cartesian_2d(x0..x1, v0 - pad..v1 + pad)?;
-            chart.configure_mesh().x_desc("step").y_desc(val_label).draw()?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(val_label)
+                .draw()?;
             chart.draw_series(LineSeries::new(val.iter().copied(), &RED))?;
             chart.draw_series(val.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
         }
@@ -72,9 +91,15 @@ mod tests {
         let metrics = dir.path().join("metrics.jsonl");
         let mut lines = String::new();
         for s in 1..=20u64 {
-            lines.push_str(&format!("{{\"step\":{s},\"split\":\"train\",\"loss\":{}}}\n", 1.0 / s as f64));
+            lines.push_str(&format!(
+                "{{\"step\":{s},\"split\":\"train\",\"loss\":{}}}\n",
+                1.0 / s as f64
+            ));
             if s % 5 == 0 {
-                lines.push_str(&format!("{{\"step\":{s},\"split\":\"val\",\"psnr_db\":{}}}\n", 10.0 + s as f64));
+                lines.push_str(&format!(
+                    "{{\"step\":{s},\"split\":\"val\",\"psnr_db\":{}}}\n",
+                    10.0 + s as f64
+                ));
             }
         }
         std::fs::write(&metrics, lines).unwrap();
@@ -82,7 +107,13 @@ mod tests {
         let out = dir.path().join("curves.svg");
         training_curves(&metrics, &out, "vae", "psnr_db", "PSNR (dB)").unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("vae: training loss") && svg.contains("polyline"), "{}", &svg[..200.min(svg.len())]);
+        assert!(
+            svg.starts_with("<svg")
+                && svg.contains("vae: training loss")
+                && svg.contains("polyline"),
+            "{}",
+            &svg[..200.min(svg.len())]
+        );
         let empty = dir.path().join("empty.jsonl");
         std::fs::write(&empty, "").unwrap();
         assert!(training_curves(&empty, &out, "vae", "psnr_db", "PSNR").is_err());

@@ -198,9 +198,14 @@ where
     D: BatchSource<Batch = S::Batch>,
 {
     let started = Instant::now();
-    std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
     let vars = stage.trainable();
-    anyhow::ensure!(!vars.is_empty(), "stage {} has nothing to train", stage.name());
+    anyhow::ensure!(
+        !vars.is_empty(),
+        "stage {} has nothing to train",
+        stage.name()
+    );
     let var_list: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(
         vars.clone(),
@@ -271,7 +276,10 @@ where
         (None, _) => {}
     }
     if opts.resume && existing.is_none() {
-        anyhow::bail!("--resume: {} has no checkpoint to resume from", opts.run_dir.display())
+        anyhow::bail!(
+            "--resume: {} has no checkpoint to resume from",
+            opts.run_dir.display()
+        )
     }
 
     let mut metrics = MetricsLog::open(&opts.run_dir, existing.as_ref().map(|_| step))?;
@@ -306,7 +314,11 @@ where
         checkpoint::save(&opts.run_dir, &st, &t, run_cfg.keep_checkpoints)
     };
 
-    let mut validate = |stage: &mut S, ema: &mut Option<Ema>, step: u64, metrics: &mut MetricsLog| -> Result<BTreeMap<String, f64>> {
+    let mut validate = |stage: &mut S,
+                        ema: &mut Option<Ema>,
+                        step: u64,
+                        metrics: &mut MetricsLog|
+     -> Result<BTreeMap<String, f64>> {
         if let Some(e) = ema.as_mut() {
             e.swap()?;
         }
@@ -342,8 +354,15 @@ where
         let lr = optim_cfg.lr_at(step, run_cfg.max_steps);
         optimizer.set_learning_rate(lr);
         let out = stage.loss(&batch, step)?;
-        let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        anyhow::ensure!(loss.is_finite(), "{} loss became {loss} at step {step}", stage.name());
+        let loss = out
+            .loss
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        anyhow::ensure!(
+            loss.is_finite(),
+            "{} loss became {loss} at step {step}",
+            stage.name()
+        );
         let mut grads = out.loss.backward()?;
         let grad_norm = match optim_cfg.clip_grad_norm {
             Some(max) => clip_grad_norm(&mut grads, &var_list, max)? as f64,
@@ -380,10 +399,22 @@ where
         }
         if run_cfg.val_every > 0 && step % run_cfg.val_every == 0 && step < run_cfg.max_steps {
             validation = validate(stage, &mut ema, step, &mut metrics)?;
-            progress.line(&format!("{} step {step} validation {}", stage.name(), fmt_metrics(&validation)));
+            progress.line(&format!(
+                "{} step {step} validation {}",
+                stage.name(),
+                fmt_metrics(&validation)
+            ));
         }
-        if run_cfg.checkpoint_every > 0 && step % run_cfg.checkpoint_every == 0 && step < run_cfg.max_steps {
-            save(step, &optimizer, &ema, elapsed_before + started.elapsed().as_secs_f64())?;
+        if run_cfg.checkpoint_every > 0
+            && step % run_cfg.checkpoint_every == 0
+            && step < run_cfg.max_steps
+        {
+            save(
+                step,
+                &optimizer,
+                &ema,
+                elapsed_before + started.elapsed().as_secs_f64(),
+            )?;
         }
     };
     drop(loader);
@@ -423,5 +454,8 @@ fn fmt_metrics(m: &BTreeMap<String, f64>) -> String {
     if m.is_empty() {
         return "-".into();
     }
-    m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect::<Vec<_>>().join(" ")
+    m.iter()
+        .map(|(k, v)| format!("{k}={v:.4}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

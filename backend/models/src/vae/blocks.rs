@@ -218,8 +218,7 @@ impl Encoder {
             h = b.forward(&h)?;
         }
         h = self.mid_block.forward(&h)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_silu(&h)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -278,7 +277,6 @@ impl Decoder {
         for b in &self.up_blocks {
             h = b.forward(&h)?;
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_silu(&h)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }

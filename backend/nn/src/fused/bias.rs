@@ -38,7 +38,9 @@ fn bias_grad<T: KernelFloat>(g: &[T], n: usize, c: usize, s: usize) -> Vec<T> {
     let per_plane: Vec<f64> = if s == 0 {
         vec![0.0; n * c]
     } else {
-        g.par_chunks(s).map(|p| p.iter().map(|v| v.wide()).sum::<f64>()).collect()
+        g.par_chunks(s)
+            .map(|p| p.iter().map(|v| v.wide()).sum::<f64>())
+            .collect()
     };
     (0..c)
         .map(|ch| T::of((0..n).map(|i| per_plane[i * c + ch]).sum::<f64>()))
@@ -50,24 +52,46 @@ impl CustomOp2 for ChannelBiasOp {
         "nn-channel-bias"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, c, s) = dims(l1.shape())?;
         if l2.dims() != [c] {
             candle_core::bail!("channel bias: bias {:?} for {c} channels", l2.dims())
         }
         let out = match s1 {
-            CpuStorage::F32(_) => f32::storage(forward(f32::slice(s1, l1)?, f32::slice(s2, l2)?, c, s)),
-            CpuStorage::F64(_) => f64::storage(forward(f64::slice(s1, l1)?, f64::slice(s2, l2)?, c, s)),
+            CpuStorage::F32(_) => {
+                f32::storage(forward(f32::slice(s1, l1)?, f32::slice(s2, l2)?, c, s))
+            }
+            CpuStorage::F64(_) => {
+                f64::storage(forward(f64::slice(s1, l1)?, f64::slice(s2, l2)?, c, s))
+            }
             _ => candle_core::bail!("nn-channel-bias: f32 or f64 input expected"),
         };
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, c, s) = dims(x.shape())?;
         let db = match x.dtype() {
-            candle_core::DType::F64 => tensor_of(with_slice::<f64, _>(grad, |g| Ok(bias_grad(g, n, c, s)))?, &[c])?,
-            _ => tensor_of(with_slice::<f32, _>(grad, |g| Ok(bias_grad(g, n, c, s)))?, &[c])?,
+            candle_core::DType::F64 => tensor_of(
+                with_slice::<f64, _>(grad, |g| Ok(bias_grad(g, n, c, s)))?,
+                &[c],
+            )?,
+            _ => tensor_of(
+                with_slice::<f32, _>(grad, |g| Ok(bias_grad(g, n, c, s)))?,
+                &[c],
+            )?,
         };
         Ok((Some(grad.clone()), Some(db)))
     }

@@ -48,17 +48,29 @@ fn as_used(dims: &[usize], t: Transpose) -> ((usize, usize), (isize, isize)) {
 impl BmmOp {
     fn shapes(&self, a: &[usize], b: &[usize]) -> Result<(usize, usize, usize, usize)> {
         if a.len() != 3 || b.len() != 3 || a[0] != b[0] {
-            candle_core::bail!("batched_matmul: expected (batch, m, k) and (batch, k, n), got {a:?} and {b:?}")
+            candle_core::bail!(
+                "batched_matmul: expected (batch, m, k) and (batch, k, n), got {a:?} and {b:?}"
+            )
         }
         let ((m, k), _) = as_used(a, self.ta);
         let ((k2, n), _) = as_used(b, self.tb);
         if k != k2 {
-            candle_core::bail!("batched_matmul: inner sizes differ ({a:?} {:?} @ {b:?} {:?})", self.ta, self.tb)
+            candle_core::bail!(
+                "batched_matmul: inner sizes differ ({a:?} {:?} @ {b:?} {:?})",
+                self.ta,
+                self.tb
+            )
         }
         Ok((a[0], m, n, k))
     }
 
-    fn run<T: KernelFloat>(&self, a: &[T], ad: &[usize], b: &[T], bd: &[usize]) -> Result<(Vec<T>, Shape)> {
+    fn run<T: KernelFloat>(
+        &self,
+        a: &[T],
+        ad: &[usize],
+        b: &[T],
+        bd: &[usize],
+    ) -> Result<(Vec<T>, Shape)> {
         let (batch, m, n, k) = self.shapes(ad, bd)?;
         let (_, (a_rs, a_cs)) = as_used(ad, self.ta);
         let (_, (b_rs, b_cs)) = as_used(bd, self.tb);
@@ -68,7 +80,10 @@ impl BmmOp {
         }
         let threads = rayon::current_num_threads().max(1);
         let product = |dst: &mut [T], i: usize, par: Parallelism| {
-            let (ap, bp) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+            let (ap, bp) = (
+                &a[i * m * k..(i + 1) * m * k],
+                &b[i * k * n..(i + 1) * k * n],
+            );
             // SAFETY: `dst` is an m x n row-major block, `ap` / `bp` hold one batch entry of each
             // operand and the strides address only inside them (checked shapes above).
             unsafe {
@@ -100,7 +115,11 @@ impl BmmOp {
                 .enumerate()
                 .for_each(|(i, dst)| product(dst, i, Parallelism::None));
         } else {
-            let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+            let par = if threads > 1 {
+                Parallelism::Rayon(threads)
+            } else {
+                Parallelism::None
+            };
             out.chunks_mut(m * n)
                 .enumerate()
                 .for_each(|(i, dst)| product(dst, i, par));
@@ -114,21 +133,43 @@ impl CustomOp2 for BmmOp {
         "nn-batched-matmul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         match s1 {
             CpuStorage::F32(_) => {
-                let (v, s) = self.run(f32::slice(s1, l1)?, l1.dims(), f32::slice(s2, l2)?, l2.dims())?;
+                let (v, s) = self.run(
+                    f32::slice(s1, l1)?,
+                    l1.dims(),
+                    f32::slice(s2, l2)?,
+                    l2.dims(),
+                )?;
                 Ok((f32::storage(v), s))
             }
             CpuStorage::F64(_) => {
-                let (v, s) = self.run(f64::slice(s1, l1)?, l1.dims(), f64::slice(s2, l2)?, l2.dims())?;
+                let (v, s) = self.run(
+                    f64::slice(s1, l1)?,
+                    l1.dims(),
+                    f64::slice(s2, l2)?,
+                    l2.dims(),
+                )?;
                 Ok((f64::storage(v), s))
             }
             _ => candle_core::bail!("nn-batched-matmul: f32 or f64 operands expected"),
         }
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         use Transpose::{No, Yes};
         let g = g.contiguous()?;
         // C = op(A) op(B). Each gradient is again one batched product of stored operands.
@@ -149,7 +190,9 @@ fn bmm_raw(a: &Tensor, b: &Tensor, ta: Transpose, tb: Transpose) -> Result<Tenso
     let op = BmmOp { ta, tb };
     macro_rules! run {
         ($t:ty) => {{
-            let (v, s) = with_slice::<$t, _>(a, |av| with_slice::<$t, _>(b, |bv| op.run(av, a.dims(), bv, b.dims())))?;
+            let (v, s) = with_slice::<$t, _>(a, |av| {
+                with_slice::<$t, _>(b, |bv| op.run(av, a.dims(), bv, b.dims()))
+            })?;
             tensor_of(v, s.dims())
         }};
     }
@@ -165,7 +208,12 @@ fn bmm_raw(a: &Tensor, b: &Tensor, ta: Transpose, tb: Transpose) -> Result<Tenso
 /// f32 / f64 CPU tensors only (see [`super::use_fused`]); the operands are made contiguous.
 pub fn batched_matmul(a: &Tensor, b: &Tensor, ta: Transpose, tb: Transpose) -> Result<Tensor> {
     if a.dtype() != b.dtype() {
-        candle_core::bail!("batched_matmul: dtypes differ ({:?} and {:?})", a.dtype(), b.dtype())
+        candle_core::bail!(
+            "batched_matmul: dtypes differ ({:?} and {:?})",
+            a.dtype(),
+            b.dtype()
+        )
     }
-    a.contiguous()?.apply_op2(&b.contiguous()?, BmmOp { ta, tb })
+    a.contiguous()?
+        .apply_op2(&b.contiguous()?, BmmOp { ta, tb })
 }

@@ -52,7 +52,14 @@ pub(crate) fn kernel_dtype(dtype: DType) -> DType {
 
 /// Float types the kernels are written for (f32 in production, f64 for gradient checks).
 pub(crate) trait KernelFloat:
-    Float + candle_core::WithDType + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static
+    Float
+    + candle_core::WithDType
+    + Send
+    + Sync
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + 'static
 {
     /// Wraps a result vector as candle CPU storage.
     fn storage(v: Vec<Self>) -> CpuStorage;
@@ -91,7 +98,10 @@ kernel_float!(f32, F32);
 kernel_float!(f64, F64);
 
 /// Runs `f` on the contiguous CPU data of `t` (made contiguous first if needed).
-pub(crate) fn with_slice<T: KernelFloat, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_slice<T: KernelFloat, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {

@@ -62,8 +62,12 @@ impl GroupNormOp {
             candle_core::bail!("group_norm expects (N, C, *) input, got {d:?}")
         }
         let s = d[2..].iter().product();
-        if self.groups == 0 || d[1] % self.groups != 0 {
-            candle_core::bail!("group_norm: {} channels are not divisible into {} groups", d[1], self.groups)
+        if self.groups == 0 || !d[1].is_multiple_of(self.groups) {
+            candle_core::bail!(
+                "group_norm: {} channels are not divisible into {} groups",
+                d[1],
+                self.groups
+            )
         }
         Ok((d[0], d[1], s))
     }
@@ -126,8 +130,10 @@ impl GroupNormOp {
                         let (wc, bc) = (w[first + ci], b[first + ci]);
                         let (mut dwc, mut dbc) = (T::zero(), T::zero());
                         let range = ci * s..(ci + 1) * s;
-                        for ((dxv, &xv), &dyv) in
-                            dxg[range.clone()].iter_mut().zip(&xg[range.clone()]).zip(&dyg[range])
+                        for ((dxv, &xv), &dyv) in dxg[range.clone()]
+                            .iter_mut()
+                            .zip(&xg[range.clone()])
+                            .zip(&dyg[range])
                         {
                             let xhat = (xv - mean) * rstd;
                             let dz = if self.silu {
@@ -221,7 +227,9 @@ impl CustomOp3 for GroupNormOp {
                 let (dx, dw, db) = with_slice::<$t, _>(x, |xs| {
                     with_slice::<$t, _>(w, |ws| {
                         with_slice::<$t, _>(b, |bs| {
-                            with_slice::<$t, _>(grad, |gs| Ok(self.backward(xs, ws, bs, gs, n, c, s)))
+                            with_slice::<$t, _>(grad, |gs| {
+                                Ok(self.backward(xs, ws, bs, gs, n, c, s))
+                            })
                         })
                     })
                 })?;
@@ -256,11 +264,17 @@ pub fn group_norm_fused(
     let (_, c, _) = op.dims(xs.shape())?;
     let (w, b) = params(weight, bias, c, xs)?;
     let x = xs.to_dtype(kdt)?.contiguous()?;
-    x.apply_op3(&w.to_dtype(kdt)?, &b.to_dtype(kdt)?, op)?.to_dtype(dtype)
+    x.apply_op3(&w.to_dtype(kdt)?, &b.to_dtype(kdt)?, op)?
+        .to_dtype(dtype)
 }
 
 /// Weight and bias tensors, constants 1 / 0 where absent (they carry no gradient).
-fn params(weight: Option<&Tensor>, bias: Option<&Tensor>, size: usize, like: &Tensor) -> Result<(Tensor, Tensor)> {
+fn params(
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    size: usize,
+    like: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let kdt = kernel_dtype(like.dtype());
     let w = match weight {
         Some(w) => w.clone(),
@@ -322,7 +336,13 @@ impl RowNormOp {
     }
 
     /// `(dx, dweight, dbias)`; `dbias` is empty for RMSNorm.
-    fn backward<T: KernelFloat>(&self, x: &[T], w: &[T], dy: &[T], d: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+    fn backward<T: KernelFloat>(
+        &self,
+        x: &[T],
+        w: &[T],
+        dy: &[T],
+        d: usize,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let mut dx = vec![T::zero(); x.len()];
         if d == 0 {
             return (dx, vec![], vec![]);
@@ -349,7 +369,11 @@ impl RowNormOp {
                         sum_g += g.wide();
                         sum_gx += (g * xhat).wide();
                     }
-                    let mean_g = if centred { T::of(sum_g / d as f64) } else { T::zero() };
+                    let mean_g = if centred {
+                        T::of(sum_g / d as f64)
+                    } else {
+                        T::zero()
+                    };
                     let mean_gx = T::of(sum_gx / d as f64);
                     for j in 0..d {
                         let xhat = (xr[j] - mean) * rstd;
@@ -363,7 +387,10 @@ impl RowNormOp {
             .collect::<Vec<_>>()
             .into_iter()
             .fold(
-                (vec![T::zero(); d], vec![T::zero(); if centred { d } else { 0 }]),
+                (
+                    vec![T::zero(); d],
+                    vec![T::zero(); if centred { d } else { 0 }],
+                ),
                 |(mut aw, mut ab), (bw, bb)| {
                     aw.iter_mut().zip(&bw).for_each(|(a, &b)| *a += b);
                     ab.iter_mut().zip(&bb).for_each(|(a, &b)| *a += b);
@@ -433,29 +460,52 @@ impl CustomOp2 for RowNormOp {
         "nn-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l1.shape())?;
         let out = match s1 {
-            CpuStorage::F32(_) => f32::storage(self.forward(f32::slice(s1, l1)?, f32::slice(s2, l2)?, None, d)),
-            CpuStorage::F64(_) => f64::storage(self.forward(f64::slice(s1, l1)?, f64::slice(s2, l2)?, None, d)),
+            CpuStorage::F32(_) => {
+                f32::storage(self.forward(f32::slice(s1, l1)?, f32::slice(s2, l2)?, None, d))
+            }
+            CpuStorage::F64(_) => {
+                f64::storage(self.forward(f64::slice(s1, l1)?, f64::slice(s2, l2)?, None, d))
+            }
             _ => candle_core::bail!("{}: f32 or f64 input expected", CustomOp2::name(self)),
         };
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, grad)?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
 impl RowNormOp {
-    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let d = last_dim(x.shape())?;
         macro_rules! run {
             ($t:ty) => {{
                 let (dx, dw, db) = with_slice::<$t, _>(x, |xs| {
-                    with_slice::<$t, _>(w, |ws| with_slice::<$t, _>(grad, |gs| Ok(self.backward(xs, ws, gs, d))))
+                    with_slice::<$t, _>(w, |ws| {
+                        with_slice::<$t, _>(grad, |gs| Ok(self.backward(xs, ws, gs, d)))
+                    })
                 })?;
                 let db = match self.kind {
                     RowNorm::Layer => Some(tensor_of(db, &[d])?),
@@ -473,12 +523,20 @@ impl RowNormOp {
 
 /// Fused layer norm over the last dimension (biased variance, as PyTorch), computed in f32
 /// (f64 for f64) and cast back. `None` weight / bias mean 1 / 0.
-pub fn layer_norm_fused(xs: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+pub fn layer_norm_fused(
+    xs: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = xs.dtype();
     let kdt = kernel_dtype(dtype);
     let d = last_dim(xs.shape())?;
     let (w, b) = params(weight, bias, d, xs)?;
-    let op = RowNormOp { kind: RowNorm::Layer, eps };
+    let op = RowNormOp {
+        kind: RowNorm::Layer,
+        eps,
+    };
     xs.to_dtype(kdt)?
         .contiguous()?
         .apply_op3(&w.to_dtype(kdt)?, &b.to_dtype(kdt)?, op)?
@@ -492,7 +550,10 @@ pub fn rms_norm_fused(xs: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<
     let dtype = xs.dtype();
     let kdt = kernel_dtype(dtype);
     let d = last_dim(xs.shape())?;
-    let op = RowNormOp { kind: RowNorm::Rms, eps };
+    let op = RowNormOp {
+        kind: RowNorm::Rms,
+        eps,
+    };
     let x = xs.to_dtype(kdt)?.contiguous()?;
     if dtype == kdt {
         let w = match weight {

@@ -51,13 +51,22 @@ impl MaskIndex<'_> {
 }
 
 impl SoftmaxOp {
-    fn forward<T: KernelFloat>(&self, x: &[T], dims: &[usize], mask: Option<(&[T], MaskIndex)>) -> Vec<T> {
+    fn forward<T: KernelFloat>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        mask: Option<(&[T], MaskIndex)>,
+    ) -> Vec<T> {
         let k = *dims.last().unwrap_or(&1);
         let mut y = vec![T::zero(); x.len()];
         if k == 0 {
             return y;
         }
-        let q_len = if dims.len() >= 2 { dims[dims.len() - 2] } else { 1 };
+        let q_len = if dims.len() >= 2 {
+            dims[dims.len() - 2]
+        } else {
+            1
+        };
         let rows = x.len() / k;
         let block_rows = rows_per_task(rows, k);
         let scale = T::of(self.scale);
@@ -72,7 +81,11 @@ impl SoftmaxOp {
                         None => k,
                     };
                     for (j, (yv, &xv)) in yr.iter_mut().zip(xr).enumerate() {
-                        *yv = if j < visible { xv * scale } else { T::neg_infinity() };
+                        *yv = if j < visible {
+                            xv * scale
+                        } else {
+                            T::neg_infinity()
+                        };
                     }
                     if let Some((m, idx)) = &mask {
                         let (o, st) = (idx.row_offset(row), idx.last_stride());
@@ -80,7 +93,9 @@ impl SoftmaxOp {
                             *yv += m[o + j * st];
                         }
                     }
-                    let max = yr.iter().fold(T::neg_infinity(), |a, &b| num_traits::Float::max(a, b));
+                    let max = yr
+                        .iter()
+                        .fold(T::neg_infinity(), |a, &b| num_traits::Float::max(a, b));
                     let mut sum = 0f64;
                     for yv in yr.iter_mut() {
                         let e = (*yv - max).exp();
@@ -95,7 +110,7 @@ impl SoftmaxOp {
                         yr.iter_mut().for_each(|v| *v = (*v - max) - ln_sum);
                     } else {
                         let inv = T::of(1.0 / sum);
-                        yr.iter_mut().for_each(|v| *v = *v * inv);
+                        yr.iter_mut().for_each(|v| *v *= inv);
                     }
                 }
             });
@@ -139,7 +154,9 @@ impl SoftmaxOp {
         let k = *res.dims().last().unwrap_or(&1);
         macro_rules! run {
             ($t:ty) => {{
-                let dx = with_slice::<$t, _>(res, |ys| with_slice::<$t, _>(grad, |gs| Ok(self.backward(ys, gs, k))))?;
+                let dx = with_slice::<$t, _>(res, |ys| {
+                    with_slice::<$t, _>(grad, |gs| Ok(self.backward(ys, gs, k)))
+                })?;
                 tensor_of(dx, res.dims())
             }};
         }
@@ -175,10 +192,20 @@ impl CustomOp2 for SoftmaxOp {
         "nn-softmax-masked"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.dims();
         if l2.dims() != dims {
-            candle_core::bail!("nn-softmax: mask shape {:?} differs from input {:?}", l2.dims(), dims)
+            candle_core::bail!(
+                "nn-softmax: mask shape {:?} differs from input {:?}",
+                l2.dims(),
+                dims
+            )
         }
         let idx = || MaskIndex {
             dims,
@@ -192,12 +219,20 @@ impl CustomOp2 for SoftmaxOp {
             (CpuStorage::F64(_), CpuStorage::F64(m)) => {
                 f64::storage(self.forward(f64::slice(s1, l1)?, dims, Some((m.as_slice(), idx()))))
             }
-            _ => candle_core::bail!("nn-softmax: f32 or f64 input and mask of the same dtype expected"),
+            _ => candle_core::bail!(
+                "nn-softmax: f32 or f64 input and mask of the same dtype expected"
+            ),
         };
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _mask: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(self.grad(res, grad)?), None))
     }
 }
@@ -220,7 +255,11 @@ pub fn softmax_fused(xs: &Tensor, scale: f64, mask: SoftmaxMask, log: bool) -> R
     } else {
         None
     };
-    let op = SoftmaxOp { scale, causal_offset, log };
+    let op = SoftmaxOp {
+        scale,
+        causal_offset,
+        log,
+    };
     let x = xs.to_dtype(kdt)?.contiguous()?;
     match mask.additive {
         None => x.apply_op1(op),

@@ -15,7 +15,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use data::dataset::{CharacterInfo, DatasetKind, DatasetReader, Split};
 use image::RgbImage;
-use models::clip::{ClipConfigs, ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel};
+use models::clip::{
+    ClipConfigs, ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel,
+};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -86,13 +88,18 @@ fn load_captioned(reader: &DatasetReader, split: Split, max: usize) -> Result<Ca
     let mut seen = BTreeSet::new();
     let (mut captions, mut images) = (Vec::new(), Vec::new());
     'outer: for id in ids {
-        let story = reader.load_story(&id, 0).with_context(|| format!("loading story {id}"))?;
+        let story = reader
+            .load_story(&id, 0)
+            .with_context(|| format!("loading story {id}"))?;
         for f in story.frames {
             if captions.len() >= max {
                 break 'outer;
             }
             if seen.insert(f.id.clone()) {
-                images.push(f.image.with_context(|| format!("frame {} has no image", f.id))?);
+                images.push(
+                    f.image
+                        .with_context(|| format!("frame {} has no image", f.id))?,
+                );
                 captions.push(f.caption);
             }
         }
@@ -119,8 +126,14 @@ impl BatchSource for ClipSource {
         self.data.images.len()
     }
     fn batch(&self, indices: &[usize], _rng: &mut ChaCha8Rng) -> Result<ClipBatch> {
-        let imgs: Vec<RgbImage> = indices.iter().map(|&i| self.data.images[i].clone()).collect();
-        let texts: Vec<&str> = indices.iter().map(|&i| self.data.captions[i].as_str()).collect();
+        let imgs: Vec<RgbImage> = indices
+            .iter()
+            .map(|&i| self.data.images[i].clone())
+            .collect();
+        let texts: Vec<&str> = indices
+            .iter()
+            .map(|&i| self.data.captions[i].as_str())
+            .collect();
         Ok(ClipBatch {
             pixels: self.processor.preprocess_batch(&imgs, &Device::Cpu)?,
             ids: self.tokenizer.encode_batch(&texts, &Device::Cpu)?,
@@ -152,29 +165,49 @@ pub struct ClipStage {
 /// Reads `characters.json` and the portraits it names.
 fn cast(root: &Path) -> Result<Vec<(CharacterInfo, RgbImage)>> {
     let path = root.join("characters.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (the clip stage needs the cast's portraits)", path.display()))?;
-    let chars: Vec<CharacterInfo> = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (the clip stage needs the cast's portraits)",
+            path.display()
+        )
+    })?;
+    let chars: Vec<CharacterInfo> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     chars
         .into_iter()
         .map(|c| {
             let p = root.join(&c.portrait);
-            let img = image::open(&p).with_context(|| format!("reading portrait {}", p.display()))?.to_rgb8();
+            let img = image::open(&p)
+                .with_context(|| format!("reading portrait {}", p.display()))?
+                .to_rgb8();
             Ok((c, img))
         })
         .collect()
 }
 
 /// Learns the vocabulary into `OUT/sd/tokenizer`, loads the data and builds both towers.
-pub fn prepare(section: &ClipSection, data: &Path, out: &Path, seed: u64, device: &Device) -> Result<(ClipStage, Arc<ClipSource>, String)> {
+pub fn prepare(
+    section: &ClipSection,
+    data: &Path,
+    out: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(ClipStage, Arc<ClipSource>, String)> {
     let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
         .with_context(|| format!("opening dataset {}", data.display()))?;
     let train = load_captioned(&reader, Split::Train, section.train_frames)?;
     let val = load_captioned(&reader, Split::Val, section.val_frames)?;
     let cast = cast(data)?;
-    anyhow::ensure!(cast.len() >= 2, "the clip stage needs at least two characters with portraits");
+    anyhow::ensure!(
+        cast.len() >= 2,
+        "the clip stage needs at least two characters with portraits"
+    );
     let size = train.images[0].width() as usize;
-    anyhow::ensure!(size % section.patch_size == 0, "{size}-pixel frames do not divide into {}-pixel patches", section.patch_size);
+    anyhow::ensure!(
+        size.is_multiple_of(section.patch_size),
+        "{size}-pixel frames do not divide into {}-pixel patches",
+        section.patch_size
+    );
 
     let mut corpus: Vec<String> = train.captions.clone();
     corpus.extend(cast.iter().map(|(c, _)| c.name.clone()));
@@ -212,12 +245,25 @@ pub fn prepare(section: &ClipSection, data: &Path, out: &Path, seed: u64, device
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
     });
-    let text_c = ClipConfigs::from_json(&text_cfg)?.text.context("text config")?;
-    let vision_c = ClipConfigs::from_json(&vision_cfg)?.vision.context("vision config")?;
+    let text_c = ClipConfigs::from_json(&text_cfg)?
+        .text
+        .context("text config")?;
+    let vision_c = ClipConfigs::from_json(&vision_cfg)?
+        .vision
+        .context("vision config")?;
     let (text_vars, vision_vars, scale_vars) = (VarMap::new(), VarMap::new(), VarMap::new());
-    let text = ClipTextModel::new(super::seeded_var_builder(&text_vars, seed, DType::F32, device), &text_c)?;
+    let text = ClipTextModel::new(
+        super::seeded_var_builder(&text_vars, seed, DType::F32, device),
+        &text_c,
+    )?;
     let vision = ClipVisionModel::new(
-        super::seeded_var_builder_with(&vision_vars, seed ^ 1, DType::F32, device, &["visual_projection.weight"]),
+        super::seeded_var_builder_with(
+            &vision_vars,
+            seed ^ 1,
+            DType::F32,
+            device,
+            &["visual_projection.weight"],
+        ),
         &vision_c,
     )?;
     // CLIP's initial temperature: logits scaled by 1 / 0.07.
@@ -256,7 +302,11 @@ pub fn prepare(section: &ClipSection, data: &Path, out: &Path, seed: u64, device
         vision_cfg,
         out: out.to_path_buf(),
     };
-    let source = Arc::new(ClipSource { data: train, tokenizer, processor });
+    let source = Arc::new(ClipSource {
+        data: train,
+        tokenizer,
+        processor,
+    });
     Ok((stage, source, format!("{fp:016x}")))
 }
 
@@ -268,7 +318,9 @@ fn normalize(x: &Tensor) -> Result<Tensor> {
 /// Symmetric InfoNCE of matching rows.
 fn info_nce(a: &Tensor, b: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let n = a.dim(0)?;
-    let logits = a.matmul(&b.t()?)?.broadcast_mul(&scale.exp()?.clamp(1f32, 100f32)?)?;
+    let logits = a
+        .matmul(&b.t()?)?
+        .broadcast_mul(&scale.exp()?.clamp(1f32, 100f32)?)?;
     let labels = Tensor::arange(0u32, n as u32, a.device())?.unsqueeze(1)?;
     let ce = |l: &Tensor| -> Result<Tensor> {
         let lp = nn::log_softmax_last_dim(l)?;
@@ -284,7 +336,11 @@ impl ClipStage {
 
     fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let out = self.vision.forward(pixels)?;
-        normalize(out.image_embeds.as_ref().context("the vision tower has no projection")?)
+        normalize(
+            out.image_embeds
+                .as_ref()
+                .context("the vision tower has no projection")?,
+        )
     }
 
     /// Caption -> frame recall@1 and @5 over the validation frames, and portrait -> name
@@ -292,12 +348,23 @@ impl ClipStage {
     pub fn evaluate(&self) -> Result<(f64, f64, f64)> {
         let (mut t, mut v) = (Vec::new(), Vec::new());
         for chunk in (0..self.val.images.len()).collect::<Vec<_>>().chunks(64) {
-            let texts: Vec<&str> = chunk.iter().map(|&i| self.val.captions[i].as_str()).collect();
+            let texts: Vec<&str> = chunk
+                .iter()
+                .map(|&i| self.val.captions[i].as_str())
+                .collect();
             let imgs: Vec<RgbImage> = chunk.iter().map(|&i| self.val.images[i].clone()).collect();
-            t.push(self.text_features(&self.tokenizer.encode_batch(&texts, &self.device)?)?.detach());
-            v.push(self.image_features(&self.processor.preprocess_batch(&imgs, &self.device)?)?.detach());
+            t.push(
+                self.text_features(&self.tokenizer.encode_batch(&texts, &self.device)?)?
+                    .detach(),
+            );
+            v.push(
+                self.image_features(&self.processor.preprocess_batch(&imgs, &self.device)?)?
+                    .detach(),
+            );
         }
-        let sims = Tensor::cat(&t, 0)?.matmul(&Tensor::cat(&v, 0)?.t()?)?.to_vec2::<f32>()?;
+        let sims = Tensor::cat(&t, 0)?
+            .matmul(&Tensor::cat(&v, 0)?.t()?)?
+            .to_vec2::<f32>()?;
         let (mut r1, mut r5) = (0usize, 0usize);
         for (i, row) in sims.iter().enumerate() {
             let better = row.iter().filter(|&&s| s > row[i]).count();
@@ -305,7 +372,10 @@ impl ClipStage {
             r5 += usize::from(better < 5);
         }
         let n = sims.len().max(1) as f64;
-        let p = self.image_features(&self.portraits)?.matmul(&self.text_features(&self.names)?.t()?)?.to_vec2::<f32>()?;
+        let p = self
+            .image_features(&self.portraits)?
+            .matmul(&self.text_features(&self.names)?.t()?)?
+            .to_vec2::<f32>()?;
         let right = p
             .iter()
             .enumerate()
@@ -323,11 +393,17 @@ impl ClipStage {
     pub fn export(&self) -> Result<()> {
         let text_dir = self.out.join("sd/text_encoder");
         std::fs::create_dir_all(&text_dir)?;
-        std::fs::write(text_dir.join("config.json"), serde_json::to_string_pretty(&self.text_cfg)?)?;
+        std::fs::write(
+            text_dir.join("config.json"),
+            serde_json::to_string_pretty(&self.text_cfg)?,
+        )?;
         self.text_vars.save(text_dir.join("model.safetensors"))?;
         let vision_dir = self.out.join("clip-vision");
         std::fs::create_dir_all(&vision_dir)?;
-        std::fs::write(vision_dir.join("config.json"), serde_json::to_string_pretty(&self.vision_cfg)?)?;
+        std::fs::write(
+            vision_dir.join("config.json"),
+            serde_json::to_string_pretty(&self.vision_cfg)?,
+        )?;
         let size = self.vision_cfg["image_size"].clone();
         std::fs::write(
             vision_dir.join("preprocessor_config.json"),
@@ -338,7 +414,8 @@ impl ClipStage {
                 "size": {"shortest_edge": size},
             }))?,
         )?;
-        self.vision_vars.save(vision_dir.join("model.safetensors"))?;
+        self.vision_vars
+            .save(vision_dir.join("model.safetensors"))?;
         Ok(())
     }
 }
@@ -355,21 +432,32 @@ impl Stage for ClipStage {
             .into_iter()
             .map(|(k, x)| (format!("text.{k}"), x))
             .collect();
-        v.extend(super::named_vars(&self.vision_vars).into_iter().map(|(k, x)| (format!("vision.{k}"), x)));
+        v.extend(
+            super::named_vars(&self.vision_vars)
+                .into_iter()
+                .map(|(k, x)| (format!("vision.{k}"), x)),
+        );
         v.extend(super::named_vars(&self.scale_vars));
         v
     }
 
     fn no_weight_decay(&self, name: &str) -> bool {
-        name.ends_with(".bias") || name.contains("layer_norm") || name.contains("layrnorm")
-            || name.contains("embedding") || name == "logit_scale"
+        name.ends_with(".bias")
+            || name.contains("layer_norm")
+            || name.contains("layrnorm")
+            || name.contains("embedding")
+            || name == "logit_scale"
     }
 
     fn loss(&mut self, b: &ClipBatch, _step: u64) -> Result<StepLoss> {
         let t = self.text_features(&b.ids.to_device(&self.device)?)?;
         let v = self.image_features(&b.pixels.to_device(&self.device)?)?;
         let frames = info_nce(&v, &t, &self.logit_scale)?;
-        let portraits = info_nce(&self.image_features(&self.portraits)?, &self.text_features(&self.names)?, &self.logit_scale)?;
+        let portraits = info_nce(
+            &self.image_features(&self.portraits)?,
+            &self.text_features(&self.names)?,
+            &self.logit_scale,
+        )?;
         let loss = (&frames + (&portraits * self.section.portrait_weight)?)?;
         Ok(StepLoss {
             parts: vec![

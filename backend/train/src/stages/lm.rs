@@ -93,10 +93,19 @@ fn pack(docs: &[&Vec<u32>], seq_len: usize, pad: u32) -> LmBatch {
             let next = d.get(t + 1).copied();
             ids.push(cur.unwrap_or(pad));
             targets.push(next.unwrap_or(pad));
-            mask.push(if cur.is_some() && next.is_some() { 1.0 } else { 0.0 });
+            mask.push(if cur.is_some() && next.is_some() {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
-    LmBatch { ids, targets, mask, n: docs.len() }
+    LmBatch {
+        ids,
+        targets,
+        mask,
+        n: docs.len(),
+    }
 }
 
 impl BatchSource for LmSource {
@@ -131,13 +140,19 @@ pub struct LmStage {
     tokenizer_dir: std::path::PathBuf,
 }
 
-fn stories(reader: &DatasetReader, split: Split, limit: usize) -> Result<Vec<(Vec<String>, Vec<String>)>> {
+fn stories(
+    reader: &DatasetReader,
+    split: Split,
+    limit: usize,
+) -> Result<Vec<(Vec<String>, Vec<String>)>> {
     let ids = reader.story_ids(split);
     anyhow::ensure!(!ids.is_empty(), "the {} split has no stories", split.key());
     ids.iter()
         .take(limit)
         .map(|id| {
-            let s = reader.story_text(id).with_context(|| format!("reading story {id}"))?;
+            let s = reader
+                .story_text(id)
+                .with_context(|| format!("reading story {id}"))?;
             Ok((
                 s.frames.iter().map(|f| f.caption.clone()).collect(),
                 s.frames.iter().map(|f| f.referential.clone()).collect(),
@@ -147,10 +162,20 @@ fn stories(reader: &DatasetReader, split: Split, limit: usize) -> Result<Vec<(Ve
 }
 
 /// Learns the vocabulary into `OUT/llm`, tokenises the data and builds the model.
-pub fn prepare(section: &LmSection, data: &Path, out: &Path, seed: u64, device: &Device) -> Result<(LmStage, Arc<LmSource>, String)> {
+pub fn prepare(
+    section: &LmSection,
+    data: &Path,
+    out: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(LmStage, Arc<LmSource>, String)> {
     let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
         .with_context(|| format!("opening dataset {}", data.display()))?;
-    let train = stories(&reader, Split::Train, section.train_stories.unwrap_or(usize::MAX))?;
+    let train = stories(
+        &reader,
+        Split::Train,
+        section.train_stories.unwrap_or(usize::MAX),
+    )?;
     let val = stories(&reader, Split::Val, section.val_stories)?;
     // The vocabulary: training captions in both forms, and the prompt markers of stage 2.
     let mut corpus = Vec::new();
@@ -164,8 +189,12 @@ pub fn prepare(section: &LmSection, data: &Path, out: &Path, seed: u64, device: 
     let dir = out.join("llm");
     let vocab = models::bundle::bpe::write_llm_tokenizer(&dir, &corpus, section.bpe_merges)?;
     let tok = LlmTokenizer::from_dir(&dir, 0)?;
-    let bos = tok.token_to_id("</s>").context("the tokenizer has no </s>")?;
-    let pad = tok.token_to_id("<pad>").context("the tokenizer has no <pad>")?;
+    let bos = tok
+        .token_to_id("</s>")
+        .context("the tokenizer has no </s>")?;
+    let pad = tok
+        .token_to_id("<pad>")
+        .context("the tokenizer has no <pad>")?;
     let encode = |text: &str| -> Result<Vec<u32>> {
         let mut ids = vec![bos];
         ids.extend(tok.encode(text)?);
@@ -187,7 +216,10 @@ pub fn prepare(section: &LmSection, data: &Path, out: &Path, seed: u64, device: 
         cloze.extend(cloze_questions(&tok, &ids));
         val_docs.push(ids);
     }
-    anyhow::ensure!(!cloze.is_empty(), "the validation stories have no he / she / they to test");
+    anyhow::ensure!(
+        !cloze.is_empty(),
+        "the validation stories have no he / she / they to test"
+    );
     let config_json = json!({
         "architectures": ["OPTForCausalLM"],
         "model_type": "opt",
@@ -208,7 +240,10 @@ pub fn prepare(section: &LmSection, data: &Path, out: &Path, seed: u64, device: 
         "tie_word_embeddings": true,
         "torch_dtype": "float32",
     });
-    anyhow::ensure!(section.seq_len <= 256, "lm.seq_len must be at most 256 (the model's positions)");
+    anyhow::ensure!(
+        section.seq_len <= 256,
+        "lm.seq_len must be at most 256 (the model's positions)"
+    );
     let cfg: OptConfig = serde_json::from_value(config_json.clone())?;
     let varmap = VarMap::new();
     let vb = super::seeded_var_builder(&varmap, seed, DType::F32, device);
@@ -243,7 +278,11 @@ pub fn prepare(section: &LmSection, data: &Path, out: &Path, seed: u64, device: 
 /// The subject pronouns of a referential document, as cloze questions.
 fn cloze_questions(tok: &LlmTokenizer, ids: &[u32]) -> Vec<Cloze> {
     let set = |words: [&str; 3]| -> Option<[u32; 3]> {
-        Some([tok.token_to_id(words[0])?, tok.token_to_id(words[1])?, tok.token_to_id(words[2])?])
+        Some([
+            tok.token_to_id(words[0])?,
+            tok.token_to_id(words[1])?,
+            tok.token_to_id(words[2])?,
+        ])
     };
     let groups: Vec<[u32; 3]> = [["ĠHe", "ĠShe", "ĠThey"], ["Ġhe", "Ġshe", "Ġthey"]]
         .into_iter()
@@ -269,7 +308,9 @@ impl LmStage {
         let targets = Tensor::from_vec(b.targets.clone(), (b.n, t, 1), &self.device)?;
         let mask = Tensor::from_vec(b.mask.clone(), (b.n, t), &self.device)?;
         let mut cache = self.lm.new_cache();
-        let out = self.lm.forward_ids_with(&ids, &mut cache, None, LogitsFor::All)?;
+        let out = self
+            .lm
+            .forward_ids_with(&ids, &mut cache, None, LogitsFor::All)?;
         let logp = nn::log_softmax_last_dim(&out.logits)?;
         let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
         let total = (picked * &mask)?.sum_all()?.neg()?;
@@ -289,7 +330,9 @@ impl LmStage {
         for q in &self.cloze {
             let ids = Tensor::from_vec(q.prefix.clone(), (1, q.prefix.len()), &self.device)?;
             let mut cache = self.lm.new_cache();
-            let out = self.lm.forward_ids_with(&ids, &mut cache, None, LogitsFor::Last)?;
+            let out = self
+                .lm
+                .forward_ids_with(&ids, &mut cache, None, LogitsFor::Last)?;
             let logits = out.logits.flatten_all()?.to_vec1::<f32>()?;
             let best = q
                 .choices
@@ -310,7 +353,10 @@ impl LmStage {
     /// Writes `config.json` and `model.safetensors` next to the tokenizer in `OUT/llm`.
     pub fn export(&self) -> Result<()> {
         let dir = &self.tokenizer_dir;
-        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&self.config_json)?)?;
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&self.config_json)?,
+        )?;
         self.varmap
             .save(dir.join("model.safetensors"))
             .with_context(|| format!("writing the LM weights into {}", dir.display()))?;
@@ -336,7 +382,10 @@ impl Stage for LmStage {
     fn loss(&mut self, b: &LmBatch, _step: u64) -> Result<StepLoss> {
         let (total, count) = self.nll(b)?;
         let loss = total.broadcast_div(&count.clamp(1f32, f32::MAX)?)?;
-        Ok(StepLoss { loss, parts: vec![] })
+        Ok(StepLoss {
+            loss,
+            parts: vec![],
+        })
     }
 
     fn validate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {

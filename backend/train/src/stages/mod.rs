@@ -40,7 +40,13 @@ impl FrameSet {
     /// Loads up to `max` distinct frames (frame `clip_frame` of each clip) of `split`'s stories,
     /// in story order. Fails with the dataset's own message on missing or corrupt files, and
     /// when the split has no frames.
-    pub fn load(root: &Path, split: Split, story_len: usize, clip_frame: usize, max: usize) -> Result<Self> {
+    pub fn load(
+        root: &Path,
+        split: Split,
+        story_len: usize,
+        clip_frame: usize,
+        max: usize,
+    ) -> Result<Self> {
         let reader = DatasetReader::open(root, DatasetKind::Auto, story_len)
             .with_context(|| format!("opening dataset {}", root.display()))?;
         let stories = reader.story_ids(split);
@@ -63,7 +69,9 @@ impl FrameSet {
                 if !seen.insert(f.id.clone()) {
                     continue;
                 }
-                let img = f.image.with_context(|| format!("frame {} has no image", f.id))?;
+                let img = f
+                    .image
+                    .with_context(|| format!("frame {} has no image", f.id))?;
                 if let Some(first) = images.first() {
                     let first: &RgbImage = first;
                     anyhow::ensure!(
@@ -78,7 +86,11 @@ impl FrameSet {
                 images.push(img);
             }
         }
-        anyhow::ensure!(!images.is_empty(), "the {} split has no frames", split.key());
+        anyhow::ensure!(
+            !images.is_empty(),
+            "the {} split has no frames",
+            split.key()
+        );
         Ok(Self { ids, images })
     }
 
@@ -133,7 +145,9 @@ pub fn pixels_to_images(values: &[f32], n: usize, w: u32, h: u32) -> Vec<RgbImag
             let base = i * 3 * plane;
             RgbImage::from_fn(w, h, |x, y| {
                 let p = (y * w + x) as usize;
-                let v = |c: usize| ((values[base + c * plane + p].clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+                let v = |c: usize| {
+                    ((values[base + c * plane + p].clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8
+                };
                 image::Rgb([v(0), v(1), v(2)])
             })
         })
@@ -152,7 +166,10 @@ pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
         image::Rgb([255, 255, 255]),
     );
     for (i, img) in images.iter().enumerate() {
-        let (x, y) = ((i % cols) as u32 * (w + gap) + gap, (i / cols) as u32 * (h + gap) + gap);
+        let (x, y) = (
+            (i % cols) as u32 * (w + gap) + gap,
+            (i / cols) as u32 * (h + gap) + gap,
+        );
         image::imageops::replace(&mut out, img, x as i64, y as i64);
     }
     out
@@ -169,7 +186,14 @@ struct SeededVars {
 }
 
 impl SimpleBackend for SeededVars {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut data = self.varmap.data().lock().expect("varmap poisoned");
         if let Some(v) = data.get(name) {
             if v.shape() != &s {
@@ -178,7 +202,9 @@ impl SimpleBackend for SeededVars {
             return Ok(v.as_tensor().clone());
         }
         let values = models::bundle::random::seeded_values(self.seed, name, &s, h);
-        let t = Tensor::from_vec(values, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
+        let t = Tensor::from_vec(values, s, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)?;
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         data.insert(name.to_owned(), var);
@@ -191,12 +217,22 @@ impl SimpleBackend for SeededVars {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.optional.iter().any(|o| o == name)
-            || self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+            || self
+                .varmap
+                .data()
+                .lock()
+                .map(|d| d.contains_key(name))
+                .unwrap_or(false)
     }
 }
 
 /// A VarBuilder whose variables land in `varmap`, seeded by `seed`.
-pub fn seeded_var_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+pub fn seeded_var_builder(
+    varmap: &VarMap,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     seeded_var_builder_with(varmap, seed, dtype, device, &[])
 }
 

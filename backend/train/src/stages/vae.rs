@@ -138,16 +138,42 @@ pub struct VaeStage {
 }
 
 /// Loads the data and builds the stage: `(stage, training source)`.
-pub fn prepare(section: &VaeSection, data: &Path, seed: u64, device: &Device) -> Result<(VaeStage, Arc<VaeSource>, String)> {
-    let train = FrameSet::load(data, data::dataset::Split::Train, section.story_len, 0, section.train_frames)?;
-    let val = FrameSet::load(data, data::dataset::Split::Val, section.story_len, 0, section.val_frames)?;
+pub fn prepare(
+    section: &VaeSection,
+    data: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(VaeStage, Arc<VaeSource>, String)> {
+    let train = FrameSet::load(
+        data,
+        data::dataset::Split::Train,
+        section.story_len,
+        0,
+        section.train_frames,
+    )?;
+    let val = FrameSet::load(
+        data,
+        data::dataset::Split::Val,
+        section.story_len,
+        0,
+        section.val_frames,
+    )?;
     let (w, h) = train.size();
     anyhow::ensure!(w == h, "frames must be square, got {w}x{h}");
-    anyhow::ensure!(val.size() == (w, h), "validation frames are {:?}, training frames {:?}", val.size(), (w, h));
+    anyhow::ensure!(
+        val.size() == (w, h),
+        "validation frames are {:?}, training frames {:?}",
+        val.size(),
+        (w, h)
+    );
     let cfg: VaeConfig = serde_json::from_value(section.diffusers_config(w, 1.0))?;
-    cfg.validate().context("[vae] describes an unsupported autoencoder")?;
+    cfg.validate()
+        .context("[vae] describes an unsupported autoencoder")?;
     let down = cfg.downscale() as u32;
-    anyhow::ensure!(w % down == 0, "{w}-pixel frames do not divide by the downsampling factor {down}");
+    anyhow::ensure!(
+        w % down == 0,
+        "{w}-pixel frames do not divide by the downsampling factor {down}"
+    );
     let latent = ((h / down) as usize, (w / down) as usize);
     let varmap = VarMap::new();
     let vb = crate::stages::seeded_var_builder(&varmap, seed, DType::F32, device);
@@ -189,7 +215,11 @@ impl VaeStage {
         let all: Vec<usize> = (0..self.val.len()).collect();
         for chunk in all.chunks(32) {
             let (x, xr) = self.reconstruct(chunk)?;
-            let per_image = (xr.clamp(-1f32, 1f32)? - &x)?.sqr()?.flatten_from(1)?.mean(1)?.to_vec1::<f32>()?;
+            let per_image = (xr.clamp(-1f32, 1f32)? - &x)?
+                .sqr()?
+                .flatten_from(1)?
+                .mean(1)?
+                .to_vec1::<f32>()?;
             for m in per_image {
                 let m01 = (m as f64 / 4.0).max(1e-12); // [-1, 1] -> [0, 1] scales the MSE by 1/4
                 psnr += 10.0 * (1.0 / m01).log10();
@@ -210,7 +240,13 @@ impl VaeStage {
         let idx: Vec<usize> = (0..n).collect();
         for chunk in idx.chunks(32) {
             let x = self.pixels(source.frames.batch_pixels(chunk), chunk.len())?;
-            let z = self.vae.encode(&x)?.mode().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let z = self
+                .vae
+                .encode(&x)?
+                .mode()
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
             count += z.len() as f64;
             sum += z.iter().sum::<f64>();
             sq += z.iter().map(|v| v * v).sum::<f64>();
@@ -226,7 +262,12 @@ impl VaeStage {
         let (x, xr) = self.reconstruct(&idx)?;
         let s = self.size;
         let mut images = pixels_to_images(&x.flatten_all()?.to_vec1::<f32>()?, idx.len(), s, s);
-        images.extend(pixels_to_images(&xr.flatten_all()?.to_vec1::<f32>()?, idx.len(), s, s));
+        images.extend(pixels_to_images(
+            &xr.flatten_all()?.to_vec1::<f32>()?,
+            idx.len(),
+            s,
+            s,
+        ));
         Ok(grid(&images, idx.len()))
     }
 
@@ -266,8 +307,12 @@ impl Stage for VaeStage {
         let x = self.pixels(b.pixels.clone(), b.n)?;
         let post = self.vae.encode(&x)?;
         let (lh, lw) = self.latent;
-        let noise = Tensor::from_vec(b.noise.clone(), (b.n, self.section.latent_channels, lh, lw), &Device::Cpu)?
-            .to_device(&self.device)?;
+        let noise = Tensor::from_vec(
+            b.noise.clone(),
+            (b.n, self.section.latent_channels, lh, lw),
+            &Device::Cpu,
+        )?
+        .to_device(&self.device)?;
         let z = post.sample(&noise)?;
         let xr = self.vae.decode(&z)?;
         let recon = nn::mse(&xr, &x)?;
@@ -285,6 +330,9 @@ impl Stage for VaeStage {
 
     fn validate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
         let (psnr, mse) = self.psnr()?;
-        Ok(BTreeMap::from([("psnr_db".to_owned(), psnr), ("mse".to_owned(), mse)]))
+        Ok(BTreeMap::from([
+            ("psnr_db".to_owned(), psnr),
+            ("mse".to_owned(), mse),
+        ]))
     }
 }
