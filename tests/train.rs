@@ -103,7 +103,11 @@ fn weights(out: &Path) -> Vec<u8> {
 }
 
 fn train_losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("runs/vae/metrics.jsonl"))
+    stage_losses(out, "vae")
+}
+
+fn stage_losses(out: &Path, stage: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join(format!("runs/{stage}/metrics.jsonl")))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
@@ -334,31 +338,11 @@ val_stories = 10
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let res = Command::new(binary())
-        .args(["train", "lm", "--config"])
-        .arg(&config)
-        .arg("--data")
-        .arg(dataset())
-        .arg("--out")
-        .arg(&out)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(res.status.success(), "{stderr}");
+    let stderr = overfit("lm", &std::fs::read_to_string(&config).unwrap(), &out);
     assert!(
         stderr.contains("lm gate: validation pronoun cloze accuracy"),
         "{stderr}"
     );
-    let losses: Vec<f64> = std::fs::read_to_string(out.join("runs/lm/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["split"] == "train")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
-    let (first, last) = (losses[0], *losses.last().unwrap());
-    assert!(last < first / 4.0, "loss fell only from {first} to {last}");
     // The export is a transformers directory the service's loader reads.
     let lm = models::llm::CausalLm::load(
         out.join("llm"),
@@ -405,31 +389,11 @@ val_frames = 16
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let res = Command::new(binary())
-        .args(["train", "clip", "--config"])
-        .arg(&config)
-        .arg("--data")
-        .arg(dataset())
-        .arg("--out")
-        .arg(&out)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(res.status.success(), "{stderr}");
+    let stderr = overfit("clip", &std::fs::read_to_string(&config).unwrap(), &out);
     assert!(
         stderr.contains("clip gate: validation portrait->name accuracy"),
         "{stderr}"
     );
-    let losses: Vec<f64> = std::fs::read_to_string(out.join("runs/clip/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["split"] == "train")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
-    let (first, last) = (losses[0], *losses.last().unwrap());
-    assert!(last < first / 4.0, "loss fell only from {first} to {last}");
     let dev = candle_core::Device::Cpu;
     models::clip::ClipTextModel::load(&out.join("sd/text_encoder"), candle_core::DType::F32, &dev)
         .unwrap();
@@ -445,4 +409,30 @@ val_frames = 16
         "the projection was not exported"
     );
     models::clip::ClipTokenizer::from_dir(&out.join("sd/tokenizer")).unwrap();
+}
+
+/// Trains `stage` with `config_text` into `out` and returns stderr (asserting success and that
+/// the loss fell more than 4x: a small fixed set is overfitted).
+fn overfit(stage: &str, config_text: &str, out: &Path) -> String {
+    let config = out.with_extension("toml");
+    std::fs::write(&config, config_text).unwrap();
+    let res = Command::new(binary())
+        .args(["train", stage, "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(dataset())
+        .arg("--out")
+        .arg(out)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(res.status.success(), "{stderr}");
+    let losses = stage_losses(out, stage);
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    assert!(
+        last < first / 4.0,
+        "{stage}: loss fell only from {first} to {last}"
+    );
+    stderr
 }

@@ -85,108 +85,30 @@ pub fn record_stage(out: &Path, stage: &str, record: serde_json::Value) -> Resul
     Ok(())
 }
 
-/// Trains the VAE stage and writes `OUT/sd/vae`, `OUT/figures/vae-*.png` and its record.
-pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
-    let mut file: StageFile<VaeSection> = config::load(&args.config)?;
-    apply_overrides(&mut file, args)?;
-    let (mut stage, source, fingerprint) =
-        vae::prepare(&file.stage, &args.data, file.run.seed, &args.device)?;
-    let run_dir = args.out.join("runs").join("vae");
-    let figures = args.out.join("figures");
-    std::fs::create_dir_all(&figures)?;
-    if !args.resume && crate::checkpoint::latest(&run_dir)?.is_none() {
-        stage
-            .reconstruction_grid(8)?
-            .save(figures.join("vae-before.png"))
-            .context("writing vae-before.png")?;
-    }
-    let config_json =
-        json!({"stage": "vae", "run": file.run, "optim": file.optim, "vae": file.stage});
+/// Runs a prepared stage to the end (or a stop) and, when it finished, lets `finish` export it
+/// and name its gates and extra record fields; then draws its curves (`curve`: validation key
+/// and label), merges its record into `training.json` and prints the gates.
+#[allow(clippy::too_many_arguments)]
+fn run_stage<S, D, C>(
+    args: &DriverArgs,
+    name: &'static str,
+    file: &StageFile<C>,
+    stage: &mut S,
+    source: Arc<D>,
+    fingerprint: String,
+    curve: (&str, &str),
+    finish: impl FnOnce(&mut S, &trainer::RunSummary) -> Result<(Vec<Gate>, serde_json::Value)>,
+) -> Result<StageReport>
+where
+    S: trainer::Stage,
+    D: crate::loader::BatchSource<Batch = S::Batch>,
+    C: serde::Serialize,
+{
+    let run_dir = args.out.join("runs").join(name);
+    let mut config_json = json!({"stage": name, "run": file.run, "optim": file.optim});
+    config_json[name] = serde_json::to_value(&file.stage)?;
     let summary = trainer::run(
-        &mut stage,
-        source.clone(),
-        &file.run,
-        &file.optim,
-        RunOptions {
-            run_dir,
-            resume: args.resume,
-            config: config_json.clone(),
-            data_fingerprint: fingerprint.clone(),
-            stop: args.stop.clone(),
-            on_validation: None,
-        },
-    )?;
-    if summary.ending != Ending::Finished {
-        return Ok(StageReport {
-            ending: summary.ending,
-            steps: summary.steps,
-            gates: vec![],
-        });
-    }
-    let scale = stage.measure_scaling_factor(&source)?;
-    stage.export(&args.out.join("sd").join("vae"), scale)?;
-    stage
-        .reconstruction_grid(8)?
-        .save(figures.join("vae-after.png"))
-        .context("writing vae-after.png")?;
-    crate::plot::training_curves(
-        &args.out.join("runs/vae/metrics.jsonl"),
-        &figures.join("vae-curves.svg"),
-        "vae",
-        "psnr_db",
-        "validation PSNR (dB)",
-    )?;
-    let psnr = summary
-        .validation
-        .get("psnr_db")
-        .copied()
-        .unwrap_or(f64::NAN);
-    let gates = vec![Gate {
-        metric: "validation PSNR (dB)".into(),
-        value: psnr,
-        target: 30.0,
-        passed: psnr >= 30.0,
-    }];
-    record_stage(
-        &args.out,
-        "vae",
-        json!({
-            "config": config_json,
-            "data_fingerprint": fingerprint,
-            "steps": summary.steps,
-            "wall_time_s": summary.elapsed_s,
-            "final_train_loss": summary.last_loss,
-            "validation": summary.validation,
-            "latent_size": stage.latent_size(),
-            "scaling_factor": scale,
-            "gates": gates,
-        }),
-    )?;
-    print_gates("vae", &gates);
-    Ok(StageReport {
-        ending: Ending::Finished,
-        steps: summary.steps,
-        gates,
-    })
-}
-
-/// Trains the LM stage and writes `OUT/llm`, `OUT/figures/lm-curves.svg` and its record.
-pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
-    let mut file: StageFile<LmSection> = config::load(&args.config)?;
-    apply_overrides(&mut file, args)?;
-    let run_dir = args.out.join("runs").join("lm");
-    refuse_existing_run(&run_dir, args.resume)?;
-    let (mut stage, source, fingerprint) = lm::prepare(
-        &file.stage,
-        &args.data,
-        &args.out,
-        file.run.seed,
-        &args.device,
-    )?;
-    let config_json =
-        json!({"stage": "lm", "run": file.run, "optim": file.optim, "lm": file.stage});
-    let summary = trainer::run(
-        &mut stage,
+        stage,
         source,
         &file.run,
         &file.optim,
@@ -206,49 +128,125 @@ pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
             gates: vec![],
         });
     }
-    stage.export()?;
+    let (gates, extra) = finish(stage, &summary)?;
     let figures = args.out.join("figures");
     std::fs::create_dir_all(&figures)?;
     crate::plot::training_curves(
         &run_dir.join("metrics.jsonl"),
-        &figures.join("lm-curves.svg"),
-        "lm",
-        "pronoun_cloze",
-        "validation pronoun cloze",
+        &figures.join(format!("{name}-curves.svg")),
+        name,
+        curve.0,
+        curve.1,
     )?;
-    let cloze = summary
-        .validation
-        .get("pronoun_cloze")
-        .copied()
-        .unwrap_or(f64::NAN);
-    let gates = vec![Gate {
-        metric: format!(
-            "validation pronoun cloze accuracy ({} questions)",
-            stage.cloze_count()
-        ),
-        value: cloze,
-        target: 0.95,
-        passed: cloze >= 0.95,
-    }];
-    record_stage(
-        &args.out,
-        "lm",
-        json!({
-            "config": config_json,
-            "data_fingerprint": fingerprint,
-            "steps": summary.steps,
-            "wall_time_s": summary.elapsed_s,
-            "final_train_loss": summary.last_loss,
-            "validation": summary.validation,
-            "gates": gates,
-        }),
-    )?;
-    print_gates("lm", &gates);
+    let mut record = json!({
+        "config": config_json,
+        "data_fingerprint": fingerprint,
+        "steps": summary.steps,
+        "wall_time_s": summary.elapsed_s,
+        "final_train_loss": summary.last_loss,
+        "validation": summary.validation,
+        "gates": gates,
+    });
+    if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
+    }
+    record_stage(&args.out, name, record)?;
+    print_gates(name, &gates);
     Ok(StageReport {
         ending: Ending::Finished,
         steps: summary.steps,
         gates,
     })
+}
+
+/// A `value >= target` gate on validation metric `key`.
+fn gate_on(summary: &trainer::RunSummary, key: &str, metric: String, target: f64) -> Gate {
+    let value = summary.validation.get(key).copied().unwrap_or(f64::NAN);
+    Gate {
+        metric,
+        value,
+        target,
+        passed: value >= target,
+    }
+}
+
+/// Trains the VAE stage and writes `OUT/sd/vae`, `OUT/figures/vae-*` and its record.
+pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
+    let mut file: StageFile<VaeSection> = config::load(&args.config)?;
+    apply_overrides(&mut file, args)?;
+    let run_dir = args.out.join("runs").join("vae");
+    refuse_existing_run(&run_dir, args.resume)?;
+    let (mut stage, source, fingerprint) =
+        vae::prepare(&file.stage, &args.data, file.run.seed, &args.device)?;
+    let figures = args.out.join("figures");
+    std::fs::create_dir_all(&figures)?;
+    if !args.resume {
+        stage
+            .reconstruction_grid(8)?
+            .save(figures.join("vae-before.png"))
+            .context("writing vae-before.png")?;
+    }
+    let out = args.out.clone();
+    let frames = source.clone();
+    run_stage(
+        args,
+        "vae",
+        &file,
+        &mut stage,
+        source,
+        fingerprint,
+        ("psnr_db", "validation PSNR (dB)"),
+        |stage, summary| {
+            let scale = stage.measure_scaling_factor(&frames)?;
+            stage.export(&out.join("sd").join("vae"), scale)?;
+            stage
+                .reconstruction_grid(8)?
+                .save(figures.join("vae-after.png"))
+                .context("writing vae-after.png")?;
+            let gates = vec![gate_on(
+                summary,
+                "psnr_db",
+                "validation PSNR (dB)".into(),
+                30.0,
+            )];
+            let extra = json!({"latent_size": stage.latent_size(), "scaling_factor": scale});
+            Ok((gates, extra))
+        },
+    )
+}
+
+/// Trains the LM stage and writes `OUT/llm`, `OUT/figures/lm-curves.svg` and its record.
+pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
+    let mut file: StageFile<LmSection> = config::load(&args.config)?;
+    apply_overrides(&mut file, args)?;
+    refuse_existing_run(&args.out.join("runs").join("lm"), args.resume)?;
+    let (mut stage, source, fingerprint) = lm::prepare(
+        &file.stage,
+        &args.data,
+        &args.out,
+        file.run.seed,
+        &args.device,
+    )?;
+    run_stage(
+        args,
+        "lm",
+        &file,
+        &mut stage,
+        source,
+        fingerprint,
+        ("pronoun_cloze", "validation pronoun cloze"),
+        |stage, summary| {
+            stage.export()?;
+            let metric = format!(
+                "validation pronoun cloze accuracy ({} questions)",
+                stage.cloze_count()
+            );
+            Ok((
+                vec![gate_on(summary, "pronoun_cloze", metric, 0.95)],
+                json!({}),
+            ))
+        },
+    )
 }
 
 /// Refuses an `--out` whose stage run exists unless `--resume` (checked before loading data).
@@ -272,8 +270,7 @@ fn refuse_existing_run(run_dir: &Path, resume: bool) -> Result<()> {
 pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
     let mut file: StageFile<ClipSection> = config::load(&args.config)?;
     apply_overrides(&mut file, args)?;
-    let run_dir = args.out.join("runs").join("clip");
-    refuse_existing_run(&run_dir, args.resume)?;
+    refuse_existing_run(&args.out.join("runs").join("clip"), args.resume)?;
     let (mut stage, source, fingerprint) = clip::prepare(
         &file.stage,
         &args.data,
@@ -281,76 +278,36 @@ pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
         file.run.seed,
         &args.device,
     )?;
-    let config_json =
-        json!({"stage": "clip", "run": file.run, "optim": file.optim, "clip": file.stage});
-    let summary = trainer::run(
+    run_stage(
+        args,
+        "clip",
+        &file,
         &mut stage,
         source,
-        &file.run,
-        &file.optim,
-        RunOptions {
-            run_dir: run_dir.clone(),
-            resume: args.resume,
-            config: config_json.clone(),
-            data_fingerprint: fingerprint.clone(),
-            stop: args.stop.clone(),
-            on_validation: None,
+        fingerprint,
+        ("caption_to_frame_r5", "validation caption->frame R@5"),
+        |stage, summary| {
+            stage.export()?;
+            let gates = vec![
+                gate_on(
+                    summary,
+                    "portrait_to_name",
+                    format!(
+                        "validation portrait->name accuracy ({} characters)",
+                        stage.cast().len()
+                    ),
+                    1.0,
+                ),
+                gate_on(
+                    summary,
+                    "caption_to_frame_r5",
+                    "validation caption->frame recall@5".into(),
+                    0.5,
+                ),
+            ];
+            Ok((gates, json!({})))
         },
-    )?;
-    if summary.ending != Ending::Finished {
-        return Ok(StageReport {
-            ending: summary.ending,
-            steps: summary.steps,
-            gates: vec![],
-        });
-    }
-    stage.export()?;
-    let figures = args.out.join("figures");
-    std::fs::create_dir_all(&figures)?;
-    crate::plot::training_curves(
-        &run_dir.join("metrics.jsonl"),
-        &figures.join("clip-curves.svg"),
-        "clip",
-        "caption_to_frame_r5",
-        "validation caption->frame R@5",
-    )?;
-    let get = |k: &str| summary.validation.get(k).copied().unwrap_or(f64::NAN);
-    let gates = vec![
-        Gate {
-            metric: format!(
-                "validation portrait->name accuracy ({} characters)",
-                stage.cast().len()
-            ),
-            value: get("portrait_to_name"),
-            target: 1.0,
-            passed: get("portrait_to_name") >= 1.0,
-        },
-        Gate {
-            metric: "validation caption->frame recall@5".into(),
-            value: get("caption_to_frame_r5"),
-            target: 0.5,
-            passed: get("caption_to_frame_r5") >= 0.5,
-        },
-    ];
-    record_stage(
-        &args.out,
-        "clip",
-        json!({
-            "config": config_json,
-            "data_fingerprint": fingerprint,
-            "steps": summary.steps,
-            "wall_time_s": summary.elapsed_s,
-            "final_train_loss": summary.last_loss,
-            "validation": summary.validation,
-            "gates": gates,
-        }),
-    )?;
-    print_gates("clip", &gates);
-    Ok(StageReport {
-        ending: Ending::Finished,
-        steps: summary.steps,
-        gates,
-    })
+    )
 }
 
 fn print_gates(stage: &str, gates: &[Gate]) {
