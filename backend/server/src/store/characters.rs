@@ -224,7 +224,10 @@ pub struct CharacterChanges {
 
 /// Applies a partial update in one transaction; 404 if the character does not exist.
 pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> ApiResult<Character> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
+    // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
+    // covers waiting for the write lock taken up front.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM characters WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *tx)

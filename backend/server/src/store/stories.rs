@@ -134,7 +134,10 @@ pub async fn create(
     captions: &[String],
     cast: &[i64],
 ) -> ApiResult<Story> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
+    // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
+    // covers waiting for the write lock taken up front.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let now = now();
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO stories (title, created_at, updated_at) VALUES (?, ?, ?) RETURNING id",
@@ -243,7 +246,10 @@ pub async fn update(
     title: Option<&str>,
     cast: Option<&[i64]>,
 ) -> ApiResult<Story> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
+    // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
+    // covers waiting for the write lock taken up front.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     touch(&mut tx, id).await?;
     if let Some(title) = title {
         sqlx::query("UPDATE stories SET title = ? WHERE id = ?")
@@ -278,7 +284,10 @@ pub async fn insert_frame(
     caption: &str,
     position: Option<i64>,
 ) -> ApiResult<Story> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
+    // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
+    // covers waiting for the write lock taken up front.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     touch(&mut tx, story).await?;
     let count = frame_count(&mut tx, story).await?;
     if count >= MAX_CAPTIONS as i64 {
@@ -334,7 +343,10 @@ pub async fn edit_caption(
     frame: i64,
     caption: &str,
 ) -> ApiResult<Story> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
+    // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
+    // covers waiting for the write lock taken up front.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     touch(&mut tx, story).await?;
     frame_position(&mut tx, story, frame).await?;
     sqlx::query("UPDATE frames SET caption = ?, updated_at = ? WHERE id = ?")
@@ -352,7 +364,10 @@ pub async fn edit_caption(
 
 /// Removes a frame and closes the gap in positions.
 pub async fn delete_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<Story> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
+    // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
+    // covers waiting for the write lock taken up front.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     touch(&mut tx, story).await?;
     let position = frame_position(&mut tx, story, frame).await?;
     sqlx::query("DELETE FROM frames WHERE id = ?")
@@ -374,7 +389,10 @@ pub async fn delete_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResul
 
 /// Puts the frames in the given order; `frame_ids` must list each frame exactly once.
 pub async fn reorder(pool: &SqlitePool, story: i64, frame_ids: &[i64]) -> ApiResult<Story> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
+    // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
+    // covers waiting for the write lock taken up front.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     touch(&mut tx, story).await?;
     let mut current: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM frames WHERE story_id = ? ORDER BY id")
