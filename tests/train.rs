@@ -436,3 +436,222 @@ fn overfit(stage: &str, config_text: &str, out: &Path) -> String {
     );
     stderr
 }
+
+/// A path in the repository (the tests run from the CLI package's directory).
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// A miniature bundle made once by `train all --config configs/tiny/toy.toml` (every stage a
+/// few steps on a generated 32x32 toy world).
+fn tiny_bundle() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("storygpt-train-all-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let plan = repo("configs/tiny/toy.toml");
+        let res = Command::new(binary())
+            .args(["train", "all", "--config"])
+            .arg(&plan)
+            .arg("--out")
+            .arg(&dir)
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        dir
+    })
+}
+
+/// A copy of the miniature bundle without `stage`'s run, to train that stage again.
+fn bundle_without(stage: &str, into: &Path) {
+    copy_dir(tiny_bundle(), into);
+    std::fs::remove_dir_all(into.join("runs").join(stage)).unwrap();
+}
+
+/// `key` of every training line of `stage`'s metrics.
+fn stage_part(out: &Path, stage: &str, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(out.join(format!("runs/{stage}/metrics.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "train")
+        .filter_map(|v| v[key].as_f64())
+        .collect()
+}
+
+fn train_stage(stage: &str, config_text: &str, out: &Path) -> String {
+    let config = out.with_extension("toml");
+    std::fs::write(&config, config_text).unwrap();
+    let res = Command::new(binary())
+        .args(["train", stage, "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(out.join("data"))
+        .arg("--out")
+        .arg(out)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(res.status.success(), "{stderr}");
+    stderr
+}
+
+#[test]
+fn train_all_makes_a_complete_bundle_that_draws_a_story() {
+    let bundle = tiny_bundle();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    assert!(manifest.contains("trained = true"), "{manifest}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("training.json")).unwrap())
+            .unwrap();
+    for stage in ["vae", "clip", "lm", "char-ldm", "stage2"] {
+        let r = &record["stages"][stage];
+        assert!(r["steps"].as_u64() == Some(6), "{stage}: {r}");
+        assert!(r["wall_time_s"].as_f64().unwrap() > 0.0, "{stage}: {r}");
+        assert!(
+            r["gates"].as_array().is_some_and(|g| !g.is_empty()),
+            "{stage}: {r}"
+        );
+    }
+    // The service's loader reads it, and `generate` draws the example story from it.
+    models::pipeline::StoryPipeline::load(bundle, &candle_core::Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let frames = tmp.path().join("frames");
+    let story = repo("examples/story/story.json");
+    let res = Command::new(binary())
+        .args(["generate", "--bundle"])
+        .arg(bundle)
+        .arg("--story")
+        .arg(&story)
+        .arg("--out")
+        .arg(&frames)
+        .args(["--seed", "1", "--steps", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for i in 1..=4 {
+        let img = image::open(frames.join(format!("frame-{i:02}.png"))).unwrap();
+        assert_eq!((img.width(), img.height()), (32, 32));
+    }
+    // A finished plan is not silently retrained; --resume skips the finished stages.
+    let again = Command::new(binary())
+        .args(["train", "all", "--config"])
+        .arg(repo("configs/tiny/toy.toml"))
+        .arg("--out")
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds trained stages"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+#[test]
+fn char_ldm_learns_to_denoise_and_to_attend_to_each_character() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bundle");
+    bundle_without("char-ldm", &out);
+    // L_reg weighted up so that its effect shows within a short run; empty captions off so
+    // every step has characters to attend to.
+    let stderr = train_stage(
+        "char-ldm",
+        r#"
+[run]
+batch_size = 8
+max_steps = 120
+val_every = 60
+checkpoint_every = 60
+log_every = 10
+[optim]
+lr = 2e-3
+warmup_steps = 5
+[char_ldm]
+block_out_channels = [32, 32]
+norm_num_groups = 8
+attention_head_dim = 4
+lreg_weight = 1.0
+empty_prob = 0.0
+train_frames = 8
+val_frames = 8
+sample_frames = 2
+sample_steps = 2
+"#,
+        &out,
+    );
+    assert!(stderr.contains("char-ldm gate:"), "{stderr}");
+    let eps = stage_part(&out, "char-ldm", "eps_mse");
+    let lreg = stage_part(&out, "char-ldm", "lreg");
+    let (first, last) = (eps[0], *eps.last().unwrap());
+    assert!(
+        last < first / 2.0,
+        "eps MSE fell only from {first} to {last}"
+    );
+    // A+ above A-: the characters' tokens attend inside their masks.
+    assert!(
+        lreg[0] > -0.1 && *lreg.last().unwrap() < -0.2,
+        "L_reg did not fall: {lreg:?}"
+    );
+    assert!(out.join("figures/char-ldm-samples.png").exists());
+    let w = nn::Weights::open(out.join("storygpt-v/stage1.safetensors")).unwrap();
+    assert!(!w.keys_with_prefix("postfuse_module.").is_empty());
+    assert!(!w.keys_with_prefix("image_encoder.").is_empty());
+}
+
+#[test]
+fn stage2_overfits_a_few_stories_and_completes_the_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bundle");
+    bundle_without("stage2", &out);
+    std::fs::remove_file(out.join("bundle.toml")).unwrap();
+    let stderr = train_stage(
+        "stage2",
+        r#"
+[run]
+batch_size = 8
+max_steps = 150
+val_every = 75
+checkpoint_every = 75
+log_every = 10
+[optim]
+lr = 3e-3
+warmup_steps = 5
+weight_decay = 0.0
+[stage2]
+d_model = 32
+heads = 2
+encoder_layers = 1
+decoder_layers = 1
+ff_dim = 64
+train_stories = 2
+val_stories = 10
+"#,
+        &out,
+    );
+    assert!(
+        stderr.contains("stage2 gate: validation pronoun frames"),
+        "{stderr}"
+    );
+    let align = stage_part(&out, "stage2", "l_align");
+    let (first, last) = (align[0], *align.last().unwrap());
+    assert!(
+        last < first / 3.0,
+        "L_align fell only from {first} to {last}"
+    );
+    assert!(out.join("bundle.toml").exists());
+    models::pipeline::StoryPipeline::load(&out, &candle_core::Device::Cpu).unwrap();
+}

@@ -532,7 +532,12 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     if coef < 1.0 || coef.is_nan() {
         let gs: Vec<Tensor> = ids
             .iter()
-            .map(|&id| grads.get_id(id).expect("ids hold only vars with a gradient").clone())
+            .map(|&id| {
+                grads
+                    .get_id(id)
+                    .expect("ids hold only vars with a gradient")
+                    .clone()
+            })
             .collect();
         let keys: Vec<usize> = gs.iter().map(storage_key).collect();
         for (i, &id) in ids.iter().enumerate() {

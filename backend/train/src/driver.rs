@@ -10,8 +10,10 @@ use candle_core::Device;
 use serde_json::json;
 
 use crate::config::{self, StageFile};
+use crate::stages::char_ldm::{self, CharLdmSection};
 use crate::stages::clip::{self, ClipSection};
 use crate::stages::lm::{self, LmSection};
+use crate::stages::stage2::{self, Stage2Section};
 use crate::stages::vae::{self, VaeSection};
 use crate::trainer::{self, Ending, RunOptions};
 
@@ -308,6 +310,165 @@ pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
             Ok((gates, json!({})))
         },
     )
+}
+
+/// Trains stage 1 (Char-LDM) on the base models in `OUT` and writes `OUT/sd/unet`,
+/// `OUT/sd/scheduler`, `OUT/storygpt-v/stage1.safetensors`, sample grids and its record.
+pub fn train_char_ldm(args: &DriverArgs) -> Result<StageReport> {
+    let mut file: StageFile<CharLdmSection> = config::load(&args.config)?;
+    apply_overrides(&mut file, args)?;
+    let run_dir = args.out.join("runs").join("char-ldm");
+    refuse_existing_run(&run_dir, args.resume)?;
+    let (mut stage, source, fingerprint) = char_ldm::prepare(
+        &file.stage,
+        &args.data,
+        &args.out,
+        &run_dir,
+        file.run.seed,
+        &args.device,
+    )?;
+    run_stage(
+        args,
+        "char-ldm",
+        &file,
+        &mut stage,
+        source,
+        fingerprint,
+        (
+            "condition_gain",
+            "validation condition gain (1 - fused / empty loss)",
+        ),
+        |stage, summary| {
+            stage.export()?;
+            let gates = vec![gate_on(
+                summary,
+                "condition_gain",
+                "validation denoising loss, caption + portraits vs empty caption (1 - fused / empty)"
+                    .into(),
+                0.05,
+            )];
+            let extra = json!({
+                "val_loss_fused": summary.validation.get("val_loss_fused"),
+                "val_loss_text": summary.validation.get("val_loss_text"),
+                "val_loss_empty": summary.validation.get("val_loss_empty"),
+            });
+            Ok((gates, extra))
+        },
+    )
+}
+
+/// Trains stage 2 (the LLM alignment) on the LLM and stage 1 in `OUT`, writes
+/// `OUT/storygpt-v/stage2.safetensors`, its record and the bundle manifest `OUT/bundle.toml`
+/// (`trained = true`): after this stage `OUT` is a complete bundle.
+pub fn train_stage2(args: &DriverArgs) -> Result<StageReport> {
+    let mut file: StageFile<Stage2Section> = config::load(&args.config)?;
+    apply_overrides(&mut file, args)?;
+    refuse_existing_run(&args.out.join("runs").join("stage2"), args.resume)?;
+    let (mut stage, source, fingerprint) = stage2::prepare(
+        &file.stage,
+        &args.data,
+        &args.out,
+        file.run.seed,
+        &args.device,
+    )?;
+    let out = args.out.clone();
+    run_stage(
+        args,
+        "stage2",
+        &file,
+        &mut stage,
+        source,
+        fingerprint,
+        (
+            "pronoun_right_character",
+            "validation pronoun frames, right character",
+        ),
+        |stage, summary| {
+            stage.export()?;
+            write_manifest(&out, stage.section())?;
+            let gates = vec![gate_on(
+                summary,
+                "pronoun_right_character",
+                format!(
+                    "validation pronoun frames whose Mapper_LDM output is nearest the right character's fused embedding ({} frames)",
+                    stage.pronoun_count()
+                ),
+                0.9,
+            )];
+            let extra = json!({
+                "val_l_align": summary.validation.get("val_l_align"),
+                "val_l_gen": summary.validation.get("val_l_gen"),
+            });
+            Ok((gates, extra))
+        },
+    )
+}
+
+/// Writes `OUT/bundle.toml` for a bundle trained by these stages (frame size from the VAE).
+pub fn write_manifest(out: &Path, s2: &Stage2Section) -> Result<()> {
+    use models::bundle::{self as b, Manifest};
+    let vae: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("sd/vae/config.json"))
+            .context("reading sd/vae/config.json")?,
+    )?;
+    let size = vae["sample_size"]
+        .as_u64()
+        .context("sd/vae/config.json has no sample_size")? as usize;
+    let manifest = Manifest {
+        format: b::FORMAT_VERSION,
+        name: "toy".into(),
+        description: format!(
+            "The toy world's StoryGPT-V, trained from scratch in Rust by `storygpt-v train` \
+             ({size}x{size} frames; it knows the toy cast only). See docs/TRAINING.md."
+        ),
+        trained: true,
+        char_ldm: b::CharLdmSection {
+            base: Some("sd".into()),
+            tokenizer: None,
+            text_encoder: None,
+            unet: None,
+            vae: None,
+            scheduler: None,
+            image_encoder: "clip-vision".into(),
+            stage1: Some("storygpt-v/stage1.safetensors".into()),
+            stage1_prefixes: Default::default(),
+            dtype: "f32".into(),
+        },
+        llm: b::LlmSection {
+            model: "llm".into(),
+            tokenizer: None,
+            visual_encoder: None,
+            stage2: "storygpt-v/stage2.safetensors".into(),
+            stage2_names: Default::default(),
+            dtype: "f32".into(),
+            num_img_tokens: s2.num_img_tokens,
+            visual_tokens: s2.visual_tokens,
+            max_prompt_len: s2.max_prompt_len,
+            caption_only: s2.caption_only,
+            mapper_ldm: b::MapperLdmDims {
+                d_model: s2.d_model,
+                heads: s2.heads,
+                encoder_layers: s2.encoder_layers,
+                decoder_layers: s2.decoder_layers,
+                ff_dim: s2.ff_dim,
+            },
+        },
+        sampling: b::SamplingSection {
+            height: size,
+            width: size,
+            ..Default::default()
+        },
+    };
+    let tmp = out.join(".bundle.toml.tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "# storygpt-v model bundle (see docs/MODELS.md, \"Model bundles\").\n{}",
+            toml::to_string_pretty(&manifest)?
+        ),
+    )?;
+    std::fs::rename(&tmp, out.join(b::MANIFEST_FILE))?;
+    Ok(())
 }
 
 fn print_gates(stage: &str, gates: &[Gate]) {

@@ -2,6 +2,7 @@
 //! batch loader (`loader`), atomic checkpoints (`checkpoint`), and the stages themselves
 //! (`stages`). See docs/TRAINING.md.
 
+pub mod all;
 pub mod checkpoint;
 pub mod config;
 pub mod loader;

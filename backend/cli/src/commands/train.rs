@@ -13,12 +13,14 @@ pub struct TrainArgs {
     /// The stage to train.
     #[arg(value_enum)]
     pub stage: StageArg,
-    /// The stage's TOML configuration ([run], [optim] and the stage's own section).
+    /// The stage's TOML configuration ([run], [optim] and the stage's own section); for `all`,
+    /// the plan naming every stage's file (configs/toy.toml).
     #[arg(long)]
     pub config: PathBuf,
     /// The dataset directory (FlintstonesSV layout, e.g. from `storygpt-v toyworld generate`).
+    /// `all` without it generates the plan's toy world into OUT/data.
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
     /// The bundle directory: the stage writes its part here; runs and checkpoints go under
     /// `runs/STAGE`.
     #[arg(long)]
@@ -46,6 +48,14 @@ pub enum StageArg {
     Clip,
     /// The toy causal LM (OPT family) on the dataset's stories, with its own BPE vocabulary.
     Lm,
+    /// StoryGPT-V stage 1: the Char-LDM (UNet, FuseModule, last CLIP vision layers) on the
+    /// base models the vae and clip stages wrote into --out.
+    CharLdm,
+    /// StoryGPT-V stage 2: Mapper_LLM, the [IMG] rows and Mapper_LDM on the frozen LLM and
+    /// stage 1; completes the bundle (bundle.toml).
+    Stage2,
+    /// Every stage in order into one bundle, from a plan (configs/toy.toml).
+    All,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -60,9 +70,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    let data = match (&args.data, args.stage) {
+        (Some(d), _) => d.clone(),
+        (None, StageArg::All) => PathBuf::new(),
+        (None, _) => anyhow::bail!("--data DIR is required (only `train all` can make its own)"),
+    };
     let driver = train::driver::DriverArgs {
         config: args.config,
-        data: args.data,
+        data,
         out: args.out,
         resume: args.resume,
         max_steps: args.max_steps,
@@ -70,10 +85,25 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         device,
         stop,
     };
+    if let StageArg::All = args.stage {
+        let report = train::all::train_all(&driver, args.data.as_deref())?;
+        for (stage, r) in &report.stages {
+            tracing::info!(stage = %stage, steps = r.steps, ending = ?r.ending, "stage done");
+        }
+        anyhow::ensure!(
+            report.ending == train::Ending::Finished,
+            "train all stopped before the end ({:?}); continue with --resume",
+            report.ending
+        );
+        return Ok(());
+    }
     let report = match args.stage {
         StageArg::Vae => train::driver::train_vae(&driver)?,
         StageArg::Lm => train::driver::train_lm(&driver)?,
         StageArg::Clip => train::driver::train_clip(&driver)?,
+        StageArg::CharLdm => train::driver::train_char_ldm(&driver)?,
+        StageArg::Stage2 => train::driver::train_stage2(&driver)?,
+        StageArg::All => unreachable!("handled above"),
     };
     tracing::info!(steps = report.steps, ending = ?report.ending, "training stopped");
     Ok(())

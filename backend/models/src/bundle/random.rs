@@ -193,6 +193,17 @@ fn toy_corpus() -> Vec<String> {
     out
 }
 
+/// Stable Diffusion 1.5's `scheduler_config.json` (PNDM; the DDPM training schedule is the same
+/// scaled-linear betas), as the toy bundles ship it.
+pub fn sd15_scheduler_json() -> Value {
+    json!({
+        "_class_name": "PNDMScheduler",
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
+        "steps_offset": 1, "prediction_type": "epsilon", "clip_sample": false,
+    })
+}
+
 /// Sizes of one random configuration.
 struct Sizes {
     frame: usize,
@@ -412,12 +423,7 @@ pub fn write_random(config: &str, out: &Path, seed: u64) -> Result<RandomReport>
     // Stable Diffusion 1.5's scheduler.
     write_json(
         &out.join("sd/scheduler/scheduler_config.json"),
-        &json!({
-            "_class_name": "PNDMScheduler",
-            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
-            "steps_offset": 1, "prediction_type": "epsilon", "clip_sample": false,
-        }),
+        &sd15_scheduler_json(),
     )?;
 
     // Stage 1: the FuseModule.

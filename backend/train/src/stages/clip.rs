@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
-use data::dataset::{CharacterInfo, DatasetKind, DatasetReader, Split};
+use data::dataset::{DatasetKind, DatasetReader, Split};
 use image::RgbImage;
 use models::clip::{
     ClipConfigs, ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel,
@@ -162,29 +162,6 @@ pub struct ClipStage {
     out: PathBuf,
 }
 
-/// Reads `characters.json` and the portraits it names.
-fn cast(root: &Path) -> Result<Vec<(CharacterInfo, RgbImage)>> {
-    let path = root.join("characters.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} (the clip stage needs the cast's portraits)",
-            path.display()
-        )
-    })?;
-    let chars: Vec<CharacterInfo> =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    chars
-        .into_iter()
-        .map(|c| {
-            let p = root.join(&c.portrait);
-            let img = image::open(&p)
-                .with_context(|| format!("reading portrait {}", p.display()))?
-                .to_rgb8();
-            Ok((c, img))
-        })
-        .collect()
-}
-
 /// Learns the vocabulary into `OUT/sd/tokenizer`, loads the data and builds both towers.
 pub fn prepare(
     section: &ClipSection,
@@ -197,7 +174,7 @@ pub fn prepare(
         .with_context(|| format!("opening dataset {}", data.display()))?;
     let train = load_captioned(&reader, Split::Train, section.train_frames)?;
     let val = load_captioned(&reader, Split::Val, section.val_frames)?;
-    let cast = cast(data)?;
+    let cast = super::load_cast(data, "clip")?;
     anyhow::ensure!(
         cast.len() >= 2,
         "the clip stage needs at least two characters with portraits"

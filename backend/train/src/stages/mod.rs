@@ -1,8 +1,10 @@
 //! The stages `storygpt-v train STAGE` runs, and what they share: frames of a dataset split
 //! held in memory, and the data fingerprint a resume is checked against.
 
+pub mod char_ldm;
 pub mod clip;
 pub mod lm;
+pub mod stage2;
 pub mod vae;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -13,7 +15,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use data::dataset::{DatasetKind, DatasetReader, Split};
+use data::dataset::{CharacterInfo, DatasetKind, DatasetReader, Split};
 use image::RgbImage;
 
 /// Frames of one split of a FlintstonesSV-layout dataset, loaded once.
@@ -259,4 +261,28 @@ pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     let mut vars: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
+}
+
+/// Reads the dataset's `characters.json` and the portraits it names (`stage` names who needs
+/// them in the error).
+pub fn load_cast(root: &Path, stage: &str) -> Result<Vec<(CharacterInfo, RgbImage)>> {
+    let path = root.join("characters.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (the {stage} stage needs the cast's portraits)",
+            path.display()
+        )
+    })?;
+    let chars: Vec<CharacterInfo> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    chars
+        .into_iter()
+        .map(|c| {
+            let p = root.join(&c.portrait);
+            let img = image::open(&p)
+                .with_context(|| format!("reading portrait {}", p.display()))?
+                .to_rgb8();
+            Ok((c, img))
+        })
+        .collect()
 }

@@ -1,0 +1,226 @@
+//! `storygpt-v train all --config configs/toy.toml --out DIR`: every stage in order (vae, clip,
+//! lm, char-ldm, stage2) into one bundle, each from its own stage file named by the plan.
+//!
+//! ```toml
+//! [data]            # the toy world made into OUT/data when --data is not given
+//! stories = 2000
+//! size = 64
+//! seed = 0
+//!
+//! [stages]          # stage files, relative to this file
+//! vae = "vae.toml"
+//! clip = "clip.toml"
+//! lm = "lm.toml"
+//! char_ldm = "char-ldm.toml"
+//! stage2 = "stage2.toml"
+//! ```
+//!
+//! With `--resume`, stages already recorded as finished in `OUT/training.json` are skipped and
+//! the first unfinished one continues from its checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{self, DriverArgs, StageReport};
+use crate::trainer::Ending;
+
+/// `[data]`: the toy world to generate when no dataset is given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlan {
+    /// Stories.
+    pub stories: usize,
+    /// Frame size in pixels.
+    pub size: usize,
+    /// Seed of the toy world.
+    pub seed: u64,
+    /// Frames per story.
+    pub story_len: usize,
+}
+
+impl Default for DataPlan {
+    fn default() -> Self {
+        Self {
+            stories: 2000,
+            size: 64,
+            seed: 0,
+            story_len: 5,
+        }
+    }
+}
+
+/// `[stages]`: the stage files, in training order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StagePlan {
+    /// VAE stage file.
+    pub vae: PathBuf,
+    /// CLIP stage file.
+    pub clip: PathBuf,
+    /// LM stage file.
+    pub lm: PathBuf,
+    /// Char-LDM stage file.
+    pub char_ldm: PathBuf,
+    /// Stage-2 stage file.
+    pub stage2: PathBuf,
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// The data to generate when `--data` is not given.
+    #[serde(default)]
+    pub data: DataPlan,
+    /// The stage files.
+    pub stages: StagePlan,
+}
+
+/// The stages in order, by their `training.json` names.
+pub const ORDER: [&str; 5] = ["vae", "clip", "lm", "char-ldm", "stage2"];
+
+impl Plan {
+    /// Reads a plan; stage paths become relative to its directory, and each must exist.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut plan: Plan =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut plan.stages.vae,
+            &mut plan.stages.clip,
+            &mut plan.stages.lm,
+            &mut plan.stages.char_ldm,
+            &mut plan.stages.stage2,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+            anyhow::ensure!(
+                p.exists(),
+                "{}: stage file {} does not exist",
+                path.display(),
+                p.display()
+            );
+        }
+        anyhow::ensure!(
+            plan.data.stories >= 10 && plan.data.size >= 16 && plan.data.story_len >= 2,
+            "{}: [data] needs at least 10 stories of 2 frames of 16 pixels",
+            path.display()
+        );
+        Ok(plan)
+    }
+
+    fn stage_file(&self, stage: &str) -> &Path {
+        match stage {
+            "vae" => &self.stages.vae,
+            "clip" => &self.stages.clip,
+            "lm" => &self.stages.lm,
+            "char-ldm" => &self.stages.char_ldm,
+            _ => &self.stages.stage2,
+        }
+    }
+}
+
+/// Stages `OUT/training.json` records as finished.
+fn finished_stages(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("training.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["stages"].as_object().map(|m| m.keys().cloned().collect()))
+        .unwrap_or_default()
+}
+
+/// What `train all` did: each stage's report (skipped stages are absent) and how it ended.
+#[derive(Debug, Clone)]
+pub struct AllReport {
+    /// `(stage, report)` in order.
+    pub stages: Vec<(String, StageReport)>,
+    /// `Finished` when every stage is trained.
+    pub ending: Ending,
+}
+
+/// Runs the plan at `args.config` into `args.out`; `data: None` generates the plan's toy world
+/// into `OUT/data` (kept, so a resume uses the same bytes).
+pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
+    let plan = Plan::load(&args.config)?;
+    let done = finished_stages(&args.out);
+    if !args.resume {
+        if let Some(first) = done.first() {
+            anyhow::bail!(
+                "{} already holds trained stages ({first}, ...); pass --resume to continue, or choose another --out",
+                args.out.display()
+            )
+        }
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let data_dir = match data {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let dir = args.out.join("data");
+            if !dir.join("split.json").exists() {
+                let cfg = data::toyworld::ToyConfig {
+                    stories: plan.data.stories,
+                    size: plan.data.size,
+                    seed: plan.data.seed,
+                    story_len: plan.data.story_len,
+                    threads: std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1),
+                };
+                let r = data::toyworld::generate(&dir, &cfg)?;
+                eprintln!(
+                    "train all: generated the toy world ({} stories, {} frames) into {} in {:.1} s",
+                    r.stories,
+                    r.frames,
+                    dir.display(),
+                    r.seconds
+                );
+            }
+            dir
+        }
+    };
+    let mut reports = Vec::new();
+    for stage in ORDER {
+        if done.iter().any(|d| d == stage) {
+            eprintln!("train all: {stage} is already trained; skipping it");
+            continue;
+        }
+        let stage_args = DriverArgs {
+            config: plan.stage_file(stage).to_path_buf(),
+            data: data_dir.clone(),
+            // A stage with a checkpoint continues it; one without starts fresh.
+            resume: args.resume
+                && crate::checkpoint::latest(&args.out.join("runs").join(stage))?.is_some(),
+            ..args.clone()
+        };
+        eprintln!(
+            "train all: stage {stage} from {}",
+            stage_args.config.display()
+        );
+        let report = match stage {
+            "vae" => driver::train_vae(&stage_args),
+            "clip" => driver::train_clip(&stage_args),
+            "lm" => driver::train_lm(&stage_args),
+            "char-ldm" => driver::train_char_ldm(&stage_args),
+            _ => driver::train_stage2(&stage_args),
+        }
+        .with_context(|| format!("stage {stage}"))?;
+        let ending = report.ending.clone();
+        reports.push((stage.to_owned(), report));
+        if ending != Ending::Finished {
+            return Ok(AllReport {
+                stages: reports,
+                ending,
+            });
+        }
+    }
+    Ok(AllReport {
+        stages: reports,
+        ending: Ending::Finished,
+    })
+}

@@ -1,0 +1,731 @@
+//! Stage `stage2` (StoryGPT-V stage 2): aligning the frozen LLM's output with the Char-LDM's
+//! input space, so that a caption with pronouns, read after the story so far, yields the
+//! condition of the caption with the names.
+//!
+//! Trainable: Mapper_LLM, the R `[IMG]` rows (renormalised to the frozen rows' mean norm after
+//! every step) and Mapper_LDM; frozen: the LLM, the CLIP vision tower that feeds Mapper_LLM and
+//! the whole Char-LDM. For frame i of a story the prompt interleaves the ground-truth history
+//! (m visual tokens of each earlier frame, then its caption) with the current referential
+//! caption and the `[IMG]` tokens, as inference does (`models::prompt::build_prompt`). Losses:
+//! L_gen (cross-entropy of the `[IMG]` tokens) and L_align, the MSE between Mapper_LDM's output
+//! and the stage-1 FUSED embedding of the frame's non-referential caption with the
+//! characters' portraits, computed once before training.
+//!
+//! Writes `OUT/storygpt-v/stage2.safetensors` and `OUT/bundle.toml` (the bundle is complete
+//! once this stage has run).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_nn::VarMap;
+use data::dataset::{DatasetKind, DatasetReader, Split};
+use models::char_ldm::CharLdm;
+use models::clip::{ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel};
+use models::fuse::FuseModule;
+use models::llm::{CausalLm, ImgTokens, LlmTokenizer, LogitsFor};
+use models::mappers::{MapperLdm, MapperLdmConfig, MapperLlm, MapperLlmConfig};
+use models::prompt::{build_prompt, Prompt, PromptConfig};
+use models::stage2_losses::{lalign_loss, lgen_loss, target_mask, LgenTargets};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{fnv1a, FNV_OFFSET};
+use crate::config::StageSection;
+use crate::loader::BatchSource;
+use crate::trainer::{Stage, StepLoss};
+
+/// What Mapper_LDM's output is aligned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlignTarget {
+    /// The stage-1 fused embedding (caption with names + portraits): the paper's choice.
+    Fused,
+    /// The plain CLIP text embedding of the caption with names (Table 4's ablation).
+    Text,
+}
+
+/// Which positions L_gen scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LgenChoice {
+    /// Every `[IMG]` token (the paper).
+    AllImg,
+    /// The caption tokens and `[IMG0]` (the authors' code).
+    CaptionAndFirstImg,
+}
+
+/// `[stage2]`: the mappers' shape, the prompt, the losses and how much data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stage2Section {
+    /// `[IMG]` tokens R (the paper compares 4, 8, 16).
+    pub num_img_tokens: usize,
+    /// Visual tokens per past frame m.
+    pub visual_tokens: usize,
+    /// Prompt budget in LLM tokens.
+    pub max_prompt_len: usize,
+    /// Leave the past frames' images out of the prompt (the caption-only ablation).
+    pub caption_only: bool,
+    /// Mapper_LDM width.
+    pub d_model: usize,
+    /// Mapper_LDM heads.
+    pub heads: usize,
+    /// Mapper_LDM encoder layers.
+    pub encoder_layers: usize,
+    /// Mapper_LDM decoder layers.
+    pub decoder_layers: usize,
+    /// Mapper_LDM feed-forward width.
+    pub ff_dim: usize,
+    /// L_align target.
+    pub align_to: AlignTarget,
+    /// Weight of L_align.
+    pub align_weight: f64,
+    /// Weight of L_gen.
+    pub lgen_weight: f64,
+    /// Positions L_gen scores.
+    pub lgen_targets: LgenChoice,
+    /// Training stories (of the train split).
+    pub train_stories: usize,
+    /// Validation stories.
+    pub val_stories: usize,
+    /// Frames per story.
+    pub story_len: usize,
+}
+
+impl Default for Stage2Section {
+    fn default() -> Self {
+        Self {
+            num_img_tokens: 8,
+            visual_tokens: 4,
+            max_prompt_len: 160,
+            caption_only: false,
+            d_model: 128,
+            heads: 4,
+            encoder_layers: 2,
+            decoder_layers: 2,
+            ff_dim: 512,
+            align_to: AlignTarget::Fused,
+            align_weight: 1.0,
+            lgen_weight: 1.0,
+            lgen_targets: LgenChoice::AllImg,
+            train_stories: 100_000,
+            val_stories: 100,
+            story_len: 4,
+        }
+    }
+}
+
+impl StageSection for Stage2Section {
+    const NAME: &'static str = "stage2";
+}
+
+/// One training example: frame `frame` of story `story`.
+struct Example {
+    prompt: Prompt,
+    /// Global frame indices (into the pooled table) of the history frames, in order.
+    history: Vec<usize>,
+    /// Index of the alignment target.
+    target: usize,
+}
+
+/// A batch: example indices (the examples live in the source, shared with the stage).
+pub struct Stage2Batch {
+    examples: Vec<usize>,
+}
+
+/// The examples (prompts, history, targets).
+pub struct Stage2Source {
+    count: usize,
+}
+
+impl BatchSource for Stage2Source {
+    type Batch = Stage2Batch;
+    fn len(&self) -> usize {
+        self.count
+    }
+    fn batch(&self, indices: &[usize], _rng: &mut ChaCha8Rng) -> Result<Stage2Batch> {
+        Ok(Stage2Batch {
+            examples: indices.to_vec(),
+        })
+    }
+}
+
+/// A validation pronoun frame: its example and the candidate conditions (the right one first,
+/// then the same caption with the characters swapped for other cast members).
+struct PronounCheck {
+    example: Example,
+    candidates: Tensor,
+}
+
+/// The frozen LLM, the trainable mappers and rows, the data.
+pub struct Stage2Stage {
+    vars: VarMap,
+    lm: CausalLm,
+    img: ImgTokens,
+    mapper_llm: MapperLlm,
+    mapper_ldm: MapperLdm,
+    /// Frozen CLIP pooled outputs of every frame, `(frames, vision_hidden)`.
+    pooled: Tensor,
+    train: Vec<Example>,
+    targets: Tensor,
+    val: Vec<Example>,
+    val_targets: Tensor,
+    pronoun: Vec<PronounCheck>,
+    section: Stage2Section,
+    device: Device,
+    out: PathBuf,
+}
+
+/// The frozen stage-1 pieces that make the alignment targets.
+struct Stage1 {
+    ldm: CharLdm,
+    portraits: Vec<(String, Tensor)>,
+}
+
+impl Stage1 {
+    fn load(out: &Path, data: &Path, device: &Device) -> Result<Self> {
+        let stage1 = out.join("storygpt-v/stage1.safetensors");
+        anyhow::ensure!(
+            stage1.exists(),
+            "{} is missing: stage2 needs stage 1 (run `storygpt-v train char-ldm --out {}` first)",
+            stage1.display(),
+            out.display()
+        );
+        let w = nn::Weights::open(&stage1)?;
+        let tokenizer = ClipTokenizer::from_dir(&out.join("sd/tokenizer"))?;
+        let text_encoder = ClipTextModel::load(&out.join("sd/text_encoder"), DType::F32, device)?;
+        let configs = models::clip::ClipConfigs::from_dir(&out.join("clip-vision"))?;
+        let vcfg = configs.vision.context("clip-vision has no vision config")?;
+        let vision = ClipVisionModel::new(
+            w.subset("image_encoder").var_builder(DType::F32, device),
+            &vcfg,
+        )?;
+        let processor = ClipImageProcessor::for_image_size(vcfg.image_size as u32);
+        let fuse = FuseModule::new(
+            w.subset("postfuse_module").var_builder(DType::F32, device),
+            text_encoder.config().hidden_size,
+        )?;
+        let unet_dir = out.join("sd/unet");
+        let unet = models::unet::UNet2DConditionModel::load(&unet_dir, DType::F32, device)?;
+        let vae = models::vae::AutoencoderKL::load(&out.join("sd/vae"), DType::F32, device)?;
+        let ldm = CharLdm::from_parts(
+            tokenizer,
+            text_encoder,
+            Some(vision),
+            processor,
+            Some(fuse),
+            unet,
+            vae,
+            models::schedulers::SchedulerConfig::stable_diffusion_v1_5(),
+            device.clone(),
+        );
+        let portraits = super::load_cast(data, "stage2")?
+            .into_iter()
+            .map(|(c, img)| Ok((c.name, ldm.portrait_embedding(&img)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { ldm, portraits })
+    }
+
+    /// The alignment target `(77, d)` of a caption with names.
+    fn target(&self, caption: &str, align: AlignTarget) -> Result<Tensor> {
+        let c = match align {
+            AlignTarget::Text => self.ldm.text_condition(caption)?,
+            AlignTarget::Fused => {
+                let chars: Vec<(&str, &Tensor)> = self
+                    .portraits
+                    .iter()
+                    .map(|(n, e)| (n.as_str(), e))
+                    .collect();
+                self.ldm.fused_condition(caption, &chars)?
+            }
+        };
+        Ok(c.squeeze(0)?.detach())
+    }
+}
+
+/// Replaces whole-word occurrences of `from` in `text` by `to`.
+fn replace_name(text: &str, from: &str, to: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(from) {
+        let before_ok = rest[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric());
+        let after = &rest[i + from.len()..];
+        let after_ok = after.chars().next().is_none_or(|c| !c.is_alphanumeric());
+        out.push_str(&rest[..i]);
+        out.push_str(if before_ok && after_ok { to } else { from });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Loads the stories of `split` and builds their examples; also returns the frames' pooled
+/// CLIP outputs appended to `pooled` and the targets' captions.
+#[allow(clippy::too_many_arguments)]
+fn examples(
+    device: &Device,
+    reader: &DatasetReader,
+    split: Split,
+    max_stories: usize,
+    tokenizer: &LlmTokenizer,
+    cfg: &PromptConfig,
+    vision: &ClipVisionModel,
+    processor: &ClipImageProcessor,
+    pooled: &mut Vec<Tensor>,
+    pooled_count: &mut usize,
+    fp: &mut u64,
+) -> Result<(Vec<Example>, Vec<String>, Vec<data::dataset::Story>)> {
+    let ids = reader.story_ids(split);
+    anyhow::ensure!(!ids.is_empty(), "the {} split has no stories", split.key());
+    let mut out = Vec::new();
+    let mut captions = Vec::new();
+    let mut stories = Vec::new();
+    for id in ids.into_iter().take(max_stories) {
+        let story = reader
+            .load_story(&id, 0)
+            .with_context(|| format!("loading story {id}"))?;
+        let images: Vec<image::RgbImage> = story
+            .frames
+            .iter()
+            .map(|f| {
+                f.image
+                    .clone()
+                    .with_context(|| format!("frame {} has no image", f.id))
+            })
+            .collect::<Result<_>>()?;
+        let px = processor.preprocess_batch(&images, device)?;
+        let p = vision.forward(&px)?.pooler_output.detach();
+        let base = *pooled_count;
+        *pooled_count += images.len();
+        pooled.push(p);
+        let referential: Vec<&str> = story
+            .frames
+            .iter()
+            .map(|f| f.referential.as_str())
+            .collect();
+        for (i, f) in story.frames.iter().enumerate() {
+            *fp = fnv1a(f.id.bytes(), *fp);
+            *fp = fnv1a(f.referential.bytes(), *fp);
+            let prompt = build_prompt(tokenizer, &referential[..i], referential[i], cfg)
+                .with_context(|| format!("story {id} frame {}", i + 1))?;
+            let kept = prompt.first_kept_frame;
+            out.push(Example {
+                prompt,
+                history: (kept..i).map(|k| base + k).collect(),
+                target: captions.len(),
+            });
+            captions.push(f.caption.clone());
+        }
+        stories.push(story);
+    }
+    Ok((out, captions, stories))
+}
+
+fn stack_targets(stage1: &Stage1, captions: &[String], align: AlignTarget) -> Result<Tensor> {
+    let rows = captions
+        .iter()
+        .map(|c| stage1.target(c, align))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Loads everything and builds the trainable parts: `(stage, source, fingerprint)`.
+pub fn prepare(
+    section: &Stage2Section,
+    data: &Path,
+    out: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(Stage2Stage, Arc<Stage2Source>, String)> {
+    anyhow::ensure!(
+        section.num_img_tokens > 0 && section.visual_tokens > 0,
+        "[stage2] num_img_tokens and visual_tokens must be positive"
+    );
+    let llm_dir = out.join("llm");
+    anyhow::ensure!(
+        llm_dir.join("config.json").exists(),
+        "{} is missing: stage2 needs the LLM (run `storygpt-v train lm --out {}` first)",
+        llm_dir.display(),
+        out.display()
+    );
+    let stage1 = Stage1::load(out, data, device)?;
+    let lm = CausalLm::load(&llm_dir, DType::F32, device)?;
+    let tokenizer = LlmTokenizer::from_dir(&llm_dir, section.num_img_tokens)?;
+    let mut cfg = PromptConfig::new(tokenizer.img_token_ids().to_vec(), tokenizer.bos_id());
+    cfg.max_len = section.max_prompt_len;
+    cfg.visual_tokens_per_frame = section.visual_tokens;
+    cfg.caption_only = section.caption_only;
+    // The frozen tower Mapper_LLM reads (the pipeline's `visual_encoder`: the clip stage's).
+    let vision_dir = out.join("clip-vision");
+    let vision = ClipVisionModel::load(&vision_dir, DType::F32, device)?;
+    let processor = ClipImageProcessor::for_image_size(vision.config().image_size as u32);
+
+    let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
+        .with_context(|| format!("opening dataset {}", data.display()))?;
+    let (mut pooled, mut count, mut fp) = (Vec::new(), 0usize, FNV_OFFSET);
+    let (train, train_captions, _) = examples(
+        device,
+        &reader,
+        Split::Train,
+        section.train_stories,
+        &tokenizer,
+        &cfg,
+        &vision,
+        &processor,
+        &mut pooled,
+        &mut count,
+        &mut fp,
+    )?;
+    let (val, val_captions, val_stories) = examples(
+        device,
+        &reader,
+        Split::Val,
+        section.val_stories,
+        &tokenizer,
+        &cfg,
+        &vision,
+        &processor,
+        &mut pooled,
+        &mut count,
+        &mut fp,
+    )?;
+    let pooled = Tensor::cat(&pooled, 0)?;
+    for file in [
+        out.join("storygpt-v/stage1.safetensors"),
+        llm_dir.join("model.safetensors"),
+    ] {
+        if let Ok(bytes) = std::fs::read(&file) {
+            fp = fnv1a(bytes, fp);
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let targets = stack_targets(&stage1, &train_captions, section.align_to)?;
+    let val_targets = stack_targets(&stage1, &val_captions, section.align_to)?;
+
+    // Pronoun frames of the validation stories, each with its swapped-cast candidates.
+    let cast: Vec<String> = stage1.portraits.iter().map(|(n, _)| n.clone()).collect();
+    let mut pronoun = Vec::new();
+    let mut k = 0;
+    for story in &val_stories {
+        let referential: Vec<&str> = story
+            .frames
+            .iter()
+            .map(|f| f.referential.as_str())
+            .collect();
+        for (i, f) in story.frames.iter().enumerate() {
+            let ex_index = k;
+            k += 1;
+            if f.referential == f.caption || f.characters.is_empty() {
+                continue;
+            }
+            let mut cands = vec![stage1.target(&f.caption, section.align_to)?];
+            for other in cast.iter().filter(|c| !f.characters.contains(c)) {
+                let swapped = replace_name(&f.caption, &f.characters[0], other);
+                if swapped != f.caption {
+                    cands.push(stage1.target(&swapped, section.align_to)?);
+                }
+            }
+            if cands.len() < 2 {
+                continue;
+            }
+            let example = Example {
+                prompt: build_prompt(&tokenizer, &referential[..i], referential[i], &cfg)?,
+                history: val[ex_index].history.clone(),
+                target: val[ex_index].target,
+            };
+            pronoun.push(PronounCheck {
+                example,
+                candidates: Tensor::stack(&cands, 0)?,
+            });
+        }
+    }
+    eprintln!(
+        "stage2: {} training and {} validation examples ({} pronoun frames), targets in {:.1} s",
+        train.len(),
+        val.len(),
+        pronoun.len(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let vars = VarMap::new();
+    let vb = super::seeded_var_builder(&vars, seed, DType::F32, device);
+    let d = lm.embed_dim();
+    let mapper_llm = MapperLlm::new(
+        MapperLlmConfig {
+            vision_dim: vision.config().hidden_size,
+            num_tokens: section.visual_tokens,
+            llm_dim: d,
+        },
+        vb.pp("model.visual_embeddings"),
+    )?;
+    let text_dim = stage1.ldm.text_encoder.config().hidden_size;
+    let mapper_ldm = MapperLdm::new(
+        MapperLdmConfig {
+            in_dim: d,
+            d_model: section.d_model,
+            heads: section.heads,
+            encoder_layers: section.encoder_layers,
+            decoder_layers: section.decoder_layers,
+            ff_dim: section.ff_dim,
+            num_queries: stage1.ldm.tokenizer.max_length(),
+            out_dim: text_dim,
+            eps: 1e-5,
+        },
+        vb.pp("model.gen_text_hidden_fcs.0"),
+    )?;
+    let img = ImgTokens::init(&lm, section.num_img_tokens, tokenizer.first_img_id(), seed)?;
+    img.register(&vars);
+    let source = Arc::new(Stage2Source { count: train.len() });
+    let stage = Stage2Stage {
+        vars,
+        lm,
+        img,
+        mapper_llm,
+        mapper_ldm,
+        pooled,
+        train,
+        targets,
+        val,
+        val_targets,
+        pronoun,
+        section: section.clone(),
+        device: device.clone(),
+        out: out.to_path_buf(),
+    };
+    Ok((stage, source, format!("{fp:016x}")))
+}
+
+/// What one forward pass over examples gives: Mapper_LDM outputs and L_gen.
+struct Forward {
+    conds: Tensor,
+    lgen: Tensor,
+}
+
+impl Stage2Stage {
+    /// Runs the LLM over `examples` (right-padded into one batch: causal attention keeps the
+    /// padding out of every real position) and Mapper_LDM over their `[IMG]` states.
+    fn forward(&self, examples: &[&Example]) -> Result<Forward> {
+        let d = self.lm.embed_dim();
+        let max_len = examples.iter().map(|e| e.prompt.len).max().unwrap_or(0);
+        let mut embeds = Vec::with_capacity(examples.len());
+        let mut ids = Vec::with_capacity(examples.len());
+        let mut masks = Vec::with_capacity(examples.len());
+        let lgen_which = match self.section.lgen_targets {
+            LgenChoice::AllImg => LgenTargets::AllImg,
+            LgenChoice::CaptionAndFirstImg => LgenTargets::CaptionAndFirstImg,
+        };
+        for e in examples {
+            let visual: Vec<Tensor> = if e.history.is_empty() || self.section.caption_only {
+                Vec::new()
+            } else {
+                let idx = Tensor::from_vec(
+                    e.history.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    e.history.len(),
+                    &self.device,
+                )?;
+                let v = self
+                    .mapper_llm
+                    .forward(&self.pooled.index_select(&idx, 0)?)?;
+                (0..e.history.len())
+                    .map(|k| v.i(k))
+                    .collect::<candle_core::Result<_>>()?
+            };
+            // The prompt's Visual{frame} indices count from the first kept frame.
+            let first = e.prompt.first_kept_frame;
+            let mut padded_visual = vec![Tensor::zeros((0, d), DType::F32, &self.device)?; first];
+            padded_visual.extend(visual);
+            let emb = e.prompt.embed(&self.lm, &self.img, &padded_visual)?;
+            let pad = max_len - e.prompt.len;
+            let emb = if pad > 0 {
+                let zeros = Tensor::zeros((1, pad, d), emb.dtype(), &self.device)?;
+                Tensor::cat(&[emb, zeros], 1)?
+            } else {
+                emb
+            };
+            embeds.push(emb);
+            let mut row = e.prompt.ids_with_visual_fill(0);
+            row.resize(max_len, 0);
+            ids.push(Tensor::from_vec(row, (1, max_len), &self.device)?);
+            let m = target_mask(
+                e.prompt.len,
+                &e.prompt.img_positions,
+                e.prompt.current_caption.clone(),
+                lgen_which,
+                &self.device,
+            )?;
+            masks.push(if pad > 0 {
+                Tensor::cat(&[m, Tensor::zeros((1, pad), DType::F32, &self.device)?], 1)?
+            } else {
+                m
+            });
+        }
+        let embeds = Tensor::cat(&embeds, 0)?;
+        let ids = Tensor::cat(&ids, 0)?.to_dtype(DType::I64)?;
+        let masks = Tensor::cat(&masks, 0)?;
+        let mut cache = self.lm.new_cache();
+        let out = self
+            .lm
+            .forward_embeds_with(&embeds, &mut cache, None, LogitsFor::All)?;
+        let logits = self
+            .img
+            .extend_logits(&out.logits, &out.last_hidden_state)?;
+        let lgen = lgen_loss(&logits, &ids, &masks)?;
+        let r = self.section.num_img_tokens;
+        let hidden = examples
+            .iter()
+            .enumerate()
+            .map(|(b, e)| {
+                let range = e.prompt.img_range();
+                out.last_hidden_state.i(b)?.narrow(0, range.start, r)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let hidden = Tensor::stack(&hidden, 0)?;
+        let embs = self
+            .img
+            .embeddings(hidden.dtype())?
+            .unsqueeze(0)?
+            .broadcast_as(hidden.shape())?
+            .contiguous()?;
+        let conds = self.mapper_ldm.forward(&hidden, &embs)?;
+        Ok(Forward { conds, lgen })
+    }
+
+    fn targets_of(&self, table: &Tensor, examples: &[&Example]) -> Result<Tensor> {
+        let idx = Tensor::from_vec(
+            examples.iter().map(|e| e.target as u32).collect::<Vec<_>>(),
+            examples.len(),
+            &self.device,
+        )?;
+        Ok(table.index_select(&idx, 0)?)
+    }
+
+    /// Writes `OUT/storygpt-v/stage2.safetensors` (the names the bundle loader reads).
+    pub fn export(&self) -> Result<PathBuf> {
+        let path = self.out.join("storygpt-v/stage2.safetensors");
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        let tensors: std::collections::HashMap<String, Tensor> = super::named_vars(&self.vars)
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let tmp = path.with_extension("tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// The section (for the bundle manifest).
+    pub fn section(&self) -> &Stage2Section {
+        &self.section
+    }
+
+    /// Pronoun frames checked at validation.
+    pub fn pronoun_count(&self) -> usize {
+        self.pronoun.len()
+    }
+}
+
+impl Stage for Stage2Stage {
+    type Batch = Stage2Batch;
+
+    fn name(&self) -> &'static str {
+        "stage2"
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        super::named_vars(&self.vars)
+    }
+
+    fn no_weight_decay(&self, name: &str) -> bool {
+        name.ends_with(".bias") || name.contains("norm") || name.contains("input_embeddings")
+    }
+
+    fn loss(&mut self, b: &Stage2Batch, _step: u64) -> Result<StepLoss> {
+        let examples: Vec<&Example> = b.examples.iter().map(|&i| &self.train[i]).collect();
+        let f = self.forward(&examples)?;
+        let target = self.targets_of(&self.targets, &examples)?;
+        let align = lalign_loss(&f.conds, &target)?;
+        let loss = ((&align * self.section.align_weight)? + (&f.lgen * self.section.lgen_weight)?)?;
+        let parts = vec![
+            ("l_align", align.to_scalar::<f32>()? as f64),
+            ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
+        ];
+        Ok(StepLoss { loss, parts })
+    }
+
+    fn after_step(&mut self) -> Result<()> {
+        self.img.renormalise()?;
+        Ok(())
+    }
+
+    fn validate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
+        let (mut align, mut lgen, mut n) = (0f64, 0f64, 0usize);
+        let all: Vec<&Example> = self.val.iter().collect();
+        for chunk in all.chunks(32) {
+            let f = self.forward(chunk)?;
+            let t = self.targets_of(&self.val_targets, chunk)?;
+            align +=
+                lalign_loss(&f.conds.detach(), &t)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            lgen += f.lgen.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            n += chunk.len();
+        }
+        let mut right = 0usize;
+        for chunk in self.pronoun.chunks(32) {
+            let examples: Vec<&Example> = chunk.iter().map(|p| &p.example).collect();
+            let conds = self.forward(&examples)?.conds.detach();
+            for (b, p) in chunk.iter().enumerate() {
+                let c = conds.i(b)?.unsqueeze(0)?;
+                let dist = p
+                    .candidates
+                    .broadcast_sub(&c)?
+                    .sqr()?
+                    .flatten_from(1)?
+                    .sum(D::Minus1)?
+                    .to_vec1::<f32>()?;
+                let best = dist
+                    .iter()
+                    .enumerate()
+                    .min_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(i, _)| i);
+                right += (best == Some(0)) as usize;
+            }
+        }
+        let mut m = BTreeMap::from([
+            ("val_l_align".to_owned(), align / n.max(1) as f64),
+            ("val_l_gen".to_owned(), lgen / n.max(1) as f64),
+        ]);
+        if !self.pronoun.is_empty() {
+            m.insert(
+                "pronoun_right_character".to_owned(),
+                right as f64 / self.pronoun.len() as f64,
+            );
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_name;
+
+    #[test]
+    fn replaces_whole_names_only() {
+        assert_eq!(
+            replace_name("Bob hugs Bobby.", "Bob", "Mia"),
+            "Mia hugs Bobby."
+        );
+        assert_eq!(
+            replace_name("Mr Grey waves.", "Mr Grey", "Tom"),
+            "Tom waves."
+        );
+        assert_eq!(
+            replace_name("Lily and Lily", "Lily", "Kiki"),
+            "Kiki and Kiki"
+        );
+    }
+}
