@@ -372,6 +372,7 @@ pub fn train_stage2(args: &DriverArgs) -> Result<StageReport> {
         &args.device,
     )?;
     let out = args.out.clone();
+    let data = args.data.clone();
     run_stage(
         args,
         "stage2",
@@ -385,6 +386,7 @@ pub fn train_stage2(args: &DriverArgs) -> Result<StageReport> {
         ),
         |stage, summary| {
             stage.export()?;
+            write_cast(&out, &data)?;
             write_manifest(&out, stage.section())?;
             let gates = vec![gate_on(
                 summary,
@@ -402,6 +404,32 @@ pub fn train_stage2(args: &DriverArgs) -> Result<StageReport> {
             Ok((gates, extra))
         },
     )
+}
+
+/// Copies the cast the bundle was trained on (names, pronouns, descriptions, portraits) into
+/// `OUT/cast/cast.json` and `OUT/cast/*.png`: the characters this model knows, which the studio
+/// offers as a starter cast.
+pub fn write_cast(out: &Path, data: &Path) -> Result<()> {
+    let cast = crate::stages::load_cast(data, "stage2")?;
+    let dir = out.join("cast");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut entries = Vec::new();
+    for (c, img) in &cast {
+        let file = format!("{}.png", c.label.replace(' ', "-"));
+        img.save(dir.join(&file))
+            .with_context(|| format!("writing the portrait of {}", c.name))?;
+        entries.push(json!({
+            "name": c.name,
+            "pronoun": c.pronoun,
+            "description": c.description,
+            "portrait": file,
+        }));
+    }
+    std::fs::write(
+        dir.join("cast.json"),
+        serde_json::to_string_pretty(&entries)?,
+    )?;
+    Ok(())
 }
 
 /// Writes `OUT/bundle.toml` for a bundle trained by these stages (frame size from the VAE).

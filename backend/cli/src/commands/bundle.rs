@@ -28,6 +28,19 @@ pub enum BundleCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Copy a trained bundle without its training runs and generated data, optionally with
+    /// f16 weights (how models/toy is made from `train all`'s output).
+    Ship {
+        /// The trained bundle (a `train all` output).
+        #[arg(long)]
+        from: PathBuf,
+        /// Output directory (must be empty or absent).
+        #[arg(long)]
+        out: PathBuf,
+        /// Store f32 weights as f16 (computation stays in the manifest's dtype).
+        #[arg(long)]
+        f16: bool,
+    },
     /// Load a bundle and print what it is (checks every path and tensor).
     Info {
         /// The bundle directory.
@@ -52,6 +65,17 @@ pub fn run(args: BundleArgs) -> anyhow::Result<()> {
                 "wrote {} ({} parameters in all; randomly initialised, UNTRAINED)",
                 out.display(),
                 report.total()
+            );
+            Ok(())
+        }
+        BundleCommand::Ship { from, out, f16 } => {
+            let r = models::bundle::ship::ship(&from, &out, f16)?;
+            eprintln!(
+                "wrote {} ({} files, {:.1} MB; {} tensors as f16)",
+                out.display(),
+                r.files,
+                r.bytes as f64 / 1e6,
+                r.f16_tensors
             );
             Ok(())
         }

@@ -29,6 +29,7 @@
 
 pub mod bpe;
 pub mod random;
+pub mod ship;
 
 use std::path::{Path, PathBuf};
 
