@@ -989,3 +989,282 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     let panel = get_text(&server, &format!("/ui/stories/{id}/generate-panel")).await;
     assert!(panel.contains("id=\"generate-story\"") && !panel.contains("cancel-job"));
 }
+
+/// The cast a trained bundle lists: three of the toy world's characters, each portrait its
+/// own colour and size so the stored copies can be told apart.
+fn toy_cast() -> (String, Vec<(&'static str, Vec<u8>)>) {
+    let json = json!([
+        {"name": "Tom", "pronoun": "he", "description": "a boy with short brown hair", "portrait": "tom.png"},
+        {"name": "Mia", "pronoun": "she", "description": "a woman with long yellow hair", "portrait": "mia.png"},
+        {"name": "Bob", "pronoun": "he", "description": "a man with a green hat", "portrait": "bob.png"},
+    ]);
+    let portraits = vec![
+        ("tom.png", colour_png(6, 5, [200, 40, 40])),
+        ("mia.png", colour_png(7, 5, [240, 220, 40])),
+        ("bob.png", colour_png(8, 5, [40, 160, 40])),
+    ];
+    (json.to_string(), portraits)
+}
+
+fn names_of(characters: &Value) -> Vec<String> {
+    characters["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_models_starter_cast_is_offered_added_once_and_makes_an_example_story() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cast, portraits) = toy_cast();
+    let bundle = common::bundle_with_cast(dir.path(), &cast, &portraits);
+    let data = dir.path().join("data");
+    let server = Server::start_with(&data, &["--bundle", bundle.to_str().unwrap()], &[]);
+
+    // The studio shows the panel, and the add form says what a portrait of someone else does.
+    let page = get_text(&server, "/").await;
+    assert_eq!(
+        element_text(&page, "starter-cast-heading"),
+        "This model was trained on 3 characters"
+    );
+    for name in ["Tom", "Mia", "Bob"] {
+        assert!(
+            page.contains(&format!("> {name} <span class=\"pronoun\">")),
+            "{page}"
+        );
+    }
+    assert!(page.contains("id=\"add-starter-cast\"") && page.contains("id=\"add-starter-story\""));
+    assert!(element_text(&page, "character-known-note")
+        .contains("only knows the 3 characters it was trained on"));
+    assert!(page.contains("aria-describedby=\"character-portrait-hint character-portrait-error character-known-note\""));
+
+    // The same cast through the API, with the portraits the model learned from.
+    let listed = get_json(&server, "/api/model/cast").await;
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+    assert_eq!(listed[1]["name"], "Mia");
+    assert_eq!(listed[1]["pronoun"], "she");
+    assert_eq!(listed[1]["description"], "a woman with long yellow hair");
+    let png = common::get_png(&server, listed[1]["portrait_url"].as_str().unwrap()).await;
+    assert_eq!(
+        image::load_from_memory(&png)
+            .unwrap()
+            .to_rgb8()
+            .dimensions(),
+        (7, 5)
+    );
+    let none = no_redirects()
+        .get(server.at("/api/model/cast/3/portrait"))
+        .send()
+        .await
+        .unwrap();
+    common::problem(none, StatusCode::NOT_FOUND, "not_found").await;
+
+    // One click (HTMX) adds all three as ordinary characters with their portraits.
+    let response = post_form(&server, "/ui/characters/starter-cast", &[], true).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["hx-trigger"], "characters-changed");
+    let html = response.text().await.unwrap();
+    assert_eq!(
+        element_text(&html, "characters-status"),
+        "Added 3 characters."
+    );
+    assert_eq!(
+        element_text(&html, "starter-cast-hint"),
+        "All of them are in your library already."
+    );
+    let characters = get_json(&server, "/api/characters").await;
+    assert_eq!(names_of(&characters), ["Tom", "Mia", "Bob"]);
+    for (character, (_, original)) in characters["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&portraits)
+    {
+        assert!(html.contains(&format!(
+            "Portrait of {}",
+            character["name"].as_str().unwrap()
+        )));
+        let stored = common::get_png(&server, character["portrait"]["url"].as_str().unwrap()).await;
+        assert_eq!(
+            image::load_from_memory(&stored).unwrap().to_rgb8(),
+            image::load_from_memory(original).unwrap().to_rgb8()
+        );
+    }
+    assert_eq!(characters["items"][1]["pronoun"], "she");
+
+    // A second click adds nothing and says so.
+    let html = post_form(&server, "/ui/characters/starter-cast", &[], true)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        element_text(&html, "characters-status"),
+        "Nothing added: all 3 characters of the starter cast were already there."
+    );
+    assert_eq!(
+        get_json(&server, "/api/characters").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // They are ordinary characters: renamed or deleted, the cast fills in only what is missing,
+    // matching names in any case.
+    let ids: Vec<i64> = characters["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_i64().unwrap())
+        .collect();
+    let renamed = no_redirects()
+        .patch(server.at(&format!("/api/characters/{}", ids[0])))
+        .json(&json!({"name": "TOM"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), StatusCode::OK);
+    let deleted = no_redirects()
+        .delete(server.at(&format!("/api/characters/{}", ids[1])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let html = post_form(&server, "/ui/characters/starter-cast", &[], true)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        element_text(&html, "characters-status"),
+        "Added 1 character; Tom, Bob were already there."
+    );
+    let characters = get_json(&server, "/api/characters").await;
+    assert_eq!(names_of(&characters), ["TOM", "Bob", "Mia"]);
+    let mia = characters["items"][2]["id"].as_i64().unwrap();
+
+    // The API twin, and the form without JavaScript (a redirect back to the list).
+    let deleted = no_redirects()
+        .delete(server.at(&format!("/api/characters/{}", ids[2])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let added: Value = no_redirects()
+        .post(server.at("/api/characters/starter-cast"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(added["added"].as_array().unwrap().len(), 1, "{added}");
+    assert_eq!(added["added"][0]["name"], "Bob");
+    assert_eq!(added["skipped"], json!(["Tom", "Mia"]));
+    let bob = added["added"][0]["id"].as_i64().unwrap();
+    assert_eq!(added["character_ids"], json!([ids[0], mia, bob]));
+    let response = post_form(&server, "/ui/characters/starter-cast", &[], false).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()["location"], "/#characters");
+
+    // The example story: the starter cast as its cast, four captions, and the studio goes to it.
+    let response = post_form(&server, "/ui/characters/starter-cast/story", &[], true).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let location = response.headers()["hx-redirect"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let story_id: i64 = location.strip_prefix("/stories/").unwrap().parse().unwrap();
+    let story = get_json(&server, &format!("/api/stories/{story_id}")).await;
+    assert_eq!(
+        captions_of(&story),
+        [
+            "Mia walks in the forest.",
+            "She waves at Bob.",
+            "Bob and Mia laugh at the beach.",
+            "They look at a red ball."
+        ]
+    );
+    assert_eq!(story["character_ids"], json!([ids[0], mia, bob]));
+    let story_page = get_text(&server, &location).await;
+    assert!(story_page.contains("She waves at Bob."));
+    let response = post_form(&server, "/ui/characters/starter-cast/story", &[], false).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let second = response.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        second.starts_with("/stories/") && second != location,
+        "{second}"
+    );
+    assert_eq!(
+        get_json(&server, "/api/characters").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let doc = get_json(&server, "/openapi.json").await;
+    assert!(doc["paths"]["/api/model/cast"]["get"].is_object());
+    assert!(doc["paths"]["/api/model/cast/{k}/portrait"]["get"].is_object());
+    assert!(doc["paths"]["/api/characters/starter-cast"]["post"].is_object());
+    assert!(get_text(&server, "/docs")
+        .await
+        .contains("/api/characters/starter-cast"));
+}
+
+#[tokio::test]
+async fn without_a_usable_starter_cast_the_studio_offers_none() {
+    let dir = tempfile::tempdir().unwrap();
+    // A random bundle has no cast/ at all.
+    let server = Server::start(&dir.path().join("plain"));
+    let page = get_text(&server, "/").await;
+    assert!(!page.contains("starter-cast") && !page.contains("character-known-note"));
+    assert_eq!(get_json(&server, "/api/model/cast").await, json!([]));
+    let refused = no_redirects()
+        .post(server.at("/api/characters/starter-cast"))
+        .send()
+        .await
+        .unwrap();
+    common::problem(refused, StatusCode::NOT_FOUND, "no_starter_cast").await;
+    let refused = post_form(&server, "/ui/characters/starter-cast", &[], true).await;
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+    drop(server);
+
+    // A broken cast: the server still starts, says why in its log, and offers nothing.
+    let (_, portraits) = toy_cast();
+    let missing_portrait = json!([
+        {"name": "Tom", "pronoun": "he", "description": "", "portrait": "tom.png"},
+        {"name": "Rex", "pronoun": "it", "description": "a dog", "portrait": "rex.png"},
+    ])
+    .to_string();
+    for (label, cast, reason) in [
+        ("malformed", "[{\"name\": \"Tom\",", "not a JSON list"),
+        ("missing", missing_portrait.as_str(), "rex.png"),
+    ] {
+        let root = dir.path().join(label);
+        let bundle = common::bundle_with_cast(&root, cast, &portraits);
+        let server = Server::start_with(
+            &root.join("data"),
+            &["--bundle", bundle.to_str().unwrap()],
+            &[],
+        );
+        let page = get_text(&server, "/").await;
+        assert!(
+            !page.contains("starter-cast") && !page.contains("character-known-note"),
+            "{label}"
+        );
+        assert_eq!(
+            get_json(&server, "/api/model/cast").await,
+            json!([]),
+            "{label}"
+        );
+        let log = server.log();
+        assert!(
+            log.contains("starter cast is not offered") && log.contains(reason),
+            "{label}: {log}"
+        );
+    }
+}

@@ -221,6 +221,39 @@ pub fn shared_bundle() -> &'static Path {
     })
 }
 
+/// A model bundle in `root/bundle` that is the [`shared_bundle`] plus a `cast/` directory
+/// holding `cast_json` as `cast.json` and these portrait files, as a trained bundle has. The
+/// shared bundle's files are linked, not copied, so making one costs nothing.
+pub fn bundle_with_cast(root: &Path, cast_json: &str, portraits: &[(&str, Vec<u8>)]) -> PathBuf {
+    let dir = root.join("bundle");
+    std::fs::create_dir_all(dir.join("cast")).expect("create the bundle's cast directory");
+    for entry in std::fs::read_dir(shared_bundle()).expect("read the shared bundle") {
+        let entry = entry.expect("shared bundle entry");
+        let target = dir.join(entry.file_name());
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(entry.path(), &target).expect("link a bundle file");
+        #[cfg(not(unix))]
+        copy_tree(&entry.path(), &target);
+    }
+    std::fs::write(dir.join("cast").join("cast.json"), cast_json).expect("write cast.json");
+    for (name, bytes) in portraits {
+        std::fs::write(dir.join("cast").join(name), bytes).expect("write a cast portrait");
+    }
+    dir
+}
+
+#[cfg(not(unix))]
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).expect("create a directory");
+        for entry in std::fs::read_dir(from).expect("read a directory").flatten() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        std::fs::copy(from, to).expect("copy a bundle file");
+    }
+}
+
 /// A small RGB test image whose pixels encode their coordinates.
 pub fn test_image(width: u32, height: u32) -> RgbImage {
     RgbImage::from_fn(width, height, |x, y| {

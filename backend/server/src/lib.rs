@@ -14,6 +14,7 @@ pub mod live;
 pub mod mentions;
 pub mod model;
 pub mod pages;
+pub mod starter_cast;
 pub mod store;
 pub mod validate;
 pub mod worker;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub hub: live::Hub,
     /// The generation worker (and the model it loaded).
     pub worker: Arc<worker::WorkerHandle>,
+    /// The characters the loaded bundle was trained on (empty when it lists none).
+    pub cast: Arc<starter_cast::StarterCast>,
     /// Queue and stream settings.
     pub settings: Arc<JobSettings>,
     /// Turns true when the server starts shutting down; long-lived streams end then.
@@ -116,6 +119,11 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || model::resolve_bundle(configured.as_deref(), &data_dir))
             .await??
     };
+    // Read before the worker takes the bundle path; it decodes a few portraits, off the runtime.
+    let cast = {
+        let bundle = bundle.clone();
+        tokio::task::spawn_blocking(move || starter_cast::StarterCast::load(&bundle)).await?
+    };
     let hub = live::Hub::new();
     let worker = worker::start(
         pool.clone(),
@@ -148,6 +156,7 @@ pub async fn serve(
         pool: pool.clone(),
         hub,
         worker: worker.clone(),
+        cast: Arc::new(cast),
         settings: Arc::new(JobSettings {
             queue_capacity: config.queue_capacity,
             heartbeat: config.sse_heartbeat,

@@ -6,6 +6,7 @@
 
 mod frames;
 mod generate;
+mod starter;
 mod story;
 
 use askama::Template;
@@ -50,6 +51,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/stories", get(stories_section).post(add_story))
         .route("/ui/stories/{id}/delete", post(delete_story))
         .merge(story::router())
+        .merge(starter::router())
         .merge(generate::router())
         .merge(frames::router())
         .route(
@@ -204,6 +206,42 @@ struct StoryFormState {
 
 const PRONOUNS: [&str; 4] = ["he", "she", "they", "it"];
 
+/// A character of the model's starter cast, as its panel lists it.
+struct StarterEntry {
+    name: String,
+    pronoun: &'static str,
+    portrait_url: String,
+}
+
+/// The panel that offers the model's starter cast; `members` is empty (and the panel and the
+/// add form's note are not shown) when the bundle lists none.
+struct StarterPanel {
+    members: Vec<StarterEntry>,
+    /// The example story fits the cast (its captions name only cast members).
+    example_story: bool,
+    /// Every cast member's name is in the library already.
+    all_there: bool,
+}
+
+fn starter_panel(state: &AppState, characters: &[Character]) -> StarterPanel {
+    let members = state.cast.members();
+    StarterPanel {
+        members: members
+            .iter()
+            .enumerate()
+            .map(|(k, m)| StarterEntry {
+                name: m.name.clone(),
+                pronoun: m.pronoun.as_str(),
+                portrait_url: format!("/api/model/cast/{k}/portrait"),
+            })
+            .collect(),
+        example_story: state.cast.offers_example_story(),
+        all_there: members
+            .iter()
+            .all(|m| name_in_use(characters, &m.name, None)),
+    }
+}
+
 #[derive(Template)]
 #[template(path = "index.html")]
 struct IndexPage {
@@ -214,6 +252,7 @@ struct IndexPage {
     char_status: String,
     story_form: StoryFormState,
     pronouns: [&'static str; 4],
+    starter: StarterPanel,
 }
 
 #[derive(Template)]
@@ -223,6 +262,7 @@ struct CharactersSection {
     char_form: CharacterFormState,
     char_status: String,
     pronouns: [&'static str; 4],
+    starter: StarterPanel,
 }
 
 #[derive(Template)]
@@ -283,6 +323,7 @@ async fn page(
     Ok(render(
         IndexPage {
             cards: cards(&characters, chars.rename),
+            starter: starter_panel(state, &characters),
             characters,
             stories,
             char_form: chars.form,
@@ -326,6 +367,7 @@ async fn characters_view(
             char_form: input.form,
             char_status: input.status,
             pronouns: PRONOUNS,
+            starter: starter_panel(state, &characters),
         },
         status,
     );

@@ -37,7 +37,12 @@ fn cast(data: &Path) -> Result<Vec<CharacterInput>> {
         .collect()
 }
 
-fn draw(p: &StoryPipeline, story: &StoryInput, seed: u64, attention: bool) -> Result<Vec<(RgbImage, Vec<RgbImage>)>> {
+fn draw(
+    p: &StoryPipeline,
+    story: &StoryInput,
+    seed: u64,
+    attention: bool,
+) -> Result<Vec<(RgbImage, Vec<RgbImage>)>> {
     let frames: Vec<FrameRequest> = (0..story.captions.len())
         .map(|i| FrameRequest {
             index: i,
@@ -62,7 +67,10 @@ fn draw(p: &StoryPipeline, story: &StoryInput, seed: u64, attention: bool) -> Re
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(args.len() >= 4, "usage: story_grid BUNDLE DATA N_STORIES OUT.png [SEED]");
+    anyhow::ensure!(
+        args.len() >= 4,
+        "usage: story_grid BUNDLE DATA N_STORIES OUT.png [SEED]"
+    );
     let (bundle, data) = (PathBuf::from(&args[0]), PathBuf::from(&args[1]));
     let n: usize = args[2].parse()?;
     let out = PathBuf::from(&args[3]);
@@ -82,8 +90,16 @@ fn main() -> Result<()> {
             eprintln!("{id} frame {}: {}", i + 1, f.referential);
         }
         cols = s.frames.len();
-        tiles.extend(s.frames.iter().map(|f| f.image.clone().expect("images requested")));
-        tiles.extend(draw(&p, &story, seed, false)?.into_iter().map(|(img, _)| img));
+        tiles.extend(
+            s.frames
+                .iter()
+                .map(|f| f.image.clone().expect("images requested")),
+        );
+        tiles.extend(
+            draw(&p, &story, seed, false)?
+                .into_iter()
+                .map(|(img, _)| img),
+        );
     }
     train::stages::grid(&upscale(&tiles, 2), cols)
         .save(&out)
@@ -105,16 +121,16 @@ fn main() -> Result<()> {
     let most = drawn.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
     for k in 0..most {
         for (img, maps) in &drawn {
-            rows.push(
-                maps.get(k)
-                    .cloned()
-                    .unwrap_or_else(|| RgbImage::from_pixel(img.width(), img.height(), Rgb([255, 255, 255]))),
-            );
+            rows.push(maps.get(k).cloned().unwrap_or_else(|| {
+                RgbImage::from_pixel(img.width(), img.height(), Rgb([255, 255, 255]))
+            }));
         }
     }
     let custom_out = out.with_file_name(format!(
         "{}-custom.png",
-        out.file_stem().and_then(|s| s.to_str()).unwrap_or("stories")
+        out.file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("stories")
     ));
     train::stages::grid(&upscale(&rows, 2), drawn.len()).save(&custom_out)?;
     eprintln!("wrote {} and {}", out.display(), custom_out.display());
@@ -124,6 +140,13 @@ fn main() -> Result<()> {
 fn upscale(images: &[RgbImage], k: u32) -> Vec<RgbImage> {
     images
         .iter()
-        .map(|i| image::imageops::resize(i, i.width() * k, i.height() * k, image::imageops::FilterType::Nearest))
+        .map(|i| {
+            image::imageops::resize(
+                i,
+                i.width() * k,
+                i.height() * k,
+                image::imageops::FilterType::Nearest,
+            )
+        })
         .collect()
 }

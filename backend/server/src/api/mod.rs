@@ -8,6 +8,7 @@ pub mod health;
 pub mod jobs;
 pub mod mentions;
 pub mod openapi;
+pub mod starter_cast;
 pub mod stories;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -38,6 +39,9 @@ pub fn router() -> Router<AppState> {
                 .delete(characters::delete),
         )
         .route("/characters/{id}/portrait", get(characters::portrait))
+        .route("/characters/starter-cast", post(starter_cast::add))
+        .route("/model/cast", get(starter_cast::list))
+        .route("/model/cast/{k}/portrait", get(starter_cast::portrait))
         .route("/stories", post(stories::create).get(stories::list))
         .route(
             "/stories/{id}",

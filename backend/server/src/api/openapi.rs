@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::path::{HttpMethod, Operation};
 use utoipa::OpenApi;
 
-use super::{characters, events, export, health, jobs, mentions, stories};
+use super::{characters, events, export, health, jobs, mentions, starter_cast, stories};
 use crate::error::ApiError;
 
 /// The API description.
@@ -17,7 +17,8 @@ use crate::error::ApiError;
     paths(
         health::healthz, health::readyz,
         characters::create, characters::list, characters::get_one, characters::update,
-        characters::delete, characters::portrait,
+        characters::delete, characters::portrait, starter_cast::add,
+        starter_cast::list, starter_cast::portrait,
         stories::create, stories::list, stories::get_one, stories::update, stories::delete,
         stories::insert_frame, stories::edit_frame, stories::delete_frame, stories::reorder,
         stories::frame_image, stories::frame_attention, stories::frame_attention_map,
@@ -31,6 +32,7 @@ use crate::error::ApiError;
         (name = "stories", description = "Stories and their captions"),
         (name = "exports", description = "Downloads of a story: ZIP, animated GIF, printable PDF"),
         (name = "jobs", description = "Generation jobs and their live progress (server-sent events)"),
+        (name = "model", description = "The loaded model: the characters it was trained on"),
         (name = "health", description = "Probes"),
     )
 )]

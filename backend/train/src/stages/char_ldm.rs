@@ -334,12 +334,16 @@ fn load_frames(
     Ok(out)
 }
 
+/// What a frame conditions on: caption ids, named-character slots `(token, cast index)` and
+/// each slot's mask.
+type Conditioning = (Vec<u32>, Vec<(usize, usize)>, Vec<Vec<bool>>);
+
 /// Caption ids, named-character slots and their masks of one frame.
 fn frame_conditioning(
     f: &data::dataset::FrameRecord,
     tokenizer: &ClipTokenizer,
     cast: &[(String, RgbImage)],
-) -> (Vec<u32>, Vec<(usize, usize)>, Vec<Vec<bool>>) {
+) -> Conditioning {
     let ids = tokenizer.encode(&f.caption).ids;
     let (mut slots, mut masks): (Vec<(usize, usize)>, Vec<Vec<bool>>) = (Vec::new(), Vec::new());
     for name in &f.characters {
@@ -520,7 +524,7 @@ pub fn prepare(
 
     // Fixed validation noise and timesteps (spread over the schedule) for comparable losses.
     let (c, h, w) = latent_shape;
-    let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0x7661_6c);
+    let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0x0076_616c);
     let nval = section.val_frames.min(val_frames.len());
     let val_noise = gaussian(&mut rng, nval * c * h * w);
     let val_timesteps: Vec<usize> = (0..nval)
