@@ -655,3 +655,36 @@ val_stories = 10
     assert!(out.join("bundle.toml").exists());
     models::pipeline::StoryPipeline::load(&out, &candle_core::Device::Cpu).unwrap();
 }
+
+#[test]
+fn the_shipped_toy_bundle_loads_as_trained_with_its_cast() {
+    let dir = repo("models/toy");
+    let p = models::pipeline::StoryPipeline::load(&dir, &candle_core::Device::Cpu).unwrap();
+    assert!(p.info().trained, "models/toy is not marked trained");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
+    for stage in ["vae", "clip", "lm", "char-ldm", "stage2"] {
+        assert!(record["stages"][stage]["steps"].as_u64().unwrap() > 0, "{stage}");
+    }
+    let cast: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cast/cast.json")).unwrap()).unwrap();
+    assert_eq!(cast.len(), 7);
+    for c in &cast {
+        image::open(dir.join("cast").join(c["portrait"].as_str().unwrap())).unwrap();
+    }
+    // Committed size limit of the shipped bundle.
+    fn size(p: &Path) -> u64 {
+        std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    size(&e.path())
+                } else {
+                    e.metadata().unwrap().len()
+                }
+            })
+            .sum()
+    }
+    assert!(size(&dir) <= 40 << 20, "models/toy is {} bytes", size(&dir));
+}

@@ -442,60 +442,27 @@ pub fn write_manifest(out: &Path, s2: &Stage2Section) -> Result<()> {
     let size = vae["sample_size"]
         .as_u64()
         .context("sd/vae/config.json has no sample_size")? as usize;
-    let manifest = Manifest {
-        format: b::FORMAT_VERSION,
-        name: "toy".into(),
-        description: format!(
+    let mut manifest = Manifest::toy_layout(
+        "toy".into(),
+        format!(
             "The toy world's StoryGPT-V, trained from scratch in Rust by `storygpt-v train` \
              ({size}x{size} frames; it knows the toy cast only). See docs/TRAINING.md."
         ),
-        trained: true,
-        char_ldm: b::CharLdmSection {
-            base: Some("sd".into()),
-            tokenizer: None,
-            text_encoder: None,
-            unet: None,
-            vae: None,
-            scheduler: None,
-            image_encoder: "clip-vision".into(),
-            stage1: Some("storygpt-v/stage1.safetensors".into()),
-            stage1_prefixes: Default::default(),
-            dtype: "f32".into(),
+        true,
+        b::MapperLdmDims {
+            d_model: s2.d_model,
+            heads: s2.heads,
+            encoder_layers: s2.encoder_layers,
+            decoder_layers: s2.decoder_layers,
+            ff_dim: s2.ff_dim,
         },
-        llm: b::LlmSection {
-            model: "llm".into(),
-            tokenizer: None,
-            visual_encoder: None,
-            stage2: "storygpt-v/stage2.safetensors".into(),
-            stage2_names: Default::default(),
-            dtype: "f32".into(),
-            num_img_tokens: s2.num_img_tokens,
-            visual_tokens: s2.visual_tokens,
-            max_prompt_len: s2.max_prompt_len,
-            caption_only: s2.caption_only,
-            mapper_ldm: b::MapperLdmDims {
-                d_model: s2.d_model,
-                heads: s2.heads,
-                encoder_layers: s2.encoder_layers,
-                decoder_layers: s2.decoder_layers,
-                ff_dim: s2.ff_dim,
-            },
-        },
-        sampling: b::SamplingSection {
-            height: size,
-            width: size,
-            ..Default::default()
-        },
-    };
-    let tmp = out.join(".bundle.toml.tmp");
-    std::fs::write(
-        &tmp,
-        format!(
-            "# storygpt-v model bundle (see docs/MODELS.md, \"Model bundles\").\n{}",
-            toml::to_string_pretty(&manifest)?
-        ),
-    )?;
-    std::fs::rename(&tmp, out.join(b::MANIFEST_FILE))?;
+        size,
+    );
+    manifest.llm.num_img_tokens = s2.num_img_tokens;
+    manifest.llm.visual_tokens = s2.visual_tokens;
+    manifest.llm.max_prompt_len = s2.max_prompt_len;
+    manifest.llm.caption_only = s2.caption_only;
+    manifest.write(out)?;
     Ok(())
 }
 

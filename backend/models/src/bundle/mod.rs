@@ -71,6 +71,69 @@ pub struct Manifest {
     pub sampling: SamplingSection,
 }
 
+impl Manifest {
+    /// The manifest of a bundle in the layout the toy bundles use (`sd/` with the diffusers
+    /// parts, `clip-vision/`, `llm/`, `storygpt-v/stage{1,2}.safetensors`), f32, with R = 8
+    /// `[IMG]` tokens, m = 4 visual tokens, a 160-token prompt and square `size` frames.
+    pub fn toy_layout(
+        name: String,
+        description: String,
+        trained: bool,
+        mapper_ldm: MapperLdmDims,
+        size: usize,
+    ) -> Self {
+        Self {
+            format: FORMAT_VERSION,
+            name,
+            description,
+            trained,
+            char_ldm: CharLdmSection {
+                base: Some("sd".into()),
+                tokenizer: None,
+                text_encoder: None,
+                unet: None,
+                vae: None,
+                scheduler: None,
+                image_encoder: "clip-vision".into(),
+                stage1: Some("storygpt-v/stage1.safetensors".into()),
+                stage1_prefixes: Default::default(),
+                dtype: "f32".into(),
+            },
+            llm: LlmSection {
+                model: "llm".into(),
+                tokenizer: None,
+                visual_encoder: None,
+                stage2: "storygpt-v/stage2.safetensors".into(),
+                stage2_names: Default::default(),
+                dtype: "f32".into(),
+                num_img_tokens: 8,
+                visual_tokens: 4,
+                max_prompt_len: 160,
+                caption_only: false,
+                mapper_ldm,
+            },
+            sampling: SamplingSection {
+                height: size,
+                width: size,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Writes the manifest as `dir/bundle.toml` (through a temporary file and a rename).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = format!(
+            "# storygpt-v model bundle (see docs/MODELS.md, \"Model bundles\").\n{}",
+            toml::to_string_pretty(self)?
+        );
+        let tmp = dir.join(".bundle.toml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(MANIFEST_FILE))
+            .with_context(|| format!("writing {}", dir.join(MANIFEST_FILE).display()))?;
+        Ok(())
+    }
+}
+
 /// `[char_ldm]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

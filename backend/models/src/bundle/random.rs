@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde_json::{json, Value};
 
-use super::{bpe, Manifest, MANIFEST_FILE};
+use super::{bpe, Manifest};
 use crate::clip::{ClipConfigs, ClipTextModel, ClipVisionModel};
 use crate::fuse::FuseModule;
 use crate::llm::{CausalLm, LlmTokenizer};
@@ -529,58 +529,23 @@ pub fn write_random(config: &str, out: &Path, seed: u64) -> Result<RandomReport>
         })?,
     ));
 
-    let manifest = Manifest {
-        format: super::FORMAT_VERSION,
-        name: format!("{config}-random"),
-        description: format!(
+    let manifest = Manifest::toy_layout(
+        format!("{config}-random"),
+        format!(
             "Randomly initialised `{config}` configuration (seed {seed}), UNTRAINED: it runs \
              the real pipeline end to end but draws noise-like frames. Written by \
              `storygpt-v bundle random --config {config}`."
         ),
-        trained: false,
-        char_ldm: super::CharLdmSection {
-            base: Some("sd".into()),
-            tokenizer: None,
-            text_encoder: None,
-            unet: None,
-            vae: None,
-            scheduler: None,
-            image_encoder: "clip-vision".into(),
-            stage1: Some("storygpt-v/stage1.safetensors".into()),
-            stage1_prefixes: Default::default(),
-            dtype: "f32".into(),
+        false,
+        super::MapperLdmDims {
+            d_model: z.mapper.d_model,
+            heads: z.mapper.heads,
+            encoder_layers: z.mapper.encoder_layers,
+            decoder_layers: z.mapper.decoder_layers,
+            ff_dim: z.mapper.ff_dim,
         },
-        llm: super::LlmSection {
-            model: "llm".into(),
-            tokenizer: None,
-            visual_encoder: None,
-            stage2: "storygpt-v/stage2.safetensors".into(),
-            stage2_names: Default::default(),
-            dtype: "f32".into(),
-            num_img_tokens: 8,
-            visual_tokens: 4,
-            max_prompt_len: 160,
-            caption_only: false,
-            mapper_ldm: super::MapperLdmDims {
-                d_model: z.mapper.d_model,
-                heads: z.mapper.heads,
-                encoder_layers: z.mapper.encoder_layers,
-                decoder_layers: z.mapper.decoder_layers,
-                ff_dim: z.mapper.ff_dim,
-            },
-        },
-        sampling: super::SamplingSection {
-            height: z.frame,
-            width: z.frame,
-            ..Default::default()
-        },
-    };
-    std::fs::write(
-        out.join(MANIFEST_FILE),
-        format!(
-            "# storygpt-v model bundle (see docs/MODELS.md, \"Model bundles\").\n{}",
-            toml::to_string_pretty(&manifest)?
-        ),
-    )?;
+        z.frame,
+    );
+    manifest.write(out)?;
     Ok(RandomReport { params })
 }
