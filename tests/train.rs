@@ -664,10 +664,14 @@ fn the_shipped_toy_bundle_loads_as_trained_with_its_cast() {
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
     for stage in ["vae", "clip", "lm", "char-ldm", "stage2"] {
-        assert!(record["stages"][stage]["steps"].as_u64().unwrap() > 0, "{stage}");
+        assert!(
+            record["stages"][stage]["steps"].as_u64().unwrap() > 0,
+            "{stage}"
+        );
     }
     let cast: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cast/cast.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cast/cast.json")).unwrap())
+            .unwrap();
     assert_eq!(cast.len(), 7);
     for c in &cast {
         image::open(dir.join("cast").join(c["portrait"].as_str().unwrap())).unwrap();
@@ -687,4 +691,64 @@ fn the_shipped_toy_bundle_loads_as_trained_with_its_cast() {
             .sum()
     }
     assert!(size(&dir) <= 40 << 20, "models/toy is {} bytes", size(&dir));
+}
+
+#[test]
+fn stage2_diffusion_variant_trains_the_mappers_through_the_frozen_unet() {
+    // The same short run twice: with the diffusion loss as the only loss, and with it weighted
+    // 0. Mapper_LDM moves away from its (seeded, identical) start only if the diffusion loss's
+    // gradient reaches it through the frozen UNet.
+    let config = |weight: f64| {
+        format!(
+            r#"
+[run]
+batch_size = 8
+max_steps = 20
+val_every = 0
+checkpoint_every = 0
+log_every = 10
+[optim]
+lr = 3e-3
+warmup_steps = 2
+weight_decay = 0.0
+[stage2]
+d_model = 32
+heads = 2
+encoder_layers = 1
+decoder_layers = 1
+ff_dim = 64
+align_loss = "diffusion"
+align_weight = {weight:?}
+lgen_weight = 0.0
+train_stories = 2
+val_stories = 10
+"#
+        )
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mapper = |weight: f64, name: &str| -> Vec<f32> {
+        let out = tmp.path().join(name);
+        bundle_without("stage2", &out);
+        train_stage("stage2", &config(weight), &out);
+        let diff = stage_part(&out, "stage2", "l_diffusion");
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert!(diff.iter().all(|x| x.is_finite() && *x > 0.0), "{diff:?}");
+        let w = nn::Weights::open(out.join("storygpt-v/stage2.safetensors")).unwrap();
+        let mut v = Vec::new();
+        for k in w.keys_with_prefix("model.gen_text_hidden_fcs.0.") {
+            let t = w
+                .get(&k, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+            v.extend(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        v
+    };
+    let (trained, still) = (mapper(1.0, "on"), mapper(0.0, "off"));
+    assert_eq!(trained.len(), still.len());
+    let moved = trained
+        .iter()
+        .zip(&still)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "Mapper_LDM did not move: {moved}");
 }

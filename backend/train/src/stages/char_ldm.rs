@@ -574,7 +574,7 @@ pub fn prepare(
 }
 
 /// Scaled posterior means of `frames`, one `(C * h * w)` vector each.
-fn encode_latents(
+pub(crate) fn encode_latents(
     vae: &AutoencoderKL,
     frames: &[data::dataset::FrameRecord],
     scale: f64,

@@ -28,7 +28,9 @@ use models::fuse::FuseModule;
 use models::llm::{CausalLm, ImgTokens, LlmTokenizer, LogitsFor};
 use models::mappers::{MapperLdm, MapperLdmConfig, MapperLlm, MapperLlmConfig};
 use models::prompt::{build_prompt, Prompt, PromptConfig};
-use models::stage2_losses::{lalign_loss, lgen_loss, target_mask, LgenTargets};
+use models::stage2_losses::{
+    diffusion_align_loss, lalign_loss, lgen_loss, target_mask, LgenTargets,
+};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +47,17 @@ pub enum AlignTarget {
     Fused,
     /// The plain CLIP text embedding of the caption with names (Table 4's ablation).
     Text,
+}
+
+/// How Mapper_LDM's output is pulled towards stage 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlignLoss {
+    /// L_align: MSE to the precomputed target embedding (the paper).
+    Mse,
+    /// The epsilon-prediction loss of the frozen Char-LDM UNet on the frame's latent,
+    /// conditioned on the mapper output (the authors' later trainer).
+    Diffusion,
 }
 
 /// Which positions L_gen scores.
@@ -81,6 +94,8 @@ pub struct Stage2Section {
     pub ff_dim: usize,
     /// L_align target.
     pub align_to: AlignTarget,
+    /// MSE to the target (the paper) or the diffusion loss through the frozen UNet.
+    pub align_loss: AlignLoss,
     /// Weight of L_align.
     pub align_weight: f64,
     /// Weight of L_gen.
@@ -108,6 +123,7 @@ impl Default for Stage2Section {
             decoder_layers: 2,
             ff_dim: 512,
             align_to: AlignTarget::Fused,
+            align_loss: AlignLoss::Mse,
             align_weight: 1.0,
             lgen_weight: 1.0,
             lgen_targets: LgenChoice::AllImg,
@@ -129,16 +145,23 @@ struct Example {
     history: Vec<usize>,
     /// Index of the alignment target.
     target: usize,
+    /// Global index of the current frame (its latent, for the diffusion variant).
+    frame: usize,
 }
 
-/// A batch: example indices (the examples live in the source, shared with the stage).
+/// A batch: example indices (the examples live in the source, shared with the stage), and for
+/// the diffusion variant its noise and timesteps.
 pub struct Stage2Batch {
     examples: Vec<usize>,
+    noise: Vec<f32>,
+    timesteps: Vec<usize>,
 }
 
 /// The examples (prompts, history, targets).
 pub struct Stage2Source {
     count: usize,
+    /// Elements of one latent (0 unless the diffusion variant is on).
+    latent_elems: usize,
 }
 
 impl BatchSource for Stage2Source {
@@ -146,9 +169,21 @@ impl BatchSource for Stage2Source {
     fn len(&self) -> usize {
         self.count
     }
-    fn batch(&self, indices: &[usize], _rng: &mut ChaCha8Rng) -> Result<Stage2Batch> {
+    fn batch(&self, indices: &[usize], rng: &mut ChaCha8Rng) -> Result<Stage2Batch> {
+        let (noise, timesteps) = if self.latent_elems == 0 {
+            (Vec::new(), Vec::new())
+        } else {
+            use rand::Rng;
+            let noise = super::vae::gaussian(rng, indices.len() * self.latent_elems);
+            (
+                noise,
+                indices.iter().map(|_| rng.gen_range(0..1000)).collect(),
+            )
+        };
         Ok(Stage2Batch {
             examples: indices.to_vec(),
+            noise,
+            timesteps,
         })
     }
 }
@@ -160,8 +195,16 @@ struct PronounCheck {
     candidates: Tensor,
 }
 
+/// The frozen pieces of the diffusion variant: every frame's latent, the UNet, the schedule.
+struct Diffusion {
+    latents: Tensor,
+    unet: models::unet::UNet2DConditionModel,
+    scheduler: models::schedulers::DdpmScheduler,
+}
+
 /// The frozen LLM, the trainable mappers and rows, the data.
 pub struct Stage2Stage {
+    diffusion: Option<Diffusion>,
     vars: VarMap,
     lm: CausalLm,
     img: ImgTokens,
@@ -280,6 +323,8 @@ fn examples(
     pooled: &mut Vec<Tensor>,
     pooled_count: &mut usize,
     fp: &mut u64,
+    vae: Option<&models::vae::AutoencoderKL>,
+    latents: &mut Vec<Vec<f32>>,
 ) -> Result<(Vec<Example>, Vec<String>, Vec<data::dataset::Story>)> {
     let ids = reader.story_ids(split);
     anyhow::ensure!(!ids.is_empty(), "the {} split has no stories", split.key());
@@ -304,6 +349,15 @@ fn examples(
         let base = *pooled_count;
         *pooled_count += images.len();
         pooled.push(p);
+        if let Some(vae) = vae {
+            let scale = vae.config().scaling_factor;
+            latents.extend(super::char_ldm::encode_latents(
+                vae,
+                &story.frames,
+                scale,
+                device,
+            )?);
+        }
         let referential: Vec<&str> = story
             .frames
             .iter()
@@ -319,6 +373,7 @@ fn examples(
                 prompt,
                 history: (kept..i).map(|k| base + k).collect(),
                 target: captions.len(),
+                frame: base + i,
             });
             captions.push(f.caption.clone());
         }
@@ -369,6 +424,9 @@ pub fn prepare(
     let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
         .with_context(|| format!("opening dataset {}", data.display()))?;
     let (mut pooled, mut count, mut fp) = (Vec::new(), 0usize, FNV_OFFSET);
+    let diffusion = section.align_loss == AlignLoss::Diffusion;
+    let diffusion_vae = diffusion.then_some(&stage1.ldm.vae);
+    let mut latent_table: Vec<Vec<f32>> = Vec::new();
     let (train, train_captions, _) = examples(
         device,
         &reader,
@@ -381,6 +439,8 @@ pub fn prepare(
         &mut pooled,
         &mut count,
         &mut fp,
+        diffusion_vae,
+        &mut latent_table,
     )?;
     let (val, val_captions, val_stories) = examples(
         device,
@@ -394,6 +454,8 @@ pub fn prepare(
         &mut pooled,
         &mut count,
         &mut fp,
+        diffusion_vae,
+        &mut latent_table,
     )?;
     let pooled = Tensor::cat(&pooled, 0)?;
     for file in [
@@ -438,6 +500,7 @@ pub fn prepare(
                 prompt: build_prompt(&tokenizer, &referential[..i], referential[i], &cfg)?,
                 history: val[ex_index].history.clone(),
                 target: val[ex_index].target,
+                frame: val[ex_index].frame,
             };
             pronoun.push(PronounCheck {
                 example,
@@ -481,8 +544,33 @@ pub fn prepare(
     )?;
     let img = ImgTokens::init(&lm, section.num_img_tokens, tokenizer.first_img_id(), seed)?;
     img.register(&vars);
-    let source = Arc::new(Stage2Source { count: train.len() });
+    let latent_elems = latent_table.first().map_or(0, Vec::len);
+    let latents = if diffusion {
+        let flat: Vec<f32> = latent_table.iter().flatten().copied().collect();
+        let c = stage1.ldm.vae.config().latent_channels;
+        let hw = latent_elems / c;
+        let h = (hw as f64).sqrt().round() as usize;
+        anyhow::ensure!(
+            h * h == hw,
+            "stage2: frames are not square ({hw} latent positions)"
+        );
+        let scheduler = models::schedulers::DdpmScheduler::new(
+            models::schedulers::SchedulerConfig::stable_diffusion_v1_5(),
+        )?;
+        Some(Diffusion {
+            latents: Tensor::from_vec(flat, (latent_table.len(), c, h, h), device)?,
+            unet: stage1.ldm.unet.clone(),
+            scheduler,
+        })
+    } else {
+        None
+    };
+    let source = Arc::new(Stage2Source {
+        count: train.len(),
+        latent_elems,
+    });
     let stage = Stage2Stage {
+        diffusion: latents,
         vars,
         lm,
         img,
@@ -649,12 +737,33 @@ impl Stage for Stage2Stage {
         let examples: Vec<&Example> = b.examples.iter().map(|&i| &self.train[i]).collect();
         let f = self.forward(&examples)?;
         let target = self.targets_of(&self.targets, &examples)?;
-        let align = lalign_loss(&f.conds, &target)?;
-        let loss = ((&align * self.section.align_weight)? + (&f.lgen * self.section.lgen_weight)?)?;
-        let parts = vec![
-            ("l_align", align.to_scalar::<f32>()? as f64),
+        let mse = lalign_loss(&f.conds, &target)?;
+        let mut parts = vec![
+            ("l_align", mse.to_scalar::<f32>()? as f64),
             ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
         ];
+        let align = match &self.diffusion {
+            None => mse,
+            Some(d) => {
+                let idx = Tensor::from_vec(
+                    examples.iter().map(|e| e.frame as u32).collect::<Vec<_>>(),
+                    examples.len(),
+                    &self.device,
+                )?;
+                let x0 = d.latents.index_select(&idx, 0)?;
+                let eps = Tensor::from_vec(b.noise.clone(), x0.shape(), &self.device)?;
+                let xt = d.scheduler.add_noise_batch(&x0, &eps, &b.timesteps)?;
+                let ts = Tensor::from_vec(
+                    b.timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+                    b.timesteps.len(),
+                    &self.device,
+                )?;
+                let l = diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &eps)?;
+                parts.push(("l_diffusion", l.to_scalar::<f32>()? as f64));
+                l
+            }
+        };
+        let loss = ((&align * self.section.align_weight)? + (&f.lgen * self.section.lgen_weight)?)?;
         Ok(StepLoss { loss, parts })
     }
 
