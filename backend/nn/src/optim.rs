@@ -514,31 +514,26 @@ impl candle_core::InplaceOp1 for ScaleInPlace {
 /// another gradient of the set (scaling it in place would scale both), is replaced by a scaled
 /// copy instead.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f32> {
-    // Each gradient once, even if a var is listed twice.
+    // Each gradient once, even if a var is listed twice (tensor clones share the storage).
     let mut ids = Vec::with_capacity(vars.len());
+    let mut gs: Vec<Tensor> = Vec::with_capacity(vars.len());
     for v in vars {
-        if grads.get(v.as_tensor()).is_some() && !ids.contains(&v.id()) {
-            ids.push(v.id());
+        if let Some(g) = grads.get(v.as_tensor()) {
+            if !ids.contains(&v.id()) {
+                ids.push(v.id());
+                gs.push(g.clone());
+            }
         }
     }
     let mut total = 0f64;
-    for &id in &ids {
-        total += sum_sq(grads.get_id(id).expect("checked above"))?;
+    for g in &gs {
+        total += sum_sq(g)?;
     }
     let norm = total.sqrt();
     let coef = max_norm / (norm + 1e-6);
     // torch multiplies by clamp(coef, max=1); a factor of exactly 1 changes nothing. NaN norms
     // propagate into the gradients as in torch.
     if coef < 1.0 || coef.is_nan() {
-        let gs: Vec<Tensor> = ids
-            .iter()
-            .map(|&id| {
-                grads
-                    .get_id(id)
-                    .expect("ids hold only vars with a gradient")
-                    .clone()
-            })
-            .collect();
         let keys: Vec<usize> = gs.iter().map(storage_key).collect();
         for (i, &id) in ids.iter().enumerate() {
             let g = &gs[i];

@@ -72,6 +72,20 @@ fn apply_overrides<S>(file: &mut StageFile<S>, args: &DriverArgs) -> Result<()> 
     file.run.validate()
 }
 
+/// The stage's configuration with the command line's overrides, after refusing an `--out`
+/// that holds a run of `stage` without `--resume` (both before any data is read), and the
+/// stage's run directory.
+fn open_stage<S: crate::config::StageSection>(
+    args: &DriverArgs,
+    stage: &str,
+) -> Result<(StageFile<S>, PathBuf)> {
+    let mut file: StageFile<S> = config::load(&args.config)?;
+    apply_overrides(&mut file, args)?;
+    let run_dir = args.out.join("runs").join(stage);
+    refuse_existing_run(&run_dir, args.resume)?;
+    Ok((file, run_dir))
+}
+
 /// Merges this stage's record into `OUT/training.json` (other stages' records are kept).
 pub fn record_stage(out: &Path, stage: &str, record: serde_json::Value) -> Result<()> {
     let path = out.join("training.json");
@@ -174,10 +188,7 @@ fn gate_on(summary: &trainer::RunSummary, key: &str, metric: String, target: f64
 
 /// Trains the VAE stage and writes `OUT/sd/vae`, `OUT/figures/vae-*` and its record.
 pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
-    let mut file: StageFile<VaeSection> = config::load(&args.config)?;
-    apply_overrides(&mut file, args)?;
-    let run_dir = args.out.join("runs").join("vae");
-    refuse_existing_run(&run_dir, args.resume)?;
+    let (file, _) = open_stage::<VaeSection>(args, "vae")?;
     let (mut stage, source, fingerprint) =
         vae::prepare(&file.stage, &args.data, file.run.seed, &args.device)?;
     let figures = args.out.join("figures");
@@ -219,9 +230,7 @@ pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
 
 /// Trains the LM stage and writes `OUT/llm`, `OUT/figures/lm-curves.svg` and its record.
 pub fn train_lm(args: &DriverArgs) -> Result<StageReport> {
-    let mut file: StageFile<LmSection> = config::load(&args.config)?;
-    apply_overrides(&mut file, args)?;
-    refuse_existing_run(&args.out.join("runs").join("lm"), args.resume)?;
+    let (file, _) = open_stage::<LmSection>(args, "lm")?;
     let (mut stage, source, fingerprint) = lm::prepare(
         &file.stage,
         &args.data,
@@ -270,9 +279,7 @@ fn refuse_existing_run(run_dir: &Path, resume: bool) -> Result<()> {
 /// Trains the CLIP stage and writes `OUT/sd/tokenizer`, `OUT/sd/text_encoder`,
 /// `OUT/clip-vision`, `OUT/figures/clip-curves.svg` and its record.
 pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
-    let mut file: StageFile<ClipSection> = config::load(&args.config)?;
-    apply_overrides(&mut file, args)?;
-    refuse_existing_run(&args.out.join("runs").join("clip"), args.resume)?;
+    let (file, _) = open_stage::<ClipSection>(args, "clip")?;
     let (mut stage, source, fingerprint) = clip::prepare(
         &file.stage,
         &args.data,
@@ -315,10 +322,7 @@ pub fn train_clip(args: &DriverArgs) -> Result<StageReport> {
 /// Trains stage 1 (Char-LDM) on the base models in `OUT` and writes `OUT/sd/unet`,
 /// `OUT/sd/scheduler`, `OUT/storygpt-v/stage1.safetensors`, sample grids and its record.
 pub fn train_char_ldm(args: &DriverArgs) -> Result<StageReport> {
-    let mut file: StageFile<CharLdmSection> = config::load(&args.config)?;
-    apply_overrides(&mut file, args)?;
-    let run_dir = args.out.join("runs").join("char-ldm");
-    refuse_existing_run(&run_dir, args.resume)?;
+    let (file, run_dir) = open_stage::<CharLdmSection>(args, "char-ldm")?;
     let (mut stage, source, fingerprint) = char_ldm::prepare(
         &file.stage,
         &args.data,
@@ -361,9 +365,7 @@ pub fn train_char_ldm(args: &DriverArgs) -> Result<StageReport> {
 /// `OUT/storygpt-v/stage2.safetensors`, its record and the bundle manifest `OUT/bundle.toml`
 /// (`trained = true`): after this stage `OUT` is a complete bundle.
 pub fn train_stage2(args: &DriverArgs) -> Result<StageReport> {
-    let mut file: StageFile<Stage2Section> = config::load(&args.config)?;
-    apply_overrides(&mut file, args)?;
-    refuse_existing_run(&args.out.join("runs").join("stage2"), args.resume)?;
+    let (file, _) = open_stage::<Stage2Section>(args, "stage2")?;
     let (mut stage, source, fingerprint) = stage2::prepare(
         &file.stage,
         &args.data,

@@ -201,7 +201,9 @@ pub struct CharLdmBatch {
     ids: Vec<u32>,
     modes: Vec<CondMode>,
     slots: Vec<Vec<(usize, usize)>>,
-    /// `(n, MAX_CHARACTERS, H, W)` masks of the slots (zeros past each sample's count).
+    /// Per sample, the token index of each slot whose character has a mask (L_reg's targets).
+    lreg_tokens: Vec<Vec<usize>>,
+    /// `(n, MAX_CHARACTERS, H, W)`: mask `k` belongs to `lreg_tokens[i][k]` (zeros after).
     masks: Vec<f32>,
     /// Whether each sample's loss is restricted to its characters' pixels.
     masked: Vec<bool>,
@@ -235,6 +237,7 @@ impl BatchSource for CharLdmSource {
             ids: Vec::with_capacity(n * self.empty_ids.len()),
             modes: Vec::with_capacity(n),
             slots: Vec::with_capacity(n),
+            lreg_tokens: Vec::with_capacity(n),
             masks: vec![0f32; n * MAX_CHARACTERS * plane],
             masked: Vec::with_capacity(n),
         };
@@ -262,14 +265,22 @@ impl BatchSource for CharLdmSource {
             } else {
                 f.slots.clone()
             };
-            for (k, m) in f.masks.iter().enumerate().take(slots.len()) {
-                let base = (bi * MAX_CHARACTERS + k) * plane;
+            // A named character with no pixels in the frame has no attention target: L_reg
+            // would only push its attention down everywhere.
+            let mut tokens = Vec::new();
+            for (&(t, _), m) in slots.iter().zip(&f.masks) {
+                if !m.iter().any(|&on| on) {
+                    continue;
+                }
+                let base = (bi * MAX_CHARACTERS + tokens.len()) * plane;
                 for (p, &on) in m.iter().enumerate() {
                     if on {
                         b.masks[base + p] = 1.0;
                     }
                 }
+                tokens.push(t);
             }
+            b.lreg_tokens.push(tokens);
             b.slots.push(slots);
             let masked = rng.gen::<f64>() < self.section.masked_loss_prob && !f.slots.is_empty();
             b.masked.push(masked);
@@ -307,12 +318,15 @@ pub struct CharLdmStage {
     vision_dir: PathBuf,
 }
 
-/// Reads up to `max` distinct frames of `split` with captions, characters and masks.
-fn load_frames(
-    reader: &DatasetReader,
-    split: Split,
-    max: usize,
-) -> Result<Vec<data::dataset::FrameRecord>> {
+/// A frame record and its image.
+type Loaded = (data::dataset::FrameRecord, RgbImage);
+
+fn images_of(set: &[Loaded]) -> Vec<&RgbImage> {
+    set.iter().map(|(_, i)| i).collect()
+}
+
+/// Reads up to `max` distinct frames of `split` with captions, characters, masks and images.
+fn load_frames(reader: &DatasetReader, split: Split, max: usize) -> Result<Vec<Loaded>> {
     let ids = reader.story_ids(split);
     anyhow::ensure!(!ids.is_empty(), "the {} split has no stories", split.key());
     let mut seen = std::collections::BTreeSet::new();
@@ -326,8 +340,12 @@ fn load_frames(
                 break 'outer;
             }
             if seen.insert(f.id.clone()) {
-                anyhow::ensure!(f.image.is_some(), "frame {} has no image", f.id);
-                out.push(f);
+                let mut f = f;
+                let img = f
+                    .image
+                    .take()
+                    .with_context(|| format!("frame {} has no image", f.id))?;
+                out.push((f, img));
             }
         }
     }
@@ -359,8 +377,8 @@ fn frame_conditioning(
         if slots.iter().any(|(j, _)| *j == t) {
             continue;
         }
-        // A named character without a mask (occluded, off frame) still gets fused; its
-        // attention target is empty, which L_reg ignores only through the (A- - A+) balance.
+        // A named character without a mask (occluded, off frame) is still fused; it only
+        // gets no L_reg target (see `CharLdmSource::batch`).
         let mask = f
             .masks
             .iter()
@@ -423,8 +441,7 @@ pub fn prepare(
         Split::Val,
         section.val_frames.max(section.sample_frames),
     )?;
-    let first = train[0].image.as_ref().expect("checked by load_frames");
-    let (fw, fh) = first.dimensions();
+    let (fw, fh) = train[0].1.dimensions();
     let f = vae.config().downscale() as u32;
     anyhow::ensure!(
         fw % f == 0 && fh % f == 0,
@@ -435,8 +452,7 @@ pub fn prepare(
         (fh / f) as usize,
         (fw / f) as usize,
     );
-    for r in train.iter().chain(&val) {
-        let img = r.image.as_ref().expect("checked by load_frames");
+    for (r, img) in train.iter().chain(&val) {
         anyhow::ensure!(
             img.dimensions() == (fw, fh),
             "frame {} is {:?}, others {fw}x{fh}",
@@ -447,13 +463,10 @@ pub fn prepare(
 
     // Fingerprint: frames, captions and the frozen networks' files.
     let mut fp = FNV_OFFSET;
-    for r in train.iter().chain(&val) {
+    for (r, img) in train.iter().chain(&val) {
         fp = fnv1a(r.id.bytes(), fp);
         fp = fnv1a(r.caption.bytes(), fp);
-        fp = fnv1a(
-            r.image.as_ref().expect("checked").as_raw().iter().copied(),
-            fp,
-        );
+        fp = fnv1a(img.as_raw().iter().copied(), fp);
     }
     for file in [
         vae_dir.join("diffusion_pytorch_model.safetensors"),
@@ -467,13 +480,20 @@ pub fn prepare(
     let fingerprint = format!("{fp:016x}");
 
     let scale = vae.config().scaling_factor;
-    let latents = cached_latents(&vae, &train, scale, run_dir, &fingerprint, device)?;
-    let val_latents = encode_latents(&vae, &val, scale, device)?;
-    let to_frames = |records: &[data::dataset::FrameRecord], lat: Vec<Vec<f32>>| -> Vec<Frame> {
+    let latents = cached_latents(
+        &vae,
+        &images_of(&train),
+        scale,
+        run_dir,
+        &fingerprint,
+        device,
+    )?;
+    let val_latents = encode_latents(&vae, &images_of(&val), scale, device)?;
+    let to_frames = |records: &[Loaded], lat: Vec<Vec<f32>>| -> Vec<Frame> {
         records
             .iter()
             .zip(lat)
-            .map(|(r, latent)| {
+            .map(|((r, _), latent)| {
                 let (ids, slots, masks) = frame_conditioning(r, &tokenizer, &cast);
                 Frame {
                     caption: r.caption.clone(),
@@ -488,11 +508,11 @@ pub fn prepare(
     let train_frames = to_frames(&train, latents);
     let val_frames: Vec<ValFrame> = to_frames(&val, val_latents)
         .into_iter()
-        .zip(&val)
-        .map(|(frame, r)| ValFrame {
+        .zip(val)
+        .map(|(frame, (r, image))| ValFrame {
             frame,
-            image: r.image.clone().expect("checked"),
-            names: r.characters.clone(),
+            image,
+            names: r.characters,
         })
         .collect();
 
@@ -573,26 +593,17 @@ pub fn prepare(
     Ok((stage, source, fingerprint))
 }
 
-/// Scaled posterior means of `frames`, one `(C * h * w)` vector each.
+/// Scaled posterior means of `images` (all one size), one `(C * h * w)` vector each.
 pub(crate) fn encode_latents(
     vae: &AutoencoderKL,
-    frames: &[data::dataset::FrameRecord],
+    images: &[&RgbImage],
     scale: f64,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(frames.len());
-    for chunk in frames.chunks(32) {
-        let (w, h) = chunk[0].image.as_ref().expect("checked").dimensions();
-        let plane = (w * h) as usize;
-        let mut px = vec![0f32; chunk.len() * 3 * plane];
-        for (bi, r) in chunk.iter().enumerate() {
-            let img = r.image.as_ref().expect("checked");
-            for (p, v) in img.pixels().enumerate() {
-                for c in 0..3 {
-                    px[bi * 3 * plane + c * plane + p] = v.0[c] as f32 / 127.5 - 1.0;
-                }
-            }
-        }
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(32) {
+        let (w, h) = chunk[0].dimensions();
+        let px = super::pixels_of(chunk);
         let x = Tensor::from_vec(px, (chunk.len(), 3, h as usize, w as usize), device)?;
         let z = (vae.encode(&x)?.mode().detach() * scale)?;
         for i in 0..chunk.len() {
@@ -606,7 +617,7 @@ pub(crate) fn encode_latents(
 /// this data fingerprint, else encoded and written there (a resumed run skips the encoding).
 fn cached_latents(
     vae: &AutoencoderKL,
-    frames: &[data::dataset::FrameRecord],
+    frames: &[&RgbImage],
     scale: f64,
     run_dir: &Path,
     fingerprint: &str,
@@ -643,8 +654,10 @@ fn cached_latents(
 impl CharLdmStage {
     /// Portrait embeddings of the cast, `(cast, d)`, through the (partly trainable) tower.
     fn portrait_embeddings(&self) -> Result<Tensor> {
-        let vision = self.ldm.image_encoder.as_ref().expect("built with a tower");
-        vision
+        self.ldm
+            .image_encoder
+            .as_ref()
+            .context("the Char-LDM has no vision tower")?
             .forward(&self.portraits)?
             .image_embeds
             .context("the vision tower has no visual_projection")
@@ -691,7 +704,7 @@ impl CharLdmStage {
             .ldm
             .fuse
             .as_ref()
-            .expect("built with a fuse module")
+            .context("the Char-LDM has no FuseModule")?
             .fuse_into_text(&text, &lists)?)
     }
 
@@ -716,6 +729,7 @@ impl CharLdmStage {
         let n = self.val_timesteps.len();
         let (mut total, mut count) = (0f64, 0usize);
         let idx: Vec<usize> = (0..n).collect();
+        let empty = self.ldm.tokenizer.encode("").ids;
         for chunk in idx.chunks(32) {
             let m = chunk.len();
             let mut lat = Vec::with_capacity(m * per);
@@ -724,10 +738,10 @@ impl CharLdmStage {
             for &i in chunk {
                 let f = &self.val[i].frame;
                 lat.extend_from_slice(&f.latent);
-                ids.extend_from_slice(&if mode == CondMode::Empty {
-                    self.ldm.tokenizer.encode("").ids
+                ids.extend_from_slice(if mode == CondMode::Empty {
+                    &empty
                 } else {
-                    f.ids.clone()
+                    &f.ids
                 });
                 slots.push(f.slots.clone());
             }
@@ -829,8 +843,9 @@ impl CharLdmStage {
                 var.as_tensor().to_device(&Device::Cpu)?,
             );
         }
-        let path = self.out.join("storygpt-v/stage1.safetensors");
-        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        let dir = self.out.join("storygpt-v");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("stage1.safetensors");
         let tmp = path.with_extension("tmp");
         candle_core::safetensors::save(&tensors, &tmp)?;
         std::fs::rename(&tmp, &path)?;
@@ -908,13 +923,9 @@ impl Stage for CharLdmStage {
         }
         let mse = nn::mse(&pred, &target)?;
         let mut parts = vec![("eps_mse", mse.to_scalar::<f32>()? as f64)];
-        let loss = if self.section.lreg_weight > 0.0 && b.slots.iter().any(|s| !s.is_empty()) {
-            let chars = CharacterTokens::from_lists(
-                &b.slots
-                    .iter()
-                    .map(|s| s.iter().map(|&(t, _)| t).collect())
-                    .collect::<Vec<Vec<usize>>>(),
-            );
+        let loss = if self.section.lreg_weight > 0.0 && b.lreg_tokens.iter().any(|s| !s.is_empty())
+        {
+            let chars = CharacterTokens::from_lists(&b.lreg_tokens);
             let lreg = lreg_loss(&out.attention_probs, &masks, &chars)?;
             parts.push(("lreg", lreg.to_scalar::<f32>()? as f64));
             (&mse + (lreg * self.section.lreg_weight)?)?

@@ -123,20 +123,27 @@ impl FrameSet {
 
     /// Frames `indices` as `(N, 3, H, W)` values in `[-1, 1]`, row-major.
     pub fn batch_pixels(&self, indices: &[usize]) -> Vec<f32> {
-        let (w, h) = self.size();
-        let plane = (w * h) as usize;
-        let mut out = vec![0f32; indices.len() * 3 * plane];
-        for (bi, &i) in indices.iter().enumerate() {
-            let img = &self.images[i];
-            let base = bi * 3 * plane;
-            for (p, px) in img.pixels().enumerate() {
-                for c in 0..3 {
-                    out[base + c * plane + p] = px.0[c] as f32 / 127.5 - 1.0;
-                }
+        let images: Vec<&RgbImage> = indices.iter().map(|&i| &self.images[i]).collect();
+        pixels_of(&images)
+    }
+}
+
+/// Images of one size as `(N, 3, H, W)` values in `[-1, 1]`, row-major.
+pub fn pixels_of(images: &[&RgbImage]) -> Vec<f32> {
+    let Some(first) = images.first() else {
+        return Vec::new();
+    };
+    let plane = (first.width() * first.height()) as usize;
+    let mut out = vec![0f32; images.len() * 3 * plane];
+    for (bi, img) in images.iter().enumerate() {
+        let base = bi * 3 * plane;
+        for (p, px) in img.pixels().enumerate() {
+            for c in 0..3 {
+                out[base + c * plane + p] = px.0[c] as f32 / 127.5 - 1.0;
             }
         }
-        out
     }
+    out
 }
 
 /// `(N, 3, H, W)` values in `[-1, 1]` back to images.

@@ -308,78 +308,88 @@ fn replace_name(text: &str, from: &str, to: &str) -> String {
     out
 }
 
-/// Loads the stories of `split` and builds their examples; also returns the frames' pooled
-/// CLIP outputs appended to `pooled` and the targets' captions.
-#[allow(clippy::too_many_arguments)]
-fn examples(
-    device: &Device,
-    reader: &DatasetReader,
-    split: Split,
-    max_stories: usize,
-    tokenizer: &LlmTokenizer,
-    cfg: &PromptConfig,
-    vision: &ClipVisionModel,
-    processor: &ClipImageProcessor,
-    pooled: &mut Vec<Tensor>,
-    pooled_count: &mut usize,
-    fp: &mut u64,
-    vae: Option<&models::vae::AutoencoderKL>,
-    latents: &mut Vec<Vec<f32>>,
-) -> Result<(Vec<Example>, Vec<String>, Vec<data::dataset::Story>)> {
-    let ids = reader.story_ids(split);
-    anyhow::ensure!(!ids.is_empty(), "the {} split has no stories", split.key());
-    let mut out = Vec::new();
-    let mut captions = Vec::new();
-    let mut stories = Vec::new();
-    for id in ids.into_iter().take(max_stories) {
-        let story = reader
-            .load_story(&id, 0)
-            .with_context(|| format!("loading story {id}"))?;
-        let images: Vec<image::RgbImage> = story
-            .frames
-            .iter()
-            .map(|f| {
-                f.image
-                    .clone()
-                    .with_context(|| format!("frame {} has no image", f.id))
-            })
-            .collect::<Result<_>>()?;
-        let px = processor.preprocess_batch(&images, device)?;
-        let p = vision.forward(&px)?.pooler_output.detach();
-        let base = *pooled_count;
-        *pooled_count += images.len();
-        pooled.push(p);
-        if let Some(vae) = vae {
-            let scale = vae.config().scaling_factor;
-            latents.extend(super::char_ldm::encode_latents(
-                vae,
-                &story.frames,
-                scale,
-                device,
-            )?);
+/// Reads stories into examples, keeping one table of every frame's frozen CLIP pooled output
+/// (and, for the diffusion variant, VAE latent) across the splits it reads.
+struct ExampleReader<'a> {
+    device: &'a Device,
+    reader: &'a DatasetReader,
+    tokenizer: &'a LlmTokenizer,
+    cfg: &'a PromptConfig,
+    vision: &'a ClipVisionModel,
+    processor: &'a ClipImageProcessor,
+    vae: Option<&'a models::vae::AutoencoderKL>,
+    pooled: Vec<Tensor>,
+    count: usize,
+    fp: u64,
+    latents: Vec<Vec<f32>>,
+}
+
+impl ExampleReader<'_> {
+    /// Loads up to `max_stories` stories of `split`: their examples, the target captions and
+    /// the stories.
+    fn split(
+        &mut self,
+        split: Split,
+        max_stories: usize,
+    ) -> Result<(Vec<Example>, Vec<String>, Vec<data::dataset::Story>)> {
+        let ids = self.reader.story_ids(split);
+        anyhow::ensure!(!ids.is_empty(), "the {} split has no stories", split.key());
+        let mut out = Vec::new();
+        let mut captions = Vec::new();
+        let mut stories = Vec::new();
+        for id in ids.into_iter().take(max_stories) {
+            let story = self
+                .reader
+                .load_story(&id, 0)
+                .with_context(|| format!("loading story {id}"))?;
+            let images: Vec<image::RgbImage> = story
+                .frames
+                .iter()
+                .map(|f| {
+                    f.image
+                        .clone()
+                        .with_context(|| format!("frame {} has no image", f.id))
+                })
+                .collect::<Result<_>>()?;
+            let px = self.processor.preprocess_batch(&images, self.device)?;
+            let p = self.vision.forward(&px)?.pooler_output.detach();
+            let base = self.count;
+            self.count += images.len();
+            self.pooled.push(p);
+            if let Some(vae) = self.vae {
+                let refs: Vec<&image::RgbImage> = images.iter().collect();
+                let scale = vae.config().scaling_factor;
+                self.latents.extend(super::char_ldm::encode_latents(
+                    vae,
+                    &refs,
+                    scale,
+                    self.device,
+                )?);
+            }
+            let referential: Vec<&str> = story
+                .frames
+                .iter()
+                .map(|f| f.referential.as_str())
+                .collect();
+            for (i, f) in story.frames.iter().enumerate() {
+                self.fp = fnv1a(f.id.bytes(), self.fp);
+                self.fp = fnv1a(f.referential.bytes(), self.fp);
+                let prompt =
+                    build_prompt(self.tokenizer, &referential[..i], referential[i], self.cfg)
+                        .with_context(|| format!("story {id} frame {}", i + 1))?;
+                let kept = prompt.first_kept_frame;
+                out.push(Example {
+                    prompt,
+                    history: (kept..i).map(|k| base + k).collect(),
+                    target: captions.len(),
+                    frame: base + i,
+                });
+                captions.push(f.caption.clone());
+            }
+            stories.push(story);
         }
-        let referential: Vec<&str> = story
-            .frames
-            .iter()
-            .map(|f| f.referential.as_str())
-            .collect();
-        for (i, f) in story.frames.iter().enumerate() {
-            *fp = fnv1a(f.id.bytes(), *fp);
-            *fp = fnv1a(f.referential.bytes(), *fp);
-            let prompt = build_prompt(tokenizer, &referential[..i], referential[i], cfg)
-                .with_context(|| format!("story {id} frame {}", i + 1))?;
-            let kept = prompt.first_kept_frame;
-            out.push(Example {
-                prompt,
-                history: (kept..i).map(|k| base + k).collect(),
-                target: captions.len(),
-                frame: base + i,
-            });
-            captions.push(f.caption.clone());
-        }
-        stories.push(story);
+        Ok((out, captions, stories))
     }
-    Ok((out, captions, stories))
 }
 
 fn stack_targets(stage1: &Stage1, captions: &[String], align: AlignTarget) -> Result<Tensor> {
@@ -423,40 +433,28 @@ pub fn prepare(
 
     let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
         .with_context(|| format!("opening dataset {}", data.display()))?;
-    let (mut pooled, mut count, mut fp) = (Vec::new(), 0usize, FNV_OFFSET);
     let diffusion = section.align_loss == AlignLoss::Diffusion;
-    let diffusion_vae = diffusion.then_some(&stage1.ldm.vae);
-    let mut latent_table: Vec<Vec<f32>> = Vec::new();
-    let (train, train_captions, _) = examples(
+    let mut frames = ExampleReader {
         device,
-        &reader,
-        Split::Train,
-        section.train_stories,
-        &tokenizer,
-        &cfg,
-        &vision,
-        &processor,
-        &mut pooled,
-        &mut count,
-        &mut fp,
-        diffusion_vae,
-        &mut latent_table,
-    )?;
-    let (val, val_captions, val_stories) = examples(
-        device,
-        &reader,
-        Split::Val,
-        section.val_stories,
-        &tokenizer,
-        &cfg,
-        &vision,
-        &processor,
-        &mut pooled,
-        &mut count,
-        &mut fp,
-        diffusion_vae,
-        &mut latent_table,
-    )?;
+        reader: &reader,
+        tokenizer: &tokenizer,
+        cfg: &cfg,
+        vision: &vision,
+        processor: &processor,
+        vae: diffusion.then_some(&stage1.ldm.vae),
+        pooled: Vec::new(),
+        count: 0,
+        fp: FNV_OFFSET,
+        latents: Vec::new(),
+    };
+    let (train, train_captions, _) = frames.split(Split::Train, section.train_stories)?;
+    let (val, val_captions, val_stories) = frames.split(Split::Val, section.val_stories)?;
+    let ExampleReader {
+        pooled,
+        mut fp,
+        latents: latent_table,
+        ..
+    } = frames;
     let pooled = Tensor::cat(&pooled, 0)?;
     for file in [
         out.join("storygpt-v/stage1.safetensors"),
@@ -695,8 +693,9 @@ impl Stage2Stage {
 
     /// Writes `OUT/storygpt-v/stage2.safetensors` (the names the bundle loader reads).
     pub fn export(&self) -> Result<PathBuf> {
-        let path = self.out.join("storygpt-v/stage2.safetensors");
-        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        let dir = self.out.join("storygpt-v");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("stage2.safetensors");
         let tensors: std::collections::HashMap<String, Tensor> = super::named_vars(&self.vars)
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().clone()))
