@@ -613,6 +613,98 @@ sample_steps = 2
 }
 
 #[test]
+fn char_ldm_v_prediction_on_a_zero_terminal_snr_schedule_trains_and_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bundle");
+    bundle_without("char-ldm", &out);
+    let config = |extra: &str| {
+        format!(
+            r#"
+[run]
+batch_size = 8
+max_steps = 80
+val_every = 0
+checkpoint_every = 0
+log_every = 10
+[optim]
+lr = 2e-3
+warmup_steps = 5
+[char_ldm]
+block_out_channels = [32, 32]
+norm_num_groups = 8
+attention_head_dim = 4
+train_frames = 8
+val_frames = 8
+sample_frames = 2
+sample_steps = 2
+{extra}
+"#
+        )
+    };
+    // Zero terminal SNR with an epsilon model is refused before any step: at zero SNR the
+    // noise is the input, so the model would learn nothing where sampling starts.
+    let refused = Command::new(binary())
+        .args(["train", "char-ldm", "--config"])
+        .arg(write_config(tmp.path(), &config("zero_terminal_snr = true")))
+        .arg("--data")
+        .arg(out.join("data"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let msg = String::from_utf8_lossy(&refused.stderr);
+    assert!(msg.contains("zero_terminal_snr needs"), "{msg}");
+
+    train_stage(
+        "char-ldm",
+        &config("prediction_type = \"v_prediction\"\nzero_terminal_snr = true\nsnr_gamma = 5.0"),
+        &out,
+    );
+    let mse = stage_part(&out, "char-ldm", "eps_mse");
+    let weighted = stage_part(&out, "char-ldm", "weighted_mse");
+    assert_eq!(weighted.len(), mse.len(), "Min-SNR weighting is logged");
+    assert!(
+        weighted.iter().zip(&mse).all(|(w, m)| w <= m),
+        "Min-SNR weights are at most 1: {weighted:?} vs {mse:?}"
+    );
+    let (first, last) = (mse[0], *mse.last().unwrap());
+    assert!(last < first / 1.5, "v MSE fell only from {first} to {last}");
+    // The bundle says how its UNet was trained, and sampling reads it, also through t = 999
+    // where alpha is 0 (500 PNDM steps visit it).
+    let sched: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("sd/scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sched["prediction_type"], "v_prediction");
+    assert_eq!(sched["rescale_betas_zero_snr"], true);
+    let p = models::pipeline::StoryPipeline::load(&out, &candle_core::Device::Cpu).unwrap();
+    let ldm = p.char_ldm();
+    assert_eq!(
+        ldm.scheduler_config.prediction_type,
+        models::schedulers::PredictionType::VPrediction
+    );
+    let text = ldm.text_condition("Mia walks in the forest.").unwrap();
+    let negative = ldm.negative_condition().unwrap();
+    for steps in [3, 500] {
+        let opts = models::char_ldm::SampleOptions {
+            steps,
+            guidance_scale: 3.0,
+            start_merge_step: 0,
+            seed: 1,
+            height: 32,
+            width: 32,
+            scheduler: models::schedulers::SchedulerKind::Pndm,
+        };
+        let img = ldm
+            .sample(&text, None, &negative, &opts, &mut |_, _| {}, &|| false)
+            .unwrap();
+        let px = img.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(px.iter().all(|v| v.is_finite()), "{steps} steps: not finite");
+    }
+}
+
+#[test]
 fn stage2_overfits_a_few_stories_and_completes_the_bundle() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bundle");

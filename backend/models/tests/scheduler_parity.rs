@@ -169,3 +169,25 @@ fn refuses_bad_timesteps_and_missing_files() {
         .to_string();
     assert!(err.contains("/nonexistent/sched"), "{err}");
 }
+
+#[test]
+fn pndm_stays_finite_on_a_zero_terminal_snr_schedule_down_to_alpha_zero() {
+    // The toy bundle's v-prediction schedule ends at alpha = 0 (t = 999), which 500 PNDM
+    // steps (leading spacing, offset 1) visit; formula (9) of PNDM divides by alpha there.
+    let config = SchedulerConfig {
+        prediction_type: models::schedulers::PredictionType::VPrediction,
+        rescale_betas_zero_snr: true,
+        ..SchedulerConfig::stable_diffusion_v1_5()
+    };
+    assert_eq!(*config.alphas_cumprod().unwrap().last().unwrap(), 0.0);
+    let mut s = schedulers::build(SchedulerKind::Pndm, config).unwrap();
+    s.set_timesteps(500).unwrap();
+    assert_eq!(s.timesteps()[0], 999.0);
+    let mut x = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    for &t in s.timesteps().to_vec().iter() {
+        let out = analytic_model(&x, t);
+        x = s.step(&out, t, &x, None).unwrap();
+        let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|v| v.is_finite()), "not finite after t = {t}");
+    }
+}

@@ -91,7 +91,9 @@ impl PndmScheduler {
 
     fn alpha(&self, t: i64) -> f32 {
         if t >= 0 {
-            self.alphas_cumprod[t as usize]
+            // A zero-terminal-SNR schedule ends at exactly 0, where formula (9) divides by
+            // zero; 2^-24 is the floor diffusers' Euler schedulers use for the same reason.
+            self.alphas_cumprod[t as usize].max(2f32.powi(-24))
         } else {
             self.final_alpha_cumprod
         }

@@ -25,7 +25,7 @@ use models::char_ldm::{CharLdm, SampleOptions};
 use models::clip::{ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel};
 use models::fuse::{CharacterSlot, FuseModule, MAX_CHARACTERS};
 use models::lreg::{lreg_loss, CharacterTokens};
-use models::schedulers::{DdpmScheduler, SchedulerConfig, SchedulerKind};
+use models::schedulers::{DdpmScheduler, PredictionType, SchedulerConfig, SchedulerKind};
 use models::unet::{AttentionCapture, UNet2DConditionModel, UNetConfig};
 use models::vae::AutoencoderKL;
 use rand::Rng;
@@ -62,6 +62,18 @@ pub struct CharLdmSection {
     /// Probability of restricting the loss to the characters' pixels (0 turns it off; the
     /// paper's option uses 0.3).
     pub masked_loss_prob: f64,
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's epsilon MSE is weighted
+    /// by `min(SNR(t), gamma) / SNR(t)`, so the many nearly noise-free timesteps, whose
+    /// gradients fight the layout-forming noisy ones, count less. 0 turns it off (plain MSE).
+    pub snr_gamma: f64,
+    /// What the UNet predicts: `epsilon` (SD 1.5, the paper) or `v_prediction`. The toy
+    /// bundle predicts v: at 8x8 latents an epsilon model learns almost nothing about the
+    /// layout from the noisiest timesteps (its loss there is tiny whatever the caption), and
+    /// sampling starts from exactly those (docs/TRAINING.md).
+    pub prediction_type: PredictionType,
+    /// Rescale the noise schedule to zero terminal SNR (Lin et al. 2023), so the last training
+    /// timestep is pure noise as sampling's first one is. Needs `v_prediction`.
+    pub zero_terminal_snr: bool,
     /// Trailing CLIP vision layers trained (the authors train 2).
     pub vision_trainable_layers: usize,
     /// Training frames (distinct frames of the train split, in story order).
@@ -88,6 +100,9 @@ impl Default for CharLdmSection {
             empty_prob: 0.1,
             text_prob: 0.1,
             masked_loss_prob: 0.0,
+            snr_gamma: 0.0,
+            prediction_type: PredictionType::Epsilon,
+            zero_terminal_snr: false,
             vision_trainable_layers: 2,
             train_frames: 8000,
             val_frames: 128,
@@ -103,6 +118,23 @@ impl StageSection for CharLdmSection {
 }
 
 impl CharLdmSection {
+    /// The noise schedule: SD 1.5's, with this section's parameterisation and terminal SNR.
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            prediction_type: self.prediction_type,
+            rescale_betas_zero_snr: self.zero_terminal_snr,
+            ..SchedulerConfig::stable_diffusion_v1_5()
+        }
+    }
+
+    /// The scheduler's `scheduler_config.json` written into the bundle.
+    pub fn scheduler_json(&self) -> serde_json::Value {
+        let mut v = models::bundle::random::sd15_scheduler_json();
+        v["prediction_type"] = serde_json::to_value(self.prediction_type).unwrap_or_default();
+        v["rescale_betas_zero_snr"] = json!(self.zero_terminal_snr);
+        v
+    }
+
     /// The diffusers `config.json` of the UNet for `latent`-sized latents and context width
     /// `context_dim`.
     pub fn diffusers_config(&self, latent: usize, context_dim: usize) -> serde_json::Value {
@@ -155,6 +187,14 @@ impl CharLdmSection {
         anyhow::ensure!(
             p.iter().all(|x| (0.0..=1.0).contains(x)) && self.empty_prob + self.text_prob <= 1.0,
             "[char_ldm] empty_prob, text_prob and masked_loss_prob are probabilities, and empty_prob + text_prob <= 1"
+        );
+        anyhow::ensure!(
+            !self.zero_terminal_snr || self.prediction_type == PredictionType::VPrediction,
+            "[char_ldm] zero_terminal_snr needs prediction_type = \"v_prediction\" (at zero SNR the noise is the input itself, and an epsilon model learns nothing there)"
+        );
+        anyhow::ensure!(
+            self.snr_gamma >= 0.0,
+            "[char_ldm] snr_gamma must be >= 0 (0: plain MSE)"
         );
         anyhow::ensure!(
             self.lreg_weight >= 0.0,
@@ -535,7 +575,7 @@ pub fn prepare(
         super::seeded_var_builder(&fuse_vars, seed ^ 2, DType::F32, device),
         context_dim,
     )?;
-    let sched_cfg = SchedulerConfig::stable_diffusion_v1_5();
+    let sched_cfg = section.scheduler_config();
     let train_timesteps = sched_cfg.num_train_timesteps;
     let scheduler = DdpmScheduler::new(sched_cfg.clone())?;
     let portrait_images: Vec<RgbImage> = cast.iter().map(|(_, p)| p.clone()).collect();
@@ -713,6 +753,26 @@ impl CharLdmStage {
         Ok(Tensor::from_vec(v, (n, c, h, w), &self.device)?)
     }
 
+    /// Min-SNR-gamma weights `min(SNR, gamma) / SNR` of `ts`, `(n,)`.
+    fn snr_weights(&self, ts: &[usize]) -> Result<Tensor> {
+        let ac = self.scheduler.alphas_cumprod();
+        let w: Vec<f32> = ts
+            .iter()
+            .map(|&t| {
+                let a = ac[t] as f64;
+                let snr = a / (1.0 - a).max(1e-12);
+                let capped = snr.min(self.section.snr_gamma);
+                // Hang et al.'s weights per target: the same x0-space weighting min(SNR, gamma).
+                (match self.section.prediction_type {
+                    PredictionType::Epsilon => capped / snr.max(1e-12),
+                    PredictionType::VPrediction => capped / (snr + 1.0),
+                    PredictionType::Sample => capped,
+                }) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(w, ts.len(), &self.device)?)
+    }
+
     fn timesteps(&self, ts: &[usize]) -> Result<Tensor> {
         Ok(Tensor::from_vec(
             ts.iter().map(|&t| t as f32).collect::<Vec<_>>(),
@@ -753,6 +813,7 @@ impl CharLdmStage {
             let x0 = self.tensor4(lat, m)?;
             let eps = self.tensor4(noise, m)?;
             let xt = self.scheduler.add_noise_batch(&x0, &eps, &ts)?;
+            let target = self.scheduler.training_target(&x0, &eps, &ts)?;
             let fuse = vec![mode == CondMode::Fused; m];
             let cond = self.conditions(&ids, m, &slots, &fuse)?.detach();
             let pred = self
@@ -760,7 +821,7 @@ impl CharLdmStage {
                 .unet
                 .forward(&xt, &self.timesteps(&ts)?, &cond)?
                 .detach();
-            total += nn::mse(&pred, &eps)?.to_scalar::<f32>()? as f64 * m as f64;
+            total += nn::mse(&pred, &target)?.to_scalar::<f32>()? as f64 * m as f64;
             count += m;
         }
         Ok(total / count as f64)
@@ -823,7 +884,7 @@ impl CharLdmStage {
         std::fs::create_dir_all(&sched_dir)?;
         std::fs::write(
             sched_dir.join("scheduler_config.json"),
-            serde_json::to_string_pretty(&models::bundle::random::sd15_scheduler_json())?,
+            serde_json::to_string_pretty(&self.section.scheduler_json())?,
         )?;
         // Stage 1: the FuseModule and the whole tuned vision tower (frozen layers from the
         // clip stage's file, trained ones from this run).
@@ -889,6 +950,7 @@ impl Stage for CharLdmStage {
         let x0 = self.tensor4(b.latents.clone(), b.n)?;
         let eps = self.tensor4(b.noise.clone(), b.n)?;
         let xt = self.scheduler.add_noise_batch(&x0, &eps, &b.timesteps)?;
+        let target = self.scheduler.training_target(&x0, &eps, &b.timesteps)?;
         let fuse: Vec<bool> = b.modes.iter().map(|&m| m == CondMode::Fused).collect();
         let cond = self.conditions(&b.ids, b.n, &b.slots, &fuse)?;
         let capture = if self.section.lreg_weight > 0.0 {
@@ -904,7 +966,7 @@ impl Stage for CharLdmStage {
         )?;
         let (fh, fw) = self.frame_size;
         let masks = Tensor::from_vec(b.masks.clone(), (b.n, MAX_CHARACTERS, fh, fw), &self.device)?;
-        let (mut pred, mut target) = (out.sample, eps);
+        let (mut pred, mut target) = (out.sample, target);
         if b.masked.iter().any(|&m| m) {
             // Union of the characters' masks at latent size, for the samples drawn masked.
             let (_, h, w) = self.latent_shape;
@@ -922,7 +984,17 @@ impl Stage for CharLdmStage {
             target = target.broadcast_mul(&weight)?;
         }
         let mse = nn::mse(&pred, &target)?;
+        // Named eps_mse for every parameterisation: the MSE of what the UNet predicts.
         let mut parts = vec![("eps_mse", mse.to_scalar::<f32>()? as f64)];
+        let mse = if self.section.snr_gamma > 0.0 {
+            let weights = self.snr_weights(&b.timesteps)?;
+            let per_sample = (&pred - &target)?.sqr()?.flatten_from(1)?.mean(1)?;
+            let weighted = (per_sample * weights)?.mean_all()?;
+            parts.push(("weighted_mse", weighted.to_scalar::<f32>()? as f64));
+            weighted
+        } else {
+            mse
+        };
         let loss = if self.section.lreg_weight > 0.0 && b.lreg_tokens.iter().any(|s| !s.is_empty())
         {
             let chars = CharacterTokens::from_lists(&b.lreg_tokens);

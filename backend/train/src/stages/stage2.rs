@@ -262,7 +262,7 @@ impl Stage1 {
             Some(fuse),
             unet,
             vae,
-            models::schedulers::SchedulerConfig::stable_diffusion_v1_5(),
+            models::schedulers::SchedulerConfig::from_file(&out.join("sd/scheduler"))?,
             device.clone(),
         );
         let portraits = super::load_cast(data, "stage2")?
@@ -552,9 +552,9 @@ pub fn prepare(
             h * h == hw,
             "stage2: frames are not square ({hw} latent positions)"
         );
-        let scheduler = models::schedulers::DdpmScheduler::new(
-            models::schedulers::SchedulerConfig::stable_diffusion_v1_5(),
-        )?;
+        // Stage 1's own schedule and parameterisation (epsilon or v).
+        let scheduler =
+            models::schedulers::DdpmScheduler::new(stage1.ldm.scheduler_config.clone())?;
         Some(Diffusion {
             latents: Tensor::from_vec(flat, (latent_table.len(), c, h, h), device)?,
             unet: stage1.ldm.unet.clone(),
@@ -757,7 +757,9 @@ impl Stage for Stage2Stage {
                     b.timesteps.len(),
                     &self.device,
                 )?;
-                let l = diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &eps)?;
+                let target = d.scheduler.training_target(&x0, &eps, &b.timesteps)?;
+                let l =
+                    diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?;
                 parts.push(("l_diffusion", l.to_scalar::<f32>()? as f64));
                 l
             }
