@@ -43,6 +43,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    nn::pin_cpu_threads();
     let cli = Cli::parse();
     commands::init_logging(cli.log_format);
     let result = match cli.command {

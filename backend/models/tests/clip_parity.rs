@@ -49,6 +49,8 @@ fn text_models_match_transformers() {
         let out = model.forward(&ids, None).unwrap();
         assert_close(&out.last_hidden_state, &want["last_hidden_state"], name);
         assert_close(&out.pooler_output, &want["pooler_output"], name);
+        // The trimmed pooled path (contrastive training) gives the same pooled output.
+        assert_close(&model.pooled(&ids).unwrap(), &want["pooler_output"], name);
         assert_eq!(
             out.hidden_states.len(),
             model.config().num_hidden_layers + 1

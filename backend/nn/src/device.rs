@@ -27,6 +27,21 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     Device::new_cuda(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))
 }
 
+/// Fixes the CPU thread count for the whole process by setting `RAYON_NUM_THREADS` when the
+/// user has not. candle 0.11 asks for its thread count on every matmul and element-wise op,
+/// and without the variable it recounts the physical cores by parsing `/proc/cpuinfo` each
+/// time: 6% of a Char-LDM training step on this project's 2-core machine (perf, 2026-12-03).
+/// The value is candle's own default (physical cores), so candle's behaviour is unchanged and
+/// rayon's pool (our convolutions and fused kernels) uses the same count.
+///
+/// Call it first thing in `main`, before any thread exists (it writes the environment).
+pub fn pin_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

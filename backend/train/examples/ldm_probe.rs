@@ -22,7 +22,10 @@ use rand_chacha::ChaCha20Rng;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(args.len() >= 4, "usage: ldm_probe BUNDLE DATA N OUT.png [GUIDANCE,...]");
+    anyhow::ensure!(
+        args.len() >= 4,
+        "usage: ldm_probe BUNDLE DATA N OUT.png [GUIDANCE,...]"
+    );
     let (bundle, data) = (PathBuf::from(&args[0]), PathBuf::from(&args[1]));
     let n: usize = args[2].parse()?;
     let out = PathBuf::from(&args[3]);
@@ -80,7 +83,10 @@ fn main() -> Result<()> {
             .iter()
             .filter_map(|name| {
                 let k = cast.iter().position(|(c, _)| &c.name == name)?;
-                Some(ldm.portrait_embedding(&cast[k].1).map(|e| (name.clone(), e)))
+                Some(
+                    ldm.portrait_embedding(&cast[k].1)
+                        .map(|e| (name.clone(), e)),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<(&str, &Tensor)> = chars.iter().map(|(n, e)| (n.as_str(), e)).collect();
@@ -114,20 +120,39 @@ fn main() -> Result<()> {
                 width: w as usize,
                 scheduler: SchedulerKind::Pndm,
             };
-            let s = ldm.sample(&text, Some(&fused), &negative, &opts, &mut |_, _| {}, &|| false)?;
+            let s = ldm.sample(
+                &text,
+                Some(&fused),
+                &negative,
+                &opts,
+                &mut |_, _| {},
+                &|| false,
+            )?;
             rows[6 + g].push(to_rgb_image(&s)?);
         }
         eprintln!("{}: {}", f.id, f.caption);
     }
     for (k, t) in probe_ts.iter().enumerate() {
-        eprintln!("prediction mse at t={t}: {:.4}", mse_sum[k] / frames.len() as f64);
+        eprintln!(
+            "prediction mse at t={t}: {:.4}",
+            mse_sum[k] / frames.len() as f64
+        );
     }
     let tiles: Vec<RgbImage> = rows.into_iter().flatten().collect();
     let up: Vec<RgbImage> = tiles
         .iter()
-        .map(|i| image::imageops::resize(i, i.width() * 2, i.height() * 2, image::imageops::FilterType::Nearest))
+        .map(|i| {
+            image::imageops::resize(
+                i,
+                i.width() * 2,
+                i.height() * 2,
+                image::imageops::FilterType::Nearest,
+            )
+        })
         .collect();
     train::stages::grid(&up, frames.len()).save(&out)?;
-    eprintln!("rows: gt, recon, recon+0.1, recon+0.3, x0@250, x0@500, x0@750, guidance {guidances:?}");
+    eprintln!(
+        "rows: gt, recon, recon+0.1, recon+0.3, x0@250, x0@500, x0@750, guidance {guidances:?}"
+    );
     Ok(())
 }

@@ -129,6 +129,25 @@ impl ClipTextModel {
         tok.broadcast_add(&self.position_embedding.forward(&pos)?)
     }
 
+    /// The pooled output of `input_ids` `(b, s)` (no attention mask), computed only over the
+    /// positions up to the last row's pooled position: the attention is causal, so later
+    /// (padding) positions cannot change it. Short captions padded to 77 tokens cost a few
+    /// positions instead of 77 (contrastive training pools only).
+    pub fn pooled(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let keep = eos_positions(input_ids, self.config.eos_token_id)?
+            .into_iter()
+            .max()
+            .map_or(0, |p| p + 1);
+        // Every row's pooled position lies in the prefix, and for legacy argmax pooling the
+        // first maximum of the prefix is the first maximum of the row.
+        let ids = if keep > 0 && keep < input_ids.dim(1)? {
+            input_ids.narrow(1, 0, keep)?
+        } else {
+            input_ids.clone()
+        };
+        Ok(self.forward(&ids, None)?.pooler_output)
+    }
+
     /// Runs the tower on `input_ids` `(b, s)`; `attention_mask` `(b, s)` of 1 / 0 (optional, the
     /// Stable Diffusion pipelines pass none) masks padded keys in addition to the causal mask.
     pub fn forward(

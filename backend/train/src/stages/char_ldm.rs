@@ -238,7 +238,9 @@ pub struct CharLdmBatch {
     latents: Vec<f32>,
     noise: Vec<f32>,
     timesteps: Vec<usize>,
-    ids: Vec<u32>,
+    /// The frozen text encoder's output for each sample's caption (or the empty one),
+    /// `(n, tokens, d)`, read from the cache computed once before training.
+    text: Vec<f32>,
     modes: Vec<CondMode>,
     slots: Vec<Vec<(usize, usize)>>,
     /// Per sample, the token index of each slot whose character has a mask (L_reg's targets).
@@ -252,7 +254,10 @@ pub struct CharLdmBatch {
 /// The training frames and how batches are drawn.
 pub struct CharLdmSource {
     frames: Vec<Frame>,
-    empty_ids: Vec<u32>,
+    /// Text encoder outputs of the frames' captions, `tokens * d` floats per frame.
+    texts: Vec<f32>,
+    /// The text encoder output of the empty caption.
+    empty_text: Vec<f32>,
     latent_shape: (usize, usize, usize),
     frame_size: (usize, usize),
     section: CharLdmSection,
@@ -274,7 +279,7 @@ impl BatchSource for CharLdmSource {
             latents: Vec::with_capacity(n * c * h * w),
             noise: gaussian(rng, n * c * h * w),
             timesteps: Vec::with_capacity(n),
-            ids: Vec::with_capacity(n * self.empty_ids.len()),
+            text: Vec::with_capacity(n * self.empty_text.len()),
             modes: Vec::with_capacity(n),
             slots: Vec::with_capacity(n),
             lreg_tokens: Vec::with_capacity(n),
@@ -294,10 +299,11 @@ impl BatchSource for CharLdmSource {
                 CondMode::Fused
             };
             b.modes.push(mode);
-            b.ids.extend_from_slice(if mode == CondMode::Empty {
-                &self.empty_ids
+            let per = self.empty_text.len();
+            b.text.extend_from_slice(if mode == CondMode::Empty {
+                &self.empty_text
             } else {
-                &f.ids
+                &self.texts[i * per..(i + 1) * per]
             });
             // The empty caption names nobody: no fusion and no attention target.
             let slots = if mode == CondMode::Empty {
@@ -520,14 +526,10 @@ pub fn prepare(
     let fingerprint = format!("{fp:016x}");
 
     let scale = vae.config().scaling_factor;
-    let latents = cached_latents(
-        &vae,
-        &images_of(&train),
-        scale,
-        run_dir,
-        &fingerprint,
-        device,
-    )?;
+    let train_images = images_of(&train);
+    let latents = cached_rows(run_dir, "latents", &fingerprint, train.len(), || {
+        encode_latents(&vae, &train_images, scale, device)
+    })?;
     let val_latents = encode_latents(&vae, &images_of(&val), scale, device)?;
     let to_frames = |records: &[Loaded], lat: Vec<Vec<f32>>| -> Vec<Frame> {
         records
@@ -546,6 +548,14 @@ pub fn prepare(
             .collect()
     };
     let train_frames = to_frames(&train, latents);
+    // The text encoder is frozen: each caption's output is computed once, not every step.
+    let train_ids: Vec<&[u32]> = train_frames.iter().map(|f| f.ids.as_slice()).collect();
+    let texts: Vec<f32> = cached_rows(run_dir, "texts", &fingerprint, train_frames.len(), || {
+        encode_texts(&text_encoder, &train_ids, device)
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
     let val_frames: Vec<ValFrame> = to_frames(&val, val_latents)
         .into_iter()
         .zip(val)
@@ -581,6 +591,9 @@ pub fn prepare(
     let portrait_images: Vec<RgbImage> = cast.iter().map(|(_, p)| p.clone()).collect();
     let portraits = processor.preprocess_batch(&portrait_images, device)?;
     let empty_ids = tokenizer.encode("").ids;
+    let empty_text = encode_texts(&text_encoder, &[empty_ids.as_slice()], device)?
+        .pop()
+        .context("no output for the empty caption")?;
 
     // Fixed validation noise and timesteps (spread over the schedule) for comparable losses.
     let (c, h, w) = latent_shape;
@@ -604,7 +617,8 @@ pub fn prepare(
     );
     let source = Arc::new(CharLdmSource {
         frames: train_frames,
-        empty_ids,
+        texts,
+        empty_text,
         latent_shape,
         frame_size: (fh as usize, fw as usize),
         section: section.clone(),
@@ -653,42 +667,62 @@ pub(crate) fn encode_latents(
     Ok(out)
 }
 
-/// The training latents, read from `run_dir/latents.safetensors` when it was written for
-/// this data fingerprint, else encoded and written there (a resumed run skips the encoding).
-fn cached_latents(
-    vae: &AutoencoderKL,
-    frames: &[&RgbImage],
-    scale: f64,
+/// Per-frame rows (`n` of equal length) read from `run_dir/NAME-FINGERPRINT.safetensors` when
+/// they were written for this data fingerprint, else computed by `compute` and written there
+/// (a resumed run skips the work).
+fn cached_rows(
     run_dir: &Path,
+    name: &str,
     fingerprint: &str,
-    device: &Device,
+    n: usize,
+    compute: impl FnOnce() -> Result<Vec<Vec<f32>>>,
 ) -> Result<Vec<Vec<f32>>> {
-    let path = run_dir.join(format!("latents-{fingerprint}.safetensors"));
+    let path = run_dir.join(format!("{name}-{fingerprint}.safetensors"));
     if let Ok(t) = candle_core::safetensors::load(&path, &Device::Cpu) {
-        if let Some(z) = t.get("latents") {
-            if z.dim(0).ok() == Some(frames.len()) {
-                return (0..frames.len())
+        if let Some(z) = t.get(name) {
+            if z.dim(0).ok() == Some(n) {
+                return (0..n)
                     .map(|i| Ok(z.i(i)?.flatten_all()?.to_vec1::<f32>()?))
                     .collect();
             }
         }
     }
     let t0 = std::time::Instant::now();
-    let lat = encode_latents(vae, frames, scale, device)?;
-    let n = lat.first().map(Vec::len).unwrap_or(0);
-    let flat: Vec<f32> = lat.iter().flatten().copied().collect();
-    let z = Tensor::from_vec(flat, (lat.len(), n), &Device::Cpu)?;
+    let rows = compute()?;
+    let len = rows.first().map(Vec::len).unwrap_or(0);
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let z = Tensor::from_vec(flat, (rows.len(), len), &Device::Cpu)?;
     std::fs::create_dir_all(run_dir)?;
-    let tmp = run_dir.join(".latents.tmp");
-    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", z)]), &tmp)?;
+    let tmp = run_dir.join(format!(".{name}.tmp"));
+    candle_core::safetensors::save(&std::collections::HashMap::from([(name, z)]), &tmp)?;
     std::fs::rename(&tmp, &path)?;
     eprintln!(
-        "char-ldm: encoded {} training frames into latents in {:.1} s (cached in {})",
-        lat.len(),
+        "char-ldm: computed the {name} of {} training frames in {:.1} s (cached in {})",
+        rows.len(),
         t0.elapsed().as_secs_f64(),
         path.display()
     );
-    Ok(lat)
+    Ok(rows)
+}
+
+/// The frozen text encoder's output for each caption of `ids` (77 ids each), one flattened
+/// `(tokens * d)` row per caption.
+fn encode_texts(
+    text_encoder: &ClipTextModel,
+    ids: &[&[u32]],
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(64) {
+        let len = chunk[0].len();
+        let flat: Vec<u32> = chunk.iter().flat_map(|r| r.iter().copied()).collect();
+        let t = Tensor::from_vec(flat, (chunk.len(), len), device)?;
+        let h = text_encoder.forward(&t, None)?.last_hidden_state.detach();
+        for i in 0..chunk.len() {
+            out.push(h.i(i)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(out)
 }
 
 impl CharLdmStage {
@@ -719,6 +753,16 @@ impl CharLdmStage {
             .forward(&ids, None)?
             .last_hidden_state
             .detach();
+        self.fused_conditions(text, slots, fuse)
+    }
+
+    /// `text (n, 77, d)` (the frozen text encoder's output) with `slots` fused where `fuse[i]`.
+    fn fused_conditions(
+        &self,
+        text: Tensor,
+        slots: &[Vec<(usize, usize)>],
+        fuse: &[bool],
+    ) -> Result<Tensor> {
         if !fuse.iter().any(|&f| f) {
             return Ok(text);
         }
@@ -952,7 +996,13 @@ impl Stage for CharLdmStage {
         let xt = self.scheduler.add_noise_batch(&x0, &eps, &b.timesteps)?;
         let target = self.scheduler.training_target(&x0, &eps, &b.timesteps)?;
         let fuse: Vec<bool> = b.modes.iter().map(|&m| m == CondMode::Fused).collect();
-        let cond = self.conditions(&b.ids, b.n, &b.slots, &fuse)?;
+        let d = self.ldm.text_encoder.config().hidden_size;
+        let text = Tensor::from_vec(
+            b.text.clone(),
+            (b.n, b.text.len() / (b.n * d), d),
+            &self.device,
+        )?;
+        let cond = self.fused_conditions(text, &b.slots, &fuse)?;
         let capture = if self.section.lreg_weight > 0.0 {
             AttentionCapture::all()
         } else {

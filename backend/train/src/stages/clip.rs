@@ -308,7 +308,7 @@ fn info_nce(a: &Tensor, b: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 impl ClipStage {
     fn text_features(&self, ids: &Tensor) -> Result<Tensor> {
-        normalize(&self.text.forward(ids, None)?.pooler_output)
+        normalize(&self.text.pooled(ids)?)
     }
 
     fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {

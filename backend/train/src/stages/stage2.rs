@@ -758,8 +758,7 @@ impl Stage for Stage2Stage {
                     &self.device,
                 )?;
                 let target = d.scheduler.training_target(&x0, &eps, &b.timesteps)?;
-                let l =
-                    diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?;
+                let l = diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?;
                 parts.push(("l_diffusion", l.to_scalar::<f32>()? as f64));
                 l
             }
