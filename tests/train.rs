@@ -645,7 +645,10 @@ sample_steps = 2
     // noise is the input, so the model would learn nothing where sampling starts.
     let refused = Command::new(binary())
         .args(["train", "char-ldm", "--config"])
-        .arg(write_config(tmp.path(), &config("zero_terminal_snr = true")))
+        .arg(write_config(
+            tmp.path(),
+            &config("zero_terminal_snr = true"),
+        ))
         .arg("--data")
         .arg(out.join("data"))
         .arg("--out")
@@ -671,7 +674,10 @@ sample_steps = 2
     let (first, last) = (mse[0], *mse.last().unwrap());
     // v has a larger irreducible error than epsilon at the noisiest steps: a 1.25x fall in 80
     // steps is learning (an untrained UNet stays flat).
-    assert!(last < first / 1.25, "v MSE fell only from {first} to {last}");
+    assert!(
+        last < first / 1.25,
+        "v MSE fell only from {first} to {last}"
+    );
     // The bundle says how its UNet was trained, and sampling reads it, also through t = 999
     // where alpha is 0 (500 PNDM steps visit it).
     let sched: serde_json::Value = serde_json::from_str(
@@ -702,7 +708,10 @@ sample_steps = 2
             .sample(&text, None, &negative, &opts, &mut |_, _| {}, &|| false)
             .unwrap();
         let px = img.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(px.iter().all(|v| v.is_finite()), "{steps} steps: not finite");
+        assert!(
+            px.iter().all(|v| v.is_finite()),
+            "{steps} steps: not finite"
+        );
     }
 }
 
