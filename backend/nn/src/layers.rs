@@ -222,10 +222,21 @@ impl Conv2d {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         let w = self.weight.to_dtype(xs.dtype())?;
-        let y = if crate::conv::uses_fast_path(xs, c) {
-            // CPU: the fast op (f16 / bf16 computed in f32 inside it).
-            crate::conv::conv2d_with(xs, &w, c)?
-        } else if crate::ops::needs_f32_kernel(xs) {
+        if crate::conv::uses_fast_path(xs, c) {
+            // CPU: the fast op (f16 / bf16 computed in f32 inside it), with the bias fused in
+            // unless the fused kernels are switched off for an A/B run.
+            return match &self.bias {
+                Some(b) if crate::fused::use_fused(xs) => {
+                    crate::conv::conv2d_bias(xs, &w, Some(b), c)
+                }
+                Some(b) => {
+                    let y = crate::conv::conv2d_with(xs, &w, c)?;
+                    y.broadcast_add(&b.to_dtype(xs.dtype())?.reshape((1, (), 1, 1))?)
+                }
+                None => crate::conv::conv2d_with(xs, &w, c),
+            };
+        }
+        let y = if crate::ops::needs_f32_kernel(xs) {
             xs.to_dtype(DType::F32)?
                 .conv2d(
                     &w.to_dtype(DType::F32)?,

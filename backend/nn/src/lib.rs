@@ -28,6 +28,7 @@ pub mod norm;
 pub mod ops;
 pub mod optim;
 pub mod rotary;
+mod sgemm;
 pub mod weights;
 
 pub use attention::{
