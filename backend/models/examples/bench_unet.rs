@@ -114,10 +114,14 @@ fn bench_train(dev: &Device, iters: usize) -> Result<()> {
     bench_unet_train(dev, iters, &train_config(), "64_128_b32_8x8", true)
 }
 
-fn bench_toy(dev: &Device, iters: usize) -> Result<()> {
+fn bench_toy_unet(dev: &Device, iters: usize) -> Result<()> {
     let mut cfg = train_config();
     cfg.cross_attention_dim = OneOrMany::One(128);
-    bench_unet_train(dev, iters, &cfg, "toy_unet_b32_8x8", false)?;
+    bench_unet_train(dev, iters, &cfg, "toy_unet_b32_8x8", false)
+}
+
+fn bench_toy(dev: &Device, iters: usize) -> Result<()> {
+    bench_toy_unet(dev, iters)?;
     bench_vae_train(dev, iters)
 }
 
@@ -232,6 +236,13 @@ fn main() -> Result<()> {
     }
     if which == "toy" || which == "all" {
         bench_toy(&dev, iters)?;
+    }
+    // Single cases, for profiling.
+    if which == "toy_unet" {
+        bench_toy_unet(&dev, iters)?;
+    }
+    if which == "vae" {
+        bench_vae_train(&dev, iters)?;
     }
     if which == "ops" {
         bench_ops(&dev, iters)?;

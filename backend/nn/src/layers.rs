@@ -51,6 +51,16 @@ impl Linear {
 
     /// Applies the layer to `(..., in)` and returns `(..., out)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if crate::fused::use_fused(xs) {
+            // CPU: one fused node (f16 / bf16 computed in f32 inside it).
+            return crate::fused::linear_fused(xs, &self.weight, self.bias.as_ref());
+        }
+        self.forward_composed(xs)
+    }
+
+    /// The composed path (matmul + broadcast add): every device; the reference the fused
+    /// CPU op is tested against.
+    pub fn forward_composed(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims();
         let in_dim = *dims
             .last()

@@ -3,10 +3,11 @@
 //!
 //! The `gemm` crate (which candle uses too) reaches about 70 GFLOP/s per core on this
 //! project's Zen 5 machine with either its AVX2 or its AVX-512 micro-kernel, while the core
-//! sustains about 195 GFLOP/s of 512-bit FMAs (oneDNN's convolutions in PyTorch run at
-//! 125-170). The micro-kernel here keeps a full 8 x 48 tile of the output in 24 zmm
-//! registers and reaches about 195 GFLOP/s on packed panels (a 64-tile loop over one packed
-//! `256 x 48` panel, CPU time; an array of accumulators instead of named variables gave 70).
+//! sustains about 200 GFLOP/s or more of 512-bit FMAs (oneDNN's convolutions in PyTorch run at
+//! 125-170). The micro-kernel here keeps a full 8 x 32 tile of the output in 16 zmm registers
+//! and reached 195-330 GFLOP/s on packed panels in a scratch benchmark (CPU time, machine
+//! shared; 8 x 48, 12 x 32 and 14 x 32 tiles measured within that range; an array of
+//! accumulators instead of named variables gave 70).
 //! Everything else (f64, CPUs without AVX-512F, `STORYGPT_NN_SGEMM=0`) goes to `gemm`.
 //!
 //! Determinism: every output element is the same sequence of f32 operations whatever the
@@ -190,10 +191,11 @@ mod avx512 {
 
     /// Rows of the output tile (one broadcast lhs value each).
     const MR: usize = 8;
-    /// Columns of the output tile: three 16-lane zmm registers.
-    const NR: usize = 48;
+    /// Columns of the output tile: two 16-lane zmm registers. (8 x 48 in 24 registers measured
+    /// the same on packed panels, but most model widths are multiples of 32, not 48.)
+    const NR: usize = 32;
     /// Output columns per packed rhs block: `KC x NC` f32 = 512 KiB, half the L2 cache.
-    const NC: usize = 528;
+    const NC: usize = 512;
     /// Output rows per packed lhs block: `MC x KC` f32 = 128 KiB.
     const MC: usize = 128;
 
@@ -265,18 +267,30 @@ mod avx512 {
         accumulate: bool,
         threads: usize,
     ) {
-        let n = b.cols;
+        let (m, n) = (lhs_rows(a), b.cols);
         let ptr = DstPtr(dst.as_mut_ptr());
-        // Split the columns into panel-aligned ranges, one per thread.
-        let panels = n.div_ceil(NR);
+        // One panel-aligned block of columns (or, when there are few columns, of rows) per
+        // thread. Either split leaves each element's arithmetic unchanged.
+        let (col_panels, row_panels) = (n.div_ceil(NR), m.div_ceil(MR));
+        let by_cols = col_panels >= 2 * threads || col_panels >= row_panels;
+        let (panels, width) = if by_cols {
+            (col_panels, NR)
+        } else {
+            (row_panels, MR)
+        };
         let parts = threads.clamp(1, panels);
-        let per = panels.div_ceil(parts);
+        let per = panels.div_ceil(parts) * width;
         let run = |p: usize| {
-            let (j0, j1) = (p * per * NR, ((p + 1) * per * NR).min(n));
-            if j0 < j1 {
+            let (lo, hi) = (p * per, ((p + 1) * per).min(if by_cols { n } else { m }));
+            let (rows, cols) = if by_cols {
+                ((0, m), (lo, hi))
+            } else {
+                ((lo, hi), (0, n))
+            };
+            if lo < hi {
                 // SAFETY: see `DstPtr`; `dst` covers (m-1)*dst_rs + n elements (checked by
-                // the caller) and this thread writes columns j0..j1 of it only.
-                unsafe { sgemm_cols(ptr, dst_rs, a, b, (j0, j1), accumulate) }
+                // the caller) and this thread writes its own rows / columns of it only.
+                unsafe { sgemm_block(ptr, dst_rs, a, b, rows, cols, accumulate) }
             }
         };
         if parts == 1 {
@@ -286,32 +300,33 @@ mod avx512 {
         }
     }
 
-    /// Columns `j0..j1` of the product, blocked for the caches.
+    /// Rows `i0..i1` (`i0` a multiple of [`MR`]), columns `j0..j1` of the product, blocked
+    /// for the caches.
     ///
     /// # Safety
     /// `dst.0` points to at least `(m - 1) * dst_rs + n` writable f32 that nothing else
-    /// reads or writes in columns `j0..j1` during the call; AVX-512F is available.
-    unsafe fn sgemm_cols(
+    /// reads or writes in that block during the call; AVX-512F is available.
+    unsafe fn sgemm_block(
         dst: DstPtr,
         dst_rs: usize,
         a: &Left,
         b: Mat<f32>,
+        (i0, i1): (usize, usize),
         (j0, j1): (usize, usize),
         accumulate: bool,
     ) {
-        let (m, k) = (lhs_rows(a), b.rows);
+        let k = b.rows;
         let (mut apack, mut bpack) = PACK.with(Cell::take);
         apack.resize(MC * KC, 0.0);
         bpack.resize(KC * NC, 0.0);
-        let mut tile = [0f32; MR * NR];
         for jc in (j0..j1).step_by(NC) {
             let nc = NC.min(j1 - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
                 pack_rhs(&b, pc, kc, jc, nc, &mut bpack);
                 let add = accumulate || pc > 0;
-                for ic in (0..m).step_by(MC) {
-                    let mc = MC.min(m - ic);
+                for ic in (i0..i1).step_by(MC) {
+                    let mc = MC.min(i1 - ic);
                     let panels = match a {
                         Left::View(a) => {
                             pack_lhs(a, ic, mc, pc, kc, &mut apack);
@@ -325,25 +340,11 @@ mod avx512 {
                         for pj in 0..nc.div_ceil(NR) {
                             let c0 = jc + pj * NR;
                             let bp = bpack.as_ptr().add(pj * kc * NR);
-                            let (rows, cols) = (MR.min(m - r0), NR.min(jc + nc - c0));
-                            let out = dst.0.add(r0 * dst_rs + c0);
-                            if rows == MR && cols == NR {
-                                kernel(kc, ap, bp, out, dst_rs, add);
-                            } else {
-                                // Edge tile: computed whole into a buffer (the packed panels
-                                // are zero-padded), then the valid part added / stored.
-                                kernel(kc, ap, bp, tile.as_mut_ptr(), NR, false);
-                                for r in 0..rows {
-                                    let d =
-                                        std::slice::from_raw_parts_mut(out.add(r * dst_rs), cols);
-                                    let t = &tile[r * NR..r * NR + cols];
-                                    if add {
-                                        d.iter_mut().zip(t).for_each(|(d, t)| *d += *t);
-                                    } else {
-                                        d.copy_from_slice(t);
-                                    }
-                                }
-                            }
+                            let (rows, cols) = (MR.min(i1 - r0), NR.min(jc + nc - c0));
+                            // Edge tiles: the packed panels are zero-padded, and the kernel
+                            // masks the rows / columns it reads and writes in `dst`.
+                            let out = dst.0.wrapping_add(r0 * dst_rs + c0);
+                            kernel(kc, ap, bp, out, dst_rs, add, rows, cols);
                         }
                     }
                 }
@@ -416,50 +417,66 @@ mod avx512 {
         }
     }
 
-    /// The `MR x NR` tile at `c` (row stride `ldc`) gets (`add`: plus) the product of packed
-    /// panels `a` (`k x MR`) and `b` (`k x NR`). The accumulators are named variables: an
-    /// array of them is not kept in registers by LLVM (measured: 70 vs 195 GFLOP/s).
+    /// The first `rows x cols` of the `MR x NR` tile at `c` (row stride `ldc`) get (`add`:
+    /// plus) the product of packed panels `a` (`k x MR`) and `b` (`k x NR`). The accumulators
+    /// are named variables: an array of them is not kept in registers by LLVM (measured: 70
+    /// vs 195 GFLOP/s).
     ///
     /// # Safety
-    /// AVX-512F is available; `a` / `b` hold `k * MR` / `k * NR` f32; the tile lies inside
-    /// the destination.
+    /// AVX-512F is available; `a` / `b` hold `k * MR` / `k * NR` f32; rows `< rows`, columns
+    /// `< cols` of the tile lie inside the destination (the others are never touched: masked
+    /// loads and stores do not access masked-out lanes).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+    unsafe fn kernel(
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
+        rows: usize,
+        cols: usize,
+    ) {
+        let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+        let (m0, m1) = (lanes(cols), lanes(cols.saturating_sub(16)));
         macro_rules! tile {
-            ($($r:literal => $c0:ident $c1:ident $c2:ident),*) => {{
-                $(let (mut $c0, mut $c1, mut $c2) =
-                    (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());)*
+            ($($r:literal => $c0:ident $c1:ident),*) => {{
+                $(let (mut $c0, mut $c1) = (_mm512_setzero_ps(), _mm512_setzero_ps());)*
                 let (mut ap, mut bp) = (a, b);
                 for _ in 0..k {
                     let b0 = _mm512_loadu_ps(bp);
                     let b1 = _mm512_loadu_ps(bp.add(16));
-                    let b2 = _mm512_loadu_ps(bp.add(32));
                     $(
                         let av = _mm512_set1_ps(*ap.add($r));
                         $c0 = _mm512_fmadd_ps(av, b0, $c0);
                         $c1 = _mm512_fmadd_ps(av, b1, $c1);
-                        $c2 = _mm512_fmadd_ps(av, b2, $c2);
                     )*
                     ap = ap.add(MR);
                     bp = bp.add(NR);
                 }
-                // Add to (or store) the tile, row by row.
+                // Add to (or store) the tile, row by row, masked to the valid part.
                 $(
-                    let p = c.add($r * ldc);
-                    if add {
-                        _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), $c0));
-                        _mm512_storeu_ps(p.add(16), _mm512_add_ps(_mm512_loadu_ps(p.add(16)), $c1));
-                        _mm512_storeu_ps(p.add(32), _mm512_add_ps(_mm512_loadu_ps(p.add(32)), $c2));
-                    } else {
-                        _mm512_storeu_ps(p, $c0);
-                        _mm512_storeu_ps(p.add(16), $c1);
-                        _mm512_storeu_ps(p.add(32), $c2);
+                    if $r < rows {
+                        let p0 = c.wrapping_add($r * ldc);
+                        let p1 = p0.wrapping_add(16);
+                        let z = _mm512_setzero_ps();
+                        let (v0, v1) = if add {
+                            (
+                                _mm512_add_ps(_mm512_mask_loadu_ps(z, m0, p0), $c0),
+                                _mm512_add_ps(_mm512_mask_loadu_ps(z, m1, p1), $c1),
+                            )
+                        } else {
+                            ($c0, $c1)
+                        };
+                        _mm512_mask_storeu_ps(p0, m0, v0);
+                        _mm512_mask_storeu_ps(p1, m1, v1);
                     }
                 )*
             }};
         }
-        tile!(0 => c00 c01 c02, 1 => c10 c11 c12, 2 => c20 c21 c22, 3 => c30 c31 c32,
-              4 => c40 c41 c42, 5 => c50 c51 c52, 6 => c60 c61 c62, 7 => c70 c71 c72);
+        tile!(0 => c00 c01, 1 => c10 c11, 2 => c20 c21, 3 => c30 c31,
+              4 => c40 c41, 5 => c50 c51, 6 => c60 c61, 7 => c70 c71);
     }
 }
 
@@ -533,6 +550,9 @@ mod tests {
             (3, 5, 600),
             (130, 530, 513),
             (17, 1100, 40),
+            // Few columns: split by rows.
+            (200, 40, 70),
+            (61, 60, 300),
         ];
         let pools: Vec<_> = [1, 3]
             .iter()
@@ -582,10 +602,10 @@ mod tests {
                         }
                         outs.push(dst);
                     }
-                    // A prepacked left operand gives the same bits.
+                    // A prepacked left operand gives the same bits (on 3 threads).
                     let mut dst = init.clone();
                     let packed = Lhs::prepacked(lhs);
-                    matmul_lhs(&mut dst, n + 3, &packed, rhs, accumulate, 1);
+                    pools[1].install(|| matmul_lhs(&mut dst, n + 3, &packed, rhs, accumulate, 3));
                     outs.push(dst);
                     assert_eq!(
                         outs[0], outs[2],

@@ -13,6 +13,7 @@
 
 pub mod bias;
 pub mod bmm;
+pub mod linear;
 pub mod norm;
 pub mod softmax;
 
@@ -21,6 +22,7 @@ use num_traits::Float;
 
 pub use bias::channel_bias_fused;
 pub use bmm::{batched_matmul, Transpose};
+pub use linear::linear_fused;
 pub use norm::{group_norm_fused, layer_norm_fused, rms_norm_fused};
 pub use softmax::{softmax_fused, SoftmaxMask};
 
