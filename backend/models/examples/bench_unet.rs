@@ -231,6 +231,10 @@ fn main() -> Result<()> {
     let which = args.get(1).map(String::as_str).unwrap_or("all");
     let iters: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let dev = Device::Cpu;
+    // What the training and generation commands do too (see nn::alloc).
+    if std::env::var("BENCH_MALLOC_DEFAULT").is_err() {
+        nn::retain_freed_memory();
+    }
     if which == "train" || which == "all" {
         bench_train(&dev, iters)?;
     }

@@ -1,12 +1,13 @@
-//! The fused CPU Linear (`nn::fused::linear_fused`, used by `nn::Linear` on the CPU):
-//! finite-difference gradients in f64 on odd shapes, agreement with the composed path in f32
-//! for the output and every gradient, frozen arguments, thread-count independence, f16.
+//! The fused feed-forward kernels: Linear (`nn::fused::linear_fused`, used by `nn::Linear` on
+//! the CPU) and GEGLU (`nn::fused::geglu`): finite-difference gradients in f64 on odd shapes,
+//! agreement with the composed path in f32 for the output and every gradient, frozen
+//! arguments, thread-count independence, f16.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use nn::fused::linear_fused;
+use nn::fused::{geglu_composed, geglu_fused, linear_fused};
 use nn::gradcheck::seeded_uniform;
 use nn::Linear;
 
@@ -157,4 +158,58 @@ fn half_precision_is_computed_in_f32_and_cast_back() {
         let g = y.sum_all().unwrap().backward().unwrap();
         assert_eq!(g.get(xv.as_tensor()).unwrap().dtype(), dt);
     }
+}
+
+#[test]
+fn geglu_fd_gradients_odd_shapes() {
+    // One row, one unit, rank 1 to 3, widths not multiples of 8; the gate spans [-3, 3] so
+    // both GELU tails are exercised.
+    let shapes: [&[usize]; 5] = [&[2], &[1, 2], &[3, 10], &[2, 5, 14], &[1, 1, 6]];
+    for (i, shape) in shapes.into_iter().enumerate() {
+        let p = Var::from_tensor(
+            &seeded_uniform(shape, 60 + i as u64, -3.0, 3.0, DType::F64, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let report = nn::gradcheck(
+            &[("p", &p)],
+            || nn::weighted_sum_loss(&geglu_fused(p.as_tensor())?, 8),
+            &Default::default(),
+        )
+        .unwrap();
+        assert!(
+            report.checked > 0 && report.passed(GRAD_TOL),
+            "{shape:?}: {report}"
+        );
+    }
+    assert!(geglu_fused(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).is_err());
+}
+
+#[test]
+fn geglu_fused_matches_composed_f32() {
+    for (i, shape) in [&[4usize, 6][..], &[2, 33, 512], &[32, 64, 1024]]
+        .into_iter()
+        .enumerate()
+    {
+        let p = var(shape, 70 + i as u64, DType::F32);
+        let grad = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+            let y = f(p.as_tensor()).unwrap();
+            let g = nn::weighted_sum_loss(&y, 3).unwrap().backward().unwrap();
+            (y, g.get(p.as_tensor()).unwrap().clone())
+        };
+        let (ya, ga) = grad(&geglu_fused);
+        let (yb, gb) = grad(&geglu_composed);
+        assert!(rel(&ya, &yb) < 1e-5, "{shape:?}: output");
+        // candle's GELU backward uses 6-digit constants (docs/NN.md): 2e-5 relative.
+        assert!(
+            rel(&ga, &gb) < 1e-4,
+            "{shape:?}: gradient {:e}",
+            rel(&ga, &gb)
+        );
+    }
+    // Half precision is computed in f32 and cast back.
+    let p = var(&[3, 8], 80, DType::F32);
+    let want = geglu_composed(p.as_tensor()).unwrap();
+    let y = nn::fused::geglu(&p.as_tensor().to_dtype(DType::F16).unwrap()).unwrap();
+    assert_eq!(y.dtype(), DType::F16);
+    assert!(rel(&y, &want) < 2e-2);
 }
