@@ -11,7 +11,8 @@
 //! Everything else (f64, CPUs without AVX-512F, `STORYGPT_NN_SGEMM=0`) goes to `gemm`.
 //!
 //! Determinism: every output element is the same sequence of f32 operations whatever the
-//! tiling or thread split: its sum runs over `k` in blocks of [`KC`], each block accumulated
+//! tiling or thread split: its sum runs over `k` in blocks ([`depth_block`], a function of `k`
+//! only), each block accumulated
 //! from zero in order by one micro-kernel call and then added to the element, blocks in order.
 //! Threads split the output, never the reduction, so results do not depend on the thread
 //! count (a resumed training run reproduces the same bits).
@@ -182,7 +183,14 @@ fn cast_mat<T: KernelFloat>(m: Mat<T>) -> Mat<f32> {
 }
 
 /// Reduction depth per micro-kernel call (and per packed block).
-const KC: usize = 256;
+const KC: usize = 320;
+
+/// The depth of the reduction blocks for a product of depth `k`: `k` split evenly into blocks
+/// of at most [`KC`] (a 3x3 convolution over 32 channels, `k = 288`, is one block rather than
+/// 256 + 32 with a second pass over the output).
+fn depth_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+}
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -194,9 +202,9 @@ mod avx512 {
     /// Columns of the output tile: two 16-lane zmm registers. (8 x 48 in 24 registers measured
     /// the same on packed panels, but most model widths are multiples of 32, not 48.)
     const NR: usize = 32;
-    /// Output columns per packed rhs block: `KC x NC` f32 = 512 KiB, half the L2 cache.
+    /// Output columns per packed rhs block: `KC x NC` f32 = 640 KiB of the 1 MiB L2 cache.
     const NC: usize = 512;
-    /// Output rows per packed lhs block: `MC x KC` f32 = 128 KiB.
+    /// Output rows per packed lhs block: `MC x KC` f32 = 160 KiB.
     const MC: usize = 128;
 
     pub fn available() -> bool {
@@ -221,7 +229,7 @@ mod avx512 {
     unsafe impl Send for DstPtr {}
     unsafe impl Sync for DstPtr {}
 
-    /// A whole left operand packed for [`kernel`]: for each depth block of [`KC`], all rows
+    /// A whole left operand packed for [`kernel`]: for each depth block, all rows
     /// as panels of [`MR`] (zero-padded to a multiple of `MR`). Row `r`, depth `pc + kk` of
     /// the block at `pc` sits at `pc * m_pad + (r / MR) * MR * kc + kk * MR + r % MR`.
     pub struct Packed {
@@ -234,8 +242,9 @@ mod avx512 {
         pub fn new(a: &Mat<f32>) -> Self {
             let m_pad = a.rows.div_ceil(MR) * MR;
             let mut data = vec![0f32; m_pad * a.cols];
-            for pc in (0..a.cols).step_by(KC) {
-                let kc = KC.min(a.cols - pc);
+            let kb = depth_block(a.cols);
+            for pc in (0..a.cols).step_by(kb) {
+                let kc = kb.min(a.cols - pc);
                 pack_lhs(
                     a,
                     0,
@@ -321,8 +330,9 @@ mod avx512 {
         bpack.resize(KC * NC, 0.0);
         for jc in (j0..j1).step_by(NC) {
             let nc = NC.min(j1 - jc);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
+            let kb = depth_block(k);
+            for pc in (0..k).step_by(kb) {
+                let kc = kb.min(k - pc);
                 pack_rhs(&b, pc, kc, jc, nc, &mut bpack);
                 let add = accumulate || pc > 0;
                 for ic in (i0..i1).step_by(MC) {
