@@ -22,27 +22,41 @@ fn dims(shape: &[usize]) -> Result<(usize, usize)> {
     }
 }
 
-/// erf in the kernel float (libm: f32 `erff`, f64 `erf`).
+/// `(gelu(g), gelu'(g))` in the kernel float.
 trait Erf: KernelFloat {
-    fn erf(self) -> Self;
+    fn gelu_and_slope(g: Self) -> (Self, Self);
 }
+
+/// `1 / sqrt(2 pi)`.
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
 impl Erf for f32 {
-    fn erf(self) -> Self {
-        libm::erff(self)
-    }
-}
-impl Erf for f64 {
-    fn erf(self) -> Self {
-        libm::erf(self)
+    /// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, under f32 rounding of
+    /// the result's scale), sharing `exp(-g^2 / 2)` with the density: libm's `erff` took 9% of
+    /// a UNet training step.
+    fn gelu_and_slope(g: f32) -> (f32, f32) {
+        let x = g.abs() * std::f32::consts::FRAC_1_SQRT_2;
+        let e = (-0.5 * g * g).exp(); // exp(-x^2), also the density's exponential
+        let t = 1.0 / (1.0 + 0.327_591_1 * x);
+        let poly = t
+            * (0.254_829_6
+                + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+        let erf = (1.0 - poly * e).copysign(g);
+        let cdf = 0.5 * (1.0 + erf);
+        (g * cdf, cdf + g * e * INV_SQRT_2PI as f32)
     }
 }
 
-/// `(gelu(g), gelu'(g))`.
+impl Erf for f64 {
+    /// libm's erf: f64 is the gradient-check precision.
+    fn gelu_and_slope(g: f64) -> (f64, f64) {
+        let cdf = 0.5 * (1.0 + libm::erf(g * std::f64::consts::FRAC_1_SQRT_2));
+        (g * cdf, cdf + g * (-0.5 * g * g).exp() * INV_SQRT_2PI)
+    }
+}
+
 fn gelu_and_slope<T: Erf>(g: T) -> (T, T) {
-    let half = T::of(0.5);
-    let cdf = half * (T::one() + (g * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
-    let pdf = (-(g * g) * half).exp() * T::of(0.398_942_280_401_432_7); // 1 / sqrt(2 pi)
-    (g * cdf, cdf + g * pdf)
+    T::gelu_and_slope(g)
 }
 
 fn forward<T: Erf>(p: &[T], rows: usize, inner: usize) -> Vec<T> {
