@@ -1,5 +1,6 @@
 //! GEGLU, `h * gelu(gate)` with `[h, gate]` the two halves of the last dimension (diffusers'
-//! `GEGLU` feed-forward, exact erf GELU), as one custom op with a backward.
+//! `GEGLU` feed-forward, erf GELU; f32 erf to 1.5e-7, f64 libm's), as one custom op with a
+//! backward.
 //!
 //! Composed it is five graph nodes (two narrows, GELU, multiply, and the narrows' padded
 //! gradients), each a fresh activation-sized buffer with candle's `zeros_like` + `add`
@@ -138,7 +139,7 @@ impl CustomOp1 for GegluOp {
     }
 }
 
-/// `h * gelu(gate)` for `[h, gate]` the halves of `p (..., 2 * inner)` (exact erf GELU):
+/// `h * gelu(gate)` for `[h, gate]` the halves of `p (..., 2 * inner)` (erf GELU):
 /// `(..., inner)`, computed in f32 (f64 for f64) and cast back; differentiable.
 pub fn geglu_fused(p: &Tensor) -> Result<Tensor> {
     let dtype = p.dtype();
