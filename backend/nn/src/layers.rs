@@ -51,8 +51,11 @@ impl Linear {
 
     /// Applies the layer to `(..., in)` and returns `(..., out)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if crate::fused::use_fused(xs) {
-            // CPU: one fused node (f16 / bf16 computed in f32 inside it).
+        // CPU: one fused node (f16 / bf16 computed in f32 inside it). A handful of rows (LLM
+        // decoding: one token) stays on candle's matmul, whose matrix-vector path is threaded;
+        // the fused op packs rows in panels of 8 and threads over row blocks.
+        let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
+        if crate::fused::use_fused(xs) && rows >= 16 {
             return crate::fused::linear_fused(xs, &self.weight, self.bias.as_ref());
         }
         self.forward_composed(xs)
