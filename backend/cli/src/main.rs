@@ -46,6 +46,11 @@ fn main() -> std::process::ExitCode {
     nn::pin_cpu_threads();
     let cli = Cli::parse();
     commands::init_logging(cli.log_format);
+    if matches!(cli.command, Command::Train(_) | Command::Generate(_)) {
+        // CPU training / generation allocate and free activation-sized buffers per op: keep
+        // them in the heap rather than paying page faults for fresh mmaps (see nn::alloc).
+        nn::retain_freed_memory();
+    }
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),
         Command::Data(args) => commands::data::run(args),

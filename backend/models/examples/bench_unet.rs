@@ -34,24 +34,46 @@ fn train_config() -> UNetConfig {
     }
 }
 
-fn time<F: FnMut() -> Result<()>>(warmup: usize, iters: usize, mut f: F) -> Result<Vec<f64>> {
+/// CPU seconds used so far by all threads of this process (sum of `/proc/self/task/*/schedstat`;
+/// 0 where unavailable). Time spent waiting for a core on a loaded machine is not counted.
+fn cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 * 1e-9
+}
+
+/// Wall and process CPU seconds of each timed iteration.
+fn time<F: FnMut() -> Result<()>>(
+    warmup: usize,
+    iters: usize,
+    mut f: F,
+) -> Result<Vec<(f64, f64)>> {
     for _ in 0..warmup {
         f()?;
     }
     let mut out = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         f()?;
-        out.push(t0.elapsed().as_secs_f64());
+        out.push((t0.elapsed().as_secs_f64(), cpu_seconds() - c0));
     }
     Ok(out)
 }
 
-fn report(case: &str, params: usize, times: &[f64]) {
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+fn report(case: &str, params: usize, times: &[(f64, f64)]) {
+    let n = times.len() as f64;
+    let mean = times.iter().map(|t| t.0).sum::<f64>() / n;
+    let min = times.iter().map(|t| t.0).fold(f64::INFINITY, f64::min);
+    let cpu_mean = times.iter().map(|t| t.1).sum::<f64>() / n;
+    let cpu_min = times.iter().map(|t| t.1).fold(f64::INFINITY, f64::min);
     println!(
-        "{{\"impl\":\"candle\",\"case\":\"{case}\",\"params\":{params},\"mean_s\":{mean:.4},\"min_s\":{min:.4},\"iters\":{}}}",
+        "{{\"impl\":\"candle\",\"case\":\"{case}\",\"params\":{params},\"mean_s\":{mean:.4},\"min_s\":{min:.4},\"cpu_mean_s\":{cpu_mean:.4},\"cpu_min_s\":{cpu_min:.4},\"iters\":{}}}",
         times.len()
     );
 }
@@ -92,10 +114,14 @@ fn bench_train(dev: &Device, iters: usize) -> Result<()> {
     bench_unet_train(dev, iters, &train_config(), "64_128_b32_8x8", true)
 }
 
-fn bench_toy(dev: &Device, iters: usize) -> Result<()> {
+fn bench_toy_unet(dev: &Device, iters: usize) -> Result<()> {
     let mut cfg = train_config();
     cfg.cross_attention_dim = OneOrMany::One(128);
-    bench_unet_train(dev, iters, &cfg, "toy_unet_b32_8x8", false)?;
+    bench_unet_train(dev, iters, &cfg, "toy_unet_b32_8x8", false)
+}
+
+fn bench_toy(dev: &Device, iters: usize) -> Result<()> {
+    bench_toy_unet(dev, iters)?;
     bench_vae_train(dev, iters)
 }
 
@@ -205,11 +231,22 @@ fn main() -> Result<()> {
     let which = args.get(1).map(String::as_str).unwrap_or("all");
     let iters: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let dev = Device::Cpu;
+    // What the training and generation commands do too (see nn::alloc).
+    if std::env::var("BENCH_MALLOC_DEFAULT").is_err() {
+        nn::retain_freed_memory();
+    }
     if which == "train" || which == "all" {
         bench_train(&dev, iters)?;
     }
     if which == "toy" || which == "all" {
         bench_toy(&dev, iters)?;
+    }
+    // Single cases, for profiling.
+    if which == "toy_unet" {
+        bench_toy_unet(&dev, iters)?;
+    }
+    if which == "vae" {
+        bench_vae_train(&dev, iters)?;
     }
     if which == "ops" {
         bench_ops(&dev, iters)?;

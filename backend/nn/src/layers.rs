@@ -51,6 +51,19 @@ impl Linear {
 
     /// Applies the layer to `(..., in)` and returns `(..., out)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // CPU: one fused node (f16 / bf16 computed in f32 inside it). A handful of rows (LLM
+        // decoding: one token) stays on candle's matmul, whose matrix-vector path is threaded;
+        // the fused op packs rows in panels of 8 and threads over row blocks.
+        let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
+        if crate::fused::use_fused(xs) && rows >= 16 {
+            return crate::fused::linear_fused(xs, &self.weight, self.bias.as_ref());
+        }
+        self.forward_composed(xs)
+    }
+
+    /// The composed path (matmul + broadcast add): every device; the reference the fused
+    /// CPU op is tested against.
+    pub fn forward_composed(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims();
         let in_dim = *dims
             .last()
@@ -222,10 +235,21 @@ impl Conv2d {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         let w = self.weight.to_dtype(xs.dtype())?;
-        let y = if crate::conv::uses_fast_path(xs, c) {
-            // CPU: the fast op (f16 / bf16 computed in f32 inside it).
-            crate::conv::conv2d_with(xs, &w, c)?
-        } else if crate::ops::needs_f32_kernel(xs) {
+        if crate::conv::uses_fast_path(xs, c) {
+            // CPU: the fast op (f16 / bf16 computed in f32 inside it), with the bias fused in
+            // unless the fused kernels are switched off for an A/B run.
+            return match &self.bias {
+                Some(b) if crate::fused::use_fused(xs) => {
+                    crate::conv::conv2d_bias(xs, &w, Some(b), c)
+                }
+                Some(b) => {
+                    let y = crate::conv::conv2d_with(xs, &w, c)?;
+                    y.broadcast_add(&b.to_dtype(xs.dtype())?.reshape((1, (), 1, 1))?)
+                }
+                None => crate::conv::conv2d_with(xs, &w, c),
+            };
+        }
+        let y = if crate::ops::needs_f32_kernel(xs) {
             xs.to_dtype(DType::F32)?
                 .conv2d(
                     &w.to_dtype(DType::F32)?,

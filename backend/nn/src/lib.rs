@@ -18,6 +18,7 @@
 //! * [`optim`]: in-place [`AdamW`] (PyTorch semantics, checkpointable), [`clip_grad_norm`], [`Ema`].
 //! * [`mod@gradcheck`]: finite-difference gradient checks and "every parameter gets a gradient".
 
+pub mod alloc;
 pub mod attention;
 pub mod conv;
 pub mod device;
@@ -28,8 +29,10 @@ pub mod norm;
 pub mod ops;
 pub mod optim;
 pub mod rotary;
+mod sgemm;
 pub mod weights;
 
+pub use alloc::retain_freed_memory;
 pub use attention::{
     causal_mask, merge_heads, padding_mask, repeat_kv, scaled_dot_product_attention, split_heads,
     AttentionOutput, SdpaOptions,

@@ -77,6 +77,18 @@ fn gradcheck_1x1() {
 }
 
 #[test]
+fn gradcheck_grouped_samples() {
+    // A small column limit puts 2-3 whole samples side by side in one gemm, with a shorter
+    // last group (n = 5), and runs the units in parallel.
+    for (limit, k, c) in [(40, 3, cfg(1, 1)), (40, 3, cfg(1, 2)), (20, 1, cfg(0, 1))] {
+        nn::conv::set_max_cols_elems(limit);
+        gradcheck_conv((5, 4, 3, 4), 3, k, c);
+        gradcheck_conv((1, 4, 3, 4), 3, k, c);
+        nn::conv::reset_max_cols_elems();
+    }
+}
+
+#[test]
 fn gradcheck_odd_sizes() {
     for n in [1, 3] {
         gradcheck_conv((n, 3, 7, 5), 5, 3, cfg(1, 1));
@@ -84,6 +96,10 @@ fn gradcheck_odd_sizes() {
         gradcheck_conv((n, 3, 7, 5), 5, 3, cfg(2, 3));
         gradcheck_conv((n, 3, 7, 5), 5, 5, cfg(2, 1));
         gradcheck_conv((n, 3, 7, 5), 5, 2, cfg(0, 1));
+        // Maps smaller than the kernel (the row-shift copies start and end off the plane).
+        gradcheck_conv((n, 3, 1, 1), 2, 3, cfg(1, 1));
+        gradcheck_conv((n, 3, 2, 1), 2, 3, cfg(1, 1));
+        gradcheck_conv((n, 2, 2, 3), 2, 5, cfg(2, 1));
     }
 }
 
@@ -208,7 +224,7 @@ fn banded_im2col_matches_whole_image() {
             let x = x.narrow(0, 0, n).unwrap();
             nn::conv::set_max_cols_elems(1);
             let banded = run_f32(&x, &w, |x, w| nn::conv::conv2d(x, w, pad, stride));
-            nn::conv::set_max_cols_elems(1 << 22);
+            nn::conv::reset_max_cols_elems();
             let theirs = run_f32(&x, &w, |x, w| x.conv2d(w, pad, stride, 1, 1));
             assert!(rel_diff(&banded.0, &theirs.0) < 1e-5);
             assert!(rel_diff(&banded.1, &theirs.1) < 1e-5);
@@ -370,5 +386,102 @@ fn half_precision_on_cpu_computes_in_f32() {
         let dx = g.get(xv.as_tensor()).unwrap();
         assert_eq!(dx.dtype(), dt);
         assert!(max_diff(dx, &dx.zeros_like().unwrap()) > 0.0);
+    }
+}
+
+/// `(y, dx, dw, db)` of `conv2d_bias` for the loss `sum(y * r)`, `r` fixed.
+fn run_bias_f32(x: &Tensor, w: &Tensor, b: &Tensor, c: Conv2dConfig, fused: bool) -> Vec<Tensor> {
+    let (xv, wv, bv) = (
+        Var::from_tensor(x).unwrap(),
+        Var::from_tensor(w).unwrap(),
+        Var::from_tensor(b).unwrap(),
+    );
+    let y = if fused {
+        nn::conv::conv2d_bias(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), &c).unwrap()
+    } else {
+        let y = xv
+            .as_tensor()
+            .conv2d(wv.as_tensor(), c.padding, c.stride, 1, 1)
+            .unwrap();
+        y.broadcast_add(&bv.as_tensor().reshape((1, (), 1, 1)).unwrap())
+            .unwrap()
+    };
+    let r = seeded_uniform(y.shape(), 3, -1.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+    vec![y.clone(), g(&xv), g(&wv), g(&bv)]
+}
+
+#[test]
+fn f32_bias_and_sample_groups_agree_with_candle() {
+    let dev = Device::Cpu;
+    // (x, out channels, kernel, padding, stride, column limit): whole batch in one group,
+    // groups of several samples with a remainder, bands of rows, pointwise.
+    let cases = [
+        ((6, 16, 8, 8), 12, 3, 1, 1, None),
+        ((7, 16, 8, 8), 12, 3, 1, 1, Some(300)),
+        ((7, 16, 8, 8), 12, 3, 1, 2, Some(300)),
+        ((3, 8, 11, 9), 5, 3, 1, 1, Some(64)),
+        ((1, 8, 11, 9), 5, 3, 1, 2, Some(64)),
+        ((5, 16, 4, 4), 8, 1, 0, 1, Some(40)),
+        ((1, 16, 4, 4), 8, 1, 0, 1, None),
+    ];
+    for (i, (xs, o, k, pad, stride, limit)) in cases.into_iter().enumerate() {
+        let x = seeded_uniform(xs, 30 + i as u64, -1.0, 1.0, DType::F32, &dev).unwrap();
+        let w = seeded_uniform((o, xs.1, k, k), 40, -0.5, 0.5, DType::F32, &dev).unwrap();
+        let b = seeded_uniform(o, 41, -0.5, 0.5, DType::F32, &dev).unwrap();
+        let c = cfg(pad, stride);
+        if let Some(l) = limit {
+            nn::conv::set_max_cols_elems(l);
+        }
+        let ours = run_bias_f32(&x, &w, &b, c, true);
+        nn::conv::reset_max_cols_elems();
+        let theirs = run_bias_f32(&x, &w, &b, c, false);
+        for (j, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
+            let d = rel_diff(&ours[j], &theirs[j]);
+            assert!(
+                d < 1e-5,
+                "case {i} {xs:?}: {name} relative difference {d:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    // The same bits with 1, 2 and 3 threads, in the grouped, banded and pointwise paths: a
+    // resumed training run on another thread count stays reproducible, and the serial (few
+    // units) and parallel paths sum in the same order.
+    let dev = Device::Cpu;
+    let cases = [
+        ((32, 16, 8, 8), 16, 3, 1, 1, None),
+        ((5, 8, 6, 6), 8, 3, 1, 2, Some(40)),
+        ((2, 8, 12, 10), 8, 3, 1, 1, Some(64)),
+        ((9, 16, 4, 4), 8, 1, 0, 1, Some(40)),
+    ];
+    for (xs, o, k, pad, stride, limit) in cases {
+        let x = seeded_uniform(xs, 50, -1.0, 1.0, DType::F32, &dev).unwrap();
+        let w = seeded_uniform((o, xs.1, k, k), 51, -0.5, 0.5, DType::F32, &dev).unwrap();
+        let b = seeded_uniform(o, 52, -0.5, 0.5, DType::F32, &dev).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                if let Some(l) = limit {
+                    nn::conv::set_max_cols_elems(l);
+                }
+                let out = run_bias_f32(&x, &w, &b, cfg(pad, stride), true);
+                nn::conv::reset_max_cols_elems();
+                out
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3] {
+            for (a, r) in run(threads).iter().zip(&one) {
+                assert_close(a, r, 0.0);
+            }
+        }
     }
 }

@@ -33,8 +33,9 @@ fn forward<T: KernelFloat>(x: &[T], b: &[T], c: usize, s: usize) -> Vec<T> {
     y
 }
 
-/// Per-channel sums of `g` (`(N, C, S)`), added over samples in order.
-fn bias_grad<T: KernelFloat>(g: &[T], n: usize, c: usize, s: usize) -> Vec<T> {
+/// Per-channel sums of `g` (`(N, C, S)`), added over samples in order (also the fast conv's
+/// bias gradient).
+pub(crate) fn bias_grad<T: KernelFloat>(g: &[T], n: usize, c: usize, s: usize) -> Vec<T> {
     let per_plane: Vec<f64> = if s == 0 {
         vec![0.0; n * c]
     } else {

@@ -13,6 +13,8 @@
 
 pub mod bias;
 pub mod bmm;
+pub mod geglu;
+pub mod linear;
 pub mod norm;
 pub mod softmax;
 
@@ -21,6 +23,8 @@ use num_traits::Float;
 
 pub use bias::channel_bias_fused;
 pub use bmm::{batched_matmul, Transpose};
+pub use geglu::{geglu, geglu_composed, geglu_fused};
+pub use linear::linear_fused;
 pub use norm::{group_norm_fused, layer_norm_fused, rms_norm_fused};
 pub use softmax::{softmax_fused, SoftmaxMask};
 
