@@ -11,6 +11,8 @@
 //   with a message, as without this file).
 // - Buttons marked aria-disabled (the first caption's Up, the last one's Down) stay
 //   focusable but do nothing.
+// - When the Stories section is refreshed because the characters changed, the new-story form
+//   keeps what the user had typed and ticked (the refresh only adds or drops cast choices).
 // Handlers are delegated from the document, so sections swapped in by HTMX need no setup.
 (function () {
   "use strict";
@@ -148,5 +150,43 @@
     // Focus stays in the caption: HTMX gives it back to the element with the same id after
     // the swap, so the user can keep moving it.
     button.click();
+  });
+
+  // The Stories section reloads itself (GET) when a character is added, renamed or deleted.
+  // Read the draft when the response arrives, not when the request left, so a box ticked
+  // while the request was in flight is not lost.
+  var storyDraft = null;
+
+  function storyForm(section) {
+    return section ? section.querySelector("form[hx-post='/ui/stories']") : null;
+  }
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var detail = event.detail;
+    storyDraft = null;
+    if (!detail.shouldSwap || !detail.elt || detail.elt.id !== "stories") return;
+    if (detail.requestConfig.verb !== "get") return;
+    var form = storyForm(detail.elt);
+    if (!form) return;
+    storyDraft = {
+      title: form.elements.title ? form.elements.title.value : "",
+      captions: form.elements.captions ? form.elements.captions.value : "",
+      cast: Array.prototype.filter.call(form.querySelectorAll("input[name=character_id]"), function (box) {
+        return box.checked;
+      }).map(function (box) { return box.value; }),
+    };
+  });
+
+  document.addEventListener("htmx:afterSwap", function () {
+    if (!storyDraft) return;
+    var draft = storyDraft;
+    storyDraft = null;
+    var form = storyForm(document.getElementById("stories"));
+    if (!form) return;
+    if (form.elements.title) form.elements.title.value = draft.title;
+    if (form.elements.captions) form.elements.captions.value = draft.captions;
+    form.querySelectorAll("input[name=character_id]").forEach(function (box) {
+      if (draft.cast.indexOf(box.value) >= 0) box.checked = true;
+    });
   });
 })();

@@ -26,23 +26,30 @@ page.on("pageerror", (e) => pageErrors.push(String(e)));
 try {
   await page.goto(base + "/");
 
-  step("create two characters with portraits");
-  for (const [name, pronoun, file] of [["Tom", "he", "tom.png"], ["Mia", "she", "mia.png"]]) {
+  step("create two characters with portraits, drafting the story in between");
+  const addCharacter = async (name, pronoun, file) => {
     await page.fill("#character-name", name);
     await page.selectOption("#character-pronoun", pronoun);
     await page.setInputFiles("#character-portrait", path.join(portraits, file));
     await page.locator("#character-portrait-preview").waitFor({ state: "visible" });
     await page.click("#add-character");
     await page.locator("#character-list .card", { hasText: name }).waitFor();
-  }
+    // The Stories section reloads with the new cast choice.
+    await page.locator("#stories label.check", { hasText: name }).waitFor();
+  };
+  await addCharacter("Tom", "he", "tom.png");
+  await page.fill("#story-title", "In the garden");
+  await page.fill("#story-captions", "Tom walks into the garden.\nHe waves at Mia.\nThey laugh together.");
+  await page.locator("#stories label.check", { hasText: "Tom" }).locator("input").check();
+  await addCharacter("Mia", "she", "mia.png");
   assert.equal(await page.locator("#character-list .card").count(), 2);
 
   step("write a three-caption story with a pronoun");
-  await page.fill("#story-title", "In the garden");
-  await page.fill("#story-captions", "Tom walks into the garden.\nHe waves at Mia.\nThey laugh together.");
-  for (const name of ["Tom", "Mia"]) {
-    await page.locator("#stories label.check", { hasText: name }).locator("input").check();
-  }
+  // Adding Mia reloaded the Stories section; the draft survived it.
+  assert.equal(await page.inputValue("#story-title"), "In the garden");
+  assert.match(await page.inputValue("#story-captions"), /^Tom walks into the garden\.\nHe waves/);
+  assert.ok(await page.locator("#stories label.check", { hasText: "Tom" }).locator("input").isChecked());
+  await page.locator("#stories label.check", { hasText: "Mia" }).locator("input").check();
   await page.locator("#stories button[type=submit]").click();
   await page.locator("#stories a.title", { hasText: "In the garden" }).click();
   await page.waitForURL(/\/stories\/\d+/);
