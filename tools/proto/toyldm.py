@@ -5,6 +5,7 @@ running them in Rust. Same architectures as the Rust stages (diffusers classes),
   .venv/bin/python tools/proto/toyldm.py classifier --data /tmp/toy --out /tmp/proto/clf.pt
   .venv/bin/python tools/proto/toyldm.py vae --data /tmp/toy --out /tmp/proto/vae-a --minutes 10
   .venv/bin/python tools/proto/toyldm.py ldm --data /tmp/toy --bundle models/toy --out /tmp/proto/ldm-a
+  .venv/bin/python tools/proto/toyldm.py recon --data /tmp/toy --vae models/toy/sd/vae --classifier /tmp/proto/clf.pt
 """
 
 import argparse
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 
 
-def load_split(data, split, story_len=4, limit=None):
+def load_split(data, split, story_len=5, limit=None):
     """Distinct frames of the split's stories, in story order: (frames uint8 N,H,W,3, captions,
     character label multi-hot N,C, character names)."""
     chars = json.load(open(os.path.join(data, "characters.json")))
@@ -58,7 +59,7 @@ def load_split(data, split, story_len=4, limit=None):
     return frames, caps, labels, names
 
 
-def train_frame_ids(data, story_len=4, limit=8000):
+def train_frame_ids(data, story_len=5, limit=8000):
     follow = pickle.load(open(os.path.join(data, "following_cache4.pkl"), "rb"))
     ids = json.load(open(os.path.join(data, "split.json")))["train"]
     seen, out = set(), []
@@ -145,6 +146,22 @@ def psnr(x, y):
     y = ((y.clamp(-1, 1) + 1) / 2)
     mse = ((x - y) ** 2).flatten(1).mean(1)
     return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+
+
+def cmd_recon(a):
+    """PSNR and classifier char-acc of a trained VAE's reconstructions (posterior mode) of the
+    first 256 validation frames, next to the classifier on the real frames."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(a.vae).float().eval()
+    clf = load_classifier(a.classifier)
+    va, _, yva, _ = load_split(a.data, "val", limit=256)
+    x, y = to_tensor(va), torch.from_numpy(yva)
+    with torch.no_grad():
+        rec = torch.cat(
+            [vae.decode(vae.encode(x[i : i + 64]).latent_dist.mode()).sample for i in range(0, len(x), 64)]
+        )
+        print("psnr", psnr(rec, x), "recon char-acc/f1", char_metrics(clf(rec), y), "real", char_metrics(clf(x), y))
 
 
 def cmd_vae(a):
@@ -376,6 +393,10 @@ def main():
     v.add_argument("--batch", type=int, default=16)
     v.add_argument("--steps", type=int, default=1500)
     v.add_argument("--val-every", type=int, default=250)
+    r = sub.add_parser("recon")
+    r.add_argument("--data", required=True)
+    r.add_argument("--vae", required=True)
+    r.add_argument("--classifier", required=True)
     l = sub.add_parser("ldm")
     l.add_argument("--data", required=True)
     l.add_argument("--bundle", required=True)
@@ -398,7 +419,7 @@ def main():
     l.add_argument("--sample-steps", type=int, default=20)
     l.add_argument("--guidance", type=float, default=5.0)
     a = p.parse_args()
-    {"classifier": cmd_classifier, "vae": cmd_vae, "ldm": cmd_ldm}[a.cmd](a)
+    {"classifier": cmd_classifier, "vae": cmd_vae, "recon": cmd_recon, "ldm": cmd_ldm}[a.cmd](a)
 
 
 if __name__ == "__main__":

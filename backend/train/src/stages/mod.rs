@@ -24,6 +24,9 @@ pub struct FrameSet {
     pub ids: Vec<String>,
     /// The images (all the same size).
     pub images: Vec<RgbImage>,
+    /// Per frame, row-major `H * W`: true where any character is visible (all false when the
+    /// dataset has no masks for the frame).
+    pub character_pixels: Vec<Vec<bool>>,
 }
 
 /// FNV-1a, for data fingerprints (stable across Rust versions, unlike `DefaultHasher`).
@@ -59,7 +62,7 @@ impl FrameSet {
             split.key()
         );
         let mut seen = BTreeSet::new();
-        let (mut ids, mut images) = (Vec::new(), Vec::new());
+        let (mut ids, mut images, mut character_pixels) = (Vec::new(), Vec::new(), Vec::new());
         'stories: for id in stories {
             let story = reader
                 .load_story(&id, clip_frame)
@@ -84,6 +87,14 @@ impl FrameSet {
                         first.dimensions()
                     );
                 }
+                let plane = (img.width() * img.height()) as usize;
+                let mut union = vec![false; plane];
+                for m in f.masks.iter().filter(|m| m.mask.len() == plane) {
+                    for (u, &on) in union.iter_mut().zip(&m.mask) {
+                        *u |= on;
+                    }
+                }
+                character_pixels.push(union);
                 ids.push(f.id);
                 images.push(img);
             }
@@ -93,7 +104,11 @@ impl FrameSet {
             "the {} split has no frames",
             split.key()
         );
-        Ok(Self { ids, images })
+        Ok(Self {
+            ids,
+            images,
+            character_pixels,
+        })
     }
 
     /// Number of frames.
@@ -119,6 +134,19 @@ impl FrameSet {
             h = fnv1a(img.as_raw().iter().copied(), h);
         }
         h
+    }
+
+    /// Per-pixel loss weights of frames `indices`, `(N, 1, H, W)`: `character_weight` where a
+    /// character is visible, 1 elsewhere.
+    pub fn batch_pixel_weights(&self, indices: &[usize], character_weight: f32) -> Vec<f32> {
+        indices
+            .iter()
+            .flat_map(|&i| {
+                self.character_pixels[i]
+                    .iter()
+                    .map(move |&on| if on { character_weight } else { 1.0 })
+            })
+            .collect()
     }
 
     /// Frames `indices` as `(N, 3, H, W)` values in `[-1, 1]`, row-major.
@@ -292,4 +320,22 @@ pub fn load_cast(root: &Path, stage: &str) -> Result<Vec<(CharacterInfo, RgbImag
             Ok((c, img))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pixel_weights_follow_the_character_masks() {
+        let frames = FrameSet {
+            ids: vec!["a".into(), "b".into()],
+            images: vec![RgbImage::new(2, 1), RgbImage::new(2, 1)],
+            character_pixels: vec![vec![true, false], vec![false, false]],
+        };
+        assert_eq!(
+            frames.batch_pixel_weights(&[1, 0], 5.0),
+            vec![1.0, 1.0, 5.0, 1.0]
+        );
+    }
 }
