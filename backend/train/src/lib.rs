@@ -6,6 +6,7 @@ pub mod all;
 pub mod checkpoint;
 pub mod config;
 pub mod loader;
+pub mod metrics;
 pub mod plot;
 pub mod stages;
 pub mod trainer;
