@@ -4,6 +4,7 @@
 
 pub mod all;
 pub mod checkpoint;
+pub mod classifier;
 pub mod config;
 pub mod loader;
 pub mod metrics;
