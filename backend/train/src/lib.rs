@@ -9,6 +9,7 @@ pub mod config;
 pub mod loader;
 pub mod metrics;
 pub mod plot;
+pub mod progress;
 pub mod stages;
 pub mod trainer;
 
@@ -16,3 +17,4 @@ pub use config::{OptimConfig, RunConfig, Schedule, StageFile, StageSection};
 pub use loader::{BatchSource, Loader};
 pub use trainer::{run, Ending, RunOptions, RunSummary, Stage, StepLoss};
 pub mod driver;
+pub mod eval;
