@@ -53,7 +53,7 @@ impl Default for ClassifierSection {
     fn default() -> Self {
         Self {
             image_size: 0,
-            channels: vec![16, 32, 64, 64],
+            channels: vec![32, 64, 64],
             convs_per_level: 1,
             norm_groups: 8,
             train_frames: 8000,
