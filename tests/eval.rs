@@ -2,7 +2,8 @@
 //! --config configs/tiny/toy.toml`, a classifier from `configs/tiny/classifier.toml`, and a
 //! quick evaluation of every system on a toy world of 6-frame stories at two story lengths.
 //! The numbers of so small a model mean nothing; the test checks that every figure is
-//! computed, lies in its range and lands in both reports.
+//! computed, lies in its range and lands in both reports, and that bad input is refused
+//! before anything is drawn.
 
 mod common;
 
@@ -167,4 +168,33 @@ fn quick_eval_scores_every_system_at_every_length() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(stderr.contains("no stories of 7 frames"), "{stderr}");
     assert!(!stderr.contains("eval frame"), "{stderr}");
+
+    // So is a classifier of another cast (the truth is looked up by name).
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(
+        cls.join("classifier/model.safetensors"),
+        other.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(cls.join("classifier/config.json")).unwrap())
+            .unwrap();
+    config["characters"][0] = "Fred".into();
+    std::fs::write(other.join("config.json"), config.to_string()).unwrap();
+    let res = run(
+        &["eval", "--quick"],
+        &[
+            ("--bundle", bundle),
+            ("--data", &long),
+            ("--classifier", &other),
+            ("--out", &tmp.path().join("bad")),
+        ],
+    );
+    assert!(!res.status.success());
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("train a classifier on this dataset"),
+        "{stderr}"
+    );
 }

@@ -334,6 +334,26 @@ fn load_length(
         ids.truncate(n);
     }
     let cfg = classifier.config();
+    // Truth is looked up by name: a classifier of another cast would score every frame wrong.
+    let names: Vec<&str> = reader
+        .rules()
+        .characters
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let mut known: Vec<&str> = cfg.characters.iter().map(String::as_str).collect();
+    let mut here = names.clone();
+    known.sort_unstable();
+    here.sort_unstable();
+    anyhow::ensure!(
+        known == here,
+        "the classifier in {} knows the characters {:?}, the dataset {} has {:?}: train a \
+         classifier on this dataset (`storygpt-v train classifier`)",
+        classifier.dir().display(),
+        cfg.characters,
+        opts.data.display(),
+        names
+    );
     let mut d = LengthData {
         stories: Vec::new(),
         truth: Vec::new(),
