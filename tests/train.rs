@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::binary;
+use common::{binary, repo, tiny_bundle};
 
 /// A 32x32 toy-world dataset shared by the tests (made once).
 fn dataset() -> &'static Path {
@@ -439,38 +439,6 @@ fn overfit(stage: &str, config_text: &str, out: &Path) -> String {
     stderr
 }
 
-/// A path in the repository (the tests run from the CLI package's directory).
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(path)
-}
-
-/// A miniature bundle made once by `train all --config configs/tiny/toy.toml` (every stage a
-/// few steps on a generated 32x32 toy world).
-fn tiny_bundle() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("storygpt-train-all-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let plan = repo("configs/tiny/toy.toml");
-        let res = Command::new(binary())
-            .args(["train", "all", "--config"])
-            .arg(&plan)
-            .arg("--out")
-            .arg(&dir)
-            .env("RAYON_NUM_THREADS", "2")
-            .output()
-            .unwrap();
-        assert!(
-            res.status.success(),
-            "{}",
-            String::from_utf8_lossy(&res.stderr)
-        );
-        dir
-    })
-}
-
 /// A copy of the miniature bundle without `stage`'s run, to train that stage again.
 fn bundle_without(stage: &str, into: &Path) {
     copy_dir(tiny_bundle(), into);
@@ -856,4 +824,125 @@ val_stories = 10
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(moved > 1e-3, "Mapper_LDM did not move: {moved}");
+}
+
+#[test]
+fn the_classifier_learns_characters_and_backgrounds_well_above_chance() {
+    // A 300-story 32x32 world (60 stories are too few to generalise from); the score is on
+    // validation frames the network never trained on.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let gen = Command::new(binary())
+        .args(["toyworld", "generate", "--stories", "300", "--size", "32"])
+        .args(["--seed", "4", "--threads", "1", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(gen.status.success());
+    let out = tmp.path().join("out");
+    let config = tmp.path().join("classifier.toml");
+    std::fs::write(
+        &config,
+        r#"
+[run]
+seed = 1
+batch_size = 16
+max_steps = 400
+val_every = 200
+checkpoint_every = 200
+log_every = 50
+[optim]
+lr = 3e-3
+warmup_steps = 10
+schedule = "cosine"
+weight_decay = 0.0
+[classifier]
+channels = [32, 64, 64]
+norm_groups = 8
+train_frames = 1200
+val_frames = 60
+"#,
+    )
+    .unwrap();
+    let res = Command::new(binary())
+        .args(["train", "classifier", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("classifier gate: validation character exact match (60 frames)"),
+        "{stderr}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    let v = &record["stages"]["classifier"]["validation"];
+    let (chars, bg) = (
+        v["char_exact"].as_f64().unwrap(),
+        v["bg_acc"].as_f64().unwrap(),
+    );
+
+    // The validation frames again (the first 60 distinct frames of the val stories).
+    use data::dataset::{DatasetKind, DatasetReader, Split};
+    let reader = DatasetReader::open(&data, DatasetKind::Auto, 4).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut frames = Vec::new();
+    for id in reader.story_ids(Split::Val) {
+        for f in reader.load_story(&id, 0).unwrap().frames {
+            if frames.len() < 60 && seen.insert(f.id.clone()) {
+                frames.push(f);
+            }
+        }
+    }
+    // Chance: always answering the most common character set / background.
+    let top = |keys: Vec<String>| {
+        let mut m = std::collections::BTreeMap::<String, usize>::new();
+        for k in keys {
+            *m.entry(k).or_default() += 1;
+        }
+        *m.values().max().unwrap() as f64 / frames.len() as f64
+    };
+    let chance_chars = top(frames
+        .iter()
+        .map(|f| format!("{:?}", f.char_labels))
+        .collect());
+    let chance_bg = top(frames
+        .iter()
+        .map(|f| f.background.clone().unwrap())
+        .collect());
+    assert!(
+        chars >= chance_chars + 0.3,
+        "character exact match {chars} vs chance {chance_chars}"
+    );
+    assert!(
+        bg >= 0.9 && bg >= chance_bg + 0.5,
+        "background accuracy {bg} vs chance {chance_bg}"
+    );
+    // The exported network loads and scores those frames exactly as the run's last validation.
+    let c = train::classifier::Classifier::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(c.config().characters.len(), 7);
+    assert_eq!(c.config().backgrounds.len(), 10);
+    let images: Vec<image::RgbImage> = frames.iter().map(|f| f.image.clone().unwrap()).collect();
+    let pred: Vec<Vec<bool>> = c
+        .classify(&images)
+        .unwrap()
+        .iter()
+        .map(|p| p.characters())
+        .collect();
+    let truth: Vec<Vec<bool>> = frames
+        .iter()
+        .map(|f| f.char_labels.iter().map(|&x| x > 0.5).collect())
+        .collect();
+    let again = train::metrics::exact_match(&pred, &truth);
+    // One frame of slack: this process may run another thread count than the training run.
+    assert!(
+        (again - chars).abs() <= 1.0 / 60.0 + 1e-12,
+        "{again} vs {chars}"
+    );
 }

@@ -496,3 +496,35 @@ pub async fn wait_job(server: &Server, job: i64, status: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A path in the repository (the tests run from the CLI package's directory).
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// A miniature bundle made once by `train all --config configs/tiny/toy.toml` (every stage a
+/// few steps on a generated 32x32 toy world).
+pub fn tiny_bundle() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("storygpt-train-all-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let plan = repo("configs/tiny/toy.toml");
+        let res = Command::new(binary())
+            .args(["train", "all", "--config"])
+            .arg(&plan)
+            .arg("--out")
+            .arg(&dir)
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        dir
+    })
+}

@@ -40,13 +40,20 @@ enum Command {
     /// Train a stage of the toy bundle: `train vae --config configs/vae.toml --data DIR --out DIR`
     /// (checkpoints, --resume, metrics as JSON lines; see docs/TRAINING.md).
     Train(commands::train::TrainArgs),
+    /// Evaluate a bundle on a dataset split: Char-Acc, Char-F1, BG-Acc, BG-F1, FID in the
+    /// evaluation classifier's feature space and CLIP similarity per system and story length;
+    /// writes results.json and results.md (see docs/EVALUATION.md).
+    Eval(commands::eval::EvalArgs),
 }
 
 fn main() -> std::process::ExitCode {
     nn::pin_cpu_threads();
     let cli = Cli::parse();
     commands::init_logging(cli.log_format);
-    if matches!(cli.command, Command::Train(_) | Command::Generate(_)) {
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Generate(_) | Command::Eval(_)
+    ) {
         // CPU training / generation allocate and free activation-sized buffers per op: keep
         // them in the heap rather than paying page faults for fresh mmaps (see nn::alloc).
         nn::retain_freed_memory();
@@ -59,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Bundle(args) => commands::bundle::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -110,6 +110,35 @@ fn toy_dataset_reads_back_exactly() {
 }
 
 #[test]
+fn long_stories_serve_every_shorter_length() {
+    // 20-frame stories write following_cache3.pkl and following_cache19.pkl only; a 10-frame
+    // reader cuts the longer cache (the evaluation's long-story table reads one dataset at
+    // several lengths), and a length past the longest is refused by name.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ToyConfig {
+        stories: 10,
+        size: 16,
+        seed: 2,
+        story_len: 20,
+        threads: 1,
+    };
+    toyworld::generate(dir.path(), &cfg).unwrap();
+    let long = DatasetReader::open(dir.path(), DatasetKind::Auto, 20).unwrap();
+    let id = &long.story_ids(Split::Test)[0];
+    let whole = long.story_text(id).unwrap();
+    for len in [4, 10, 20] {
+        let r = DatasetReader::open(dir.path(), DatasetKind::Auto, len).unwrap();
+        let st = r.story_text(id).unwrap();
+        assert_eq!(st.frames.len(), len);
+        for (a, b) in st.frames.iter().zip(&whole.frames) {
+            assert_eq!((&a.id, &a.caption), (&b.id, &b.caption));
+        }
+    }
+    let err = DatasetReader::open(dir.path(), DatasetKind::Auto, 21).unwrap_err();
+    assert!(err.to_string().contains("following_cache20"), "{err}");
+}
+
+#[test]
 fn same_seed_same_bytes() {
     let (a, b, c) = (
         tempfile::tempdir().unwrap(),

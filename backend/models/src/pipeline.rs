@@ -186,6 +186,22 @@ pub enum PipelineEvent<'a> {
     },
 }
 
+/// Which condition each frame is drawn with. The service always draws [`Conditioning::StoryGptV`];
+/// the other two are the paper's baselines, drawn by the same pipeline so that the evaluation
+/// compares conditions and nothing else (same UNet, sampler, seeds and decoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Conditioning {
+    /// StoryGPT-V: frame 1 fused (caption + portraits), later frames from the LLM.
+    #[default]
+    StoryGptV,
+    /// The Char-LDM's UNet on the plain CLIP text of every caption: no portraits, no LLM (the
+    /// paper's LDM baseline).
+    TextOnly,
+    /// Every frame fused from its own caption and the portraits of the characters it names, no
+    /// LLM (Char-LDM; with named captions the paper's upper bound).
+    Fused,
+}
+
 /// How [`StoryPipeline::next_caption`] picks tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Decoding {
@@ -218,9 +234,9 @@ pub struct StoryPipeline {
     device: Device,
 }
 
-fn processor_for(dir: &Path, image_size: usize) -> ClipImageProcessor {
-    // The bundle's preprocessor_config.json when readable, else CLIP's defaults at the
-    // tower's input size.
+/// The image preprocessing of the CLIP vision tower in `dir`: the bundle's
+/// `preprocessor_config.json` when readable, else CLIP's defaults at the tower's input size.
+pub fn processor_for(dir: &Path, image_size: usize) -> ClipImageProcessor {
     let p = dir.join("preprocessor_config.json");
     std::fs::read_to_string(&p)
         .ok()
@@ -632,11 +648,39 @@ impl StoryPipeline {
         on_event: &mut dyn FnMut(PipelineEvent<'_>),
         cancel: &dyn Fn() -> bool,
     ) -> Result<Vec<FrameOutput>> {
+        self.generate_with(
+            story,
+            frames,
+            existing,
+            opts,
+            Conditioning::StoryGptV,
+            on_event,
+            cancel,
+        )
+    }
+
+    /// [`StoryPipeline::generate`] with every frame conditioned as `conditioning` says (the
+    /// baselines skip the LLM and its visual tokens entirely).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with(
+        &self,
+        story: &StoryInput,
+        frames: &[FrameRequest],
+        existing: &[Option<RgbImage>],
+        opts: &GenerateOptions,
+        conditioning: Conditioning,
+        on_event: &mut dyn FnMut(PipelineEvent<'_>),
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Vec<FrameOutput>> {
         self.check_request(story, frames, existing, opts)?;
+        let llm = conditioning == Conditioning::StoryGptV;
         let mut order: Vec<FrameRequest> = frames.to_vec();
         order.sort_by_key(|r| r.index);
         let count = order.len();
-        let portraits = self.portrait_embeddings(story)?;
+        let portraits = match conditioning {
+            Conditioning::TextOnly => Vec::new(),
+            _ => self.portrait_embeddings(story)?,
+        };
         let negative = self.char_ldm.negative_condition()?;
         let mut visual: Vec<Tensor> = Vec::new();
         let mut state = LlmState {
@@ -651,7 +695,7 @@ impl StoryPipeline {
                 return Err(anyhow::Error::new(Cancelled));
             }
             // Context frames not drawn in this call: their stored images.
-            while visual.len() < i {
+            while llm && visual.len() < i {
                 let j = visual.len();
                 let image = match outputs.iter().find(|o| o.index == j) {
                     Some(o) => &o.image,
@@ -668,7 +712,9 @@ impl StoryPipeline {
             let started = Instant::now();
             let caption = &story.captions[i];
             let text_cond = self.char_ldm.text_condition(caption)?;
-            let (cond, kind, prompt_tokens, computed) = if i == 0 {
+            let (cond, kind, prompt_tokens, computed) = if conditioning == Conditioning::TextOnly {
+                (None, ConditionKind::Text, 0, 0)
+            } else if i == 0 || !llm {
                 if portraits.is_empty() {
                     (None, ConditionKind::Text, 0, 0)
                 } else {
@@ -685,11 +731,12 @@ impl StoryPipeline {
                 let c = c.to_dtype(text_cond.dtype())?;
                 (Some(c), ConditionKind::Llm, len, computed)
             };
-            let start_merge_step = if i > 0 && Self::uses_pronoun(caption, &story.characters) {
-                0
-            } else {
-                opts.start_merge_step
-            };
+            let start_merge_step =
+                if kind == ConditionKind::Llm && Self::uses_pronoun(caption, &story.characters) {
+                    0
+                } else {
+                    opts.start_merge_step
+                };
             let sample_opts = SampleOptions {
                 steps: opts.steps,
                 guidance_scale: opts.guidance_scale,
@@ -737,7 +784,9 @@ impl StoryPipeline {
                     .collect::<Result<Vec<_>>>()?,
                 None => Vec::new(),
             };
-            if visual.len() == i {
+            if !llm {
+                // No later frame reads this one.
+            } else if visual.len() == i {
                 visual.push(self.visual_tokens(&image)?);
             } else {
                 // A regenerated frame replaces its context entry for later frames.

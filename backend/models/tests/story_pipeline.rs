@@ -7,8 +7,8 @@ use candle_core::Device;
 use image::RgbImage;
 use models::char_ldm::is_cancelled;
 use models::pipeline::{
-    CharacterInput, ConditionKind, Decoding, FrameOutput, FrameRequest, GenerateOptions,
-    PipelineEvent, StoryInput, StoryPipeline,
+    CharacterInput, ConditionKind, Conditioning, Decoding, FrameOutput, FrameRequest,
+    GenerateOptions, PipelineEvent, StoryInput, StoryPipeline,
 };
 
 struct Fixture {
@@ -140,6 +140,40 @@ fn whole_story_frames_follow_the_method() {
         }
         let other = run(p, &s, &all(1, 99), &[]);
         assert!(max_diff(&other[0].image, &out[0].image) > 10);
+    })
+}
+
+#[test]
+fn baseline_conditionings_draw_without_the_llm() {
+    with_pipeline(|p| {
+        let draw = |s: &StoryInput, c: Conditioning| {
+            p.generate_with(s, &all(4, 10), &[], &quick(p), c, &mut |_| {}, &|| false)
+                .unwrap()
+        };
+        let s = story(&FOUR);
+        let (full, text, fused) = (
+            draw(&s, Conditioning::StoryGptV),
+            draw(&s, Conditioning::TextOnly),
+            draw(&s, Conditioning::Fused),
+        );
+        assert!(text
+            .iter()
+            .all(|o| o.condition == ConditionKind::Text && o.prompt_tokens == 0));
+        assert!(fused
+            .iter()
+            .all(|o| o.condition == ConditionKind::Fused && o.prompt_tokens == 0));
+        // Without the LLM no frame merges early: pronouns mean nothing to the baselines.
+        let half = quick(p).start_merge_step;
+        assert!(fused.iter().all(|o| o.start_merge_step == half));
+        // Frame 1 is the same Char-LDM draw in StoryGPT-V and Char-LDM; text alone differs.
+        assert_eq!(full[0].image, fused[0].image);
+        assert!(max_diff(&text[0].image, &fused[0].image) > 0);
+        // A baseline frame depends on its own caption only: changing frame 1 leaves frame 3.
+        let mut other = FOUR;
+        other[0] = "Mia walks into the kitchen.";
+        let changed = draw(&story(&other), Conditioning::Fused);
+        assert!(max_diff(&changed[0].image, &fused[0].image) > 0);
+        assert_eq!(changed[2].image, fused[2].image);
     })
 }
 

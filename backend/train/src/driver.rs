@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::config::{self, StageFile};
 use crate::stages::char_ldm::{self, CharLdmSection};
+use crate::stages::classifier::{self, ClassifierSection};
 use crate::stages::clip::{self, ClipSection};
 use crate::stages::lm::{self, LmSection};
 use crate::stages::stage2::{self, Stage2Section};
@@ -224,6 +225,47 @@ pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
             )];
             let extra = json!({"latent_size": stage.latent_size(), "scaling_factor": scale});
             Ok((gates, extra))
+        },
+    )
+}
+
+/// Trains the evaluation classifier and writes `OUT/classifier/{config.json,model.safetensors}`,
+/// `OUT/figures/classifier-curves.svg` and its record.
+pub fn train_classifier(args: &DriverArgs) -> Result<StageReport> {
+    let (file, _) = open_stage::<ClassifierSection>(args, "classifier")?;
+    let (mut stage, source, fingerprint) = classifier::prepare(
+        &file.stage,
+        &args.data,
+        &args.out,
+        file.run.seed,
+        &args.device,
+    )?;
+    run_stage(
+        args,
+        "classifier",
+        &file,
+        &mut stage,
+        source,
+        fingerprint,
+        ("char_exact", "validation character exact match"),
+        |stage, summary| {
+            let dir = stage.export()?;
+            let n = stage.val_count();
+            let mut gates = vec![gate_on(
+                summary,
+                "char_exact",
+                format!("validation character exact match ({n} frames)"),
+                0.99,
+            )];
+            if summary.validation.contains_key("bg_acc") {
+                gates.push(gate_on(
+                    summary,
+                    "bg_acc",
+                    format!("validation background accuracy ({n} frames)"),
+                    0.99,
+                ));
+            }
+            Ok((gates, json!({"exported": dir})))
         },
     )
 }

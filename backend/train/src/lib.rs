@@ -4,9 +4,12 @@
 
 pub mod all;
 pub mod checkpoint;
+pub mod classifier;
 pub mod config;
 pub mod loader;
+pub mod metrics;
 pub mod plot;
+pub mod progress;
 pub mod stages;
 pub mod trainer;
 
@@ -14,3 +17,4 @@ pub use config::{OptimConfig, RunConfig, Schedule, StageFile, StageSection};
 pub use loader::{BatchSource, Loader};
 pub use trainer::{run, Ending, RunOptions, RunSummary, Stage, StepLoss};
 pub mod driver;
+pub mod eval;

@@ -7,7 +7,7 @@
 //! at the end, at the time limit and on SIGINT / SIGTERM, and `--resume` from the latest one.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::checkpoint::{self, CheckpointState, CheckpointTensors};
 use crate::config::{OptimConfig, RunConfig};
 use crate::loader::{BatchSource, Loader};
+use crate::progress::Progress;
 
 /// The loss of one step, with named parts for the metrics.
 pub struct StepLoss {
@@ -148,43 +149,6 @@ impl MetricsLog {
     }
 }
 
-/// The progress line: redrawn in place on a terminal, plain lines otherwise.
-struct Progress {
-    tty: bool,
-    stage: &'static str,
-    total: u64,
-}
-
-impl Progress {
-    fn show(&self, step: u64, loss: f64, it_s: f64, force_line: bool) {
-        let left = self.total.saturating_sub(step);
-        let eta = if it_s > 0.0 { left as f64 / it_s } else { 0.0 };
-        let eta = format!("{}m{:02}s", (eta / 60.0) as u64, (eta % 60.0) as u64);
-        let msg = format!(
-            "{} step {step}/{} loss {loss:.5} {it_s:.2} it/s ETA {eta}",
-            self.stage, self.total
-        );
-        let mut err = std::io::stderr().lock();
-        if self.tty && !force_line {
-            let _ = write!(err, "\r\x1b[2K{msg}");
-        } else {
-            if self.tty {
-                let _ = write!(err, "\r\x1b[2K");
-            }
-            let _ = writeln!(err, "{msg}");
-        }
-        let _ = err.flush();
-    }
-
-    fn line(&self, msg: &str) {
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let _ = write!(err, "\r\x1b[2K");
-        }
-        let _ = writeln!(err, "{msg}");
-    }
-}
-
 /// Runs (or resumes) a stage's training to `run.max_steps`.
 pub fn run<S, D>(
     stage: &mut S,
@@ -283,11 +247,7 @@ where
     }
 
     let mut metrics = MetricsLog::open(&opts.run_dir, existing.as_ref().map(|_| step))?;
-    let progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        stage: stage.name(),
-        total: run_cfg.max_steps,
-    };
+    let progress = Progress::new(format!("{} step", stage.name()), run_cfg.max_steps);
     let mut loader = Loader::new(source, run_cfg.batch_size, run_cfg.seed, step, 3)?;
     let first_step = step;
     let stage_name = stage.name();
@@ -394,7 +354,13 @@ where
                 line[*k] = json!(v);
             }
             metrics.write(line)?;
-            progress.show(step, mean, it_s, !progress.tty);
+            progress.show(
+                step,
+                &format!("loss {mean:.5}"),
+                it_s,
+                "it",
+                !progress.is_tty(),
+            );
             window = (0.0, 0, Instant::now());
         }
         if run_cfg.val_every > 0 && step % run_cfg.val_every == 0 && step < run_cfg.max_steps {

@@ -3,6 +3,7 @@
 pub mod bundle;
 pub mod component;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod serve;
 pub mod toyworld;

@@ -56,6 +56,9 @@ pub enum StageArg {
     Stage2,
     /// Every stage in order into one bundle, from a plan (configs/toy.toml).
     All,
+    /// The evaluation classifier (characters and background of a frame) on the dataset's
+    /// ground-truth frames; writes OUT/classifier for `storygpt-v eval` (docs/EVALUATION.md).
+    Classifier,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -103,6 +106,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         StageArg::Clip => train::driver::train_clip(&driver)?,
         StageArg::CharLdm => train::driver::train_char_ldm(&driver)?,
         StageArg::Stage2 => train::driver::train_stage2(&driver)?,
+        StageArg::Classifier => train::driver::train_classifier(&driver)?,
         StageArg::All => unreachable!("handled above"),
     };
     tracing::info!(steps = report.steps, ending = ?report.ending, "training stopped");

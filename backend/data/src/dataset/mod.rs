@@ -237,36 +237,48 @@ impl DatasetReader {
         })
     }
 
+    /// The shortest `following_cache{n}.pkl` with `n >= story_len - 1` (longer stories are
+    /// cut to `story_len`), so one toy world of 50-frame stories serves every shorter length.
     fn read_followings(root: &Path, story_len: usize) -> Result<HashMap<String, Vec<String>>> {
         let need = story_len.saturating_sub(1);
-        for n in need..need + 8 {
-            let path = root.join(format!("following_cache{n}.pkl"));
-            if path.exists() {
-                let Value::Dict(items) = read_pickle(&path)? else {
-                    return Err(DataError::Invalid(format!(
-                        "{}: expected a dict",
-                        path.display()
-                    )));
-                };
-                let mut out = HashMap::with_capacity(items.len());
-                for (k, v) in items {
-                    let key = k
-                        .as_str()
-                        .ok_or_else(|| DataError::Invalid("non-str frame id".into()))?
-                        .to_string();
-                    let mut ids = v.to_string_vec()?;
-                    if ids.len() >= need {
-                        ids.truncate(need);
-                        out.insert(key, ids);
-                    }
-                }
-                return Ok(out);
+        let mut caches: Vec<usize> = std::fs::read_dir(root)
+            .map_err(|e| DataError::io(root, e))?
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_prefix("following_cache")?
+                    .strip_suffix(".pkl")?
+                    .parse()
+                    .ok()
+            })
+            .filter(|&n| n >= need)
+            .collect();
+        caches.sort_unstable();
+        let Some(&n) = caches.first() else {
+            return Err(DataError::Invalid(format!(
+                "{}: no following_cache{need}.pkl (or longer): the dataset has no stories of {story_len} frames",
+                root.display()
+            )));
+        };
+        let path = root.join(format!("following_cache{n}.pkl"));
+        let Value::Dict(items) = read_pickle(&path)? else {
+            return Err(DataError::Invalid(format!(
+                "{}: expected a dict",
+                path.display()
+            )));
+        };
+        let mut out = HashMap::with_capacity(items.len());
+        for (k, v) in items {
+            let key = k
+                .as_str()
+                .ok_or_else(|| DataError::Invalid("non-str frame id".into()))?
+                .to_string();
+            let mut ids = v.to_string_vec()?;
+            if ids.len() >= need {
+                ids.truncate(need);
+                out.insert(key, ids);
             }
         }
-        Err(DataError::Invalid(format!(
-            "{}: no following_cache{need}.pkl (or longer)",
-            root.display()
-        )))
+        Ok(out)
     }
 
     /// The character rules of this dataset.

@@ -2,6 +2,7 @@
 //! held in memory, and the data fingerprint a resume is checked against.
 
 pub mod char_ldm;
+pub mod classifier;
 pub mod clip;
 pub mod lm;
 pub mod stage2;
