@@ -142,6 +142,62 @@ pub struct SystemResult {
     pub pronoun: Scores,
     /// Generation wall time per frame (0 for the ground truth).
     pub seconds_per_frame: f64,
+    /// Char-Acc of the frames at each range of positions in their story (where a long story
+    /// loses its characters).
+    pub by_position: Vec<PositionScore>,
+}
+
+/// Char-Acc over the frames at positions `first..=last` (1-based) of their stories.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PositionScore {
+    /// First position (1-based).
+    pub first: usize,
+    /// Last position (1-based, inclusive).
+    pub last: usize,
+    /// Frames scored.
+    pub frames: usize,
+    /// Character exact match, in [0, 1].
+    pub char_acc: f64,
+}
+
+/// Position ranges of a `len`-frame story: 1, 2-4, 5-8, 9-16, 17-32, 33-64, ..., cut at `len`.
+pub fn position_ranges(len: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let (mut first, mut last) = (1, 1);
+    while first <= len {
+        out.push((first, last.min(len)));
+        first = last + 1;
+        last = if last == 1 { 4 } else { last * 2 };
+    }
+    out
+}
+
+/// Char-Acc per [`position_ranges`]: `positions[k]` is frame `k`'s 1-based place in its story.
+fn scores_by_position(
+    pred: &[Vec<bool>],
+    truth: &[Vec<bool>],
+    positions: &[usize],
+    len: usize,
+) -> Vec<PositionScore> {
+    position_ranges(len)
+        .into_iter()
+        .filter_map(|(first, last)| {
+            let keep: Vec<usize> = (0..positions.len())
+                .filter(|&k| (first..=last).contains(&positions[k]))
+                .collect();
+            if keep.is_empty() {
+                return None;
+            }
+            let p: Vec<Vec<bool>> = keep.iter().map(|&k| pred[k].clone()).collect();
+            let t: Vec<Vec<bool>> = keep.iter().map(|&k| truth[k].clone()).collect();
+            Some(PositionScore {
+                first,
+                last,
+                frames: keep.len(),
+                char_acc: metrics::exact_match(&p, &t),
+            })
+        })
+        .collect()
 }
 
 /// Every system at one story length.
@@ -250,6 +306,38 @@ fn peak_rss_mib() -> Option<f64> {
 /// Resets the peak RSS to the current RSS (Linux >= 4.0), so each length reports its own.
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_ranges_double_after_the_first_frames() {
+        assert_eq!(position_ranges(1), vec![(1, 1)]);
+        assert_eq!(position_ranges(4), vec![(1, 1), (2, 4)]);
+        assert_eq!(
+            position_ranges(50),
+            vec![(1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 50)]
+        );
+    }
+
+    #[test]
+    fn char_acc_by_position_scores_each_range_on_its_own_frames() {
+        let yes = vec![true, false];
+        let no = vec![false, true];
+        // Two 5-frame stories: right at position 1 always, wrong at 5 always, half at 2-4.
+        let positions = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5];
+        let truth = vec![yes.clone(); 10];
+        let pred = vec![
+            yes.clone(), yes.clone(), yes.clone(), yes.clone(), no.clone(),
+            yes.clone(), no.clone(), no.clone(), no.clone(), no.clone(),
+        ];
+        let got = scores_by_position(&pred, &truth, &positions, 5);
+        let acc: Vec<(usize, usize, usize, f64)> =
+            got.iter().map(|p| (p.first, p.last, p.frames, p.char_acc)).collect();
+        assert_eq!(acc, vec![(1, 1, 2, 1.0), (2, 4, 6, 0.5), (5, 5, 2, 0.0)]);
+    }
 }
 
 fn score(
@@ -447,6 +535,16 @@ pub fn run(opts: &EvalOptions) -> Result<EvalResults> {
         let real_images = flat(&d.real);
         let truth: Vec<&FrameLabels> = d.truth.iter().flatten().collect();
         let pronoun: Vec<bool> = d.pronoun.iter().flatten().copied().collect();
+        let positions: Vec<usize> = d
+            .stories
+            .iter()
+            .flat_map(|s| 1..=s.frames.len())
+            .collect();
+        let truth_chars: Vec<Vec<bool>> = truth.iter().map(|t| t.characters.clone()).collect();
+        let by_position = |preds: &[crate::classifier::FramePrediction]| {
+            let p: Vec<Vec<bool>> = preds.iter().map(|p| p.characters()).collect();
+            scores_by_position(&p, &truth_chars, &positions, *len)
+        };
         let named: Vec<&str> = d
             .stories
             .iter()
@@ -492,6 +590,7 @@ pub fn run(opts: &EvalOptions) -> Result<EvalResults> {
             all,
             pronoun: pro,
             seconds_per_frame: 0.0,
+            by_position: by_position(&real_preds),
         }];
         let mut grid_rows: Vec<Vec<RgbImage>> = vec![d.real[0].clone()];
         for &system in &opts.systems {
@@ -543,6 +642,7 @@ pub fn run(opts: &EvalOptions) -> Result<EvalResults> {
                 all,
                 pronoun: pro,
                 seconds_per_frame: seconds / images.len().max(1) as f64,
+                by_position: by_position(&preds),
             });
         }
         let grid_path = opts.out.join("grids").join(format!("{len}-frames.png"));

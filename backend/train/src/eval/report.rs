@@ -118,6 +118,35 @@ pub fn markdown(r: &EvalResults, systems: &[System]) -> String {
             }
         }
     }
+    if r.lengths.iter().any(|l| l.frames > 4) {
+        let _ = writeln!(
+            out,
+            "\n## Char-Acc by frame position\n\nFrames grouped by their place in the story \
+             (1-based), frames scored in brackets.\n"
+        );
+        let _ = writeln!(out, "| frames | system | positions: Char-Acc (frames) |");
+        let _ = writeln!(out, "|---|---|---|");
+        for l in &r.lengths {
+            let names = std::iter::once("ground-truth").chain(systems.iter().map(|s| s.key()));
+            for name in names {
+                if let Some(s) = l.systems.iter().find(|s| s.system == name) {
+                    let cells: Vec<String> = s
+                        .by_position
+                        .iter()
+                        .map(|p| {
+                            let range = if p.first == p.last {
+                                p.first.to_string()
+                            } else {
+                                format!("{}-{}", p.first, p.last)
+                            };
+                            format!("{range}: {:.2} ({})", 100.0 * p.char_acc, p.frames)
+                        })
+                        .collect();
+                    let _ = writeln!(out, "| {} | {} | {} |", l.frames, name, cells.join(", "));
+                }
+            }
+        }
+    }
     out
 }
 
@@ -145,6 +174,10 @@ mod tests {
             all: scores(8, acc),
             pronoun: scores(3, acc / 2.0),
             seconds_per_frame: 0.25,
+            by_position: vec![
+                super::super::PositionScore { first: 1, last: 1, frames: 2, char_acc: 1.0 },
+                super::super::PositionScore { first: 2, last: 4, frames: 6, char_acc: acc },
+            ],
         };
         LengthResult {
             frames,
@@ -182,5 +215,7 @@ mod tests {
         assert!(md.contains("| ground-truth | 8 | 87.50 | 50.00 | - | - | 1.250 | 0.100 | - | - |"));
         assert!(md.contains("## Char-Acc by story length"));
         assert!(md.contains("| 10 | storygpt-v | 50.00 | 25.00 | 0.250 | 100 |"));
+        assert!(md.contains("## Char-Acc by frame position"));
+        assert!(md.contains("| 10 | storygpt-v | 1: 100.00 (2), 2-4: 50.00 (6) |"));
     }
 }

@@ -43,6 +43,9 @@ pub struct LmSection {
     pub val_stories: usize,
     /// Use only the first N training stories (all when absent).
     pub train_stories: Option<usize>,
+    /// Fill every training row to `seq_len` with the stories that follow (each starts with
+    /// `</s>`), so every position the stage-2 prompt reaches is trained, not only a story's length.
+    pub pack: bool,
 }
 
 impl Default for LmSection {
@@ -57,6 +60,7 @@ impl Default for LmSection {
             story_len: 4,
             val_stories: 200,
             train_stories: None,
+            pack: false,
         }
     }
 }
@@ -70,11 +74,12 @@ pub fn document(captions: &[String]) -> String {
     captions.iter().map(|c| format!(" Caption: {c}")).collect()
 }
 
-/// Tokenised documents, padded to `seq_len`.
+/// Tokenised documents, padded to `seq_len` (or packed, see [`LmSection::pack`]).
 pub struct LmSource {
     docs: Vec<Vec<u32>>,
     seq_len: usize,
     pad: u32,
+    pack: bool,
 }
 
 /// Ids `(B, T)`, next-token targets and a 1 / 0 loss mask, flattened.
@@ -108,14 +113,37 @@ fn pack(docs: &[&Vec<u32>], seq_len: usize, pad: u32) -> LmBatch {
     }
 }
 
+impl LmSource {
+    /// Document `first` followed by every second document after it (the documents come in
+    /// pairs, a story's original and referential forms: a story is not followed by its own
+    /// other form) until the row holds `seq_len + 1` tokens, inputs and next-token targets.
+    fn packed_row(&self, first: usize) -> Vec<u32> {
+        let n = self.docs.len();
+        let mut row = Vec::with_capacity(self.seq_len + 1);
+        for k in 0..n {
+            if row.len() > self.seq_len {
+                break;
+            }
+            row.extend_from_slice(&self.docs[(first + 2 * k) % n]);
+        }
+        row.truncate(self.seq_len + 1);
+        row
+    }
+}
+
 impl BatchSource for LmSource {
     type Batch = LmBatch;
     fn len(&self) -> usize {
         self.docs.len()
     }
     fn batch(&self, indices: &[usize], _rng: &mut ChaCha8Rng) -> Result<LmBatch> {
-        let docs: Vec<&Vec<u32>> = indices.iter().map(|&i| &self.docs[i]).collect();
-        Ok(pack(&docs, self.seq_len, self.pad))
+        if !self.pack {
+            let docs: Vec<&Vec<u32>> = indices.iter().map(|&i| &self.docs[i]).collect();
+            return Ok(pack(&docs, self.seq_len, self.pad));
+        }
+        let rows: Vec<Vec<u32>> = indices.iter().map(|&i| self.packed_row(i)).collect();
+        let refs: Vec<&Vec<u32>> = rows.iter().collect();
+        Ok(pack(&refs, self.seq_len, self.pad))
     }
 }
 
@@ -260,6 +288,7 @@ pub fn prepare(
         docs,
         seq_len: section.seq_len,
         pad,
+        pack: section.pack,
     });
     let stage = LmStage {
         varmap,
@@ -394,5 +423,38 @@ impl Stage for LmStage {
             ("perplexity".to_owned(), nll.exp()),
             ("pronoun_cloze".to_owned(), cloze),
         ]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn source(pack: bool) -> LmSource {
+        LmSource {
+            docs: vec![vec![0, 1, 2], vec![0, 3, 4], vec![0, 5, 6, 7], vec![0, 8]],
+            seq_len: 6,
+            pad: 99,
+            pack,
+        }
+    }
+
+    #[test]
+    fn packing_fills_every_position_with_the_following_stories() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let b = source(true).batch(&[1], &mut rng).unwrap();
+        // Document 1, then 3 (every second one), then 1 again, cut at seq_len + 1 tokens.
+        assert_eq!(b.ids, vec![0, 3, 4, 0, 8, 0]);
+        assert_eq!(b.targets, vec![3, 4, 0, 8, 0, 3]);
+        assert!(b.mask.iter().all(|&m| m == 1.0), "{:?}", b.mask);
+    }
+
+    #[test]
+    fn without_packing_a_row_is_one_padded_story() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let b = source(false).batch(&[2], &mut rng).unwrap();
+        assert_eq!(b.ids, vec![0, 5, 6, 7, 99, 99]);
+        assert_eq!(b.mask, vec![1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
     }
 }
