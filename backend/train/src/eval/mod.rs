@@ -308,38 +308,6 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn position_ranges_double_after_the_first_frames() {
-        assert_eq!(position_ranges(1), vec![(1, 1)]);
-        assert_eq!(position_ranges(4), vec![(1, 1), (2, 4)]);
-        assert_eq!(
-            position_ranges(50),
-            vec![(1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 50)]
-        );
-    }
-
-    #[test]
-    fn char_acc_by_position_scores_each_range_on_its_own_frames() {
-        let yes = vec![true, false];
-        let no = vec![false, true];
-        // Two 5-frame stories: right at position 1 always, wrong at 5 always, half at 2-4.
-        let positions = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5];
-        let truth = vec![yes.clone(); 10];
-        let pred = vec![
-            yes.clone(), yes.clone(), yes.clone(), yes.clone(), no.clone(),
-            yes.clone(), no.clone(), no.clone(), no.clone(), no.clone(),
-        ];
-        let got = scores_by_position(&pred, &truth, &positions, 5);
-        let acc: Vec<(usize, usize, usize, f64)> =
-            got.iter().map(|p| (p.first, p.last, p.frames, p.char_acc)).collect();
-        assert_eq!(acc, vec![(1, 1, 2, 1.0), (2, 4, 6, 0.5), (5, 5, 2, 0.0)]);
-    }
-}
-
 fn score(
     frames: &[Scored],
     preds: &[crate::classifier::FramePrediction],
@@ -535,11 +503,7 @@ pub fn run(opts: &EvalOptions) -> Result<EvalResults> {
         let real_images = flat(&d.real);
         let truth: Vec<&FrameLabels> = d.truth.iter().flatten().collect();
         let pronoun: Vec<bool> = d.pronoun.iter().flatten().copied().collect();
-        let positions: Vec<usize> = d
-            .stories
-            .iter()
-            .flat_map(|s| 1..=s.frames.len())
-            .collect();
+        let positions: Vec<usize> = d.stories.iter().flat_map(|s| 1..=s.frames.len()).collect();
         let truth_chars: Vec<Vec<bool>> = truth.iter().map(|t| t.characters.clone()).collect();
         let by_position = |preds: &[crate::classifier::FramePrediction]| {
             let p: Vec<Vec<bool>> = preds.iter().map(|p| p.characters()).collect();
@@ -675,4 +639,46 @@ pub fn run(opts: &EvalOptions) -> Result<EvalResults> {
         opts.out.join("results.md").display()
     ));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_ranges_double_after_the_first_frames() {
+        assert_eq!(position_ranges(1), vec![(1, 1)]);
+        assert_eq!(position_ranges(4), vec![(1, 1), (2, 4)]);
+        assert_eq!(
+            position_ranges(50),
+            vec![(1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 50)]
+        );
+    }
+
+    #[test]
+    fn char_acc_by_position_scores_each_range_on_its_own_frames() {
+        let yes = vec![true, false];
+        let no = vec![false, true];
+        // Two 5-frame stories: right at position 1 always, wrong at 5 always, half at 2-4.
+        let positions = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5];
+        let truth = vec![yes.clone(); 10];
+        let pred = vec![
+            yes.clone(),
+            yes.clone(),
+            yes.clone(),
+            yes.clone(),
+            no.clone(),
+            yes.clone(),
+            no.clone(),
+            no.clone(),
+            no.clone(),
+            no.clone(),
+        ];
+        let got = scores_by_position(&pred, &truth, &positions, 5);
+        let acc: Vec<(usize, usize, usize, f64)> = got
+            .iter()
+            .map(|p| (p.first, p.last, p.frames, p.char_acc))
+            .collect();
+        assert_eq!(acc, vec![(1, 1, 2, 1.0), (2, 4, 6, 0.5), (5, 5, 2, 0.0)]);
+    }
 }

@@ -175,8 +175,18 @@ mod tests {
             pronoun: scores(3, acc / 2.0),
             seconds_per_frame: 0.25,
             by_position: vec![
-                super::super::PositionScore { first: 1, last: 1, frames: 2, char_acc: 1.0 },
-                super::super::PositionScore { first: 2, last: 4, frames: 6, char_acc: acc },
+                super::super::PositionScore {
+                    first: 1,
+                    last: 1,
+                    frames: 2,
+                    char_acc: 1.0,
+                },
+                super::super::PositionScore {
+                    first: 2,
+                    last: 4,
+                    frames: 6,
+                    char_acc: acc,
+                },
             ],
         };
         LengthResult {

@@ -90,7 +90,7 @@ pub struct LmBatch {
     n: usize,
 }
 
-fn pack(docs: &[&Vec<u32>], seq_len: usize, pad: u32) -> LmBatch {
+fn padded_rows(docs: &[&Vec<u32>], seq_len: usize, pad: u32) -> LmBatch {
     let (mut ids, mut targets, mut mask) = (Vec::new(), Vec::new(), Vec::new());
     for d in docs {
         for t in 0..seq_len {
@@ -139,11 +139,11 @@ impl BatchSource for LmSource {
     fn batch(&self, indices: &[usize], _rng: &mut ChaCha8Rng) -> Result<LmBatch> {
         if !self.pack {
             let docs: Vec<&Vec<u32>> = indices.iter().map(|&i| &self.docs[i]).collect();
-            return Ok(pack(&docs, self.seq_len, self.pad));
+            return Ok(padded_rows(&docs, self.seq_len, self.pad));
         }
         let rows: Vec<Vec<u32>> = indices.iter().map(|&i| self.packed_row(i)).collect();
         let refs: Vec<&Vec<u32>> = rows.iter().collect();
-        Ok(pack(&refs, self.seq_len, self.pad))
+        Ok(padded_rows(&refs, self.seq_len, self.pad))
     }
 }
 
@@ -351,7 +351,7 @@ impl LmStage {
         let (mut nll, mut count) = (0f64, 0f64);
         for chunk in self.val.chunks(32) {
             let docs: Vec<&Vec<u32>> = chunk.iter().collect();
-            let (t, n) = self.nll(&pack(&docs, self.seq_len, self.pad))?;
+            let (t, n) = self.nll(&padded_rows(&docs, self.seq_len, self.pad))?;
             nll += t.to_scalar::<f32>()? as f64;
             count += n.to_scalar::<f32>()? as f64;
         }
@@ -440,10 +440,14 @@ mod tests {
         }
     }
 
+    fn batch_of(pack: bool, index: usize) -> LmBatch {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        source(pack).batch(&[index], &mut rng).unwrap()
+    }
+
     #[test]
     fn packing_fills_every_position_with_the_following_stories() {
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let b = source(true).batch(&[1], &mut rng).unwrap();
+        let b = batch_of(true, 1);
         // Document 1, then 3 (every second one), then 1 again, cut at seq_len + 1 tokens.
         assert_eq!(b.ids, vec![0, 3, 4, 0, 8, 0]);
         assert_eq!(b.targets, vec![3, 4, 0, 8, 0, 3]);
@@ -452,8 +456,7 @@ mod tests {
 
     #[test]
     fn without_packing_a_row_is_one_padded_story() {
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let b = source(false).batch(&[2], &mut rng).unwrap();
+        let b = batch_of(false, 2);
         assert_eq!(b.ids, vec![0, 5, 6, 7, 99, 99]);
         assert_eq!(b.mask, vec![1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
     }
