@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """PyTorch transformers side of the LLM benchmark (see backend/models/examples/bench_llm.rs).
 
-    .venv/bin/python tools/bench/bench_llm.py
+    .venv/bin/python tools/bench/bench_llm.py [llama|opt|all]
 
-Random-weight Llama and OPT with the same configs as the Rust example, f32, 2 threads, best of 3:
+Random-weight Llama and OPT with the same configs as the Rust example, f32, BENCH_THREADS threads (2), best of 3:
 prefill 128 tokens, then decode 64 tokens one at a time with the KV cache.
 """
 
+import json
+import os
+import sys
 import time
 
 import torch
@@ -25,10 +28,27 @@ def build(kind):
     return OPTForCausalLM(c).eval()
 
 
+def status_mib(field):
+    """A /proc/self/status memory field in MiB (0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def main():
-    torch.set_num_threads(2)
+    """bench_llm.py [llama|opt|all]: one model per process gives that model's own peak memory."""
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    base_rss = status_mib("VmRSS:")
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     ids = torch.tensor([[(i * 7919) % 32000 for i in range(PREFILL + DECODE)]])
     for kind in ["llama", "opt"]:
+        if which not in ("all", kind):
+            continue
         m = build(kind)
         best_pre, best_dec = float("inf"), float("inf")
         with torch.inference_mode():
@@ -45,6 +65,11 @@ def main():
                 best_dec = min(best_dec, time.perf_counter() - t)
         print(f"torch {kind}: prefill {PREFILL / best_pre:.0f} tok/s ({PREFILL} tokens in {best_pre:.3f} s), "
               f"decode {DECODE / best_dec:.1f} tok/s ({DECODE} tokens in {best_dec:.3f} s)")
+        print(json.dumps({"impl": "pytorch", "case": f"llm_{kind}",
+                          "prefill_tok_s": round(PREFILL / best_pre, 1),
+                          "decode_tok_s": round(DECODE / best_dec, 2),
+                          "peak_rss_mib": round(status_mib("VmHWM:")),
+                          "base_rss_mib": round(base_rss)}), flush=True)
 
 
 if __name__ == "__main__":

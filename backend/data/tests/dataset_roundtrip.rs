@@ -61,6 +61,13 @@ fn toy_dataset_reads_back_exactly() {
         let truth = toyworld::story(11, n, 5);
         let story = reader.load_story(id, 0).unwrap();
         assert_eq!(story.frames.len(), 5);
+        // The LM's text-only corpus draws the same story, both caption forms, without frames.
+        let (captions, referential) = toyworld::story_text(11, n, 5, &toyworld::rules());
+        let both = |f: &data::dataset::FrameRecord| (f.caption.clone(), f.referential.clone());
+        assert_eq!(
+            story.frames.iter().map(both).collect::<Vec<_>>(),
+            captions.into_iter().zip(referential).collect::<Vec<_>>()
+        );
         for (f, t) in story.frames.iter().zip(&truth.frames) {
             assert_eq!(f.caption, t.caption);
             assert_eq!(

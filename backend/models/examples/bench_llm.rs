@@ -37,9 +37,30 @@ fn build(kind: &str) -> anyhow::Result<CausalLm> {
     })
 }
 
+/// A `/proc/self/status` memory field in MiB (0 where unavailable).
+fn status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `bench_llm [llama|opt|all]`: one model per process gives that model's own peak memory.
 fn main() -> anyhow::Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let base_rss = status_mib("VmRSS:");
     let dev = Device::Cpu;
     for kind in ["llama", "opt"] {
+        if which != "all" && which != kind {
+            continue;
+        }
         let lm = build(kind)?;
         let ids: Vec<u32> = (0..(PREFILL + DECODE) as u32)
             .map(|i| (i * 7919) % 32000)
@@ -76,8 +97,18 @@ fn main() -> anyhow::Result<()> {
             PREFILL as f64 / best_last,
             best_last
         );
+        // For tools/bench/run.sh's table.
+        println!(
+            "{{\"impl\":\"candle\",\"case\":\"llm_{kind}\",\"prefill_tok_s\":{:.1},\"prefill_last_tok_s\":{:.1},\"decode_tok_s\":{:.2},\"peak_rss_mib\":{:.0},\"base_rss_mib\":{base_rss:.0}}}",
+            PREFILL as f64 / best_pre,
+            PREFILL as f64 / best_last,
+            DECODE as f64 / best_dec,
+            status_mib("VmHWM:"),
+        );
     }
-    kv_cache_appends()?;
+    if which == "all" {
+        kv_cache_appends()?;
+    }
     Ok(())
 }
 

@@ -97,6 +97,41 @@ pub fn story(seed: u64, index: usize, len: usize) -> ToyStory {
     sample_story(&mut rng, len)
 }
 
+/// The referential captions of a story (its names replaced by he / she / they where the
+/// rules allow), as the dataset writes them.
+pub fn referential_captions(st: &ToyStory, rules: &RuleSet) -> Vec<String> {
+    let inputs: Vec<StoryFrame> = st
+        .frames
+        .iter()
+        .map(|f| StoryFrame {
+            caption: f.caption.clone(),
+            characters: Some(
+                f.placements
+                    .iter()
+                    .map(|p| CAST[p.character].name.to_string())
+                    .collect(),
+            ),
+        })
+        .collect();
+    make_referential(rules, &inputs)
+}
+
+/// Story `index` of a seed as text only, (captions, referential captions), without drawing a
+/// frame: a text corpus of the toy world for its language model.
+pub fn story_text(
+    seed: u64,
+    index: usize,
+    len: usize,
+    rules: &RuleSet,
+) -> (Vec<String>, Vec<String>) {
+    let st = story(seed, index, len);
+    let referential = referential_captions(&st, rules);
+    (
+        st.frames.into_iter().map(|f| f.caption).collect(),
+        referential,
+    )
+}
+
 /// Split of story `index`: 80% train, 10% val, 10% test.
 pub fn split_of(index: usize) -> usize {
     match index % 10 {
@@ -157,20 +192,7 @@ fn write_story(
     rules: &RuleSet,
 ) -> Result<Vec<FrameAnnotation>> {
     let st = story(cfg.seed, index, cfg.story_len);
-    let inputs: Vec<StoryFrame> = st
-        .frames
-        .iter()
-        .map(|f| StoryFrame {
-            caption: f.caption.clone(),
-            characters: Some(
-                f.placements
-                    .iter()
-                    .map(|p| CAST[p.character].name.to_string())
-                    .collect(),
-            ),
-        })
-        .collect();
-    let referential = make_referential(rules, &inputs);
+    let referential = referential_captions(&st, rules);
     let mut out = Vec::with_capacity(st.frames.len());
     for (k, (frame, r)) in st.frames.iter().zip(referential).enumerate() {
         let id = frame_id(index, k);

@@ -135,9 +135,14 @@ impl CharLdmSection {
         v
     }
 
-    /// The diffusers `config.json` of the UNet for `latent`-sized latents and context width
-    /// `context_dim`.
-    pub fn diffusers_config(&self, latent: usize, context_dim: usize) -> serde_json::Value {
+    /// The diffusers `config.json` of the UNet for `latent`-sized latents of `channels`
+    /// channels (the VAE's) and context width `context_dim`.
+    pub fn diffusers_config(
+        &self,
+        channels: usize,
+        latent: usize,
+        context_dim: usize,
+    ) -> serde_json::Value {
         let down: Vec<&str> = self
             .cross_attention
             .iter()
@@ -158,8 +163,8 @@ impl CharLdmSection {
         json!({
             "_class_name": "UNet2DConditionModel",
             "sample_size": latent,
-            "in_channels": 4,
-            "out_channels": 4,
+            "in_channels": channels,
+            "out_channels": channels,
             "down_block_types": down,
             "up_block_types": up,
             "block_out_channels": self.block_out_channels,
@@ -572,7 +577,7 @@ pub fn prepare(
         "the vision tower projects to {}, the text encoder is {context_dim} wide",
         vision.config().projection_dim
     );
-    let unet_config = section.diffusers_config(latent_shape.1, context_dim);
+    let unet_config = section.diffusers_config(latent_shape.0, latent_shape.1, context_dim);
     let ucfg: UNetConfig = serde_json::from_value(unet_config.clone())?;
     let unet_vars = VarMap::new();
     let unet = UNet2DConditionModel::new(

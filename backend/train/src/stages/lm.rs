@@ -46,6 +46,13 @@ pub struct LmSection {
     /// Fill every training row to `seq_len` with the stories that follow (each starts with
     /// `</s>`), so every position the stage-2 prompt reaches is trained, not only a story's length.
     pub pack: bool,
+    /// Also train on this many text-only stories of the toy world, drawn from `toy_text_seed`
+    /// (no frames are rendered): the toy LM's counterpart of an LLM's pre-training text, so
+    /// that it stops memorising the dataset's few thousand stories (docs/TRAINING.md). Stories
+    /// whose captions equal a validation or test story's are left out. Toy world only.
+    pub toy_text_stories: usize,
+    /// Seed of those stories; choose one other than the dataset's.
+    pub toy_text_seed: u64,
 }
 
 impl Default for LmSection {
@@ -61,6 +68,8 @@ impl Default for LmSection {
             val_stories: 200,
             train_stories: None,
             pack: false,
+            toy_text_stories: 0,
+            toy_text_seed: 1,
         }
     }
 }
@@ -199,15 +208,37 @@ pub fn prepare(
 ) -> Result<(LmStage, Arc<LmSource>, String)> {
     let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
         .with_context(|| format!("opening dataset {}", data.display()))?;
-    let train = stories(
+    let mut train = stories(
         &reader,
         Split::Train,
         section.train_stories.unwrap_or(usize::MAX),
     )?;
     let val = stories(&reader, Split::Val, section.val_stories)?;
+    let dataset_train = train.len();
+    if section.toy_text_stories > 0 {
+        let held_out: std::collections::HashSet<Vec<String>> =
+            stories(&reader, Split::Val, usize::MAX)?
+                .into_iter()
+                .chain(stories(&reader, Split::Test, usize::MAX)?)
+                .map(|(orig, _)| orig)
+                .collect();
+        let extra = toy_text_corpus(
+            section.toy_text_seed,
+            section.toy_text_stories,
+            section.story_len,
+            &held_out,
+        );
+        eprintln!(
+            "lm: {} text-only toy-world stories of seed {} added ({} left out as equal to a validation or test story)",
+            extra.len(),
+            section.toy_text_seed,
+            section.toy_text_stories - extra.len()
+        );
+        train.extend(extra);
+    }
     // The vocabulary: training captions in both forms, and the prompt markers of stage 2.
     let mut corpus = Vec::new();
-    for (orig, refl) in &train {
+    for (orig, refl) in &train[..dataset_train] {
         corpus.push(document(orig));
         corpus.push(document(refl));
         for r in refl {
@@ -302,6 +333,20 @@ pub fn prepare(
         tokenizer_dir: dir,
     };
     Ok((stage, source, format!("{fingerprint:016x}")))
+}
+
+/// `n` text-only toy-world stories of `seed`, skipping any whose captions are in `held_out`.
+fn toy_text_corpus(
+    seed: u64,
+    n: usize,
+    len: usize,
+    held_out: &std::collections::HashSet<Vec<String>>,
+) -> Vec<(Vec<String>, Vec<String>)> {
+    let rules = data::toyworld::rules();
+    (0..n)
+        .map(|i| data::toyworld::story_text(seed, i, len, &rules))
+        .filter(|(orig, _)| !held_out.contains(orig))
+        .collect()
 }
 
 /// The subject pronouns of a referential document, as cloze questions.
@@ -443,6 +488,17 @@ mod tests {
     fn batch_of(pack: bool, index: usize) -> LmBatch {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         source(pack).batch(&[index], &mut rng).unwrap()
+    }
+
+    #[test]
+    fn the_toy_text_corpus_leaves_out_held_out_stories() {
+        let all = toy_text_corpus(3, 6, 5, &Default::default());
+        assert_eq!(all.len(), 6);
+        assert!(all.iter().all(|(o, r)| o.len() == 5 && r.len() == 5));
+        assert!(all.iter().any(|(o, r)| o != r), "no pronoun in six stories");
+        let held_out = [all[1].0.clone(), all[4].0.clone()].into_iter().collect();
+        let kept = toy_text_corpus(3, 6, 5, &held_out);
+        assert_eq!(kept, [0, 2, 3, 5].map(|i| all[i].clone()));
     }
 
     #[test]
