@@ -216,6 +216,13 @@ pub fn prepare(
     let val = stories(&reader, Split::Val, section.val_stories)?;
     let dataset_train = train.len();
     if section.toy_text_stories > 0 {
+        let cast: Vec<&str> = reader
+            .rules()
+            .characters
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        check_toy_cast(&cast, data)?;
         let held_out: std::collections::HashSet<Vec<String>> =
             stories(&reader, Split::Val, usize::MAX)?
                 .into_iter()
@@ -333,6 +340,23 @@ pub fn prepare(
         tokenizer_dir: dir,
     };
     Ok((stage, source, format!("{fingerprint:016x}")))
+}
+
+/// `toy_text_stories` adds the toy world's stories: refused for a dataset with another cast
+/// (FlintstonesSV, PororoSV, a user's own), whose LM they would only mislead.
+fn check_toy_cast(cast: &[&str], data: &Path) -> Result<()> {
+    let toy: Vec<String> = data::toyworld::character_infos()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    anyhow::ensure!(
+        cast.len() == toy.len() && cast.iter().zip(&toy).all(|(a, b)| *a == b.as_str()),
+        "lm.toy_text_stories adds stories of the toy world, but {} is not one (its cast: {}); \
+         set lm.toy_text_stories = 0",
+        data.display(),
+        cast.join(", ")
+    );
+    Ok(())
 }
 
 /// `n` text-only toy-world stories of `seed`, skipping any whose captions are in `held_out`.
@@ -499,6 +523,24 @@ mod tests {
         let held_out = [all[1].0.clone(), all[4].0.clone()].into_iter().collect();
         let kept = toy_text_corpus(3, 6, 5, &held_out);
         assert_eq!(kept, [0, 2, 3, 5].map(|i| all[i].clone()));
+    }
+
+    #[test]
+    fn the_toy_text_corpus_is_refused_for_another_cast() {
+        let toy: Vec<String> = data::toyworld::character_infos()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        let toy: Vec<&str> = toy.iter().map(String::as_str).collect();
+        assert!(check_toy_cast(&toy, Path::new("toy")).is_ok());
+        let err = check_toy_cast(&["Fred", "Wilma"], Path::new("/data/flintstones"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/data/flintstones") && err.contains("Fred, Wilma"),
+            "{err}"
+        );
+        assert!(check_toy_cast(&toy[..3], Path::new("toy")).is_err());
     }
 
     #[test]
