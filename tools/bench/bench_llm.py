@@ -15,6 +15,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from memory import status_mib  # tools/bench/memory.py, next to this script
+
 PREFILL, DECODE, REPEATS = 128, 64, 3
 
 
@@ -26,18 +28,6 @@ def build(kind):
     c = OPTConfig(vocab_size=32000, hidden_size=512, ffn_dim=2048, num_hidden_layers=8, num_attention_heads=8,
                   max_position_embeddings=512, word_embed_proj_dim=512)
     return OPTForCausalLM(c).eval()
-
-
-def status_mib(field):
-    """A /proc/self/status memory field in MiB (0 where unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def main():

@@ -13,6 +13,8 @@ import time
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from memory import status_mib  # tools/bench/memory.py, next to this script
+
 
 def timed(warmup, iters, fn):
     """Wall and process CPU seconds per iteration (CPU time is what a loaded machine disturbs
@@ -25,18 +27,6 @@ def timed(warmup, iters, fn):
         fn()
         out.append((time.perf_counter() - t0, time.process_time() - c0))
     return out
-
-
-def status_mib(field):
-    """A /proc/self/status memory field (VmRSS, VmHWM) in MiB (0 where unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 # Resident memory after the imports, before any case ran (the interpreter, torch, diffusers).

@@ -5,6 +5,9 @@
 //! (compare with `tools/bench/bench_llm.py`, same configs: d = 512, 8 layers, 8 heads,
 //! vocab 32000, FFN 2048 (OPT) / 1408 (Llama, 4 kv heads), prefill 128, decode 64).
 
+#[path = "common/memory.rs"]
+mod memory;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -37,25 +40,10 @@ fn build(kind: &str) -> anyhow::Result<CausalLm> {
     })
 }
 
-/// A `/proc/self/status` memory field in MiB (0 where unavailable).
-fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// `bench_llm [llama|opt|all]`: one model per process gives that model's own peak memory.
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    let base_rss = status_mib("VmRSS:");
+    let base_rss = memory::status_mib("VmRSS:");
     let dev = Device::Cpu;
     for kind in ["llama", "opt"] {
         if which != "all" && which != kind {
@@ -103,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             PREFILL as f64 / best_pre,
             PREFILL as f64 / best_last,
             DECODE as f64 / best_dec,
-            status_mib("VmHWM:"),
+            memory::status_mib("VmHWM:"),
         );
     }
     if which == "all" {

@@ -17,6 +17,9 @@
 //!
 //! Threads: candle's CPU kernels follow `RAYON_NUM_THREADS` (run.sh sets 2).
 
+#[path = "common/memory.rs"]
+mod memory;
+
 use std::time::Instant;
 
 use anyhow::Result;
@@ -71,21 +74,6 @@ fn time<F: FnMut() -> Result<()>>(
     Ok(out)
 }
 
-/// A `/proc/self/status` memory field (`VmRSS`, `VmHWM`) in MiB (0 where unavailable).
-fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Resident memory before any case ran (the binary and its libraries), set in `main`.
 static BASE_RSS_MIB: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
 
@@ -98,7 +86,7 @@ fn report(case: &str, params: usize, times: &[(f64, f64)]) {
     println!(
         "{{\"impl\":\"candle\",\"case\":\"{case}\",\"params\":{params},\"mean_s\":{mean:.4},\"min_s\":{min:.4},\"cpu_mean_s\":{cpu_mean:.4},\"cpu_min_s\":{cpu_min:.4},\"iters\":{},\"peak_rss_mib\":{:.0},\"base_rss_mib\":{:.0}}}",
         times.len(),
-        status_mib("VmHWM:"),
+        memory::status_mib("VmHWM:"),
         BASE_RSS_MIB.get().copied().unwrap_or(0.0),
     );
 }
@@ -392,7 +380,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map(String::as_str).unwrap_or("all");
     let iters: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
-    BASE_RSS_MIB.get_or_init(|| status_mib("VmRSS:"));
+    BASE_RSS_MIB.get_or_init(|| memory::status_mib("VmRSS:"));
     let dev = Device::Cpu;
     // What the training and generation commands do too (see nn::alloc).
     if std::env::var("BENCH_MALLOC_DEFAULT").is_err() {

@@ -307,20 +307,7 @@ pub fn sample_sheet(
     let rows: Vec<Vec<(image::RgbImage, String, String)>> = (0..n)
         .map(|i| {
             let st = story(seed, i, story_len);
-            let inputs: Vec<StoryFrame> = st
-                .frames
-                .iter()
-                .map(|f| StoryFrame {
-                    caption: f.caption.clone(),
-                    characters: Some(
-                        f.placements
-                            .iter()
-                            .map(|p| CAST[p.character].name.to_string())
-                            .collect(),
-                    ),
-                })
-                .collect();
-            let refs = make_referential(&rules, &inputs);
+            let refs = referential_captions(&st, &rules);
             st.frames
                 .iter()
                 .zip(refs)
