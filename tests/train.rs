@@ -474,6 +474,21 @@ fn train_stage(stage: &str, config_text: &str, out: &Path) -> String {
     stderr
 }
 
+/// Runs `train STAGE` on `out`'s data, expecting a refusal; returns its stderr.
+fn train_stage_refused(stage: &str, config: &Path, out: &Path) -> String {
+    let res = Command::new(binary())
+        .args(["train", stage, "--config"])
+        .arg(config)
+        .arg("--data")
+        .arg(out.join("data"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(!res.status.success(), "train {stage} was not refused");
+    String::from_utf8_lossy(&res.stderr).into_owned()
+}
+
 #[test]
 fn train_all_makes_a_complete_bundle_that_draws_a_story() {
     let bundle = tiny_bundle();
@@ -613,20 +628,8 @@ sample_steps = 2
     };
     // Zero terminal SNR with an epsilon model is refused before any step: at zero SNR the
     // noise is the input, so the model would learn nothing where sampling starts.
-    let refused = Command::new(binary())
-        .args(["train", "char-ldm", "--config"])
-        .arg(write_config(
-            tmp.path(),
-            &config("zero_terminal_snr = true"),
-        ))
-        .arg("--data")
-        .arg(out.join("data"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let msg = String::from_utf8_lossy(&refused.stderr);
+    let config_path = write_config(tmp.path(), &config("zero_terminal_snr = true"));
+    let msg = train_stage_refused("char-ldm", &config_path, &out);
     assert!(msg.contains("zero_terminal_snr needs"), "{msg}");
 
     train_stage(
@@ -766,14 +769,11 @@ fn the_shipped_toy_bundle_loads_as_trained_with_its_cast() {
     assert!(size(&dir) <= 40 << 20, "models/toy is {} bytes", size(&dir));
 }
 
-#[test]
-fn stage2_diffusion_variant_trains_the_mappers_through_the_frozen_unet() {
-    // The same short run twice: with the diffusion loss as the only loss, and with it weighted
-    // 0. Mapper_LDM moves away from its (seeded, identical) start only if the diffusion loss's
-    // gradient reaches it through the frozen UNet.
-    let config = |weight: f64| {
-        format!(
-            r#"
+/// Mapper_LDM's first layer after a 20-step stage-2 run whose `[stage2]` losses are `losses`
+/// (L_gen off), and the diffusion loss it logged.
+fn mapper_after_short_stage2(tmp: &Path, name: &str, losses: &str) -> (Vec<f32>, Vec<f64>) {
+    let config = format!(
+        r#"
 [run]
 batch_size = 8
 max_steps = 20
@@ -790,40 +790,83 @@ heads = 2
 encoder_layers = 1
 decoder_layers = 1
 ff_dim = 64
-align_loss = "diffusion"
-align_weight = {weight:?}
 lgen_weight = 0.0
 train_stories = 2
 val_stories = 10
+{losses}
 "#
-        )
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let mapper = |weight: f64, name: &str| -> Vec<f32> {
-        let out = tmp.path().join(name);
-        bundle_without("stage2", &out);
-        train_stage("stage2", &config(weight), &out);
-        let diff = stage_part(&out, "stage2", "l_diffusion");
-        assert_eq!(diff.len(), 2, "{diff:?}");
-        assert!(diff.iter().all(|x| x.is_finite() && *x > 0.0), "{diff:?}");
-        let w = nn::Weights::open(out.join("storygpt-v/stage2.safetensors")).unwrap();
-        let mut v = Vec::new();
-        for k in w.keys_with_prefix("model.gen_text_hidden_fcs.0.") {
-            let t = w
-                .get(&k, candle_core::DType::F32, &candle_core::Device::Cpu)
-                .unwrap();
-            v.extend(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        }
-        v
-    };
-    let (trained, still) = (mapper(1.0, "on"), mapper(0.0, "off"));
-    assert_eq!(trained.len(), still.len());
-    let moved = trained
-        .iter()
-        .zip(&still)
+    );
+    let out = tmp.join(name);
+    bundle_without("stage2", &out);
+    train_stage("stage2", &config, &out);
+    let diff = stage_part(&out, "stage2", "l_diffusion");
+    let w = nn::Weights::open(out.join("storygpt-v/stage2.safetensors")).unwrap();
+    let mut v = Vec::new();
+    for k in w.keys_with_prefix("model.gen_text_hidden_fcs.0.") {
+        let t = w
+            .get(&k, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        v.extend(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    (v, diff)
+}
+
+fn largest_change(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
         .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(moved > 1e-3, "Mapper_LDM did not move: {moved}");
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn stage2_diffusion_variant_trains_the_mappers_through_the_frozen_unet() {
+    // Short runs from the same seeded start: with the diffusion loss as the only loss (the
+    // paper's ablation, and the MSE L_align plus the diffusion term with L_align weighted 0),
+    // and with every loss weighted 0. Mapper_LDM moves away from its start only if the
+    // diffusion loss's gradient reaches it through the frozen UNet.
+    let tmp = tempfile::tempdir().unwrap();
+    let (still, none) = mapper_after_short_stage2(
+        tmp.path(),
+        "off",
+        "align_loss = \"diffusion\"\nalign_weight = 0.0",
+    );
+    assert_eq!(
+        none.len(),
+        2,
+        "the diffusion loss is logged even at weight 0: {none:?}"
+    );
+    for (name, losses) in [
+        ("ablation", "align_loss = \"diffusion\"\nalign_weight = 1.0"),
+        (
+            "added",
+            "align_loss = \"mse\"\nalign_weight = 0.0\ndiffusion_weight = 1.0",
+        ),
+    ] {
+        let (trained, diff) = mapper_after_short_stage2(tmp.path(), name, losses);
+        assert_eq!(diff.len(), 2, "{name}: {diff:?}");
+        assert!(
+            diff.iter().all(|x| x.is_finite() && *x > 0.0),
+            "{name}: {diff:?}"
+        );
+        let moved = largest_change(&trained, &still);
+        assert!(moved > 1e-3, "{name}: Mapper_LDM did not move: {moved}");
+    }
+}
+
+#[test]
+fn stage2_refuses_a_diffusion_weight_on_top_of_the_diffusion_ablation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    bundle_without("stage2", &out);
+    let config = out.with_extension("toml");
+    std::fs::write(
+        &config,
+        "[run]\nmax_steps = 1\n[stage2]\nalign_loss = \"diffusion\"\ndiffusion_weight = 1.0\n",
+    )
+    .unwrap();
+    let err = train_stage_refused("stage2", &config, &out);
+    assert!(err.contains("diffusion_weight"), "{err}");
 }
 
 #[test]

@@ -98,6 +98,11 @@ pub struct Stage2Section {
     pub align_loss: AlignLoss,
     /// Weight of L_align.
     pub align_weight: f64,
+    /// With `align_loss = "mse"`: weight of the diffusion loss through the frozen UNet, added
+    /// beside `align_weight` x L_align (0 = off). MSE spreads its error over every token; a UNet trained with a
+    /// strong L_reg reads a few character tokens closely, and this term scores the
+    /// conditions by what the UNet does with them.
+    pub diffusion_weight: f64,
     /// Weight of L_gen.
     pub lgen_weight: f64,
     /// Positions L_gen scores.
@@ -125,6 +130,7 @@ impl Default for Stage2Section {
             align_to: AlignTarget::Fused,
             align_loss: AlignLoss::Mse,
             align_weight: 1.0,
+            diffusion_weight: 0.0,
             lgen_weight: 1.0,
             lgen_targets: LgenChoice::AllImg,
             train_stories: 100_000,
@@ -412,6 +418,16 @@ pub fn prepare(
         section.num_img_tokens > 0 && section.visual_tokens > 0,
         "[stage2] num_img_tokens and visual_tokens must be positive"
     );
+    anyhow::ensure!(
+        section.diffusion_weight >= 0.0 && section.diffusion_weight.is_finite(),
+        "[stage2] diffusion_weight must be a finite number >= 0, not {}",
+        section.diffusion_weight
+    );
+    anyhow::ensure!(
+        section.diffusion_weight == 0.0 || section.align_loss == AlignLoss::Mse,
+        "[stage2] diffusion_weight adds the diffusion loss to the MSE L_align; with \
+         align_loss = \"diffusion\" the diffusion loss is already L_align (use align_weight)"
+    );
     let llm_dir = out.join("llm");
     anyhow::ensure!(
         llm_dir.join("config.json").exists(),
@@ -433,7 +449,7 @@ pub fn prepare(
 
     let reader = DatasetReader::open(data, DatasetKind::Auto, section.story_len)
         .with_context(|| format!("opening dataset {}", data.display()))?;
-    let diffusion = section.align_loss == AlignLoss::Diffusion;
+    let diffusion = section.align_loss == AlignLoss::Diffusion || section.diffusion_weight > 0.0;
     let mut frames = ExampleReader {
         device,
         reader: &reader,
@@ -741,8 +757,8 @@ impl Stage for Stage2Stage {
             ("l_align", mse.to_scalar::<f32>()? as f64),
             ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
         ];
-        let align = match &self.diffusion {
-            None => mse,
+        let diffusion = match &self.diffusion {
+            None => None,
             Some(d) => {
                 let idx = Tensor::from_vec(
                     examples.iter().map(|e| e.frame as u32).collect::<Vec<_>>(),
@@ -760,10 +776,19 @@ impl Stage for Stage2Stage {
                 let target = d.scheduler.training_target(&x0, &eps, &b.timesteps)?;
                 let l = diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?;
                 parts.push(("l_diffusion", l.to_scalar::<f32>()? as f64));
-                l
+                Some(l)
             }
         };
-        let loss = ((&align * self.section.align_weight)? + (&f.lgen * self.section.lgen_weight)?)?;
+        // align_weight x L_align (MSE or, for the ablation, the diffusion loss), plus
+        // diffusion_weight x the diffusion loss beside the MSE.
+        let align = match (self.section.align_loss, diffusion) {
+            (AlignLoss::Diffusion, Some(l)) => (l * self.section.align_weight)?,
+            (AlignLoss::Mse, Some(l)) => {
+                ((mse * self.section.align_weight)? + (l * self.section.diffusion_weight)?)?
+            }
+            (_, None) => (mse * self.section.align_weight)?,
+        };
+        let loss = (align + (&f.lgen * self.section.lgen_weight)?)?;
         Ok(StepLoss { loss, parts })
     }
 
