@@ -165,6 +165,11 @@ fn capitalise(word: &str) -> String {
 }
 
 impl RuleSet {
+    /// The characters' names, in label order.
+    pub fn character_names(&self) -> Vec<&str> {
+        self.characters.iter().map(|c| c.name.as_str()).collect()
+    }
+
     /// FlintstonesSV: Wilma, Betty, Pebbles are "she"; Fred, Barney, Dino, Mr Slate are "he".
     pub fn flintstones() -> RuleSet {
         let characters = FLINTSTONES_LABELS

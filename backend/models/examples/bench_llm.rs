@@ -5,10 +5,11 @@
 //! (compare with `tools/bench/bench_llm.py`, same configs: d = 512, 8 layers, 8 heads,
 //! vocab 32000, FFN 2048 (OPT) / 1408 (Llama, 4 kv heads), prefill 128, decode 64).
 
+#[path = "common/frozen.rs"]
+mod frozen;
 #[path = "common/memory.rs"]
 mod memory;
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -22,20 +23,13 @@ const REPEATS: usize = 3;
 /// A model with random weights held as plain tensors, as a loaded bundle's are. Weights built
 /// as `Var`s would track gradients, and then the KV cache takes its autograd path (a new
 /// concatenated tensor per step, every earlier one kept alive by the graph): half a GiB more
-/// memory over 64 decode steps and slower decoding than any user sees.
+/// memory over 64 decode steps than a user's model ever holds.
 fn build(kind: &str) -> anyhow::Result<CausalLm> {
     let vm = VarMap::new();
     build_with(kind, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    let weights: HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .expect("the VarMap lock")
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
     build_with(
         kind,
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        VarBuilder::from_tensors(frozen::detached(&vm), DType::F32, &Device::Cpu),
     )
 }
 

@@ -17,6 +17,8 @@
 //!
 //! Threads: candle's CPU kernels follow `RAYON_NUM_THREADS` (run.sh sets 2).
 
+#[path = "common/frozen.rs"]
+mod frozen;
 #[path = "common/memory.rs"]
 mod memory;
 
@@ -225,16 +227,9 @@ fn bench_stage2(dev: &Device, iters: usize) -> Result<()> {
         &cfg,
         VarBuilder::from_varmap(&lm_vars, DType::F32, dev).pp("model"),
     )?;
-    let frozen: std::collections::HashMap<String, Tensor> = lm_vars
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
     let lm = models::llm::CausalLm::Opt(models::llm::Opt::new(
         &cfg,
-        VarBuilder::from_tensors(frozen, DType::F32, dev).pp("model"),
+        VarBuilder::from_tensors(frozen::detached(&lm_vars), DType::F32, dev).pp("model"),
     )?);
     let vm = VarMap::new();
     let img = ImgTokens::init(&lm, r, vocab, 0)?;

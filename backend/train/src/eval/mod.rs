@@ -391,12 +391,7 @@ fn load_length(
     }
     let cfg = classifier.config();
     // Truth is looked up by name: a classifier of another cast would score every frame wrong.
-    let names: Vec<&str> = reader
-        .rules()
-        .characters
-        .iter()
-        .map(|c| c.name.as_str())
-        .collect();
+    let names = reader.rules().character_names();
     let mut known: Vec<&str> = cfg.characters.iter().map(String::as_str).collect();
     let mut here = names.clone();
     known.sort_unstable();

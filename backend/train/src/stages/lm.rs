@@ -216,13 +216,7 @@ pub fn prepare(
     let val = stories(&reader, Split::Val, section.val_stories)?;
     let dataset_train = train.len();
     if section.toy_text_stories > 0 {
-        let cast: Vec<&str> = reader
-            .rules()
-            .characters
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        check_toy_cast(&cast, data)?;
+        check_toy_cast(&reader.rules().character_names(), data)?;
         let held_out: std::collections::HashSet<Vec<String>> =
             stories(&reader, Split::Val, usize::MAX)?
                 .into_iter()
