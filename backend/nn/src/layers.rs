@@ -52,10 +52,15 @@ impl Linear {
     /// Applies the layer to `(..., in)` and returns `(..., out)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // CPU: one fused node (f16 / bf16 computed in f32 inside it). A handful of rows (LLM
-        // decoding: one token) stays on candle's matmul, whose matrix-vector path is threaded;
-        // the fused op packs rows in panels of 8 and threads over row blocks.
+        // decoding: one token) is a few matrix-vector products, streamed by the fused op in
+        // f32 / f64; in f16 / bf16 they stay on candle's matmul, as converting the weight to f32
+        // on every call would cost more than the product.
         let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
-        if crate::fused::use_fused(xs) && rows >= 16 {
+        let same_kernel_dtype = matches!(
+            (xs.dtype(), self.weight.dtype()),
+            (DType::F32, DType::F32) | (DType::F64, DType::F64)
+        );
+        if crate::fused::use_fused(xs) && (rows >= 16 || same_kernel_dtype) {
             return crate::fused::linear_fused(xs, &self.weight, self.bias.as_ref());
         }
         self.forward_composed(xs)

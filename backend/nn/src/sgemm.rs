@@ -192,6 +192,11 @@ fn depth_block(k: usize) -> usize {
     k.div_ceil(k.div_ceil(KC).max(1)).max(1)
 }
 
+/// Whether the AVX-512 f32 kernels run on this CPU (and `STORYGPT_NN_SGEMM` is not `0`).
+pub(crate) fn avx512_available() -> bool {
+    avx512::available()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;

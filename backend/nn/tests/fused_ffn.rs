@@ -31,7 +31,7 @@ fn linear_fd_gradients_odd_shapes() {
             let layer = Linear::new(vb.pp("l"), *shape.last().unwrap(), out, bias).unwrap();
             randomize(&vm, 3 + i as u64);
             let x = input_var(shape, 9 + i as u64);
-            // The fused op itself (Linear::forward keeps very few rows on candle's matmul).
+            // The fused op itself, and Linear::forward (which uses it on the CPU).
             check_module(&vm, &[("x", &x)], || {
                 linear_fused(x.as_tensor(), layer.weight(), layer.bias())
             });
@@ -71,14 +71,19 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn linear_fused_matches_composed_f32() {
     // Rows not a multiple of 8, outputs below / above one 48-wide panel, inputs deeper than
-    // one 256-deep block, many rows (several row blocks on every thread).
-    let cases: [(&[usize], usize); 6] = [
+    // one 256-deep block, many rows (several row blocks on every thread); below 16 rows the
+    // matrix-vector path: one row (decoding), 15 rows, inputs off the 16 / 64 lanes, and
+    // enough outputs to be split over threads.
+    let cases: [(&[usize], usize); 9] = [
         (&[3, 5], 7),
         (&[2, 33, 64], 256),
         (&[7, 300], 50),
         (&[1, 600], 97),
         (&[32, 77, 128], 64),
         (&[5, 13, 520], 1),
+        (&[1, 1, 520], 3000),
+        (&[15, 72], 33),
+        (&[2, 4, 129], 700),
     ];
     for (i, (shape, out)) in cases.into_iter().enumerate() {
         let inp = *shape.last().unwrap();
@@ -127,20 +132,23 @@ fn frozen_arguments_get_no_gradient_and_the_rest_stay_right() {
 
 #[test]
 fn results_do_not_depend_on_thread_count() {
-    let x = var(&[3, 70, 96], 4, DType::F32);
-    let w = var(&[130, 96], 5, DType::F32);
-    let b = var(&[130], 6, DType::F32);
-    let on = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| run(&x, &w, &b, |x, w, b| linear_fused(x, w, Some(b))))
-    };
-    let one = on(1);
-    for threads in [2, 3] {
-        for (a, r) in on(threads).iter().zip(&one) {
-            assert_close(a, r, 0.0);
+    // Many rows (the packed product) and a few (the matrix-vector path).
+    for (shape, out) in [(&[3usize, 70, 96][..], 130usize), (&[1, 5, 96], 2000)] {
+        let x = var(shape, 4, DType::F32);
+        let w = var(&[out, 96], 5, DType::F32);
+        let b = var(&[out], 6, DType::F32);
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| run(&x, &w, &b, |x, w, b| linear_fused(x, w, Some(b))))
+        };
+        let one = on(1);
+        for threads in [2, 3] {
+            for (a, r) in on(threads).iter().zip(&one) {
+                assert_close(a, r, 0.0);
+            }
         }
     }
 }

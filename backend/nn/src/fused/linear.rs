@@ -38,12 +38,19 @@ fn row_block(rows: usize) -> usize {
         .max(8)
 }
 
-fn forward<T: KernelFloat>(
+/// Below this many rows the product is a few matrix-vector products (LLM decoding: one row per
+/// token): they stream the weight once, threaded over its rows, instead of packing it.
+const GEMV_ROWS: usize = 16;
+
+fn forward<T: KernelFloat + Dot>(
     x: &[T],
     w: &[T],
     b: Option<&[T]>,
     (rows, inp, out): (usize, usize, usize),
 ) -> Vec<T> {
+    if rows < GEMV_ROWS {
+        return gemv(x, w, b, (rows, inp, out));
+    }
     let mut y = vec![T::zero(); rows * out];
     if y.is_empty() {
         return y;
@@ -62,6 +69,138 @@ fn forward<T: KernelFloat>(
             matmul(yb, out, Mat::rows(xb, r, inp), wt, b.is_some(), 1);
         });
     y
+}
+
+/// `y = x W^T + b` for a few rows of `x`: each weight row is read once, from memory in order,
+/// and dotted with every row of `x`; threads take contiguous runs of weight rows.
+fn gemv<T: KernelFloat + Dot>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    (rows, inp, out): (usize, usize, usize),
+) -> Vec<T> {
+    let mut y = vec![T::zero(); rows * out];
+    if y.is_empty() {
+        return y;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Whole weight rows per task, at least 64 KiB of weights each so scheduling stays cheap.
+    let per_task = out
+        .div_ceil(threads)
+        .max((16384 / inp.max(1)).max(1))
+        .min(out);
+    // Each task's outputs as (weight row, x row) pairs, copied into `y` afterwards.
+    let blocks: Vec<Vec<T>> = w
+        .par_chunks(per_task * inp)
+        .enumerate()
+        .map(|(t, wb)| {
+            let first = t * per_task;
+            let mut part = Vec::with_capacity(wb.len() / inp.max(1) * rows);
+            for (j, wr) in wb.chunks_exact(inp).enumerate() {
+                let bias = b.map_or(T::zero(), |b| b[first + j]);
+                for xr in x.chunks_exact(inp) {
+                    part.push(bias + T::dot(wr, xr));
+                }
+            }
+            part
+        })
+        .collect();
+    for (t, part) in blocks.iter().enumerate() {
+        let first = t * per_task;
+        for (j, vals) in part.chunks_exact(rows).enumerate() {
+            for (r, &v) in vals.iter().enumerate() {
+                y[r * out + first + j] = v;
+            }
+        }
+    }
+    y
+}
+
+/// Dot products of equal-length slices, vectorised where the CPU allows.
+pub(crate) trait Dot: Sized {
+    /// `sum(a[i] * b[i])`.
+    fn dot(a: &[Self], b: &[Self]) -> Self;
+}
+
+impl Dot for f64 {
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}
+
+impl Dot for f32 {
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if crate::sgemm::avx512_available() {
+            // SAFETY: AVX-512F was detected; the slices have equal lengths (checked by zip below
+            // in the portable path, asserted here).
+            assert_eq!(a.len(), b.len());
+            return unsafe { dot_avx512(a, b) };
+        }
+        // Eight independent partial sums (vectorisable; one sum would serialise on its adds).
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (xa, xb) in ca.zip(cb) {
+            for i in 0..8 {
+                acc[i] += xa[i] * xb[i];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+/// # Safety
+/// AVX-512F is available and `a.len() == b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // Four accumulators hide the FMA latency.
+    let (mut s0, mut s1, mut s2, mut s3) = (
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+    );
+    let mut i = 0;
+    while i + 64 <= n {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+        s1 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 16)),
+            _mm512_loadu_ps(pb.add(i + 16)),
+            s1,
+        );
+        s2 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 32)),
+            _mm512_loadu_ps(pb.add(i + 32)),
+            s2,
+        );
+        s3 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 48)),
+            _mm512_loadu_ps(pb.add(i + 48)),
+            s3,
+        );
+        i += 64;
+    }
+    while i < n {
+        let m: __mmask16 = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+        let z = _mm512_setzero_ps();
+        s0 = _mm512_fmadd_ps(
+            _mm512_mask_loadu_ps(z, m, pa.add(i)),
+            _mm512_mask_loadu_ps(z, m, pb.add(i)),
+            s0,
+        );
+        i += 16;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)))
 }
 
 /// `dx = g W` (rows split over threads).
@@ -137,7 +276,7 @@ impl LinearOp {
                 candle_core::bail!("linear: bias {:?} for {} outputs", lb.dims(), d.2)
             }
         }
-        fn run<T: KernelFloat>(
+        fn run<T: KernelFloat + Dot>(
             (sx, lx): (&CpuStorage, &Layout),
             (sw, lw): (&CpuStorage, &Layout),
             bias: Option<(&CpuStorage, &Layout)>,
