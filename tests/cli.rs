@@ -363,3 +363,61 @@ fn generate_illustrates_a_story_with_a_random_toy_bundle() {
     let err = run_err(&args);
     assert!(err.contains("frames 1..=4"), "{err}");
 }
+
+#[test]
+fn bundle_import_writes_a_bundle_that_info_and_generate_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixture("import");
+    let out = dir.path().join("imported");
+    let (sd, clip, llm) = (f.join("sd"), f.join("clip-vit"), f.join("opt"));
+    let (stage1, stage2) = (f.join("stage1/pytorch_model.bin"), f.join("stage2.zip"));
+    let args = [
+        os("bundle"),
+        os("import"),
+        os("--sd"),
+        sd.as_os_str(),
+        os("--clip"),
+        clip.as_os_str(),
+        os("--llm"),
+        llm.as_os_str(),
+        os("--stage1"),
+        stage1.as_os_str(),
+        os("--stage2"),
+        stage2.as_os_str(),
+        os("--out"),
+        out.as_os_str(),
+        os("--f16"),
+    ];
+    let log = run_ok(&args);
+    assert!(log.contains("R = 8, m = 4, prompt 160 tokens"), "{log}");
+    assert!(log.contains("not used by StoryGPT-V inference"), "{log}");
+    let info = Command::new(binary())
+        .args([os("bundle"), os("info"), out.as_os_str()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    assert!(stdout.contains("trained:     true"), "{stdout}");
+    assert!(stdout.contains("opt (2 layers, d=32)"), "{stdout}");
+
+    // The imported (tiny, f16-stored) weights draw a whole story: frame 1 fused, the pronoun
+    // frames through the LLM and Mapper_LDM.
+    let story = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/story/story.json");
+    let frames = dir.path().join("frames");
+    let mut gen = generate_args(&out, &story, &frames);
+    gen.extend([os("--steps"), os("2")]);
+    let log = run_ok(&gen);
+    assert!(log.contains("frame 4/4"), "{log}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(frames.join("story.json")).unwrap()).unwrap();
+    assert_eq!(record["frames"][0]["condition"], "fused");
+    assert_eq!(record["frames"][3]["condition"], "llm");
+
+    // A second import into the same (now full) directory is refused.
+    let err = run_err(&args);
+    assert!(err.contains("not empty"), "{err}");
+}

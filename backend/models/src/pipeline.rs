@@ -591,6 +591,27 @@ impl StoryPipeline {
         out
     }
 
+    /// The LLM's `[IMG]` condition for a text-only prompt: `ids` (base-vocabulary token ids,
+    /// BOS included when wanted) followed by the R `[IMG]` tokens go through the LLM; the last
+    /// hidden states at the `[IMG]` positions plus their input embeddings go through
+    /// Mapper_LDM. Returns `(1, 77, d_text)`, the condition the UNet receives (what
+    /// `bundle import`'s parity test checks against PyTorch).
+    pub fn img_condition_for_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut all = ids.to_vec();
+        all.extend(self.img.ids());
+        let ids = Tensor::from_vec(all, (1, ids.len() + self.img.num_tokens()), &self.device)?;
+        let embeds = self.img.embed(&self.lm, &ids)?.detach();
+        let mut cache = self.lm.new_cache();
+        let out = self
+            .lm
+            .forward_embeds_with(&embeds, &mut cache, None, LogitsFor::None)?;
+        let r = self.img.num_tokens();
+        let s = out.last_hidden_state.dim(1)?;
+        let hidden = out.last_hidden_state.narrow(1, s - r, r)?;
+        let embs = self.img.embeddings(hidden.dtype())?.unsqueeze(0)?;
+        Ok(self.mapper_ldm.forward(&hidden, &embs)?.detach())
+    }
+
     /// Mapper_LLM visual tokens `(m, d)` of a frame.
     pub fn visual_tokens(&self, frame: &RgbImage) -> Result<Tensor> {
         let px = self.visual_processor.preprocess(frame, &self.device)?;

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod bpe;
+pub mod import;
 pub mod random;
 pub mod ship;
 

@@ -1,6 +1,6 @@
 //! Weight loading: safetensors (single or sharded via `*.safetensors.index.json`, mmapped) and
-//! torch pickles (`.bin`, `.pth`, `.pt`, `.ckpt`, `.pth.tar`), presented as a
-//! `candle_nn::VarBuilder` backend with dtype conversion and device placement.
+//! torch pickles (`.bin`, `.pth`, `.pt`, `.ckpt`, `.pth.tar`; zip or legacy format), presented
+//! as a `candle_nn::VarBuilder` backend with dtype conversion and device placement.
 //!
 //! Errors name the tensor and the file: "tensor `a.weight` has shape [320, 320, 1, 1] in
 //! /x/diffusion_pytorch_model.safetensors, expected [320, 320]".
@@ -10,11 +10,12 @@
 //!   loaded into a `Var` registered in a `VarMap`, so an optimiser can fine-tune it.
 
 mod backend;
+mod legacy;
 mod source;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -40,6 +41,8 @@ struct Inner {
 pub struct Weights {
     inner: Arc<Inner>,
     prefix: String,
+    /// Set on a [`Weights::probe`] view: the full names requested so far.
+    probe: Option<Arc<Mutex<BTreeSet<String>>>>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -80,6 +83,7 @@ impl Weights {
                 broken_index: HashMap::new(),
             }),
             prefix: String::new(),
+            probe: None,
         }
     }
 
@@ -214,7 +218,66 @@ impl Weights {
         Self {
             inner: self.inner.clone(),
             prefix: p,
+            probe: self.probe.clone(),
         }
+    }
+
+    /// A view for checking a checkpoint against a model configuration without reading any
+    /// tensor data: requests are checked exactly as usual (missing names and wrong shapes are
+    /// the usual errors, naming the tensor, the file and the expected shape), but answered with
+    /// a broadcast zero of the requested shape (no allocation) and recorded. Build the model
+    /// from `probe.var_builder(..)`, then [`Weights::probed`] lists what it needs. Views made
+    /// from the probe ([`Weights::subset`]) record into the same list.
+    pub fn probe(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            prefix: self.prefix.clone(),
+            probe: Some(Arc::new(Mutex::new(BTreeSet::new()))),
+        }
+    }
+
+    /// The full names (view prefix included) requested through this probe view so far, sorted;
+    /// empty for a view that is not a probe.
+    pub fn probed(&self) -> Vec<String> {
+        self.probe
+            .as_ref()
+            .map(|p| {
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn probe_answer(
+        &self,
+        full: String,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Option<WResult<Tensor>> {
+        let probe = self.probe.as_ref()?;
+        let path = self
+            .inner
+            .routing
+            .get(&full)
+            .map(|i| self.inner.sources[*i].path.clone())
+            .unwrap_or_default();
+        probe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(full.clone());
+        Some(
+            Tensor::zeros((), dtype, device)
+                .and_then(|z| z.broadcast_as(shape))
+                .map_err(|source| WeightsError::Load {
+                    name: full,
+                    path,
+                    source: Box::new(source),
+                }),
+        )
     }
 
     /// The prefix of this view (empty, or ending in `.`).
@@ -334,6 +397,12 @@ impl Weights {
     pub fn get(&self, name: &str, dtype: DType, device: &Device) -> WResult<Tensor> {
         let full = self.full(name);
         let src = self.source(&full)?;
+        if self.probe.is_some() {
+            let shape = src.shape(&full).ok_or_else(|| self.missing(&full))?;
+            if let Some(t) = self.probe_answer(full.clone(), &shape, dtype, device) {
+                return t;
+            }
+        }
         src.load(&full, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|source| WeightsError::Load {
@@ -361,6 +430,9 @@ impl Weights {
                 got,
                 expected: expected.dims().to_vec(),
             });
+        }
+        if let Some(t) = self.probe_answer(full, expected.dims(), dtype, device) {
+            return t;
         }
         self.get(name, dtype, device)
     }

@@ -8,6 +8,8 @@ use candle_core::pickle::PthTensors;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 
+use super::legacy::LegacyTensors;
+
 /// Keys under which training scripts nest the state dict of a pickled checkpoint, tried in
 /// order when the top level holds no tensors (`state_dict` is the StoryGPT-V `.pth.tar` one).
 pub const NESTED_STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model", "module"];
@@ -68,6 +70,7 @@ pub(crate) type WResult<T> = std::result::Result<T, WeightsError>;
 pub(crate) enum Store {
     Safetensors(MmapedSafetensors),
     Pickle(PthTensors),
+    Legacy(LegacyTensors),
     Memory(HashMap<String, Tensor>),
 }
 
@@ -81,6 +84,7 @@ impl Source {
         match &self.store {
             Store::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
             Store::Pickle(p) => p.tensor_infos().get(name).map(|i| i.layout.dims().to_vec()),
+            Store::Legacy(p) => p.shape(name),
             Store::Memory(m) => m.get(name).map(|t| t.dims().to_vec()),
         }
     }
@@ -89,6 +93,7 @@ impl Source {
         match &self.store {
             Store::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
             Store::Pickle(p) => p.tensor_infos().keys().cloned().collect(),
+            Store::Legacy(p) => p.names(),
             Store::Memory(m) => m.keys().cloned().collect(),
         }
     }
@@ -100,6 +105,7 @@ impl Source {
                 Some(t) => t.to_device(device),
                 None => candle_core::bail!("tensor vanished from the pickle"),
             },
+            Store::Legacy(p) => p.get(name)?.to_device(device),
             Store::Memory(m) => match m.get(name) {
                 Some(t) => t.to_device(device),
                 None => candle_core::bail!("tensor vanished from memory"),
@@ -136,10 +142,40 @@ pub(crate) fn open_pickle_source(path: &Path, key: Option<&str>) -> WResult<Sour
     if !path.is_file() {
         return Err(open_err(path, "no such file"));
     }
+    if !is_zip(path) {
+        // The legacy (non-zip) serialisation of torch < 1.6 / `_use_new_zipfile_serialization=False`.
+        let legacy = |key: Option<&str>| {
+            LegacyTensors::new(path, key).map(|p| Source {
+                path: path.to_path_buf(),
+                store: Store::Legacy(p),
+            })
+        };
+        let wrap = |e: String| {
+            open_err(
+                path,
+                format!("{e} (not a zip archive, so read as a legacy torch pickle)"),
+            )
+        };
+        if key.is_some() {
+            return legacy(key).map_err(wrap);
+        }
+        let top = legacy(None).map_err(wrap)?;
+        if !top.names().is_empty() {
+            return Ok(top);
+        }
+        for k in NESTED_STATE_DICT_KEYS {
+            if let Ok(p) = legacy(Some(k)) {
+                if !p.names().is_empty() {
+                    return Ok(p);
+                }
+            }
+        }
+        return Ok(top);
+    }
     let wrap = |e: candle_core::Error| {
         open_err(
             path,
-            format!("{e} (only zip-format torch checkpoints, torch >= 1.6, are readable)"),
+            format!("{e} (a zip-format torch checkpoint, torch >= 1.6)"),
         )
     };
     let mk = |p: PthTensors| Source {
@@ -161,6 +197,16 @@ pub(crate) fn open_pickle_source(path: &Path, key: Option<&str>) -> WResult<Sour
         }
     }
     Ok(mk(top))
+}
+
+/// Whether `path` starts with a zip local-file header (`PK\x03\x04`).
+fn is_zip(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head == *b"PK\x03\x04"
 }
 
 pub(crate) fn open_file(path: &Path) -> WResult<Source> {
