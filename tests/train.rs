@@ -494,10 +494,12 @@ fn train_all_makes_a_complete_bundle_that_draws_a_story() {
     let bundle = tiny_bundle();
     let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
     assert!(manifest.contains("trained = true"), "{manifest}");
+    // The plan's [sampling] defaults are the bundle's.
+    assert!(manifest.contains("guidance_scale = 3.0"), "{manifest}");
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(bundle.join("training.json")).unwrap())
             .unwrap();
-    for stage in ["vae", "clip", "lm", "char-ldm", "stage2"] {
+    for stage in ["vae", "vae-decoder", "clip", "lm", "char-ldm", "stage2"] {
         let r = &record["stages"][stage];
         assert!(r["steps"].as_u64() == Some(6), "{stage}: {r}");
         assert!(r["wall_time_s"].as_f64().unwrap() > 0.0, "{stage}: {r}");
@@ -732,6 +734,95 @@ val_stories = 10
     models::pipeline::StoryPipeline::load(&out, &candle_core::Device::Cpu).unwrap();
 }
 
+/// The tensors of a safetensors file, as f32 values by name.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (name, v)
+        })
+        .collect()
+}
+
+#[test]
+fn the_vae_decoder_stage_sharpens_the_decoder_and_leaves_the_latent_space_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bundle");
+    bundle_without("vae-decoder", &out);
+    let vae = out.join("sd/vae");
+    let weights = vae.join("diffusion_pytorch_model.safetensors");
+    let (before, config_before) = (
+        tensors(&weights),
+        std::fs::read(vae.join("config.json")).unwrap(),
+    );
+    // Four frames, many steps: the decoder alone must fit them far better.
+    let stderr = train_stage(
+        "vae-decoder",
+        r#"
+[run]
+batch_size = 4
+max_steps = 60
+val_every = 30
+checkpoint_every = 0
+log_every = 5
+val_examples = 4
+[optim]
+lr = 2e-3
+[vae_decoder]
+train_frames = 4
+val_frames = 4
+story_len = 4
+sample_posterior = false
+"#,
+        &out,
+    );
+    assert!(stderr.contains("vae-decoder gate: validation PSNR"), "{stderr}");
+    let losses = stage_losses(&out, "vae-decoder");
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    assert!(last < first / 2.0, "loss fell only from {first} to {last}");
+    let after = tensors(&weights);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    let mut decoder_moved = false;
+    for (name, b) in &before {
+        let decoding = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
+        if decoding {
+            decoder_moved |= b != &after[name];
+        } else {
+            // The encoder is frozen bit for bit: every latent, and so every model trained on
+            // them, stays valid.
+            assert!(b == &after[name], "{name} changed");
+        }
+    }
+    assert!(decoder_moved, "no decoder weight moved");
+    assert_eq!(
+        std::fs::read(vae.join("config.json")).unwrap(),
+        config_before,
+        "the VAE's config (and its scale factor) must not change"
+    );
+    assert!(out.join("figures/vae-decoder-after.png").is_file());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(record["stages"]["vae-decoder"]["steps"], 60);
+
+    // Without a trained VAE in --out there is nothing to fine-tune: a clear refusal.
+    std::fs::remove_dir_all(&vae).unwrap();
+    std::fs::remove_dir_all(out.join("runs/vae-decoder")).unwrap();
+    let config = out.with_extension("toml");
+    let refused = train_stage_refused("vae-decoder", &config, &out);
+    assert!(refused.contains("holds no trained VAE"), "{refused}");
+}
+
 #[test]
 fn the_shipped_toy_bundle_loads_as_trained_with_its_cast() {
     let dir = repo("models/toy");
@@ -739,7 +830,7 @@ fn the_shipped_toy_bundle_loads_as_trained_with_its_cast() {
     assert!(p.info().trained, "models/toy is not marked trained");
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
-    for stage in ["vae", "clip", "lm", "char-ldm", "stage2"] {
+    for stage in ["vae", "vae-decoder", "clip", "lm", "char-ldm", "stage2"] {
         assert!(
             record["stages"][stage]["steps"].as_u64().unwrap() > 0,
             "{stage}"

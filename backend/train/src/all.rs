@@ -1,5 +1,6 @@
-//! `storygpt-v train all --config configs/toy.toml --out DIR`: every stage in order (vae, clip,
-//! lm, char-ldm, stage2) into one bundle, each from its own stage file named by the plan.
+//! `storygpt-v train all --config configs/toy.toml --out DIR`: every stage in order (vae,
+//! vae-decoder when the plan names it, clip, lm, char-ldm, stage2) into one bundle, each from its
+//! own stage file named by the plan.
 //!
 //! ```toml
 //! [data]            # the toy world made into OUT/data when --data is not given
@@ -9,10 +10,15 @@
 //!
 //! [stages]          # stage files, relative to this file
 //! vae = "vae.toml"
+//! vae_decoder = "vae-decoder.toml"   # optional
 //! clip = "clip.toml"
 //! lm = "lm.toml"
 //! char_ldm = "char-ldm.toml"
 //! stage2 = "stage2.toml"
+//!
+//! [sampling]        # optional: the bundle's sampling defaults (bundle.toml [sampling])
+//! guidance_scale = 4.0
+//! start_merge_step = 15
 //! ```
 //!
 //! With `--resume`, stages already recorded as finished in `OUT/training.json` are skipped and
@@ -57,6 +63,10 @@ impl Default for DataPlan {
 pub struct StagePlan {
     /// VAE stage file.
     pub vae: PathBuf,
+    /// The VAE decoder's fine-tuning stage file (optional: without it the VAE stays as the
+    /// `vae` stage left it).
+    #[serde(default)]
+    pub vae_decoder: Option<PathBuf>,
     /// CLIP stage file.
     pub clip: PathBuf,
     /// LM stage file.
@@ -65,6 +75,20 @@ pub struct StagePlan {
     pub char_ldm: PathBuf,
     /// Stage-2 stage file.
     pub stage2: PathBuf,
+}
+
+/// `[sampling]`: sampling defaults written into the finished bundle's `bundle.toml` (those not
+/// given keep the manifest's, i.e. the paper's: guidance 5, delayed conditioning from step 15
+/// of 30). They are choices about drawing, not training, made on the validation split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingPlan {
+    /// Classifier-free guidance scale.
+    pub guidance_scale: Option<f64>,
+    /// Delayed conditioning: text-only steps before the fused condition.
+    pub start_merge_step: Option<usize>,
+    /// Denoising steps.
+    pub steps: Option<usize>,
 }
 
 /// The whole plan.
@@ -76,10 +100,13 @@ pub struct Plan {
     pub data: DataPlan,
     /// The stage files.
     pub stages: StagePlan,
+    /// Sampling defaults of the finished bundle.
+    #[serde(default)]
+    pub sampling: SamplingPlan,
 }
 
 /// The stages in order, by their `training.json` names.
-pub const ORDER: [&str; 5] = ["vae", "clip", "lm", "char-ldm", "stage2"];
+pub const ORDER: [&str; 6] = ["vae", "vae-decoder", "clip", "lm", "char-ldm", "stage2"];
 
 impl Plan {
     /// Reads a plan; stage paths become relative to its directory, and each must exist.
@@ -90,12 +117,16 @@ impl Plan {
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
-            &mut plan.stages.vae,
-            &mut plan.stages.clip,
-            &mut plan.stages.lm,
-            &mut plan.stages.char_ldm,
-            &mut plan.stages.stage2,
-        ] {
+            Some(&mut plan.stages.vae),
+            plan.stages.vae_decoder.as_mut(),
+            Some(&mut plan.stages.clip),
+            Some(&mut plan.stages.lm),
+            Some(&mut plan.stages.char_ldm),
+            Some(&mut plan.stages.stage2),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -111,17 +142,28 @@ impl Plan {
             "{}: [data] needs at least 10 stories of 2 frames of 16 pixels",
             path.display()
         );
+        let s = &plan.sampling;
+        anyhow::ensure!(
+            s.guidance_scale.is_none_or(|g| g.is_finite() && g >= 1.0)
+                && s.steps.is_none_or(|n| n >= 1)
+                && s.start_merge_step
+                    .is_none_or(|m| m <= s.steps.unwrap_or(usize::MAX)),
+            "{}: [sampling] needs guidance_scale >= 1, steps >= 1 and start_merge_step <= steps",
+            path.display()
+        );
         Ok(plan)
     }
 
-    fn stage_file(&self, stage: &str) -> &Path {
-        match stage {
+    /// The stage file of `stage`, `None` for an optional stage the plan leaves out.
+    fn stage_file(&self, stage: &str) -> Option<&Path> {
+        Some(match stage {
             "vae" => &self.stages.vae,
+            "vae-decoder" => return self.stages.vae_decoder.as_deref(),
             "clip" => &self.stages.clip,
             "lm" => &self.stages.lm,
             "char-ldm" => &self.stages.char_ldm,
             _ => &self.stages.stage2,
-        }
+        })
     }
 }
 
@@ -190,8 +232,11 @@ pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
             eprintln!("train all: {stage} is already trained; skipping it");
             continue;
         }
+        let Some(stage_file) = plan.stage_file(stage) else {
+            continue;
+        };
         let stage_args = DriverArgs {
-            config: plan.stage_file(stage).to_path_buf(),
+            config: stage_file.to_path_buf(),
             data: data_dir.clone(),
             // A stage with a checkpoint continues it; one without starts fresh.
             resume: args.resume
@@ -204,6 +249,7 @@ pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
         );
         let report = match stage {
             "vae" => driver::train_vae(&stage_args),
+            "vae-decoder" => driver::train_vae_decoder(&stage_args),
             "clip" => driver::train_clip(&stage_args),
             "lm" => driver::train_lm(&stage_args),
             "char-ldm" => driver::train_char_ldm(&stage_args),
@@ -219,8 +265,34 @@ pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
             });
         }
     }
+    apply_sampling(&args.out, &plan.sampling)?;
     Ok(AllReport {
         stages: reports,
         ending: Ending::Finished,
     })
+}
+
+/// Writes the plan's sampling defaults into the finished bundle's `bundle.toml`.
+fn apply_sampling(out: &Path, sampling: &SamplingPlan) -> Result<()> {
+    if *sampling == SamplingPlan::default() {
+        return Ok(());
+    }
+    let mut manifest = models::bundle::Bundle::open(out)?.manifest;
+    let m = &mut manifest.sampling;
+    if let Some(g) = sampling.guidance_scale {
+        m.guidance_scale = g;
+    }
+    if let Some(n) = sampling.steps {
+        m.steps = n;
+    }
+    if let Some(k) = sampling.start_merge_step {
+        m.start_merge_step = k;
+    }
+    anyhow::ensure!(
+        m.start_merge_step <= m.steps,
+        "[sampling] start_merge_step {} is past the bundle's {} steps",
+        m.start_merge_step,
+        m.steps
+    );
+    manifest.write(out)
 }

@@ -16,6 +16,7 @@ use crate::stages::clip::{self, ClipSection};
 use crate::stages::lm::{self, LmSection};
 use crate::stages::stage2::{self, Stage2Section};
 use crate::stages::vae::{self, VaeSection};
+use crate::stages::vae_decoder::{self, VaeDecoderSection};
 use crate::trainer::{self, Ending, RunOptions};
 
 /// What the command line gives every stage.
@@ -224,6 +225,52 @@ pub fn train_vae(args: &DriverArgs) -> Result<StageReport> {
                 30.0,
             )];
             let extra = json!({"latent_size": stage.latent_size(), "scaling_factor": scale});
+            Ok((gates, extra))
+        },
+    )
+}
+
+/// Fine-tunes the decoder of the VAE in `OUT/sd/vae` with its encoder frozen and rewrites its
+/// weights there (latent space and scale factor unchanged), with `OUT/figures/vae-decoder-*`
+/// and its record.
+pub fn train_vae_decoder(args: &DriverArgs) -> Result<StageReport> {
+    let (file, _) = open_stage::<VaeDecoderSection>(args, "vae-decoder")?;
+    let (mut stage, source, fingerprint) = vae_decoder::prepare(
+        &file.stage,
+        &args.data,
+        &args.out,
+        file.run.seed,
+        &args.device,
+    )?;
+    let figures = args.out.join("figures");
+    std::fs::create_dir_all(&figures)?;
+    if !args.resume {
+        stage
+            .reconstruction_grid(8)?
+            .save(figures.join("vae-decoder-before.png"))
+            .context("writing vae-decoder-before.png")?;
+    }
+    run_stage(
+        args,
+        "vae-decoder",
+        &file,
+        &mut stage,
+        source,
+        fingerprint,
+        ("psnr_db", "validation PSNR (dB)"),
+        |stage, summary| {
+            stage.export()?;
+            stage
+                .reconstruction_grid(8)?
+                .save(figures.join("vae-decoder-after.png"))
+                .context("writing vae-decoder-after.png")?;
+            let gates = vec![gate_on(
+                summary,
+                "psnr_db",
+                "validation PSNR (dB), encoder of stage vae, decoder fine-tuned".into(),
+                30.0,
+            )];
+            let extra = json!({"scaling_factor": stage.config_json()["scaling_factor"]});
             Ok((gates, extra))
         },
     )

@@ -44,6 +44,9 @@ pub struct TrainArgs {
 pub enum StageArg {
     /// The toy AutoencoderKL on the dataset's frames.
     Vae,
+    /// The VAE's decoder fine-tuned with its encoder frozen (the latent space, and so every
+    /// model trained on it, unchanged), on the VAE the vae stage wrote into --out.
+    VaeDecoder,
     /// The toy CLIP text and vision towers, contrastively (caption <-> frame, name <-> portrait).
     Clip,
     /// The toy causal LM (OPT family) on the dataset's stories, with its own BPE vocabulary.
@@ -102,6 +105,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let report = match args.stage {
         StageArg::Vae => train::driver::train_vae(&driver)?,
+        StageArg::VaeDecoder => train::driver::train_vae_decoder(&driver)?,
         StageArg::Lm => train::driver::train_lm(&driver)?,
         StageArg::Clip => train::driver::train_clip(&driver)?,
         StageArg::CharLdm => train::driver::train_char_ldm(&driver)?,

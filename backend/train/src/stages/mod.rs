@@ -7,6 +7,7 @@ pub mod clip;
 pub mod lm;
 pub mod stage2;
 pub mod vae;
+pub mod vae_decoder;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;

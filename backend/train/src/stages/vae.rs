@@ -229,23 +229,19 @@ impl VaeStage {
 
     /// Mean PSNR (dB, on `[0, 1]` pixels) and MSE over the validation frames.
     pub fn psnr(&self) -> Result<(f64, f64)> {
-        let (mut psnr, mut mse, mut n) = (0f64, 0f64, 0usize);
         let all: Vec<usize> = (0..self.val.len()).collect();
+        let mut per_image = Vec::new();
         for chunk in all.chunks(32) {
             let (x, xr) = self.reconstruct(chunk)?;
-            let per_image = (xr.clamp(-1f32, 1f32)? - &x)?
-                .sqr()?
-                .flatten_from(1)?
-                .mean(1)?
-                .to_vec1::<f32>()?;
-            for m in per_image {
-                let m01 = (m as f64 / 4.0).max(1e-12); // [-1, 1] -> [0, 1] scales the MSE by 1/4
-                psnr += 10.0 * (1.0 / m01).log10();
-                mse += m as f64;
-                n += 1;
-            }
+            per_image.extend(
+                (xr.clamp(-1f32, 1f32)? - &x)?
+                    .sqr()?
+                    .flatten_from(1)?
+                    .mean(1)?
+                    .to_vec1::<f32>()?,
+            );
         }
-        Ok((psnr / n as f64, mse / n as f64))
+        Ok(mean_psnr(&per_image))
     }
 
     /// `1 / std` of the latent means over up to 512 training frames: the scale that gives the
@@ -306,9 +302,22 @@ impl VaeStage {
     }
 }
 
+/// `(mean PSNR in dB on [0, 1] pixels, mean MSE)` of images whose per-image MSEs on `[-1, 1]`
+/// pixels are `per_image`.
+pub(crate) fn mean_psnr(per_image: &[f32]) -> (f64, f64) {
+    let n = per_image.len().max(1) as f64;
+    let (mut psnr, mut mse) = (0f64, 0f64);
+    for &m in per_image {
+        let m01 = (m as f64 / 4.0).max(1e-12); // [-1, 1] -> [0, 1] scales the MSE by 1/4
+        psnr += 10.0 * (1.0 / m01).log10();
+        mse += m as f64;
+    }
+    (psnr / n, mse / n)
+}
+
 /// The reconstruction term: the plain MSE, or with per-pixel `weights` `(N, 1, H, W)` the
 /// weighted mean `sum(w * err^2) / (3 * sum(w))`, which is the plain MSE when every weight is 1.
-fn reconstruction_loss(xr: &Tensor, x: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn reconstruction_loss(xr: &Tensor, x: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     Ok(match weights {
         Some(w) => {
             let channels = x.dim(1)? as f64;
