@@ -157,32 +157,17 @@ pub fn prepare(
     seed: u64,
     device: &Device,
 ) -> Result<(VaeStage, Arc<VaeSource>, String)> {
-    let train = FrameSet::load(
-        data,
-        data::dataset::Split::Train,
-        section.story_len,
-        0,
-        section.train_frames,
-    )?;
-    let val = FrameSet::load(
-        data,
-        data::dataset::Split::Val,
-        section.story_len,
-        0,
-        section.val_frames,
-    )?;
-    let (w, h) = train.size();
     anyhow::ensure!(
         section.character_weight.is_finite() && section.character_weight > 0.0,
         "[vae] character_weight must be > 0 (1 is the plain MSE)"
     );
-    anyhow::ensure!(w == h, "frames must be square, got {w}x{h}");
-    anyhow::ensure!(
-        val.size() == (w, h),
-        "validation frames are {:?}, training frames {:?}",
-        val.size(),
-        (w, h)
-    );
+    let (train, val) = train_and_val_frames(
+        data,
+        section.story_len,
+        section.train_frames,
+        section.val_frames,
+    )?;
+    let (w, h) = train.size();
     let cfg: VaeConfig = serde_json::from_value(section.diffusers_config(w, 1.0))?;
     cfg.validate()
         .context("[vae] describes an unsupported autoencoder")?;
@@ -229,19 +214,7 @@ impl VaeStage {
 
     /// Mean PSNR (dB, on `[0, 1]` pixels) and MSE over the validation frames.
     pub fn psnr(&self) -> Result<(f64, f64)> {
-        let all: Vec<usize> = (0..self.val.len()).collect();
-        let mut per_image = Vec::new();
-        for chunk in all.chunks(32) {
-            let (x, xr) = self.reconstruct(chunk)?;
-            per_image.extend(
-                (xr.clamp(-1f32, 1f32)? - &x)?
-                    .sqr()?
-                    .flatten_from(1)?
-                    .mean(1)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        Ok(mean_psnr(&per_image))
+        validation_psnr(self.val.len(), |idx| self.reconstruct(idx))
     }
 
     /// `1 / std` of the latent means over up to 512 training frames: the scale that gives the
@@ -274,15 +247,7 @@ impl VaeStage {
     pub fn reconstruction_grid(&self, n: usize) -> Result<image::RgbImage> {
         let idx: Vec<usize> = (0..n.min(self.val.len())).collect();
         let (x, xr) = self.reconstruct(&idx)?;
-        let s = self.size;
-        let mut images = pixels_to_images(&x.flatten_all()?.to_vec1::<f32>()?, idx.len(), s, s);
-        images.extend(pixels_to_images(
-            &xr.flatten_all()?.to_vec1::<f32>()?,
-            idx.len(),
-            s,
-            s,
-        ));
-        Ok(grid(&images, idx.len()))
+        originals_over_reconstructions(&x, &xr, self.size)
     }
 
     /// Writes `dir/config.json` and `dir/diffusion_pytorch_model.safetensors`.
@@ -300,6 +265,61 @@ impl VaeStage {
     pub fn latent_size(&self) -> (usize, usize) {
         self.latent
     }
+}
+
+/// The train and validation frames of `data` (the first `story_len` of each story, up to
+/// `train_frames` / `val_frames` distinct ones), refused unless square and of one size.
+pub(crate) fn train_and_val_frames(
+    data: &Path,
+    story_len: usize,
+    train_frames: usize,
+    val_frames: usize,
+) -> Result<(FrameSet, FrameSet)> {
+    use data::dataset::Split;
+    let train = FrameSet::load(data, Split::Train, story_len, 0, train_frames)?;
+    let val = FrameSet::load(data, Split::Val, story_len, 0, val_frames)?;
+    let (w, h) = train.size();
+    anyhow::ensure!(w == h, "frames must be square, got {w}x{h}");
+    anyhow::ensure!(
+        val.size() == (w, h),
+        "validation frames are {:?}, training frames {:?}",
+        val.size(),
+        (w, h)
+    );
+    Ok((train, val))
+}
+
+/// Mean PSNR and MSE (see [`mean_psnr`]) of `n` validation frames, which `reconstruct` returns
+/// with their reconstructions, both `(N, 3, H, W)` in `[-1, 1]`, 32 at a time.
+pub(crate) fn validation_psnr(
+    n: usize,
+    reconstruct: impl Fn(&[usize]) -> Result<(Tensor, Tensor)>,
+) -> Result<(f64, f64)> {
+    let all: Vec<usize> = (0..n).collect();
+    let mut per_image = Vec::new();
+    for chunk in all.chunks(32) {
+        let (x, xr) = reconstruct(chunk)?;
+        per_image.extend(
+            (xr.clamp(-1f32, 1f32)? - &x)?
+                .sqr()?
+                .flatten_from(1)?
+                .mean(1)?
+                .to_vec1::<f32>()?,
+        );
+    }
+    Ok(mean_psnr(&per_image))
+}
+
+/// Frames `x` (top row) over their reconstructions `xr` (bottom row), both `(N, 3, s, s)`.
+pub(crate) fn originals_over_reconstructions(
+    x: &Tensor,
+    xr: &Tensor,
+    s: u32,
+) -> Result<image::RgbImage> {
+    let n = x.dim(0)?;
+    let mut images = pixels_to_images(&x.flatten_all()?.to_vec1::<f32>()?, n, s, s);
+    images.extend(pixels_to_images(&xr.flatten_all()?.to_vec1::<f32>()?, n, s, s));
+    Ok(grid(&images, n))
 }
 
 /// `(mean PSNR in dB on [0, 1] pixels, mean MSE)` of images whose per-image MSEs on `[-1, 1]`

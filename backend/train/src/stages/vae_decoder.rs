@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::vae::gaussian;
-use super::{grid, pixels_to_images, FrameSet};
+use super::FrameSet;
 use crate::config::StageSection;
 use crate::loader::BatchSource;
 use crate::trainer::{Stage, StepLoss};
@@ -169,27 +169,13 @@ pub fn prepare(
     cfg.validate()
         .with_context(|| format!("{} describes an unsupported autoencoder", config_path.display()))?;
 
-    let train = FrameSet::load(
+    let (train, val) = super::vae::train_and_val_frames(
         data,
-        data::dataset::Split::Train,
         section.story_len,
-        0,
         section.train_frames,
-    )?;
-    let val = FrameSet::load(
-        data,
-        data::dataset::Split::Val,
-        section.story_len,
-        0,
         section.val_frames,
     )?;
     let (w, h) = train.size();
-    anyhow::ensure!(
-        w == h && val.size() == (w, h),
-        "frames must be square and of one size (train {:?}, validation {:?})",
-        (w, h),
-        val.size()
-    );
     anyhow::ensure!(
         cfg.sample_size.is_none_or(|s| s == w as usize),
         "the VAE in {} was trained on {:?}-pixel frames, the dataset's are {w}",
@@ -316,34 +302,14 @@ impl VaeDecoderStage {
 
     /// Mean PSNR (dB, on `[0, 1]` pixels) and MSE over the validation frames.
     pub fn psnr(&self) -> Result<(f64, f64)> {
-        let all: Vec<usize> = (0..self.val.len()).collect();
-        let mut per_image = Vec::new();
-        for chunk in all.chunks(32) {
-            let (x, xr) = self.reconstruct(chunk)?;
-            per_image.extend(
-                (xr.clamp(-1f32, 1f32)? - &x)?
-                    .sqr()?
-                    .flatten_from(1)?
-                    .mean(1)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        Ok(super::vae::mean_psnr(&per_image))
+        super::vae::validation_psnr(self.val.len(), |idx| self.reconstruct(idx))
     }
 
     /// Originals (top row) over reconstructions (bottom row) of the first `n` validation frames.
     pub fn reconstruction_grid(&self, n: usize) -> Result<image::RgbImage> {
         let idx: Vec<usize> = (0..n.min(self.val.len())).collect();
         let (x, xr) = self.reconstruct(&idx)?;
-        let s = self.size as u32;
-        let mut images = pixels_to_images(&x.flatten_all()?.to_vec1::<f32>()?, idx.len(), s, s);
-        images.extend(pixels_to_images(
-            &xr.flatten_all()?.to_vec1::<f32>()?,
-            idx.len(),
-            s,
-            s,
-        ));
-        Ok(grid(&images, idx.len()))
+        super::vae::originals_over_reconstructions(&x, &xr, self.size as u32)
     }
 
     /// Rewrites the VAE's weights in `OUT/sd/vae` (the frozen encoder's unchanged, the config,
