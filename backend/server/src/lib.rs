@@ -1,8 +1,8 @@
 //! The storygpt-v web service: REST API, HTML pages and the SQLite store.
 //!
-//! `serve` opens the database, puts interrupted jobs right, loads the model bundle on the
-//! worker thread, builds the router and runs until SIGINT or SIGTERM. Handlers stay thin: they
-//! parse, call a `store` function and map the result.
+//! `serve` locks the data directory, opens the database, puts interrupted jobs right, loads
+//! the model bundle on the worker thread, builds the router and runs until SIGINT or SIGTERM.
+//! Handlers stay thin: they parse, call a `store` function and map the result.
 
 pub mod api;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod images;
 pub mod live;
+pub mod lock;
 pub mod mentions;
 pub mod model;
 pub mod pages;
@@ -100,6 +101,11 @@ pub async fn serve(
     use anyhow::Context;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    // Before anything touches the directory's state: a second server on it (on any port)
+    // must stop here, not requeue the live server's running job or start a second worker.
+    // Held until this function returns, after the worker has stopped and the pool closed.
+    let lock = lock::DataDirLock::acquire(&config.data_dir)?;
+    tracing::info!(lock = %lock.path().display(), pid = std::process::id(), "data directory locked");
     let pool = db::open(&config.database_path()).await?;
     tracing::info!(database = %config.database_path().display(), "database ready");
     // Jobs a crash left `running` are requeued (or failed, or cancelled) before any worker
@@ -177,6 +183,7 @@ pub async fn serve(
     tokio::time::timeout(Duration::from_secs(10), pool.close())
         .await
         .ok();
+    drop(lock);
     Ok(())
 }
 

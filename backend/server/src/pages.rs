@@ -20,7 +20,7 @@ use axum::Router;
 use crate::api::ApiPath;
 use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult};
-use crate::images::normalize_portrait;
+use crate::images::normalize_portrait_bounded;
 use crate::store::characters::{self, Character, CharacterChanges, Pronoun};
 use crate::store::frame_media;
 use crate::store::stories::{self, StorySummary};
@@ -509,18 +509,14 @@ async fn add_character(
         .map_err(|e| form.file(&e))
         .ok();
     let image = match upload.portrait {
-        Some(bytes) => {
-            match tokio::task::spawn_blocking(move || normalize_portrait(&bytes))
-                .await
-                .map_err(ApiError::internal)?
-            {
-                Ok(image) => Some(image),
-                Err(e) => {
-                    form.file(&e);
-                    None
-                }
+        Some(bytes) => match normalize_portrait_bounded(bytes).await {
+            Ok(image) => Some(image),
+            Err(e) if e.status.is_server_error() => return Err(e),
+            Err(e) => {
+                form.file(&e);
+                None
             }
-        }
+        },
         None => {
             if form.portrait_error.is_empty() {
                 form.portrait_error = "Choose a portrait image (PNG, JPEG or WebP).".into();

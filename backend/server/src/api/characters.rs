@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::{ApiJson, ApiPath, ApiQuery, ListParams};
 use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::images::{normalize_portrait, NormalizedImage};
+use crate::images::{normalize_portrait_bounded, NormalizedImage};
 use crate::store::characters::{self as store, Character, CharacterChanges, Pronoun};
 use crate::store::{page_limit, Page};
 use crate::{validate, AppState};
@@ -107,9 +107,7 @@ async fn read_parts(mut form: Multipart) -> ApiResult<CharacterParts> {
                         "the portrait file is empty",
                     ));
                 }
-                let normalized = tokio::task::spawn_blocking(move || normalize_portrait(&bytes))
-                    .await
-                    .map_err(ApiError::internal)??;
+                let normalized = normalize_portrait_bounded(bytes).await?;
                 parts.portrait = Some(normalized);
             }
             other => {
