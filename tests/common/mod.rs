@@ -313,25 +313,11 @@ pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     // IHDR data starts at byte 16: width, height (big-endian); fix the chunk CRC after.
     real[16..20].copy_from_slice(&width.to_be_bytes());
     real[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32(&real[12..29]);
+    let crc = crc32fast::hash(&real[12..29]);
     real[29..33].copy_from_slice(&crc.to_be_bytes());
     real
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
 
 /// A multipart form for creating a character.
 pub fn character_form(
