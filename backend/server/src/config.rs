@@ -29,6 +29,13 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Whether the worker keeps each frame's cross-attention heatmaps by default: capturing them
 /// costs a little time per denoising step and a few KiB per mention.
 pub const DEFAULT_CAPTURE_ATTENTION: bool = true;
+/// How long a connection may take to send a complete request head (request line and
+/// headers), counted from when the server starts waiting for it; a client that is slower, or
+/// that opens a connection and sends nothing, is disconnected.
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long a shutdown (SIGINT/SIGTERM) waits for open connections to finish their requests
+/// before it closes them.
+pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The settings a TOML config file may hold; every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -80,6 +87,12 @@ pub struct ServeConfig {
     pub max_attempts: u32,
     /// Store each frame's cross-attention heatmaps (one per character mention).
     pub capture_attention: bool,
+    /// Longest a connection may take to send a request head; see
+    /// [`DEFAULT_HEADER_READ_TIMEOUT`]. Not a file or command-line setting (yet): tests set it.
+    pub header_read_timeout: std::time::Duration,
+    /// Longest a shutdown waits for open connections before closing them; see
+    /// [`DEFAULT_SHUTDOWN_GRACE`].
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// Values given explicitly (flags or environment, already resolved by the CLI); each wins
@@ -158,6 +171,8 @@ impl ServeConfig {
             capture_attention: capture_attention
                 .or(file.capture_attention)
                 .unwrap_or(DEFAULT_CAPTURE_ATTENTION),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         })
     }
 

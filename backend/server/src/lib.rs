@@ -170,13 +170,14 @@ pub async fn serve(
         }),
         stop: stop_rx.clone(),
     };
-    let mut stopped = stop_rx;
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        })
-        .await
-        .context("server error")?;
+    run_http(
+        listener,
+        app(state),
+        stop_rx,
+        config.header_read_timeout,
+        config.shutdown_grace,
+    )
+    .await;
     tracing::info!("shutting down: stopping the worker");
     worker.stop(Duration::from_secs(30)).await;
     tracing::info!("closing the database");
@@ -185,6 +186,93 @@ pub async fn serve(
         .ok();
     drop(lock);
     Ok(())
+}
+
+/// Serves HTTP/1.1 connections until `stop` turns true, then drains them for at most `grace`.
+///
+/// Like `axum::serve`, but each connection has a header read timeout (hyper's, which needs a
+/// timer that `axum::serve` does not set): a client that opens a connection and sends no
+/// request, or sends its head too slowly, is disconnected after `header_timeout` instead of
+/// holding a socket and a task forever. On shutdown the listener closes, idle keep-alive
+/// connections close at once, connections with a request in flight finish it, and whatever
+/// is still open after `grace` (a half-sent request, a client that reads nothing) is dropped,
+/// so SIGTERM ends the process within a few seconds whatever the clients do.
+async fn run_http(
+    listener: TcpListener,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    header_timeout: Duration,
+    grace: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    // Dropped when shutdown starts: every connection then begins its graceful shutdown.
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(());
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            // Reap finished connections so the set does not grow with every one ever served.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Per-connection failures (reset before accept) are harmless; anything
+                    // else (out of file descriptors) is retried after a pause, as axum does.
+                    if !matches!(
+                        err.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        tracing::error!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut draining = draining_rx.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = draining.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%remote, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    drop(draining_tx);
+    let open = connections.len();
+    if open > 0 {
+        tracing::info!(open, "waiting for open connections");
+    }
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            grace_ms = grace.as_millis() as u64,
+            "connections still open after the shutdown grace period; closing them"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
 }
 
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {

@@ -27,6 +27,7 @@ use data::rules::{Case, CharacterDef, Pronoun as DataPronoun, RuleMode, RuleSet}
 use data::{find_mentions, MentionKind};
 
 use crate::store::characters::Pronoun;
+use crate::validate::MAX_CAPTION_CHARS;
 
 /// A member of the cast the captions are checked against.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,56 +112,135 @@ pub fn rule_set(cast: &[CastMember]) -> RuleSet {
     }
 }
 
-/// Resolves a pronoun against scopes of character indices, nearest scope first.
-fn resolve(pronoun: Pronoun, scopes: &[Vec<usize>], cast: &[CastMember]) -> (Vec<usize>, bool) {
+/// What "they" refers to, given the characters of the caption so far (`here`) and of each
+/// earlier caption (`history`, oldest first): the scopes are `here`, then the earlier captions
+/// newest first.
+fn resolve_they(here: &[usize], history: &[Vec<usize>], cast: &[CastMember]) -> Vec<usize> {
     let mut found: Vec<usize> = Vec::new();
-    if pronoun == Pronoun::They {
-        for scope in scopes.iter().filter(|s| !s.is_empty()) {
-            if scope.len() >= 2 {
-                found = scope.clone();
-                break;
-            }
-            let only = scope[0];
-            if cast[only].pronoun == Pronoun::They && found.is_empty() {
-                found.push(only);
-                break;
-            }
-            if !found.contains(&only) {
-                found.push(only);
-            }
-            if found.len() >= 2 {
-                break;
-            }
+    let scopes = std::iter::once(here).chain(history.iter().rev().map(Vec::as_slice));
+    for scope in scopes.filter(|s| !s.is_empty()) {
+        if scope.len() >= 2 {
+            found = scope.to_vec();
+            break;
         }
-        found.sort_unstable();
-        return (found, false);
-    }
-    for scope in scopes {
-        let matching: Vec<usize> = scope
-            .iter()
-            .copied()
-            .filter(|&i| cast[i].pronoun == pronoun)
-            .collect();
-        if !matching.is_empty() {
-            found = matching;
+        let only = scope[0];
+        if cast[only].pronoun == Pronoun::They && found.is_empty() {
+            found.push(only);
+            break;
+        }
+        if !found.contains(&only) {
+            found.push(only);
+        }
+        if found.len() >= 2 {
             break;
         }
     }
     found.sort_unstable();
-    found.dedup();
-    let ambiguous = found.len() > 1;
-    (found, ambiguous)
+    found
+}
+
+/// The characters of `scope` who go by `pronoun`.
+fn matching(scope: &[usize], pronoun: Pronoun, cast: &[CastMember]) -> Vec<usize> {
+    scope
+        .iter()
+        .copied()
+        .filter(|&i| cast[i].pronoun == pronoun)
+        .collect()
+}
+
+/// The newest earlier caption's characters who go by `pronoun` (he/she/it), if any has one.
+fn nearest_in_history(pronoun: Pronoun, history: &[Vec<usize>], cast: &[CastMember]) -> Vec<usize> {
+    history
+        .iter()
+        .rev()
+        .map(|scope| matching(scope, pronoun, cast))
+        .find(|found| !found.is_empty())
+        .unwrap_or_default()
+}
+
+/// Resolves the pronouns of one caption. What the earlier captions offer a he/she/it is the
+/// same for every pronoun of the caption, so it is looked up once per caption; "they" also
+/// depends on the caption's own characters, which only grow, so its answer is kept until they
+/// do. Each pronoun then costs at most a pass over the caption's own characters, not over the
+/// whole story: analysing a story stays linear in its length.
+struct Resolver<'a> {
+    cast: &'a [CastMember],
+    history: &'a [Vec<usize>],
+    /// Per he/she/it (`slot`): the nearest earlier caption's matching characters.
+    nearest: [Option<Vec<usize>>; 3],
+    /// "they" for a caption whose own characters numbered `.0`.
+    they: Option<(usize, Vec<usize>)>,
+}
+
+impl<'a> Resolver<'a> {
+    fn new(cast: &'a [CastMember], history: &'a [Vec<usize>]) -> Self {
+        Self {
+            cast,
+            history,
+            nearest: [None, None, None],
+            they: None,
+        }
+    }
+
+    /// The characters `pronoun` refers to and whether that is ambiguous, given the
+    /// characters the caption has named or resolved before it (`here`, which only grows).
+    fn resolve(&mut self, pronoun: Pronoun, here: &[usize]) -> (Vec<usize>, bool) {
+        let slot = match pronoun {
+            Pronoun::They => {
+                if !matches!(&self.they, Some((len, _)) if *len == here.len()) {
+                    self.they = Some((here.len(), resolve_they(here, self.history, self.cast)));
+                }
+                let found = self
+                    .they
+                    .as_ref()
+                    .map(|(_, f)| f.clone())
+                    .unwrap_or_default();
+                return (found, false);
+            }
+            Pronoun::He => 0,
+            Pronoun::She => 1,
+            Pronoun::It => 2,
+        };
+        let mut found = matching(here, pronoun, self.cast);
+        if found.is_empty() {
+            let (history, cast) = (self.history, self.cast);
+            found = self.nearest[slot]
+                .get_or_insert_with(|| nearest_in_history(pronoun, history, cast))
+                .clone();
+        }
+        found.sort_unstable();
+        found.dedup();
+        let ambiguous = found.len() > 1;
+        (found, ambiguous)
+    }
 }
 
 /// Analyses every caption of a story in order; the result has one span list per caption,
 /// ordered by position.
+///
+/// A caption longer than [`MAX_CAPTION_CHARS`] (one being typed, or a refused edit shown
+/// back) is not analysed: it gets no spans and counts as naming nobody. That bounds the work
+/// per caption whatever a request holds; the rest of the analysis is linear in the length of
+/// the captions.
 pub fn analyse(captions: &[&str], cast: &[CastMember]) -> Vec<Vec<Span>> {
+    analyse_within(captions, cast, MAX_CAPTION_CHARS)
+}
+
+/// [`analyse`] with a limit on the length of an analysed caption, in characters.
+#[doc(hidden)]
+pub fn analyse_within(captions: &[&str], cast: &[CastMember], limit: usize) -> Vec<Vec<Span>> {
     let mut rules = rule_set(cast);
     // Characters of each earlier caption, newest last.
     let mut history: Vec<Vec<usize>> = Vec::with_capacity(captions.len());
     let mut out = Vec::with_capacity(captions.len());
     for caption in captions {
+        if caption.len() > limit && caption.chars().count() > limit {
+            history.push(Vec::new());
+            out.push(Vec::new());
+            continue;
+        }
         let mentions = find_mentions(caption, &rules);
+        let mut resolver = Resolver::new(cast, &history);
         let mut spans = Vec::with_capacity(mentions.len());
         // Characters this caption has named or resolved so far, in order of appearance.
         let mut here: Vec<usize> = Vec::new();
@@ -179,10 +259,7 @@ pub fn analyse(captions: &[&str], cast: &[CastMember]) -> Vec<Vec<Span>> {
                 }
                 MentionKind::Pronoun { pronoun, case } => {
                     let pronoun = from_data(pronoun);
-                    let scopes: Vec<Vec<usize>> = std::iter::once(here.clone())
-                        .chain(history.iter().rev().cloned())
-                        .collect();
-                    let (refers_to, ambiguous) = resolve(pronoun, &scopes, cast);
+                    let (refers_to, ambiguous) = resolver.resolve(pronoun, &here);
                     for &i in &refers_to {
                         if !here.contains(&i) {
                             here.push(i);
@@ -205,10 +282,20 @@ pub fn analyse(captions: &[&str], cast: &[CastMember]) -> Vec<Vec<Span>> {
                 kind,
             });
         }
+        // Character offsets counted on from the previous one (the runs come in order), not
+        // from the start of the caption each time.
+        let mut counted = (0, 0);
+        let mut char_offset = |byte: usize| {
+            let (from_byte, from_char) = counted;
+            let at = from_char + caption[from_byte..byte].chars().count();
+            counted = (byte, at);
+            at
+        };
         for (byte_start, byte_end) in unknown_names(caption, &spans) {
+            let (start, end) = (char_offset(byte_start), char_offset(byte_end));
             spans.push(Span {
-                start: caption[..byte_start].chars().count(),
-                end: caption[..byte_end].chars().count(),
+                start,
+                end,
                 byte_start,
                 byte_end,
                 text: caption[byte_start..byte_end].to_string(),
@@ -236,6 +323,46 @@ pub fn analyse(captions: &[&str], cast: &[CastMember]) -> Vec<Vec<Span>> {
         out.push(spans);
     }
     out
+}
+
+/// Most analyses that run at once on the blocking pool; more wait their turn, so a burst of
+/// large requests cannot take every core (or grow the blocking pool without bound).
+const MAX_CONCURRENT_ANALYSES: usize = 4;
+static ANALYSES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_CONCURRENT_ANALYSES);
+/// Captions with fewer bytes than this in all are analysed in place: that takes well under a
+/// millisecond, less than handing the work to another thread.
+const INLINE_BYTES: usize = 4 * 1024;
+
+/// [`analyse`] for request handlers: small inputs in place, larger ones on the blocking pool
+/// (at most [`MAX_CONCURRENT_ANALYSES`] at a time), so the async threads that serve every
+/// other request (`/healthz` included) are never busy with it for long.
+pub async fn analyse_off_thread(
+    captions: Vec<String>,
+    cast: Vec<CastMember>,
+) -> crate::error::ApiResult<Vec<Vec<Span>>> {
+    let bytes: usize = captions.iter().map(String::len).sum();
+    let run = move || {
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        analyse(&refs, &cast)
+    };
+    if bytes < INLINE_BYTES {
+        return Ok(run());
+    }
+    let _permit = ANALYSES
+        .acquire()
+        .await
+        .map_err(crate::error::ApiError::internal)?;
+    tokio::task::spawn_blocking(run)
+        .await
+        .map_err(crate::error::ApiError::internal)
+}
+
+/// Whether a caption is short enough to analyse (at most [`MAX_CAPTION_CHARS`] characters).
+pub fn analysable(caption: &str) -> bool {
+    // A quick bound on bytes first: counting characters is linear, but need not be done at all
+    // for most captions.
+    caption.len() <= MAX_CAPTION_CHARS || caption.chars().count() <= MAX_CAPTION_CHARS
 }
 
 /// Capitalised words that are never taken for a character's name on their own.
@@ -323,12 +450,24 @@ fn looks_like_name(word: &str) -> bool {
     first_upper && !all_caps
 }
 
-/// Byte spans of capitalised words (runs of them) that look like unknown names.
+/// Byte spans of capitalised words (runs of them) that look like unknown names, in order.
 fn unknown_names(text: &str, known: &[Span]) -> Vec<(usize, usize)> {
-    let taken = |w: &Word| {
-        known
-            .iter()
-            .any(|s| w.start < s.byte_end && s.byte_start < w.end)
+    // Whether a word overlaps a known span, in one sweep: words come in order, so the spans
+    // starting before the current word's end only grow; it overlaps one of them exactly when
+    // the furthest end among them lies past its start.
+    let mut known: Vec<(usize, usize)> = known.iter().map(|s| (s.byte_start, s.byte_end)).collect();
+    known.sort_unstable();
+    let mut next_known = 0;
+    let mut furthest_end = 0;
+    let mut taken = |w: &Word| {
+        while let Some(&(start, end)) = known.get(next_known) {
+            if start >= w.end {
+                break;
+            }
+            furthest_end = furthest_end.max(end);
+            next_known += 1;
+        }
+        furthest_end > w.start
     };
     // Runs as (start, end, holds a word outside the stop list).
     let mut runs: Vec<(usize, usize, bool)> = Vec::new();
@@ -479,6 +618,41 @@ mod tests {
         // "it" counts because Dino uses it.
         let got = analyse(&["Dino barks.", "It wags its tail."], &cast);
         assert_eq!(describe(&got[1], &cast), ["It->Dino", "its->Dino"]);
+    }
+
+    #[test]
+    fn they_follows_the_caption_as_it_names_more() {
+        let cast = cast();
+        let got = analyse(
+            &[
+                "Sam reads.",
+                "Fred waves, they smile, then Wilma comes and they hug.",
+            ],
+            &cast,
+        );
+        assert_eq!(
+            describe(&got[1], &cast),
+            [
+                "Fred=Fred",
+                "they->Fred+Sam",
+                "Wilma=Wilma",
+                "they->Fred+Wilma+Sam"
+            ]
+        );
+    }
+
+    #[test]
+    fn captions_over_the_limit_are_not_analysed() {
+        let cast = cast();
+        let long = format!("Fred meets Barney {}", "x".repeat(MAX_CAPTION_CHARS));
+        assert!(!analysable(&long));
+        let got = analyse(&["Wilma sings.", &long, "She smiles."], &cast);
+        assert!(got[1].is_empty());
+        // It names nobody, so the chain goes on past it.
+        assert_eq!(describe(&got[2], &cast), ["She->Wilma"]);
+        // Without the limit it is analysed as before.
+        let got = analyse_within(&[&long], &cast, usize::MAX);
+        assert_eq!(describe(&got[0], &cast), ["Fred=Fred", "Barney=unknown"]);
     }
 
     #[test]

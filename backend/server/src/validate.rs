@@ -13,6 +13,10 @@ pub const MAX_TITLE_CHARS: usize = 200;
 pub const MAX_CAPTIONS: usize = 200;
 /// Most characters in one story's cast.
 pub const MAX_CAST: usize = 64;
+/// Most ids a cast list may hold as sent, repeats included. Repeats are dropped, but a list
+/// longer than this is refused before any work is done on it: a client sends each id once,
+/// so a few times the cast limit is already generous.
+pub const MAX_CAST_IDS: usize = 4 * MAX_CAST;
 
 fn text(value: &str, what: &str, code: &'static str, max: usize) -> Result<String, ApiError> {
     let trimmed = value.trim();
@@ -74,11 +78,23 @@ pub fn captions(values: &[String]) -> Result<Vec<String>, ApiError> {
         .collect()
 }
 
-/// A story's cast: no duplicates (order kept), at most 64.
+/// A story's cast: no duplicates (order kept), at most 64; the list as sent at most 256 ids.
+/// Linear in the length of the list.
 pub fn cast(ids: &[i64]) -> Result<Vec<i64>, ApiError> {
-    let mut seen = Vec::with_capacity(ids.len());
+    if ids.len() > MAX_CAST_IDS {
+        return Err(ApiError::invalid(
+            "too_many_characters",
+            format!(
+                "the cast lists {} character ids; a story has at most {MAX_CAST} characters \
+                 (and a list at most {MAX_CAST_IDS} ids, repeats included)",
+                ids.len()
+            ),
+        ));
+    }
+    let mut unique = std::collections::HashSet::with_capacity(ids.len());
+    let mut seen = Vec::with_capacity(ids.len().min(MAX_CAST + 1));
     for &id in ids {
-        if !seen.contains(&id) {
+        if unique.insert(id) {
             seen.push(id);
         }
     }
@@ -108,5 +124,12 @@ mod tests {
             "caption 2: the caption must not be empty"
         );
         assert_eq!(cast(&[3, 1, 3]).unwrap(), vec![3, 1]);
+        // Repeats do not count towards the cast limit, but the list as sent is bounded.
+        let repeated: Vec<i64> = (0..MAX_CAST_IDS as i64).map(|i| i % 3).collect();
+        assert_eq!(cast(&repeated).unwrap(), vec![0, 1, 2]);
+        let long: Vec<i64> = vec![7; MAX_CAST_IDS + 1];
+        assert_eq!(cast(&long).unwrap_err().code, "too_many_characters");
+        let distinct: Vec<i64> = (0..=MAX_CAST as i64).collect();
+        assert_eq!(cast(&distinct).unwrap_err().code, "too_many_characters");
     }
 }

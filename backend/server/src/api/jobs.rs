@@ -18,6 +18,7 @@ use crate::store::jobs::{
     self as store, Cancel, Enqueued, GenerateSpec, Idempotency, Job, MAX_SEED,
 };
 use crate::store::{page_limit, Page};
+use crate::validate::MAX_CAPTIONS;
 use crate::AppState;
 
 /// Fewest and most denoising steps a request may ask for.
@@ -118,8 +119,20 @@ impl GenerateRequest {
                     "frames must name at least one position; leave it out to draw every frame",
                 ))
             }
+            // A story has at most MAX_CAPTIONS frames, so a longer list cannot be valid: it is
+            // refused before any work is done on it.
+            Some(list) if list.len() > MAX_CAPTIONS => {
+                return Err(ApiError::invalid(
+                    "invalid_frames",
+                    format!(
+                        "frames names {} positions; a story has at most {MAX_CAPTIONS} frames",
+                        list.len()
+                    ),
+                ))
+            }
             Some(list) => {
                 let mut out: Vec<(i64, Option<u64>)> = Vec::with_capacity(list.len());
+                let mut positions = std::collections::HashSet::with_capacity(list.len());
                 for choice in list {
                     let (position, seed) = match choice {
                         FrameChoice::Position(p) => (*p, None),
@@ -128,7 +141,7 @@ impl GenerateRequest {
                             (f.position, Some(f.seed))
                         }
                     };
-                    if out.iter().any(|(p, _)| *p == position) {
+                    if !positions.insert(position) {
                         return Err(ApiError::invalid(
                             "invalid_frames",
                             format!("position {position} appears twice in frames"),

@@ -238,8 +238,7 @@ pub async fn find(
     ApiJson(body): ApiJson<MentionsRequest>,
 ) -> ApiResult<axum::Json<MentionsResponse>> {
     let cast = check(&body)?;
-    let captions: Vec<&str> = body.captions.iter().map(String::as_str).collect();
-    let analysed = mentions::analyse(&captions, &cast);
+    let analysed = mentions::analyse_off_thread(body.captions, cast.clone()).await?;
     Ok(axum::Json(MentionsResponse {
         captions: analysed
             .into_iter()

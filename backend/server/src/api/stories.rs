@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use super::characters::image_response;
 use super::{ApiJson, ApiPath, ApiQuery, ListParams};
-use crate::error::{ApiResult, Problem};
+use crate::error::{ApiError, ApiResult, Problem};
 use crate::store::frame_attention;
 use crate::store::stories::{self as store, Story, StorySummary};
 use crate::store::{page_limit, Page};
@@ -202,6 +202,18 @@ pub async fn reorder(
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<FrameOrder>,
 ) -> ApiResult<Json<Story>> {
+    // A story has at most MAX_CAPTIONS frames: a longer list is refused before the write
+    // transaction that compares it with them.
+    if body.frame_ids.len() > validate::MAX_CAPTIONS {
+        return Err(ApiError::invalid(
+            "invalid_order",
+            format!(
+                "frame_ids lists {} ids; a story has at most {} frames",
+                body.frame_ids.len(),
+                validate::MAX_CAPTIONS
+            ),
+        ));
+    }
     Ok(Json(
         store::reorder(&state.pool, id, &body.frame_ids).await?,
     ))

@@ -327,8 +327,7 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
             texts[i] = text.clone();
         }
     }
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let analysed = mentions::analyse(&refs, &cast);
+    let analysed = mentions::analyse_off_thread(texts.clone(), cast.clone()).await?;
     let count = story.frames.len();
     let items = story
         .frames
@@ -352,9 +351,12 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
     let new_highlight_html = if new_text.trim().is_empty() {
         String::new()
     } else {
-        let mut all = refs.clone();
-        all.push(&new_text);
-        let spans = mentions::analyse(&all, &cast).pop().unwrap_or_default();
+        let mut all = texts.clone();
+        all.push(new_text.clone());
+        let spans = mentions::analyse_off_thread(all, cast.clone())
+            .await?
+            .pop()
+            .unwrap_or_default();
         highlight_html(&new_text, &spans, &cast, &library, too_long_note(&new_text))
     };
     let (title_value, cast_ids, details_error) = input.details.unwrap_or_else(|| {
@@ -364,13 +366,15 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
             String::new(),
         )
     });
+    // A refused form shows back the ids it sent, however many: look them up in a set.
+    let checked: std::collections::HashSet<i64> = cast_ids.iter().copied().collect();
     let cast_options = library
         .iter()
         .map(|c| CastOption {
             id: c.id,
             name: c.name.clone(),
             pronoun: c.pronoun.as_str(),
-            checked: cast_ids.contains(&c.id),
+            checked: checked.contains(&c.id),
             colour: story
                 .character_ids
                 .iter()
@@ -735,6 +739,9 @@ async fn delete_caption(
 /// `POST /ui/stories/{id}/highlight`: the highlight of a caption being typed, in the context
 /// of the story's saved captions before it. Form fields: `caption`, and `frame_id` (editing
 /// that frame) or `position` (0-based insert place; empty or absent: the end).
+///
+/// A caption over the caption limit is refused before any analysis: 422 with a fragment that
+/// says how long it is (the page swaps 422 answers in, so the note shows under the box).
 async fn highlight(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -744,6 +751,15 @@ async fn highlight(
     let story = stories::get(&state.pool, id).await?;
     let library = characters::all(&state.pool).await?;
     let cast = story_cast(&story, &library);
+    if !mentions::analysable(&text) {
+        let html = highlight_html("", &[], &cast, &library, too_long_note(&text));
+        return Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+            Html(html),
+        )
+            .into_response());
+    }
     let before = match form_field(&body, "frame_id").and_then(|f| f.parse::<i64>().ok()) {
         Some(frame_id) => story
             .frames
@@ -754,12 +770,13 @@ async fn highlight(
             .and_then(|p| p.trim().parse::<usize>().ok())
             .map_or(story.frames.len(), |p| p.min(story.frames.len())),
     };
-    let mut captions: Vec<&str> = story.frames[..before]
+    let mut captions: Vec<String> = story.frames[..before]
         .iter()
-        .map(|f| f.caption.as_str())
+        .map(|f| f.caption.clone())
         .collect();
-    captions.push(&text);
-    let spans = mentions::analyse(&captions, &cast)
+    captions.push(text.clone());
+    let spans = mentions::analyse_off_thread(captions, cast.clone())
+        .await?
         .pop()
         .unwrap_or_default();
     let html = highlight_html(&text, &spans, &cast, &library, too_long_note(&text));

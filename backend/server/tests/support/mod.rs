@@ -385,3 +385,54 @@ pub fn png_header_claiming(width: u32, height: u32, bit_depth: u8, color_type: u
     out.extend(chunk(b"IEND", &[]));
     out
 }
+
+/// [`child_server_main`] with the resolved configuration changed by `configure` first (e.g. a
+/// short header read timeout), for a test file whose `child_server` calls it.
+pub fn child_server_main_with(configure: impl FnOnce(&mut ServeConfig)) {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let explicit = Overrides {
+        bind: Some("127.0.0.1:0".into()),
+        data_dir: Some(PathBuf::from(dir)),
+        ..Overrides::default()
+    };
+    let mut config = ServeConfig::resolve_with(explicit, FileConfig::default()).unwrap();
+    configure(&mut config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = runtime.block_on(server::serve(config, |addr| {
+        println!("{LISTENING}{addr}");
+        let _ = std::io::stdout().flush();
+    }));
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Sends a signal (`TERM`, `INT`, ...) to a process with the `kill` command.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Sends one request (`Connection: close`) and returns the answer and how long it took.
+pub fn timed_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+) -> (Response, Duration) {
+    let started = Instant::now();
+    let response = request(addr, method, path, body);
+    (response, started.elapsed())
+}
