@@ -38,30 +38,7 @@ pub const START_PATIENCE: Duration = Duration::from_secs(180);
 /// an ephemeral port, and exits 1 with `error: ...` on stderr when serving fails, as the CLI
 /// does. A no-op when the test runs without that environment (e.g. `-- --ignored`).
 pub fn child_server_main() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let explicit = Overrides {
-        bind: Some("127.0.0.1:0".into()),
-        data_dir: Some(PathBuf::from(dir)),
-        ..Overrides::default()
-    };
-    let config = ServeConfig::resolve_with(explicit, FileConfig::default()).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = runtime.block_on(server::serve(config, |addr| {
-        println!("{LISTENING}{addr}");
-        let _ = std::io::stdout().flush();
-    }));
-    match result {
-        Ok(()) => std::process::exit(0),
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            std::process::exit(1)
-        }
-    }
+    child_server_main_with(|_| {});
 }
 
 /// A server in a child process; killed (SIGKILL) when dropped.
