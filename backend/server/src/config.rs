@@ -57,6 +57,10 @@ pub struct FileConfig {
     pub max_attempts: Option<u32>,
     /// Store each frame's cross-attention heatmaps.
     pub capture_attention: Option<bool>,
+    /// Seconds a connection may take to send a request head.
+    pub header_read_timeout_s: Option<u64>,
+    /// Seconds a shutdown waits for open connections before closing them.
+    pub shutdown_grace_s: Option<u64>,
 }
 
 impl FileConfig {
@@ -88,7 +92,7 @@ pub struct ServeConfig {
     /// Store each frame's cross-attention heatmaps (one per character mention).
     pub capture_attention: bool,
     /// Longest a connection may take to send a request head; see
-    /// [`DEFAULT_HEADER_READ_TIMEOUT`]. Not a file or command-line setting (yet): tests set it.
+    /// [`DEFAULT_HEADER_READ_TIMEOUT`].
     pub header_read_timeout: std::time::Duration,
     /// Longest a shutdown waits for open connections before closing them; see
     /// [`DEFAULT_SHUTDOWN_GRACE`].
@@ -129,6 +133,8 @@ impl ServeConfig {
             sse_heartbeat_ms,
             max_attempts,
             capture_attention,
+            header_read_timeout_s,
+            shutdown_grace_s,
         } = explicit;
         let bind_text = bind
             .or(file.bind)
@@ -158,6 +164,14 @@ impl ServeConfig {
         if max_attempts == 0 {
             bail!("max_attempts must be at least 1");
         }
+        let header_read_timeout = match header_read_timeout_s.or(file.header_read_timeout_s) {
+            Some(0) => bail!("the header read timeout must be at least 1 s"),
+            Some(s) => std::time::Duration::from_secs(s),
+            None => DEFAULT_HEADER_READ_TIMEOUT,
+        };
+        let shutdown_grace = shutdown_grace_s
+            .or(file.shutdown_grace_s)
+            .map_or(DEFAULT_SHUTDOWN_GRACE, std::time::Duration::from_secs);
         Ok(Self {
             bind,
             data_dir,
@@ -171,8 +185,8 @@ impl ServeConfig {
             capture_attention: capture_attention
                 .or(file.capture_attention)
                 .unwrap_or(DEFAULT_CAPTURE_ATTENTION),
-            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_read_timeout,
+            shutdown_grace,
         })
     }
 
@@ -224,6 +238,30 @@ mod tests {
         };
         let cfg = ServeConfig::resolve(None, None, file).unwrap();
         assert!(!cfg.capture_attention);
+    }
+
+    #[test]
+    fn connection_timeouts_come_from_flags_or_file() {
+        let cfg = ServeConfig::resolve(None, None, FileConfig::default()).unwrap();
+        assert_eq!(cfg.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(cfg.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "header_read_timeout_s = 30\nshutdown_grace_s = 2\n").unwrap();
+        let file = FileConfig::load(&path).unwrap();
+        let explicit = Overrides {
+            shutdown_grace_s: Some(0),
+            ..Overrides::default()
+        };
+        let cfg = ServeConfig::resolve_with(explicit, file).unwrap();
+        assert_eq!(cfg.header_read_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(cfg.shutdown_grace, std::time::Duration::ZERO, "the flag wins");
+        let zero = Overrides {
+            header_read_timeout_s: Some(0),
+            ..Overrides::default()
+        };
+        let err = ServeConfig::resolve_with(zero, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("at least 1 s"), "{err}");
     }
 
     #[test]

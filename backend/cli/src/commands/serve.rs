@@ -50,6 +50,15 @@ pub struct ServeArgs {
           num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     capture_attention: Option<bool>,
+
+    /// Seconds a connection may take to send a request head before it is closed [default: 15].
+    #[arg(long, env = "STORYGPT_HEADER_READ_TIMEOUT_S")]
+    header_read_timeout_s: Option<u64>,
+
+    /// Seconds a shutdown (SIGINT/SIGTERM) waits for open connections before closing them
+    /// [default: 5].
+    #[arg(long, env = "STORYGPT_SHUTDOWN_GRACE_S")]
+    shutdown_grace_s: Option<u64>,
 }
 
 /// Resolves the configuration and serves until SIGINT/SIGTERM.
@@ -67,6 +76,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         sse_heartbeat_ms: args.sse_heartbeat_ms,
         max_attempts: args.max_attempts,
         capture_attention: args.capture_attention,
+        header_read_timeout_s: args.header_read_timeout_s,
+        shutdown_grace_s: args.shutdown_grace_s,
     };
     let config = ServeConfig::resolve_with(explicit, file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
