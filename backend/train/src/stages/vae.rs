@@ -310,6 +310,11 @@ pub(crate) fn validation_psnr(
     Ok(mean_psnr(&per_image))
 }
 
+/// The validation record of both VAE stages: `psnr_db` and `mse`.
+pub(crate) fn psnr_metrics((psnr, mse): (f64, f64)) -> BTreeMap<String, f64> {
+    BTreeMap::from([("psnr_db".to_owned(), psnr), ("mse".to_owned(), mse)])
+}
+
 /// Frames `x` (top row) over their reconstructions `xr` (bottom row), both `(N, 3, s, s)`.
 pub(crate) fn originals_over_reconstructions(
     x: &Tensor,
@@ -399,11 +404,7 @@ impl Stage for VaeStage {
     }
 
     fn validate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
-        let (psnr, mse) = self.psnr()?;
-        Ok(BTreeMap::from([
-            ("psnr_db".to_owned(), psnr),
-            ("mse".to_owned(), mse),
-        ]))
+        Ok(psnr_metrics(self.psnr()?))
     }
 }
 

@@ -231,7 +231,10 @@ pub fn prepare(
 fn load_into(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
     let tensors = candle_core::safetensors::load(path, device)
         .with_context(|| format!("reading {}", path.display()))?;
-    let data = varmap.data().lock().expect("varmap poisoned");
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the VAE's variables are poisoned by an earlier panic"))?;
     for (name, var) in data.iter() {
         let t = tensors
             .get(name)
@@ -364,11 +367,7 @@ impl Stage for VaeDecoderStage {
     }
 
     fn validate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
-        let (psnr, mse) = self.psnr()?;
-        Ok(BTreeMap::from([
-            ("psnr_db".to_owned(), psnr),
-            ("mse".to_owned(), mse),
-        ]))
+        Ok(super::vae::psnr_metrics(self.psnr()?))
     }
 }
 
