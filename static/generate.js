@@ -62,8 +62,14 @@
       var p = panel();
       return p && p.dataset.jobId ? Number(p.dataset.jobId) : null;
     }
-    on("queued", function () {
+    on("queued", function (d) {
       if (activeJob() === null) refreshPanel(storyId);
+      // The shown job went back to the queue (another story's turn, or a restart): say so,
+      // with why; its bars keep what it has drawn.
+      if (d.requeued && activeJob() === d.job_id) {
+        setText("job-status", "queued");
+        if (d.reason) setText("generate-status", "Waiting: " + d.reason + ".");
+      }
       refreshStrip();
     });
     on("started", function (d) {

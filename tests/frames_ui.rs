@@ -340,9 +340,19 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip() {
         .unwrap()
         .contains("Frame 2 was not redrawn:"));
     assert!(jobs_of(&server, id).await.is_empty());
-    // An unknown story has no strip to answer with.
+    // An unknown story has no strip to answer with: the studio's error page (issue #18: a
+    // form route's errors are HTML, not problem documents).
     let response = press_redraw(&server, 999_999, 0, false).await;
-    problem(response, StatusCode::NOT_FOUND).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("Story 999999 does not exist."));
 
     // With capture turned off, frames are drawn without maps.
     let job = generate(&server, id, json!({"steps": 1})).await;

@@ -562,7 +562,7 @@ async fn captions_are_edited_and_reordered_through_the_page() {
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let html = response.text().await.unwrap();
     assert_eq!(
-        element_text(&html, "not-found-detail"),
+        element_text(&html, "error-detail"),
         "Story 999 does not exist."
     );
 }

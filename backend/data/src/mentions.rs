@@ -115,21 +115,50 @@ pub(crate) struct NameMatch {
     pub possessive: bool,
 }
 
-fn is_apostrophe(t: &Token) -> bool {
+pub(crate) fn is_apostrophe(t: &Token) -> bool {
     !t.word && (t.lower == "'" || t.lower == "\u{2019}")
 }
 
-/// Try to match alias words at token `i`; returns the token index one past the match.
-fn match_alias(tokens: &[Token], i: usize, alias: &[String]) -> Option<usize> {
+/// The tokens a caption must hold to name `alias`, as (lowercased text, is a word): its words
+/// and the punctuation between them ("O'Brien", "Jean-Luc": without it such a name could never
+/// match as written), but no dots, which a caption may add after a word or leave out ("Mr
+/// Slate", "Mr. Slate"), and nothing before its first word or after its last. Empty when it
+/// has no word.
+fn alias_tokens(alias: &str) -> Vec<(String, bool)> {
+    let tokens = tokenize(alias);
+    let first = tokens.iter().position(|t| t.word);
+    let last = tokens.iter().rposition(|t| t.word);
+    let (Some(first), Some(last)) = (first, last) else {
+        return Vec::new();
+    };
+    tokens[first..=last]
+        .iter()
+        .filter(|t| t.word || t.lower != ".")
+        .map(|t| {
+            // Either apostrophe stands for both ("O'Brien" written "O’Brien").
+            let text = if is_apostrophe(t) {
+                "'".to_string()
+            } else {
+                t.lower.clone()
+            };
+            (text, t.word)
+        })
+        .collect()
+}
+
+/// Try to match an alias's tokens (see [`alias_tokens`]) at token `i`; returns the token
+/// index one past the match.
+fn match_alias(tokens: &[Token], i: usize, alias: &[(String, bool)]) -> Option<usize> {
     let mut j = i;
-    for (k, w) in alias.iter().enumerate() {
+    for (k, (text, word)) in alias.iter().enumerate() {
         let t = tokens.get(j)?;
-        if !t.word || &t.lower != w {
+        let same = t.lower == *text || (text == "'" && is_apostrophe(t));
+        if t.word != *word || !same {
             return None;
         }
         j += 1;
         // "Mr. Slate": an optional dot right after a non-final alias word.
-        if k + 1 < alias.len() {
+        if *word && k + 1 < alias.len() {
             if let Some(d) = tokens.get(j) {
                 if !d.word && d.lower == "." && d.start == t.end {
                     j += 1;
@@ -142,23 +171,16 @@ fn match_alias(tokens: &[Token], i: usize, alias: &[String]) -> Option<usize> {
 
 /// All character-name matches, longest alias first, left to right.
 pub(crate) fn find_names(tokens: &[Token], rules: &RuleSet) -> Vec<NameMatch> {
-    let aliases: Vec<(usize, Vec<String>)> = rules
+    let aliases: Vec<(usize, Vec<(String, bool)>)> = rules
         .characters
         .iter()
         .enumerate()
         .flat_map(|(ci, c)| {
             std::iter::once(&c.name)
                 .chain(c.aliases.iter())
-                .map(move |a| {
-                    let words = tokenize(a)
-                        .into_iter()
-                        .filter(|t| t.word)
-                        .map(|t| t.lower)
-                        .collect();
-                    (ci, words)
-                })
+                .map(move |a| (ci, alias_tokens(a)))
         })
-        .filter(|(_, w): &(usize, Vec<String>)| !w.is_empty())
+        .filter(|(_, tokens)| !tokens.is_empty())
         .collect();
     let mut out = Vec::new();
     let mut i = 0;
@@ -321,6 +343,11 @@ pub(crate) fn role(tokens: &[Token], first: usize, last: usize) -> Case {
 }
 
 /// Find character names and pronouns in a caption, ordered by position.
+///
+/// Linear in the caption's length (times the rule set's alias words): the name matches come
+/// in token order, so whether a token lies inside one is read off the next match in one
+/// sweep, and character offsets are counted on from the previous span, not from the start of
+/// the caption for each one.
 pub fn find_mentions(caption: &str, rules: &RuleSet) -> Vec<Mention> {
     let tokens = tokenize(caption);
     let names = find_names(&tokens, rules);
@@ -336,8 +363,14 @@ pub fn find_mentions(caption: &str, rules: &RuleSet) -> Vec<Mention> {
         })
         .collect();
     let with_it = rules.uses_it();
+    // The first name match that does not end at or before the current token.
+    let mut next_name = 0;
     for (i, t) in tokens.iter().enumerate() {
-        if !t.word || names.iter().any(|m| i >= m.first && i < m.last) {
+        while names.get(next_name).is_some_and(|m| m.last <= i) {
+            next_name += 1;
+        }
+        let in_name = names.get(next_name).is_some_and(|m| m.first <= i);
+        if !t.word || in_name {
             continue;
         }
         if let Some((pronoun, mut case)) = Pronoun::from_word(&t.lower, with_it) {
@@ -356,11 +389,20 @@ pub fn find_mentions(caption: &str, rules: &RuleSet) -> Vec<Mention> {
         }
     }
     spans.sort_by_key(|s| s.0);
+    // (byte, char) offsets of the last position counted. Spans do not overlap, so the offsets
+    // asked for only grow; counting from the start again covers any that would not.
+    let mut counted = (0, 0);
+    let mut char_offset = |byte: usize| {
+        let (from_byte, from_char) = if byte >= counted.0 { counted } else { (0, 0) };
+        let at = from_char + caption[from_byte..byte].chars().count();
+        counted = (byte, at);
+        at
+    };
     spans
         .into_iter()
         .map(|(bs, be, kind)| Mention {
-            start: caption[..bs].chars().count(),
-            end: caption[..be].chars().count(),
+            start: char_offset(bs),
+            end: char_offset(be),
             byte_start: bs,
             byte_end: be,
             text: caption[bs..be].to_string(),
@@ -433,6 +475,35 @@ mod tests {
             vec![("Pebbles".into(), true), ("Fred".into(), true)]
         );
         assert_eq!(names("Slate rocks"), vec![]);
+        // Punctuation inside a name is part of it; dots stay optional.
+        let rules = RuleSet {
+            name: "custom".into(),
+            characters: vec![
+                crate::rules::CharacterDef::new("O'Brien", Pronoun::He),
+                crate::rules::CharacterDef::new("Jean-Luc", Pronoun::He),
+                crate::rules::CharacterDef::new("Dr. No", Pronoun::He),
+            ],
+            mode: crate::rules::RuleMode::Labels,
+        };
+        let found: Vec<(String, bool)> = find_mentions(
+            "O'Brien meets jean-luc and Dr No at O\u{2019}Brien's, not Jean Luc.",
+            &rules,
+        )
+        .into_iter()
+        .filter_map(|m| match m.kind {
+            MentionKind::Character { possessive, .. } => Some((m.text, possessive)),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(
+            found,
+            [
+                ("O'Brien".into(), false),
+                ("jean-luc".into(), false),
+                ("Dr No".into(), false),
+                ("O\u{2019}Brien's".into(), true)
+            ]
+        );
         let m = find_mentions("Fred's car", &RuleSet::flintstones());
         assert_eq!(m[0].text, "Fred's");
     }
@@ -475,5 +546,60 @@ mod tests {
         assert_eq!(role(&t, at("dino"), at("dino") + 1), Case::Object);
         assert_eq!(role(&t, at("betty"), at("betty") + 1), Case::Subject);
         assert!(at_sentence_start(&tokenize("Hi. \"Fred"), 3));
+    }
+
+    /// A caption built to be slow: a name, a pronoun and a multi-byte character every few
+    /// characters, so there are as many mentions (and tokens) as a caption can hold.
+    fn worst_case(chars: usize) -> String {
+        let unit = "Fred and he é, Mr. Slate's cat; ";
+        unit.repeat(chars / unit.chars().count() + 1)
+    }
+
+    #[test]
+    fn offsets_are_counted_right_across_many_mentions() {
+        let r = RuleSet::flintstones();
+        let caption = format!("Ünïcödé: {} — she waves at him.", worst_case(2_000));
+        let mentions = find_mentions(&caption, &r);
+        assert!(mentions.len() > 150, "{}", mentions.len());
+        for m in &mentions {
+            assert_eq!(m.start, caption[..m.byte_start].chars().count());
+            assert_eq!(m.end, caption[..m.byte_end].chars().count());
+            assert_eq!(m.text, caption[m.byte_start..m.byte_end]);
+        }
+        let names = mentions
+            .iter()
+            .filter(|m| matches!(m.kind, MentionKind::Character { .. }))
+            .count();
+        // Per unit two names and a pronoun; two pronouns at the end.
+        assert_eq!(names * 3, (mentions.len() - 2) * 2);
+    }
+
+    /// Issue #18: one caption's analysis was quadratic in its length (each token looked
+    /// through every name match, each offset was counted from the start of the caption): 1-2
+    /// s for this 400,000-character caption. It is measured against splitting the same
+    /// caption into tokens, a linear pass it starts with, in the same run (best of three
+    /// each), so a slow or busy machine does not make the test fail.
+    #[test]
+    fn find_mentions_is_linear_in_the_caption_length() {
+        let r = RuleSet::flintstones();
+        let caption = worst_case(400_000);
+        let best = |f: &dyn Fn() -> usize| {
+            (0..3)
+                .map(|_| {
+                    let started = std::time::Instant::now();
+                    assert!(f() > 0);
+                    started.elapsed()
+                })
+                .min()
+                .unwrap_or_default()
+        };
+        let baseline = best(&|| tokenize(&caption).len());
+        let took = best(&|| find_mentions(&caption, &r).len());
+        println!("400k characters: tokenize {baseline:?}, find_mentions {took:?}");
+        assert!(
+            took < baseline * 15 + std::time::Duration::from_millis(20),
+            "find_mentions took {took:?}, {:.1} times as long as tokenizing ({baseline:?})",
+            took.as_secs_f64() / baseline.as_secs_f64().max(1e-9)
+        );
     }
 }

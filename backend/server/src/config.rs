@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+pub use crate::surface::AllowedHosts;
+
 /// Default listen address.
 pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
 /// Default data directory (holds the SQLite database).
@@ -18,6 +20,9 @@ pub const MAX_PORTRAIT_BYTES: usize = 10 * 1024 * 1024;
 /// rather than a reset connection; bodies beyond it are cut off at once. Other routes keep
 /// axum's 2 MiB default, plenty for 200 captions.
 pub const UPLOAD_BODY_LIMIT: usize = 32 * 1024 * 1024;
+/// Largest urlencoded form body of a studio route (axum's default body limit, which the JSON
+/// routes keep).
+pub const FORM_BODY_LIMIT: usize = 2 * 1024 * 1024;
 /// Default device of the generation worker.
 pub const DEFAULT_DEVICE: &str = "cpu";
 /// Default number of jobs that may wait in the queue before new ones get 429.
@@ -61,6 +66,8 @@ pub struct FileConfig {
     pub header_read_timeout_s: Option<u64>,
     /// Seconds a shutdown waits for open connections before closing them.
     pub shutdown_grace_s: Option<u64>,
+    /// Host names (optionally with a port) requests may be addressed to; `*`: any.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -97,6 +104,13 @@ pub struct ServeConfig {
     /// Longest a shutdown waits for open connections before closing them; see
     /// [`DEFAULT_SHUTDOWN_GRACE`].
     pub shutdown_grace: std::time::Duration,
+    /// The `Host` names requests may carry (a guard against DNS rebinding): by default the
+    /// loopback names when bound to a loopback address, any otherwise.
+    pub allowed_hosts: AllowedHosts,
+    /// Caps the database at this many pages (SQLite's `max_page_count`, never below its size
+    /// when a connection opens), so that writes fail as on a full disk. No flag or config key
+    /// sets it: the tests use it to check how a full disk is answered without needing root.
+    pub database_page_limit: Option<u32>,
 }
 
 /// Values given explicitly (flags or environment, already resolved by the CLI); each wins
@@ -135,6 +149,7 @@ impl ServeConfig {
             capture_attention,
             header_read_timeout_s,
             shutdown_grace_s,
+            allowed_hosts,
         } = explicit;
         let bind_text = bind
             .or(file.bind)
@@ -172,6 +187,10 @@ impl ServeConfig {
         let shutdown_grace = shutdown_grace_s
             .or(file.shutdown_grace_s)
             .map_or(DEFAULT_SHUTDOWN_GRACE, std::time::Duration::from_secs);
+        let allowed_hosts = match allowed_hosts.or(file.allowed_hosts) {
+            Some(list) => AllowedHosts::parse(&list)?,
+            None => AllowedHosts::default_for(bind),
+        };
         Ok(Self {
             bind,
             data_dir,
@@ -187,6 +206,8 @@ impl ServeConfig {
                 .unwrap_or(DEFAULT_CAPTURE_ATTENTION),
             header_read_timeout,
             shutdown_grace,
+            allowed_hosts,
+            database_page_limit: None,
         })
     }
 
@@ -262,6 +283,44 @@ mod tests {
         };
         let err = ServeConfig::resolve_with(zero, FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("at least 1 s"), "{err}");
+    }
+
+    #[test]
+    fn allowed_hosts_default_to_loopback_names_on_a_loopback_address() {
+        let loopback = ServeConfig::resolve(None, None, FileConfig::default()).unwrap();
+        assert!(loopback.allowed_hosts.allows("localhost:8080"));
+        assert!(loopback.allowed_hosts.allows("127.0.0.1"));
+        assert!(loopback.allowed_hosts.allows("[::1]:1"));
+        assert!(!loopback.allowed_hosts.allows("evil.example"));
+        assert!(!loopback.allowed_hosts.allows("evil.example:8080"));
+        let open =
+            ServeConfig::resolve(Some("0.0.0.0:0".into()), None, FileConfig::default()).unwrap();
+        assert_eq!(open.allowed_hosts, AllowedHosts::Any);
+        // The flag (or environment) wins over the file; `*` allows any.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "allowed_hosts = [\"studio.example\"]\n").unwrap();
+        let file = FileConfig::load(&path).unwrap();
+        let cfg = ServeConfig::resolve_with(Overrides::default(), file.clone()).unwrap();
+        assert!(cfg.allowed_hosts.allows("Studio.Example.:443"));
+        assert!(!cfg.allowed_hosts.allows("localhost"));
+        let explicit = Overrides {
+            allowed_hosts: Some(vec!["*".into()]),
+            ..Overrides::default()
+        };
+        let cfg = ServeConfig::resolve_with(explicit, file).unwrap();
+        assert_eq!(cfg.allowed_hosts, AllowedHosts::Any);
+        let empty = Overrides {
+            allowed_hosts: Some(vec![]),
+            ..Overrides::default()
+        };
+        assert!(ServeConfig::resolve_with(empty, FileConfig::default()).is_err());
+        let url = Overrides {
+            allowed_hosts: Some(vec!["http://a.example/".into()]),
+            ..Overrides::default()
+        };
+        let err = ServeConfig::resolve_with(url, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("http://a.example/"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::db::StorageFault;
+
 /// An error answered to the client: HTTP status, stable code and a human explanation.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -72,6 +74,37 @@ impl ApiError {
         )
     }
 
+    /// A failure of the storage (full disk, read-only or locked database), answered as what
+    /// it is, 507 or 503, with a stable code; the cause is logged, not sent.
+    pub fn storage(fault: StorageFault, err: impl std::fmt::Display) -> Self {
+        let (status, code, detail) = match fault {
+            StorageFault::Full => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                "the server's disk is full, so nothing was saved; try again once space has \
+                 been freed",
+            ),
+            StorageFault::ReadOnly => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_read_only",
+                "the server cannot write its database (it is read-only), so nothing was saved",
+            ),
+            StorageFault::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_busy",
+                "the database is locked by another program, so nothing was saved; try again in \
+                 a moment",
+            ),
+            StorageFault::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "the server cannot read or write its database; see its log",
+            ),
+        };
+        tracing::error!(error = %err, code, "storage failure");
+        Self::new(status, code, detail)
+    }
+
     /// The problem document for this error.
     pub fn problem(&self) -> Problem {
         Problem {
@@ -100,6 +133,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
         let mut response = (self.status, body).into_response();
+        // Kept with the response so that `surface::guard` can show the same error as the
+        // studio's HTML page on a non-API address without parsing the body back.
+        response.extensions_mut().insert(self.clone());
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
@@ -126,7 +162,10 @@ impl From<sqlx::Error> for ApiError {
                 );
             }
         }
-        Self::internal(err)
+        match StorageFault::of(&err) {
+            Some(fault) => Self::storage(fault, err),
+            None => Self::internal(err),
+        }
     }
 }
 

@@ -17,13 +17,14 @@ pub mod model;
 pub mod pages;
 pub mod starter_cast;
 pub mod store;
+pub mod surface;
 pub mod validate;
 pub mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, Request};
+use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::routing::get;
 use axum::Router;
 use sqlx::SqlitePool;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub settings: Arc<JobSettings>,
     /// Turns true when the server starts shutting down; long-lived streams end then.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// The `Host` names requests may be addressed to.
+    pub allowed_hosts: Arc<surface::AllowedHosts>,
 }
 
 /// Settings of the job queue and its event streams.
@@ -72,6 +75,15 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(api::health::readyz))
         .route("/openapi.json", get(api::openapi::document))
         .route("/docs", get(api::openapi::page))
+        .fallback(|| async {
+            crate::pages::error_page(StatusCode::NOT_FOUND, "there is no page at this address")
+        })
+        // Inside the tracing and request-id layers, so refusals and rewritten errors are
+        // logged and carry an x-request-id like any answer.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            surface::guard,
+        ))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::HeaderName::from_static("x-frame-options"),
             HeaderValue::from_static("DENY"),
@@ -106,11 +118,15 @@ pub async fn serve(
     // Held until this function returns, after the worker has stopped and the pool closed.
     let lock = lock::DataDirLock::acquire(&config.data_dir)?;
     tracing::info!(lock = %lock.path().display(), pid = std::process::id(), "data directory locked");
-    let pool = db::open(&config.database_path()).await?;
+    let pool = db::open_limited(&config.database_path(), config.database_page_limit).await?;
     tracing::info!(database = %config.database_path().display(), "database ready");
     // Jobs a crash left `running` are requeued (or failed, or cancelled) before any worker
     // could claim them.
-    let recovery = store::job_runs::recover(&pool, config.max_attempts).await?;
+    // Its errors are `ApiError`s, whose text ("500 Internal Server Error ...") means nothing
+    // on a command line: say what is wrong with the database instead.
+    let recovery = store::job_runs::recover(&pool, config.max_attempts)
+        .await
+        .map_err(|e| db::StorageFault::startup_api_error(&config.database_path(), e))?;
     if !(recovery.requeued.is_empty()
         && recovery.failed.is_empty()
         && recovery.cancelled.is_empty())
@@ -156,7 +172,7 @@ pub async fn serve(
             let _ = stop_tx.send(true);
         });
     }
-    tracing::info!(%addr, "listening");
+    tracing::info!(%addr, allowed_hosts = ?config.allowed_hosts, "listening");
     on_listen(addr);
     let state = AppState {
         pool: pool.clone(),
@@ -169,6 +185,7 @@ pub async fn serve(
             retry_after_secs: 10,
         }),
         stop: stop_rx.clone(),
+        allowed_hosts: Arc::new(config.allowed_hosts.clone()),
     };
     run_http(
         listener,

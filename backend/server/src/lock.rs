@@ -30,13 +30,34 @@ impl DataDirLock {
     pub fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
         let path = data_dir.join(LOCK_FILE);
         // Opened without truncating: the holder's PID must stay readable to a second server.
-        let mut file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+            .open(&path);
+        let mut file = match opened {
+            Ok(file) => file,
+            // The first write of a start: a read-only directory is said as what it is.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                tracing::error!(error = %err, file = %path.display(), "cannot open the lock file");
+                bail!(
+                    "cannot write in the data directory {} (its lock file {}): the directory \
+                     or the file is read-only; make it writable or choose another --data-dir",
+                    data_dir.display(),
+                    path.display()
+                );
+            }
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot open the lock file {}", path.display()))
+            }
+        };
         if let Err(err) = fs2::FileExt::try_lock_exclusive(&file) {
             if err.kind() != fs2::lock_contended_error().kind() {
                 return Err(err).with_context(|| {

@@ -30,7 +30,9 @@ pub struct ModelInfo {
     pub width: usize,
     /// The language model.
     pub llm: String,
-    /// The bundle directory.
+    /// The bundle directory, for the log. Not sent: `/readyz` is public, and a filesystem
+    /// path tells a visitor about the machine (the bundle's `name` identifies it).
+    #[serde(skip_serializing)]
     pub bundle: String,
     /// Denoising steps used when a request names none.
     pub default_steps: u32,

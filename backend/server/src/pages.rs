@@ -4,6 +4,7 @@
 //! a refused form is rendered again with the messages next to its fields); with HTMX loaded
 //! they swap just the section that changed and show the same messages in place.
 
+mod forms;
 mod frames;
 mod generate;
 mod starter;
@@ -74,6 +75,36 @@ pub fn router() -> Router<AppState> {
             "/static/frames.js",
             get(|| async { asset(FRAMES_JS.as_bytes().to_vec(), "text/javascript") }),
         )
+        .layer(axum::middleware::from_fn(forms::strict_urlencoded))
+}
+
+/// The studio's error page (`error.html`).
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    title: String,
+    detail: String,
+    status: u16,
+}
+
+/// An error of a studio address as the HTML page a browser shows: the status's name as the
+/// heading and the detail as a sentence. The API answers the same errors as problem documents
+/// (see `surface`).
+pub fn error_page(status: StatusCode, detail: &str) -> Response {
+    let page = ErrorPage {
+        title: status.canonical_reason().unwrap_or("Error").to_string(),
+        detail: sentence(detail),
+        status: status.as_u16(),
+    };
+    match page.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        // Rendering a page this simple does not fail; if it did, say so without a page
+        // (another ApiError would come back here).
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render the error page");
+            (status, detail.to_string()).into_response()
+        }
+    }
 }
 
 fn asset(bytes: Vec<u8>, mime: &'static str) -> Response {
@@ -390,6 +421,8 @@ struct Upload {
     portrait: Option<Vec<u8>>,
     /// The body was cut off at the route's hard limit: the connection cannot be reused.
     cut_off: bool,
+    /// Text fields whose bytes are not UTF-8 (`name`, `pronoun`).
+    invalid_utf8: Vec<String>,
 }
 
 async fn read_upload(request: Request, state: &AppState, form: &mut CharacterFormState) -> Upload {
@@ -410,6 +443,7 @@ async fn read_upload(request: Request, state: &AppState, form: &mut CharacterFor
             return upload;
         }
     };
+    let mut seen = std::collections::HashSet::new();
     loop {
         let mut field = match multipart.next_field().await {
             Ok(Some(field)) => field,
@@ -425,12 +459,21 @@ async fn read_upload(request: Request, state: &AppState, form: &mut CharacterFor
             }
         };
         let name = field.name().unwrap_or_default().to_string();
+        if !seen.insert(name.clone()) {
+            // The last one would otherwise silently win.
+            form.error = sentence(&format!(
+                "the form field {name:?} is sent more than once; send it once"
+            ));
+        }
         if name == "name" || name == "pronoun" {
-            let text = field.text().await.unwrap_or_default();
-            if name == "name" {
-                upload.name = text;
-            } else {
-                upload.pronoun = text;
+            // Bytes, not `text()`, which would turn what is not UTF-8 into U+FFFD and store it.
+            let bytes = field.bytes().await.unwrap_or_default();
+            match String::from_utf8(bytes.to_vec()) {
+                Ok(text) if name == "name" => upload.name = text,
+                Ok(text) => upload.pronoun = text,
+                Err(_) => {
+                    upload.invalid_utf8.push(name);
+                }
             }
             continue;
         }
@@ -494,7 +537,12 @@ async fn add_character(
     form.pronoun = upload.pronoun.clone();
     // Every field is checked, so one answer lists every problem.
     let existing = characters::all(&state.pool).await?;
+    let not_utf8 = |field: &str| upload.invalid_utf8.iter().any(|f| f == field);
     let name = match validate::name(&upload.name) {
+        _ if not_utf8("name") => {
+            form.name_error = "The name is not valid UTF-8 text; type it again.".into();
+            None
+        }
         Ok(name) if name_in_use(&existing, &name, None) => {
             form.name_error = name_taken_message(&name);
             None
@@ -505,9 +553,14 @@ async fn add_character(
             None
         }
     };
-    let pronoun = Pronoun::parse(&upload.pronoun)
-        .map_err(|e| form.file(&e))
-        .ok();
+    let pronoun = if not_utf8("pronoun") {
+        form.pronoun_error = "The pronoun is not valid UTF-8 text; choose one again.".into();
+        None
+    } else {
+        Pronoun::parse(&upload.pronoun)
+            .map_err(|e| form.file(&e))
+            .ok()
+    };
     let image = match upload.portrait {
         Some(bytes) => match normalize_portrait_bounded(bytes).await {
             Ok(image) => Some(image),

@@ -42,9 +42,52 @@ fn text(value: &str, what: &str, code: &'static str, max: usize) -> Result<Strin
     Ok(trimmed.to_string())
 }
 
-/// A character's name: trimmed, 1..=64 characters, one line.
+/// Characters a name must not hold although they are not control characters: invisible ones
+/// (zero-width spaces and joiners, word joiner, invisible operators, BOM, soft hyphen) and the
+/// bidirectional overrides and isolates, which make a name display as something else than
+/// what it is (U+202E turns "Fred\u{202E}kcirt" into "Fredtrick").
+fn hidden_character(c: char) -> Option<&'static str> {
+    match c {
+        '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{00AD}' => {
+            Some("an invisible character")
+        }
+        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' => {
+            Some("a bidirectional override or isolate")
+        }
+        _ => None,
+    }
+}
+
+/// A user-chosen name (a character's name, a story's title): NFC-normalised (so "Zoe" with a
+/// combining accent and the precomposed "Zoé" are one name), then the rules of [`text`], and
+/// neither control characters (tab included) nor invisible or bidi-control characters.
+fn label(value: &str, what: &str, code: &'static str, max: usize) -> Result<String, ApiError> {
+    use unicode_normalization::UnicodeNormalization;
+    let normalized: String = value.trim().nfc().collect();
+    let checked = text(&normalized, what, code, max)?;
+    for c in checked.chars() {
+        let kind = if c.is_control() {
+            Some("a control character")
+        } else {
+            hidden_character(c)
+        };
+        if let Some(kind) = kind {
+            return Err(ApiError::invalid(
+                code,
+                format!(
+                    "the {what} contains {kind} (U+{:04X}), which would not show as written; \
+                     remove it",
+                    c as u32
+                ),
+            ));
+        }
+    }
+    Ok(checked)
+}
+
+/// A character's name: NFC, trimmed, 1..=64 characters, one line, nothing invisible.
 pub fn name(value: &str) -> Result<String, ApiError> {
-    text(value, "name", "invalid_name", MAX_NAME_CHARS)
+    label(value, "name", "invalid_name", MAX_NAME_CHARS)
 }
 
 /// A caption: trimmed, 1..=1000 characters, one line.
@@ -52,9 +95,9 @@ pub fn caption(value: &str) -> Result<String, ApiError> {
     text(value, "caption", "invalid_caption", MAX_CAPTION_CHARS)
 }
 
-/// A story title: trimmed, 1..=200 characters, one line.
+/// A story title: NFC, trimmed, 1..=200 characters, one line, nothing invisible.
 pub fn title(value: &str) -> Result<String, ApiError> {
-    text(value, "title", "invalid_title", MAX_TITLE_CHARS)
+    label(value, "title", "invalid_title", MAX_TITLE_CHARS)
 }
 
 /// A list of captions for a new story: each valid, at most 200.
@@ -131,5 +174,30 @@ mod tests {
         assert_eq!(cast(&long).unwrap_err().code, "too_many_characters");
         let distinct: Vec<i64> = (0..=MAX_CAST as i64).collect();
         assert_eq!(cast(&distinct).unwrap_err().code, "too_many_characters");
+    }
+
+    #[test]
+    fn names_are_nfc_and_visible() {
+        assert_eq!(name("Zoe\u{301}").unwrap(), "Zo\u{e9}");
+        assert_eq!(title(" Cafe\u{301} ").unwrap(), "Caf\u{e9}");
+        // Length is counted after normalisation: 63 letters plus a combining accent fit.
+        assert!(name(&format!("{}e\u{301}", "x".repeat(63))).is_ok());
+        for bad in [
+            "Fred\u{200B}",
+            "\u{200D}Fred",
+            "Fr\u{00AD}ed",
+            "Fred\u{2060}",
+            "\u{FEFF}Fred",
+            "Fred\u{202E}kcirt",
+            "Fred\u{2066}x",
+            "Fred\tJr",
+        ] {
+            let err = name(bad).unwrap_err();
+            assert_eq!(err.code, "invalid_name", "{bad:?}");
+            assert!(err.detail.contains("U+"), "{}", err.detail);
+        }
+        assert_eq!(title("A\u{202D}B").unwrap_err().code, "invalid_title");
+        // Captions keep their own rules (a tab is fine there).
+        assert!(caption("a\tb").is_ok());
     }
 }

@@ -1,11 +1,20 @@
 //! The generation worker: one dedicated OS thread per device that owns the loaded
 //! `StoryPipeline` (which need not be `Send`, and whose denoising loop would starve the async
-//! runtime), claims queued jobs from the database one at a time in id order, draws them, and
-//! records each step through `store::jobs` (database first, then the live hub).
+//! runtime), claims queued jobs from the database one at a time, stories taking turns
+//! (`store::job_runs::claim`), draws them, and records each step through `store::jobs`
+//! (database first, then the live hub).
 //!
 //! Cancellation is polled before every denoising step: a client's cancel (flagged in memory
 //! at once, and in the database), the job vanishing (its story deleted), or the server
 //! stopping, in which case the job goes back to the queue without counting as an attempt.
+//!
+//! Fairness: after each stored frame of a job with frames left, the worker asks whether a job
+//! of another story waits. If one does, the job hands its turn back: it stops before its next
+//! frame and goes back to the queue (not counted as an attempt), exactly as a clean shutdown
+//! puts it back, and the next claim serves the other story. When its turn comes again it
+//! resumes as after a restart: the frames it stored are kept and are the context of the rest,
+//! with the seeds fixed when it was queued. So one story's long job delays another story's
+//! short one by at most one frame.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -38,6 +47,9 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 const POLL_EVERY: Duration = Duration::from_millis(250);
 /// How long an idle worker sleeps between looks at the queue when nobody wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// The `reason` of the `queued` event of a job that handed its turn to another story.
+const TURN_REASON: &str = "another story's job is waiting: this job lets it go first and \
+     resumes after it; frames already drawn are kept";
 
 /// State shared between the worker thread and the service.
 #[derive(Default)]
@@ -213,6 +225,8 @@ struct Drawing {
     gone: bool,
     /// A store error while recording; the job fails with it.
     error: Option<String>,
+    /// Another story's job waits: stop before the next frame and hand the turn back.
+    handing_over: bool,
 }
 
 impl Ctx {
@@ -263,7 +277,11 @@ impl Ctx {
         };
         match self.block_on(store::finish(&self.pool, &job, &outcome)) {
             Ok(Some(event)) => {
-                tracing::info!(job = job.job_id, outcome = ?outcome, "job ended");
+                if event.kind == kind::QUEUED {
+                    tracing::info!(job = job.job_id, outcome = ?outcome, "job back in the queue");
+                } else {
+                    tracing::info!(job = job.job_id, outcome = ?outcome, "job ended");
+                }
                 self.hub.publish(event);
             }
             Ok(None) => self.vanished(&job),
@@ -288,10 +306,26 @@ impl Ctx {
 
     /// Draws the job's unfinished frames; `None` when the job vanished meanwhile.
     fn draw(&self, pipeline: &StoryPipeline, job: &Claimed) -> Option<Outcome> {
-        let todo: Vec<&JobFrameRow> = job.frames.iter().filter(|f| f.state != "done").collect();
-        if todo.is_empty() {
+        let left = job.frames.iter().filter(|f| f.state != "done").count();
+        let Some(last) = job
+            .frames
+            .iter()
+            .filter(|f| f.state != "done")
+            .map(|f| f.position)
+            .max()
+        else {
             return Some(Outcome::Succeeded);
-        }
+        };
+        // What the pipeline draws, in drawing (= position) order: the frames not done yet and,
+        // as context only (drawn again with their seed, not stored: rows still `done`), frames
+        // this job stored on an earlier turn or attempt whose frame was deleted since, taking
+        // the image the later frames look at with it. An uninterrupted run kept that image in
+        // memory; a resumed one has to draw it again.
+        let todo: Vec<&JobFrameRow> = job
+            .frames
+            .iter()
+            .filter(|f| f.state != "done" || (f.frame_id.is_none() && f.position < last))
+            .collect();
         let (story, existing) = match self.inputs(job, &todo) {
             Ok(inputs) => inputs,
             Err(e) => return Some(Outcome::Failed(format!("{e:#}"))),
@@ -308,12 +342,13 @@ impl Ctx {
             ..options(pipeline.default_options(), job)
         };
         let state = RefCell::new(Drawing {
-            done: job.frames.len() - todo.len(),
+            done: job.frames.len() - left,
             steps: job.params.steps as usize,
             last_stored_progress: Instant::now(),
             last_poll: Instant::now(),
             gone: false,
             error: None,
+            handing_over: false,
         });
         let mut on_event = |event: PipelineEvent<'_>| self.on_event(job, &todo, &state, event);
         let cancel = || self.should_stop(job, &state);
@@ -343,6 +378,13 @@ impl Ctx {
                     Outcome::Requeued {
                         reason: "the server is shutting down; the job resumes when it starts again"
                             .into(),
+                        counts: false,
+                    }
+                } else if state.handing_over {
+                    // A client's cancel that arrived meanwhile still wins: `finish` turns a
+                    // requeue of a job whose cancellation was asked for into a cancel.
+                    Outcome::Requeued {
+                        reason: TURN_REASON.into(),
                         counts: false,
                     }
                 } else {
@@ -432,7 +474,7 @@ impl Ctx {
             return true;
         }
         let mut state = state.borrow_mut();
-        if state.gone || state.error.is_some() {
+        if state.gone || state.error.is_some() || state.handing_over {
             return true;
         }
         if state.last_poll.elapsed() >= POLL_EVERY {
@@ -477,7 +519,9 @@ impl Ctx {
                 let row = frame_of(ordinal);
                 let p = progress(row, 0, state.steps, state.done);
                 state.last_stored_progress = Instant::now();
-                self.block_on(store::progress(&self.pool, job, &p, Some(row.ordinal)))
+                // A context-only frame (see `draw`) stays `done`; only the progress moves.
+                let started = (row.state != "done").then_some(row.ordinal);
+                self.block_on(store::progress(&self.pool, job, &p, started))
             }
             PipelineEvent::Step {
                 ordinal,
@@ -502,6 +546,10 @@ impl Ctx {
             }
             PipelineEvent::FrameFinished { ordinal, frame, .. } => {
                 let row = frame_of(ordinal);
+                if row.state == "done" {
+                    // Drawn again as context only: stored already, its frame deleted.
+                    return;
+                }
                 let png = match encode_png(&frame.image) {
                     Ok(png) => png,
                     Err(e) => {
@@ -529,7 +577,20 @@ impl Ctx {
             }
         };
         match stored {
-            Ok(Some(event)) => self.hub.publish(event),
+            Ok(Some(event)) => {
+                self.hub.publish(event);
+                // Between two frames of the job (the pipeline polls `should_stop` before it
+                // starts the next one): the moment to let another story's job go first.
+                if essential && state.done < job.frames.len() {
+                    match self.block_on(store::other_story_waiting(&self.pool, job.story_id)) {
+                        Ok(waiting) => state.handing_over = waiting,
+                        // Not knowing only costs fairness: the job keeps its turn.
+                        Err(e) => {
+                            tracing::warn!(job = job.job_id, error = %e, "cannot look at the queue")
+                        }
+                    }
+                }
+            }
             Ok(None) => {
                 // The job stopped running under us: only its deletion does that.
                 if !matches!(

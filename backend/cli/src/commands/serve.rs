@@ -59,6 +59,17 @@ pub struct ServeArgs {
     /// [default: 5].
     #[arg(long, env = "STORYGPT_SHUTDOWN_GRACE_S")]
     shutdown_grace_s: Option<u64>,
+
+    /// Host names (each optionally with :PORT) that requests may be addressed to, comma
+    /// separated; others get 421 (a guard against DNS rebinding). `*` allows any [default:
+    /// localhost, 127.0.0.1 and [::1] when bound to a loopback address, else any].
+    #[arg(
+        long,
+        env = "STORYGPT_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOSTS"
+    )]
+    allowed_hosts: Option<Vec<String>>,
 }
 
 /// Resolves the configuration and serves until SIGINT/SIGTERM.
@@ -78,6 +89,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         capture_attention: args.capture_attention,
         header_read_timeout_s: args.header_read_timeout_s,
         shutdown_grace_s: args.shutdown_grace_s,
+        allowed_hosts: args.allowed_hosts,
     };
     let config = ServeConfig::resolve_with(explicit, file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

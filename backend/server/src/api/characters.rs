@@ -63,6 +63,7 @@ fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
 async fn read_parts(mut form: Multipart) -> ApiResult<CharacterParts> {
     let mut parts = CharacterParts::default();
     let mut oversized = false;
+    let mut seen = std::collections::HashSet::new();
     loop {
         let next = form.next_field().await;
         let mut field = match next {
@@ -78,9 +79,28 @@ async fn read_parts(mut form: Multipart) -> ApiResult<CharacterParts> {
             while let Ok(Some(_)) = field.chunk().await {}
             continue;
         }
+        if !seen.insert(field_name.clone()) {
+            // Else the last one would silently win.
+            return Err(ApiError::invalid(
+                "duplicate_field",
+                format!("the form field {field_name:?} is sent more than once; send it once"),
+            ));
+        }
         match field_name.as_str() {
             "name" | "pronoun" => {
-                let text = field.text().await.map_err(multipart_error)?;
+                // Bytes, not `text()`, which would turn what is not UTF-8 into U+FFFD.
+                let bytes = field.bytes().await.map_err(multipart_error)?;
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    let code = if field_name == "name" {
+                        "invalid_name"
+                    } else {
+                        "invalid_pronoun"
+                    };
+                    ApiError::invalid(
+                        code,
+                        format!("the {field_name} is not valid UTF-8 text; send it as UTF-8"),
+                    )
+                })?;
                 if field_name == "name" {
                     parts.name = Some(text);
                 } else {

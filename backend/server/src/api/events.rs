@@ -45,12 +45,18 @@ fn resume_point(headers: &HeaderMap, params: &EventParams) -> ApiResult<Option<i
     };
     match text.as_deref() {
         None | Some("") => Ok(None),
-        Some(text) => text.parse::<i64>().map(Some).map_err(|_| {
-            ApiError::bad_request(
+        // Event ids are row ids: digits only, so "-1" and "+3", which `parse` would take, are
+        // refused rather than read as "from the start".
+        Some(text) => match text.parse::<i64>() {
+            Ok(id) if text.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(id)),
+            _ => Err(ApiError::bad_request(
                 "invalid_last_event_id",
-                format!("Last-Event-ID must be an event id this server sent; got {text:?}"),
-            )
-        }),
+                format!(
+                    "Last-Event-ID must be an event id this server sent (a non-negative \
+                     integer); got {text:?}"
+                ),
+            )),
+        },
     }
 }
 

@@ -426,28 +426,14 @@ pub(super) async fn page_with_panel_message(
     Ok(render(StoryPage { view }, status))
 }
 
-#[derive(Template)]
-#[template(path = "not_found.html")]
-struct NotFoundPage {
-    detail: String,
-}
-
 /// `GET /stories/{id}`; a story that does not exist (deleted, or a mistyped address) gets
-/// an HTML 404 page, since people open this address in a browser.
+/// the HTML error page (404), as every studio address does.
 async fn story_page(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Response> {
-    match story_view(&state, id, StoryInput::default()).await {
-        Ok(view) => Ok(render(StoryPage { view }, StatusCode::OK)),
-        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(render(
-            NotFoundPage {
-                detail: sentence(&e.detail),
-            },
-            StatusCode::NOT_FOUND,
-        )),
-        Err(e) => Err(e),
-    }
+    let view = story_view(&state, id, StoryInput::default()).await?;
+    Ok(render(StoryPage { view }, StatusCode::OK))
 }
 
 /// The story page with a message in the frames strip: how a strip action refused without

@@ -150,10 +150,13 @@ pub async fn create(
     portrait: &NormalizedImage,
 ) -> ApiResult<Character> {
     let now = now();
-    let id: i64 = sqlx::query_scalar(
+    // Not `RETURNING id` with `fetch_one`: that reads the id and drops the statement before it
+    // has finished, so a commit that fails (SQLITE_FULL on a full disk) went unnoticed and the
+    // read below answered 404 for a row that was never stored. `execute` runs it to the end.
+    let id = sqlx::query(
         "INSERT INTO characters (name, pronoun, portrait, portrait_mime, portrait_width, portrait_height,
                                  portrait_sha256, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(name)
     .bind(pronoun.as_str())
@@ -164,9 +167,10 @@ pub async fn create(
     .bind(sha256_hex(&portrait.bytes))
     .bind(&now)
     .bind(&now)
-    .fetch_one(pool)
+    .execute(pool)
     .await
-    .map_err(|e| map_unique(e, name))?;
+    .map_err(|e| map_unique(e, name))?
+    .last_insert_rowid();
     get(pool, id).await
 }
 

@@ -29,13 +29,27 @@ pub struct Claimed {
     pub event: JobEvent,
 }
 
-/// Claims the oldest queued job for `worker`, atomically: one UPDATE picks and marks it, so
+/// Claims the next queued job for `worker`, atomically: one UPDATE picks and marks it, so
 /// two workers can never both take a job.
+///
+/// Stories take turns: the job picked is the oldest queued job (FIFO within a story, which a
+/// later job of the story may depend on for its context frames) of the story whose latest
+/// turn is oldest, a story never served yet first, ties to the oldest job. Each claim takes
+/// the next turn number, so a job that handed its turn back ([`other_story_waiting`]) goes
+/// behind every other waiting story.
 pub async fn claim(pool: &SqlitePool, worker: &str) -> ApiResult<Option<Claimed>> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let row: Option<(i64, i64, String, i64)> = sqlx::query_as(
-        "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, worker = ?
-         WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1)
+        "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, worker = ?,
+                turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM jobs)
+         WHERE id = (
+             SELECT q.id FROM jobs q
+             WHERE q.status = 'queued'
+               AND q.id = (SELECT MIN(f.id) FROM jobs f
+                           WHERE f.story_id = q.story_id AND f.status = 'queued')
+             ORDER BY (SELECT MAX(s.turn) FROM jobs s WHERE s.story_id = q.story_id) NULLS FIRST,
+                      q.id
+             LIMIT 1)
          RETURNING id, story_id, params, attempts",
     )
     .bind(now())
@@ -68,6 +82,17 @@ pub async fn claim(pool: &SqlitePool, worker: &str) -> ApiResult<Option<Claimed>
         frames,
         event,
     }))
+}
+
+/// Whether a job of a story other than `story` waits in the queue: the running job of
+/// `story` then hands its turn back between two frames (see [`Outcome::Requeued`]).
+pub async fn other_story_waiting(pool: &SqlitePool, story: i64) -> ApiResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND story_id <> ?)",
+    )
+    .bind(story)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Whether the job still runs and whether cancellation was asked for; `None` once the job
@@ -228,12 +253,14 @@ pub enum Outcome {
     Failed(String),
     /// A client cancelled it; frames already drawn stay.
     Cancelled(Option<String>),
-    /// Back to the queue (the server is stopping, or restarted after a crash), with why.
+    /// Back to the queue (the server is stopping, restarted after a crash, or the job hands
+    /// its turn to another story's waiting job), with why. Frames already stored are kept;
+    /// the next claim draws only the others, from the stored images as context.
     Requeued {
         /// Why it went back.
         reason: String,
         /// Whether the interrupted attempt counts towards the attempt limit (a crash does, a
-        /// clean shutdown does not).
+        /// clean shutdown or a handed-back turn does not).
         counts: bool,
     },
 }
@@ -413,4 +440,156 @@ pub async fn frame_image(pool: &SqlitePool, frame: i64) -> ApiResult<Option<Vec<
             .fetch_optional(pool)
             .await?;
     Ok(image.flatten())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::jobs::{enqueue, Enqueued, GenerateSpec};
+    use crate::store::stories;
+
+    async fn database() -> (tempfile::TempDir, SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = crate::db::open(&dir.path().join("jobs.db")).await.unwrap();
+        (dir, pool)
+    }
+
+    async fn story(pool: &SqlitePool, frames: usize) -> i64 {
+        let captions: Vec<String> = (0..frames).map(|i| format!("Caption {i}.")).collect();
+        stories::create(pool, "A story", &captions, &[])
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn queue(pool: &SqlitePool, story: i64) -> i64 {
+        let spec = GenerateSpec {
+            frames: None,
+            base_seed: Some(1),
+            keep_seeds: false,
+            steps: 1,
+            guidance_scale: 1.0,
+        };
+        match enqueue(pool, story, &spec, None, 100).await.unwrap() {
+            Enqueued::New(job, _) => job.id,
+            Enqueued::Replayed(job) => panic!("replayed {job:?}"),
+        }
+    }
+
+    async fn next(pool: &SqlitePool) -> Claimed {
+        claim(pool, "test").await.unwrap().expect("a queued job")
+    }
+
+    fn handed_back() -> Outcome {
+        Outcome::Requeued {
+            reason: "another story's job is waiting".into(),
+            counts: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn stories_take_turns_and_each_story_keeps_its_order() {
+        let (_dir, pool) = database().await;
+        let (a, b, c) = (
+            story(&pool, 3).await,
+            story(&pool, 1).await,
+            story(&pool, 1).await,
+        );
+        let a1 = queue(&pool, a).await;
+        let a2 = queue(&pool, a).await;
+        let b1 = queue(&pool, b).await;
+        let c1 = queue(&pool, c).await;
+
+        // Nobody served yet: the oldest job.
+        let job = next(&pool).await;
+        assert_eq!((job.job_id, job.attempt), (a1, 1));
+        assert!(other_story_waiting(&pool, a).await.unwrap());
+        // It hands its turn back after a frame: the stories never served come first, oldest
+        // job first, and the handed-back turn does not count as an attempt.
+        let event = finish(&pool, &job, &handed_back()).await.unwrap().unwrap();
+        assert_eq!(event.kind, kind::QUEUED);
+        assert_eq!(event.data["requeued"], true);
+        let job = next(&pool).await;
+        assert_eq!(job.job_id, b1);
+        let b2 = queue(&pool, b).await;
+        finish(&pool, &job, &Outcome::Succeeded).await.unwrap();
+        let job = next(&pool).await;
+        assert_eq!(job.job_id, c1);
+        finish(&pool, &job, &Outcome::Succeeded).await.unwrap();
+        // A was served longest ago, and within A the older job goes first (a later job of a
+        // story may draw looking at the frames of an earlier one).
+        let job = next(&pool).await;
+        assert_eq!((job.job_id, job.attempt), (a1, 1));
+        finish(&pool, &job, &Outcome::Succeeded).await.unwrap();
+        let job = next(&pool).await;
+        assert_eq!(job.job_id, b2, "B waited longer than A");
+        assert!(other_story_waiting(&pool, b).await.unwrap());
+        assert!(!other_story_waiting(&pool, a).await.unwrap());
+        finish(&pool, &job, &Outcome::Succeeded).await.unwrap();
+        let job = next(&pool).await;
+        assert_eq!(job.job_id, a2);
+        finish(&pool, &job, &Outcome::Succeeded).await.unwrap();
+        assert!(claim(&pool, "test").await.unwrap().is_none());
+        assert!(!other_story_waiting(&pool, a).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_handed_back_job_keeps_its_frames_and_a_pending_cancel_wins() {
+        let (_dir, pool) = database().await;
+        let (a, b) = (story(&pool, 3).await, story(&pool, 1).await);
+        let a1 = queue(&pool, a).await;
+        let job = next(&pool).await;
+        let mut png = Vec::new();
+        image::RgbImage::new(2, 2)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let frame = FinishedFrame {
+            ordinal: 1,
+            png,
+            duration_ms: 5,
+            attention: Vec::new(),
+        };
+        let progress = Progress {
+            frame: 1,
+            frames: 3,
+            frames_done: 1,
+            position: 0,
+            frame_id: job.frames[0].frame_id,
+            step: 1,
+            steps: 1,
+        };
+        frame_done(&pool, &job, &frame, &progress)
+            .await
+            .unwrap()
+            .unwrap();
+        queue(&pool, b).await;
+        finish(&pool, &job, &handed_back()).await.unwrap().unwrap();
+        // Back in the queue with its stored frame and its progress; the others wait again.
+        let waiting = crate::store::jobs::get(&pool, a1).await.unwrap();
+        assert_eq!(waiting.status, "queued");
+        assert_eq!(waiting.attempts, 0);
+        assert_eq!(waiting.progress.as_ref().map(|p| p.frames_done), Some(1));
+        let states: Vec<&str> = waiting.frames.iter().map(|f| f.status.as_str()).collect();
+        assert_eq!(states, ["done", "queued", "queued"]);
+        let story = stories::get(&pool, a).await.unwrap();
+        let statuses: Vec<&str> = story.frames.iter().map(|f| f.status.as_str()).collect();
+        assert_eq!(statuses, ["ready", "queued", "queued"]);
+
+        // B's job runs; A's, claimed again later, resumes from its second frame. A cancel
+        // asked for while it runs wins over handing the turn back.
+        let other = next(&pool).await;
+        finish(&pool, &other, &Outcome::Succeeded).await.unwrap();
+        let job = next(&pool).await;
+        assert_eq!((job.job_id, job.attempt), (a1, 1));
+        let left: Vec<i64> = job
+            .frames
+            .iter()
+            .filter(|f| f.state != "done")
+            .map(|f| f.position)
+            .collect();
+        assert_eq!(left, [1, 2]);
+        crate::store::jobs::cancel(&pool, a1).await.unwrap();
+        let event = finish(&pool, &job, &handed_back()).await.unwrap().unwrap();
+        assert_eq!(event.kind, kind::CANCELLED);
+    }
 }

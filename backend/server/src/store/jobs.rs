@@ -1,7 +1,7 @@
 //! Generation jobs: the durable queue (the worker's side is in `job_runs`). A job is queued
 //! with a snapshot of its story (captions, cast, frame ids) and a fixed seed per frame,
-//! claimed atomically by a worker in id order, and finished as succeeded, failed or
-//! cancelled. Every state change is one transaction that also appends its event to
+//! claimed atomically by a worker (stories taking turns, see `job_runs::claim`), and finished
+//! as succeeded, failed or cancelled. Every state change is one transaction that also appends its event to
 //! `job_events`, so what a client sees over SSE and what the database holds never disagree,
 //! and a crash leaves each change fully applied or not at all.
 //!
@@ -148,7 +148,8 @@ pub struct Job {
     pub id: i64,
     /// The story it draws.
     pub story_id: i64,
-    /// queued, running, succeeded, failed or cancelled.
+    /// queued, running, succeeded, failed or cancelled. A running job goes back to queued
+    /// between two frames when another story's job waits (its turn), keeping what it drew.
     pub status: String,
     /// Denoising steps per frame.
     pub steps: u32,
@@ -156,7 +157,7 @@ pub struct Job {
     pub guidance_scale: f64,
     /// The frames it draws, in drawing order.
     pub frames: Vec<JobFrame>,
-    /// Latest progress, once started.
+    /// Latest progress, once started (kept while it waits for its next turn).
     pub progress: Option<Progress>,
     /// Why it failed.
     pub error: Option<String>,

@@ -229,11 +229,32 @@ impl Response {
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
 pub fn request(addr: &str, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Response {
+    request_with(addr, method, path, &[], body)
+}
+
+/// [`request`] with extra header lines; a `Host` among them replaces the server's address.
+pub fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+) -> Response {
     let mut stream = TcpStream::connect(addr).expect("connect to the server");
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let host = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map_or(addr, |(_, v)| *v);
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+    {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     let payload = match body {
         Some((content_type, bytes)) => {
             head.push_str(&format!(
