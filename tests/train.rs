@@ -784,7 +784,10 @@ sample_posterior = false
 "#,
         &out,
     );
-    assert!(stderr.contains("vae-decoder gate: validation PSNR"), "{stderr}");
+    assert!(
+        stderr.contains("vae-decoder gate: validation PSNR"),
+        "{stderr}"
+    );
     let losses = stage_losses(&out, "vae-decoder");
     let (first, last) = (losses[0].1, losses.last().unwrap().1);
     assert!(last < first / 2.0, "loss fell only from {first} to {last}");
@@ -943,6 +946,38 @@ fn stage2_diffusion_variant_trains_the_mappers_through_the_frozen_unet() {
         let moved = largest_change(&trained, &still);
         assert!(moved > 1e-3, "{name}: Mapper_LDM did not move: {moved}");
     }
+}
+
+#[test]
+fn stage2_character_token_weight_changes_what_the_mappers_learn() {
+    // The same seeded 20-step run with the plain L_align and with the character-name tokens
+    // weighted 10 (and the "they" groups sorted): the weighting reaches the gradient.
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, _) = mapper_after_short_stage2(tmp.path(), "plain", "align_char_weight = 1.0");
+    let (again, _) = mapper_after_short_stage2(tmp.path(), "again", "align_char_weight = 1.0");
+    assert_eq!(
+        largest_change(&plain, &again),
+        0.0,
+        "the run is not reproducible"
+    );
+    let (weighted, _) = mapper_after_short_stage2(
+        tmp.path(),
+        "weighted",
+        "align_char_weight = 10.0\nsort_groups = true",
+    );
+    let moved = largest_change(&weighted, &plain);
+    assert!(moved > 1e-4, "the weight changed nothing: {moved}");
+
+    let out = tmp.path().join("zero");
+    bundle_without("stage2", &out);
+    let config = out.with_extension("toml");
+    std::fs::write(
+        &config,
+        "[run]\nmax_steps = 1\n[stage2]\nalign_char_weight = 0.0\n",
+    )
+    .unwrap();
+    let err = train_stage_refused("stage2", &config, &out);
+    assert!(err.contains("align_char_weight"), "{err}");
 }
 
 #[test]

@@ -318,7 +318,6 @@ pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     real
 }
 
-
 /// A multipart form for creating a character.
 pub fn character_form(
     name: &str,

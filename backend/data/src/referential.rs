@@ -12,7 +12,9 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::mentions::{at_sentence_start, find_names, role, tokenize, NameMatch, Token};
+use crate::mentions::{
+    at_sentence_start, find_names, is_apostrophe, role, tokenize, NameMatch, Token,
+};
 use crate::rules::{Case, Pronoun, RuleMode, RuleSet};
 
 /// One frame of a story as input to the referential extension.
@@ -217,6 +219,50 @@ pub fn pronominalise(caption: &str, set: &BTreeSet<usize>, rules: &RuleSet) -> S
     apply_edits(caption, edits)
 }
 
+/// The caption with every list naming exactly `set` (two or more characters) in alphabetical
+/// order of the characters' names, each name as written, separators and a final possessive
+/// kept: "Mia and Bob laugh" and "Bob and Mia laugh" both become "Bob and Mia laugh". A "they"
+/// does not say in which order its original caption listed the group, so a target made from
+/// that caption (stage 2's) must not depend on the order, or the model learns the mean of the
+/// orders and no name slot holds one character.
+pub fn canonical_group_order(caption: &str, set: &BTreeSet<usize>, rules: &RuleSet) -> String {
+    if set.len() < 2 {
+        return caption.to_string();
+    }
+    let tokens = tokenize(caption);
+    let names = find_names(&tokens, rules);
+    // A member's name without its possessive marker: up to the last word before "'".
+    let name_span = |m: &NameMatch| -> (usize, usize) {
+        let end = tokens[m.first..m.last]
+            .iter()
+            .take_while(|t| !is_apostrophe(t))
+            .last()
+            .map_or(m.end, |t| t.end);
+        (m.start, end)
+    };
+    let mut edits = Vec::new();
+    let mut p = 0;
+    while p < names.len() {
+        if let Some(q) = group_at(&tokens, &names, p, set.len()) {
+            let group = &names[p..=q];
+            let members: BTreeSet<usize> = group.iter().map(|m| m.index).collect();
+            if &members == set {
+                let mut sorted: Vec<&NameMatch> = group.iter().collect();
+                sorted.sort_by_key(|m| rules.characters[m.index].name.to_lowercase());
+                for (slot, member) in group.iter().zip(sorted) {
+                    let (s, e) = name_span(slot);
+                    let (ms, me) = name_span(member);
+                    edits.push((s, e, caption[ms..me].to_string()));
+                }
+                p = q + 1;
+                continue;
+            }
+        }
+        p += 1;
+    }
+    apply_edits(caption, edits)
+}
+
 /// Referential captions for a story, one per frame (frame 1 is never changed).
 pub fn make_referential(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
     match rules.mode {
@@ -330,4 +376,45 @@ fn pororo_mode(rules: &RuleSet, frames: &[StoryFrame]) -> Vec<String> {
         out.push(apply_edits(&frame.caption, edits));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_written_in_alphabetical_order_of_the_names() {
+        let rules = RuleSet::flintstones();
+        let set = |names: &[&str]| -> BTreeSet<usize> {
+            names.iter().filter_map(|n| rules.index_of(n)).collect()
+        };
+        let fw = set(&["Fred", "Wilma"]);
+        assert_eq!(
+            canonical_group_order("Wilma and Fred laugh.", &fw, &rules),
+            "Fred and Wilma laugh."
+        );
+        assert_eq!(
+            canonical_group_order("Fred and Wilma laugh.", &fw, &rules),
+            "Fred and Wilma laugh."
+        );
+        // The possessive stays at the end of the list; other names are left alone.
+        assert_eq!(
+            canonical_group_order("Barney sees Wilma and Fred's car.", &fw, &rules),
+            "Barney sees Fred and Wilma's car."
+        );
+        let three = set(&["Fred", "Wilma", "Barney"]);
+        assert_eq!(
+            canonical_group_order("Wilma, Fred, and Barney sit.", &three, &rules),
+            "Barney, Fred, and Wilma sit."
+        );
+        // A list that is not exactly the set, and single characters, are unchanged.
+        assert_eq!(
+            canonical_group_order("Wilma and Fred laugh.", &three, &rules),
+            "Wilma and Fred laugh."
+        );
+        assert_eq!(
+            canonical_group_order("Wilma waves.", &set(&["Wilma"]), &rules),
+            "Wilma waves."
+        );
+    }
 }

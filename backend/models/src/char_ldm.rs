@@ -250,8 +250,10 @@ impl CharLdm {
     /// As [`CharLdm::sample`], and also the cross-attention heatmaps of the condition tokens
     /// `tokens` (indices into the 77): `(k, H/f, W/f)` f32, the `attn2` probabilities of the
     /// conditional pass averaged over heads, every cross-attention layer (each upsampled to
-    /// the latent size) and every step, each map scaled to a maximum of 1. `None` when
-    /// `tokens` is empty.
+    /// the latent size) and the steps conditioned on `cond` (every step when there is none, or
+    /// when it starts after the last step), each map scaled to a maximum of 1. Only `cond`
+    /// carries the characters, so the plain-text steps before `start_merge_step` would blur
+    /// the map of where each character is drawn. `None` when `tokens` is empty.
     #[allow(clippy::too_many_arguments)]
     pub fn sample_with_attention(
         &self,
@@ -283,6 +285,11 @@ impl CharLdm {
         let mut latents = (noise0 * scheduler.init_noise_sigma())?;
         let use_cfg = opts.guidance_scale != 1.0;
         let mut heat: Option<Tensor> = None;
+        let heat_from = if cond.is_some() && opts.start_merge_step < total {
+            opts.start_merge_step
+        } else {
+            0
+        };
         let uncond_cond = |c: &Tensor| -> Result<Tensor> {
             Ok(if use_cfg {
                 Tensor::cat(&[negative, c], 0)?
@@ -308,7 +315,7 @@ impl CharLdm {
                 input
             };
             let ts = Tensor::new(t as f32, &device)?;
-            let out = if tokens.is_empty() {
+            let out = if tokens.is_empty() || i < heat_from {
                 self.unet.forward(&input, &ts, &ctx)?
             } else {
                 let o =

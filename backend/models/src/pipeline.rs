@@ -541,10 +541,17 @@ impl StoryPipeline {
     /// The character mentions of the last caption of `captions` as (CLIP token index of the
     /// mention's last token, text, characters referred to). Pronouns resolve to the
     /// characters of the latest earlier caption naming any, filtered by pronoun family.
+    ///
+    /// With `resolved` (frames conditioned through the LLM) the tokens are those of the caption
+    /// with each pronoun written as the names it stands for, one entry per name ("They (Bob)",
+    /// "They (Mia)"): stage 2 trains Mapper_LDM's output to match the FUSED embedding of that
+    /// non-referential caption, so a character's identity sits in its name's slot, not at the
+    /// pronoun's position.
     fn mention_tokens(
         &self,
         captions: &[String],
         characters: &[CharacterInput],
+        resolved: bool,
     ) -> Vec<(usize, String, Vec<String>)> {
         use data::mentions::{find_mentions, mentioned_characters, MentionKind};
         let cast: BTreeMap<String, String> = characters
@@ -563,29 +570,69 @@ impl StoryPipeline {
             .map(|c| mentioned_characters(c, &rules))
             .find(|m| !m.is_empty())
             .unwrap_or_default();
-        let mut out: Vec<(usize, String, Vec<String>)> = Vec::new();
+        // Each slot: (byte end of the phrase in `text`, the phrase, label, characters).
+        let mut text = String::with_capacity(caption.len());
+        let mut slots: Vec<(usize, String, String, Vec<String>)> = Vec::new();
+        let mut pos = 0;
         for m in find_mentions(caption, &rules) {
-            let refers: Vec<String> = match &m.kind {
-                MentionKind::Character { name, .. } => vec![name.clone()],
-                MentionKind::Pronoun { pronoun, .. } => previous
-                    .iter()
-                    .map(|&k| &rules.characters[k])
-                    .filter(|c| *pronoun == data::Pronoun::They || c.pronoun == *pronoun)
-                    .map(|c| c.name.clone())
-                    .collect(),
-            };
-            // The token index of this occurrence: tokenize the caption up to its end.
+            text.push_str(&caption[pos..m.byte_start]);
+            pos = m.byte_end;
+            match &m.kind {
+                MentionKind::Character { name, .. } => {
+                    text.push_str(&m.text);
+                    let phrase = m.text.trim_end_matches("'s").to_owned();
+                    slots.push((
+                        text.len() - (m.text.len() - phrase.len()),
+                        phrase,
+                        m.text.clone(),
+                        vec![name.clone()],
+                    ));
+                }
+                MentionKind::Pronoun { pronoun, case } => {
+                    let refers: Vec<String> = previous
+                        .iter()
+                        .map(|&k| &rules.characters[k])
+                        .filter(|c| *pronoun == data::Pronoun::They || c.pronoun == *pronoun)
+                        .map(|c| c.name.clone())
+                        .collect();
+                    if !resolved || refers.is_empty() {
+                        text.push_str(&m.text);
+                        slots.push((text.len(), m.text.clone(), m.text.clone(), refers));
+                        continue;
+                    }
+                    for (k, name) in refers.iter().enumerate() {
+                        if k > 0 {
+                            text.push_str(if k + 1 == refers.len() { " and " } else { ", " });
+                        }
+                        text.push_str(name);
+                        let label = if refers.len() == 1 {
+                            m.text.clone()
+                        } else {
+                            format!("{} ({name})", m.text)
+                        };
+                        slots.push((text.len(), name.clone(), label, vec![name.clone()]));
+                    }
+                    if *case == data::rules::Case::Possessive {
+                        text.push_str("'s");
+                    }
+                }
+            }
+        }
+        text.push_str(&caption[pos..]);
+        let mut out: Vec<(usize, String, Vec<String>)> = Vec::new();
+        for (end, phrase, label, refers) in slots {
+            // The token index of this occurrence: tokenize the text up to its end.
             let Some(token) = self
                 .char_ldm
                 .tokenizer
-                .find_phrase(&caption[..m.byte_end], m.text.trim_end_matches("'s"))
+                .find_phrase(&text[..end], &phrase)
                 .last()
                 .map(|r| r.end - 1)
             else {
                 continue;
             };
             if !out.iter().any(|(t, _, _)| *t == token) {
-                out.push((token, m.text.clone(), refers));
+                out.push((token, label, refers));
             }
         }
         out
@@ -768,7 +815,11 @@ impl StoryPipeline {
                 scheduler: opts.scheduler,
             };
             let mentions = if opts.capture_attention {
-                self.mention_tokens(&story.captions[..=i], &story.characters)
+                self.mention_tokens(
+                    &story.captions[..=i],
+                    &story.characters,
+                    kind == ConditionKind::Llm,
+                )
             } else {
                 Vec::new()
             };

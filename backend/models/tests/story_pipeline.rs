@@ -375,11 +375,11 @@ fn random_bundles_are_reproducible() {
 #[test]
 fn attention_heatmaps_of_character_mentions() {
     with_pipeline(|p| {
-        let s = story(&FOUR[..2]);
+        let s = story(&FOUR);
         let mut opts = quick(p);
         opts.capture_attention = true;
         let out = p
-            .generate(&s, &all(2, 3), &[], &opts, &mut |_| {}, &|| false)
+            .generate(&s, &all(4, 3), &[], &opts, &mut |_| {}, &|| false)
             .unwrap();
         let first: Vec<(&str, Vec<String>)> = out[0]
             .attention
@@ -400,6 +400,22 @@ fn attention_heatmaps_of_character_mentions() {
                 ("Mia", vec!["Mia".to_string()])
             ]
         );
+        // "They" in an LLM-conditioned frame: one map per character, each at that
+        // character's name slot of the resolved caption ("Mia and Tom laugh together.").
+        let mut fourth: Vec<(String, Vec<String>)> = out[3]
+            .attention
+            .iter()
+            .map(|a| (a.text.clone(), a.characters.clone()))
+            .collect();
+        fourth.sort();
+        assert_eq!(
+            fourth,
+            vec![
+                ("They (Mia)".to_string(), vec!["Mia".to_string()]),
+                ("They (Tom)".to_string(), vec!["Tom".to_string()])
+            ]
+        );
+        assert_ne!(out[3].attention[0].heatmap, out[3].attention[1].heatmap);
         for a in out.iter().flat_map(|o| &o.attention) {
             assert_eq!(a.heatmap.dimensions(), (64, 64));
             // Scaled to a peak of 1 before the bilinear resize, which softens it slightly.
@@ -408,9 +424,11 @@ fn attention_heatmaps_of_character_mentions() {
             assert!(max >= 200 && min < max, "{min}..{max}");
         }
         // Capturing attention does not change the frames.
-        let plain = run(p, &s, &all(2, 3), &[]);
-        assert_eq!(plain[1].image, out[1].image);
-        assert!(plain[1].attention.is_empty());
+        let plain = run(p, &s, &all(4, 3), &[]);
+        for (a, b) in plain.iter().zip(&out) {
+            assert_eq!(a.image, b.image);
+            assert!(a.attention.is_empty());
+        }
     })
 }
 

@@ -29,7 +29,7 @@ use models::llm::{CausalLm, ImgTokens, LlmTokenizer, LogitsFor};
 use models::mappers::{MapperLdm, MapperLdmConfig, MapperLlm, MapperLlmConfig};
 use models::prompt::{build_prompt, Prompt, PromptConfig};
 use models::stage2_losses::{
-    diffusion_align_loss, lalign_loss, lgen_loss, target_mask, LgenTargets,
+    diffusion_align_loss, lalign_loss, lgen_loss, target_mask, weighted_lalign_loss, LgenTargets,
 };
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -113,6 +113,14 @@ pub struct Stage2Section {
     pub val_stories: usize,
     /// Frames per story.
     pub story_len: usize,
+    /// Write the names of a group that a "they" stands for in alphabetical order in the
+    /// alignment target (`data::referential::canonical_group_order`). The referential caption
+    /// does not say in which order the original listed them, so with the order as written the
+    /// MSE optimum puts the mean of the names in each name slot.
+    pub sort_groups: bool,
+    /// Weight of the character-name tokens in L_align against 1 for every other token (1 = the
+    /// plain mean over the 77, the paper). Validation L_align stays the plain mean.
+    pub align_char_weight: f64,
 }
 
 impl Default for Stage2Section {
@@ -136,6 +144,8 @@ impl Default for Stage2Section {
             train_stories: 100_000,
             val_stories: 100,
             story_len: 4,
+            sort_groups: false,
+            align_char_weight: 1.0,
         }
     }
 }
@@ -220,6 +230,8 @@ pub struct Stage2Stage {
     pooled: Tensor,
     train: Vec<Example>,
     targets: Tensor,
+    /// `(targets, 77)` token weights of L_align when `align_char_weight` is not 1.
+    target_weights: Option<Tensor>,
     val: Vec<Example>,
     val_targets: Tensor,
     pronoun: Vec<PronounCheck>,
@@ -278,6 +290,22 @@ impl Stage1 {
         Ok(Self { ldm, portraits })
     }
 
+    /// `(captions, 77)` L_align token weights: `weight` at each cast member's name token (as
+    /// the fused condition finds it), 1 elsewhere.
+    fn token_weights(&self, captions: &[String], weight: f64, device: &Device) -> Result<Tensor> {
+        let names: Vec<&str> = self.portraits.iter().map(|(n, _)| n.as_str()).collect();
+        let tokens = self.ldm.tokenizer.max_length();
+        let mut w = vec![1f32; captions.len() * tokens];
+        for (i, caption) in captions.iter().enumerate() {
+            for (t, _) in self.ldm.character_tokens(caption, &names) {
+                if t < tokens {
+                    w[i * tokens + t] = weight as f32;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(w, (captions.len(), tokens), device)?)
+    }
+
     /// The alignment target `(77, d)` of a caption with names.
     fn target(&self, caption: &str, align: AlignTarget) -> Result<Tensor> {
         let c = match align {
@@ -328,6 +356,7 @@ struct ExampleReader<'a> {
     count: usize,
     fp: u64,
     latents: Vec<Vec<f32>>,
+    sort_groups: bool,
 }
 
 impl ExampleReader<'_> {
@@ -390,7 +419,7 @@ impl ExampleReader<'_> {
                     target: captions.len(),
                     frame: base + i,
                 });
-                captions.push(f.caption.clone());
+                captions.push(target_caption(f, self.reader.rules(), self.sort_groups));
             }
             stories.push(story);
         }
@@ -404,6 +433,24 @@ fn stack_targets(stage1: &Stage1, captions: &[String], align: AlignTarget) -> Re
         .map(|c| stage1.target(c, align))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// The caption a frame's alignment target is made of: its own, or with `sort_groups` its
+/// "they" group in alphabetical order (`Stage2Section::sort_groups`).
+fn target_caption(
+    f: &data::dataset::FrameRecord,
+    rules: &data::rules::RuleSet,
+    sort_groups: bool,
+) -> String {
+    if !sort_groups || f.referential == f.caption || f.characters.len() < 2 {
+        return f.caption.clone();
+    }
+    let set: std::collections::BTreeSet<usize> = f
+        .characters
+        .iter()
+        .filter_map(|c| rules.index_of(c))
+        .collect();
+    data::referential::canonical_group_order(&f.caption, &set, rules)
 }
 
 /// Loads everything and builds the trainable parts: `(stage, source, fingerprint)`.
@@ -422,6 +469,11 @@ pub fn prepare(
         section.diffusion_weight >= 0.0 && section.diffusion_weight.is_finite(),
         "[stage2] diffusion_weight must be a finite number >= 0, not {}",
         section.diffusion_weight
+    );
+    anyhow::ensure!(
+        section.align_char_weight > 0.0 && section.align_char_weight.is_finite(),
+        "[stage2] align_char_weight must be a finite number > 0, not {}",
+        section.align_char_weight
     );
     anyhow::ensure!(
         section.diffusion_weight == 0.0 || section.align_loss == AlignLoss::Mse,
@@ -462,6 +514,7 @@ pub fn prepare(
         count: 0,
         fp: FNV_OFFSET,
         latents: Vec::new(),
+        sort_groups: section.sort_groups,
     };
     let (train, train_captions, _) = frames.split(Split::Train, section.train_stories)?;
     let (val, val_captions, val_stories) = frames.split(Split::Val, section.val_stories)?;
@@ -482,6 +535,11 @@ pub fn prepare(
     }
     let t0 = std::time::Instant::now();
     let targets = stack_targets(&stage1, &train_captions, section.align_to)?;
+    let target_weights = if section.align_char_weight == 1.0 {
+        None
+    } else {
+        Some(stage1.token_weights(&train_captions, section.align_char_weight, device)?)
+    };
     let val_targets = stack_targets(&stage1, &val_captions, section.align_to)?;
 
     // Pronoun frames of the validation stories, each with its swapped-cast candidates.
@@ -500,10 +558,11 @@ pub fn prepare(
             if f.referential == f.caption || f.characters.is_empty() {
                 continue;
             }
-            let mut cands = vec![stage1.target(&f.caption, section.align_to)?];
+            let caption = &val_captions[val[ex_index].target];
+            let mut cands = vec![stage1.target(caption, section.align_to)?];
             for other in cast.iter().filter(|c| !f.characters.contains(c)) {
-                let swapped = replace_name(&f.caption, &f.characters[0], other);
-                if swapped != f.caption {
+                let swapped = replace_name(caption, &f.characters[0], other);
+                if swapped != *caption {
                     cands.push(stage1.target(&swapped, section.align_to)?);
                 }
             }
@@ -593,6 +652,7 @@ pub fn prepare(
         pooled,
         train,
         targets,
+        target_weights,
         val,
         val_targets,
         pronoun,
@@ -752,7 +812,12 @@ impl Stage for Stage2Stage {
         let examples: Vec<&Example> = b.examples.iter().map(|&i| &self.train[i]).collect();
         let f = self.forward(&examples)?;
         let target = self.targets_of(&self.targets, &examples)?;
-        let mse = lalign_loss(&f.conds, &target)?;
+        let mse = match &self.target_weights {
+            Some(table) => {
+                weighted_lalign_loss(&f.conds, &target, &self.targets_of(table, &examples)?)?
+            }
+            None => lalign_loss(&f.conds, &target)?,
+        };
         let mut parts = vec![
             ("l_align", mse.to_scalar::<f32>()? as f64),
             ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
@@ -845,7 +910,41 @@ impl Stage for Stage2Stage {
 
 #[cfg(test)]
 mod tests {
-    use super::replace_name;
+    use super::{replace_name, target_caption};
+
+    fn frame(caption: &str, referential: &str, characters: &[&str]) -> data::dataset::FrameRecord {
+        data::dataset::FrameRecord {
+            id: "f".into(),
+            caption: caption.into(),
+            referential: referential.into(),
+            characters: characters.iter().map(|c| c.to_string()).collect(),
+            char_labels: Vec::new(),
+            background: None,
+            bg_labels: Vec::new(),
+            image: None,
+            masks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sorted_groups_make_one_target_for_both_orders_of_a_they() {
+        let rules = data::rules::RuleSet::flintstones();
+        let a = frame("Wilma and Fred laugh.", "They laugh.", &["Wilma", "Fred"]);
+        let b = frame("Fred and Wilma laugh.", "They laugh.", &["Fred", "Wilma"]);
+        assert_eq!(target_caption(&a, &rules, true), "Fred and Wilma laugh.");
+        assert_eq!(target_caption(&b, &rules, true), "Fred and Wilma laugh.");
+        // Off (the paper's targets), and frames whose caption names its cast, keep their order.
+        assert_eq!(target_caption(&a, &rules, false), "Wilma and Fred laugh.");
+        let named = frame(
+            "Wilma and Fred laugh.",
+            "Wilma and Fred laugh.",
+            &["Wilma", "Fred"],
+        );
+        assert_eq!(
+            target_caption(&named, &rules, true),
+            "Wilma and Fred laugh."
+        );
+    }
 
     #[test]
     fn replaces_whole_names_only() {

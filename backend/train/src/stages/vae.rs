@@ -323,7 +323,12 @@ pub(crate) fn originals_over_reconstructions(
 ) -> Result<image::RgbImage> {
     let n = x.dim(0)?;
     let mut images = pixels_to_images(&x.flatten_all()?.to_vec1::<f32>()?, n, s, s);
-    images.extend(pixels_to_images(&xr.flatten_all()?.to_vec1::<f32>()?, n, s, s));
+    images.extend(pixels_to_images(
+        &xr.flatten_all()?.to_vec1::<f32>()?,
+        n,
+        s,
+        s,
+    ));
     Ok(grid(&images, n))
 }
 
@@ -342,7 +347,11 @@ pub(crate) fn mean_psnr(per_image: &[f32]) -> (f64, f64) {
 
 /// The reconstruction term: the plain MSE, or with per-pixel `weights` `(N, 1, H, W)` the
 /// weighted mean `sum(w * err^2) / (3 * sum(w))`, which is the plain MSE when every weight is 1.
-pub(crate) fn reconstruction_loss(xr: &Tensor, x: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn reconstruction_loss(
+    xr: &Tensor,
+    x: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     Ok(match weights {
         Some(w) => {
             let channels = x.dim(1)? as f64;

@@ -166,8 +166,12 @@ pub fn prepare(
         .with_context(|| format!("parsing {}", config_path.display()))?;
     let cfg: VaeConfig = serde_json::from_value(config_json.clone())
         .with_context(|| format!("{} is not an AutoencoderKL config", config_path.display()))?;
-    cfg.validate()
-        .with_context(|| format!("{} describes an unsupported autoencoder", config_path.display()))?;
+    cfg.validate().with_context(|| {
+        format!(
+            "{} describes an unsupported autoencoder",
+            config_path.display()
+        )
+    })?;
 
     let (train, val) = super::vae::train_and_val_frames(
         data,
