@@ -3,7 +3,9 @@
 //!
 //! This is what `storygpt-v component KIND --model DIR --inputs IN --out OUT` calls; a Python
 //! script can then compare the outputs with transformers / diffusers on the same inputs (and
-//! the fixture tests do the same in Rust). Everything runs in f32.
+//! the fixture tests do the same in Rust). Weights and float inputs are cast to the requested
+//! dtype (f32 for the parity fixtures, f16 / bf16 for half-precision checks on a GPU); outputs are
+//! written in f32.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -53,17 +55,18 @@ impl std::str::FromStr for ComponentKind {
 }
 
 /// Runs `kind` from `model_dir` on the tensors of `inputs` (safetensors) and writes the outputs
-/// to `out` (safetensors, f32).
+/// to `out` (safetensors, f32), the network and its float inputs in `dtype`.
 pub fn run_component(
     kind: ComponentKind,
     model_dir: &Path,
     inputs: &Path,
     out: &Path,
+    dtype: DType,
     device: &Device,
 ) -> Result<()> {
     let tensors = candle_core::safetensors::load(inputs, device)
         .with_context(|| format!("cannot read input tensors from {}", inputs.display()))?;
-    let outputs = run_component_tensors(kind, model_dir, &tensors, device)?;
+    let outputs = run_component_tensors(kind, model_dir, &tensors, dtype, device)?;
     let outputs: HashMap<String, Tensor> = outputs
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
@@ -82,22 +85,23 @@ pub fn run_component_tensors(
     kind: ComponentKind,
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
+    dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     if !model_dir.is_dir() {
         bail!("model directory {} does not exist", model_dir.display())
     }
     match kind {
-        ComponentKind::Unet => crate::unet::conformance::run_unet(model_dir, inputs, device),
+        ComponentKind::Unet => crate::unet::conformance::run_unet(model_dir, inputs, dtype, device),
         ComponentKind::VaeEncode => {
-            crate::vae::conformance::run_vae_encode(model_dir, inputs, device)
+            crate::vae::conformance::run_vae_encode(model_dir, inputs, dtype, device)
         }
         ComponentKind::VaeDecode => {
-            crate::vae::conformance::run_vae_decode(model_dir, inputs, device)
+            crate::vae::conformance::run_vae_decode(model_dir, inputs, dtype, device)
         }
-        ComponentKind::ClipText => run_clip_text(model_dir, inputs, device),
-        ComponentKind::ClipVision => run_clip_vision(model_dir, inputs, device),
-        ComponentKind::Llm => crate::llm::conformance::run_llm(model_dir, inputs, device),
+        ComponentKind::ClipText => run_clip_text(model_dir, inputs, dtype, device),
+        ComponentKind::ClipVision => run_clip_vision(model_dir, inputs, dtype, device),
+        ComponentKind::Llm => crate::llm::conformance::run_llm(model_dir, inputs, dtype, device),
     }
 }
 
@@ -124,9 +128,10 @@ fn ids_u32(t: &Tensor, name: &str) -> Result<Tensor> {
 fn run_clip_text(
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
+    dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let model = ClipTextModel::load(model_dir, DType::F32, device)?;
+    let model = ClipTextModel::load(model_dir, dtype, device)?;
     let ids = ids_u32(input(inputs, "input_ids")?, "input_ids")?.to_device(device)?;
     if ids.rank() != 2 {
         bail!(
@@ -154,11 +159,12 @@ fn run_clip_text(
 fn run_clip_vision(
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
+    dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let model = ClipVisionModel::load(model_dir, DType::F32, device)?;
+    let model = ClipVisionModel::load(model_dir, dtype, device)?;
     let pix = input(inputs, "pixel_values")?
-        .to_dtype(DType::F32)?
+        .to_dtype(dtype)?
         .to_device(device)?;
     let out = model
         .forward(&pix)

@@ -140,6 +140,7 @@ fn component_entry_point_writes_reference_outputs() {
             &dir,
             &dir.join("inputs.safetensors"),
             &out,
+            DType::F32,
             &Device::Cpu,
         )
         .unwrap();
@@ -157,7 +158,7 @@ fn component_entry_point_writes_reference_outputs() {
     let inp = tmp.path().join("i32.safetensors");
     candle_core::safetensors::save(&HashMap::from([("input_ids".to_string(), ids)]), &inp).unwrap();
     let out = tmp.path().join("o.safetensors");
-    run_component(ComponentKind::ClipText, &dir, &inp, &out, &Device::Cpu).unwrap();
+    run_component(ComponentKind::ClipText, &dir, &inp, &out, DType::F32, &Device::Cpu).unwrap();
     let want = load(&dir.join("outputs.safetensors"));
     assert_close(
         &load(&out)["pooler_output"],
@@ -165,7 +166,7 @@ fn component_entry_point_writes_reference_outputs() {
         "i32 ids",
     );
     // Errors name the missing tensor and the directory.
-    let err = run_component(ComponentKind::ClipVision, &dir, &inp, &out, &Device::Cpu).unwrap_err();
+    let err = run_component(ComponentKind::ClipVision, &dir, &inp, &out, DType::F32, &Device::Cpu).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("clip_text_quick"), "{msg}");
     let err = run_component(
@@ -173,6 +174,7 @@ fn component_entry_point_writes_reference_outputs() {
         Path::new("/nonexistent/m"),
         &inp,
         &out,
+        DType::F32,
         &Device::Cpu,
     )
     .unwrap_err()

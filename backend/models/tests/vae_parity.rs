@@ -64,13 +64,13 @@ fn vae_conformance_functions() {
     let dev = Device::Cpu;
     let t = io("vae_a");
     let inputs = HashMap::from([("sample".to_string(), t["sample"].clone())]);
-    let out = run_vae_encode(&fixture("vae_a"), &inputs, &dev).unwrap();
+    let out = run_vae_encode(&fixture("vae_a"), &inputs, DType::F32, &dev).unwrap();
     assert_close(&out["mean"], &t["mean"], "run_vae_encode mean");
     assert_close(&out["logvar"], &t["logvar"], "run_vae_encode logvar");
     let inputs = HashMap::from([("latent".to_string(), t["latent"].clone())]);
-    let out = run_vae_decode(&fixture("vae_a"), &inputs, &dev).unwrap();
+    let out = run_vae_decode(&fixture("vae_a"), &inputs, DType::F32, &dev).unwrap();
     assert_close(&out["sample"], &t["decoded"], "run_vae_decode");
-    let err = run_vae_decode(&fixture("vae_a"), &HashMap::new(), &dev)
+    let err = run_vae_decode(&fixture("vae_a"), &HashMap::new(), DType::F32, &dev)
         .unwrap_err()
         .to_string();
     assert!(err.contains("latent"), "{err}");

@@ -28,6 +28,9 @@ pub struct ComponentArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Precision of the weights and float inputs: f32, f16 or bf16 (outputs are always f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 fn parse_kind(s: &str) -> Result<ComponentKind, String> {
@@ -37,7 +40,8 @@ fn parse_kind(s: &str) -> Result<ComponentKind, String> {
 /// Runs the component and writes its outputs.
 pub fn run(args: ComponentArgs) -> anyhow::Result<()> {
     let device = nn::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-    run_component(args.kind, &args.model, &args.inputs, &args.out, &device).with_context(|| {
+    let dtype = models::bundle::parse_dtype(&args.dtype)?;
+    run_component(args.kind, &args.model, &args.inputs, &args.out, dtype, &device).with_context(|| {
         format!(
             "component {:?} from {} on {}",
             args.kind,

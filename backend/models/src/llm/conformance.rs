@@ -9,15 +9,16 @@ use candle_core::{DType, Device, Tensor};
 
 use super::CausalLm;
 
-/// Runs the causal LM in `model_dir` (f32) on `inputs`: `input_ids` (i64 / i32 / u32,
+/// Runs the causal LM in `model_dir` (in `dtype`) on `inputs`: `input_ids` (i64 / i32 / u32,
 /// `(b, s)`) or `inputs_embeds` (`(b, s, embed_dim)`), plus an optional `attention_mask`
 /// `(b, s)`. Returns `logits` `(b, s, vocab)` and `last_hidden_state` `(b, s, embed_dim)`.
 pub fn run_llm(
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
+    dtype: DType,
     device: &Device,
 ) -> anyhow::Result<HashMap<String, Tensor>> {
-    let lm = CausalLm::load(model_dir, DType::F32, device)?;
+    let lm = CausalLm::load(model_dir, dtype, device)?;
     let mask = inputs
         .get("attention_mask")
         .map(|m| m.to_device(device))
@@ -38,7 +39,7 @@ pub fn run_llm(
         lm.forward_ids(&ids.to_device(device)?, &mut cache, mask.as_ref())
             .with_context(|| format!("running {} on input_ids", model_dir.display()))?
     } else if let Some(e) = inputs.get("inputs_embeds") {
-        lm.forward_embeds(&e.to_device(device)?, &mut cache, mask.as_ref())
+        lm.forward_embeds(&e.to_dtype(dtype)?.to_device(device)?, &mut cache, mask.as_ref())
             .with_context(|| format!("running {} on inputs_embeds", model_dir.display()))?
     } else {
         let mut names: Vec<_> = inputs.keys().cloned().collect();

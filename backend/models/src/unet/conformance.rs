@@ -22,22 +22,23 @@ pub(crate) fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Resu
 }
 
 /// Runs the UNet in `model_dir` (a `unet/` directory or a pipeline directory containing one)
-/// in f32 on `sample (B, C, H, W)`, `timestep` (i64 / i32 / float, scalar or `(B,)`) and
+/// in `dtype` on `sample (B, C, H, W)`, `timestep` (i64 / i32 / float, scalar or `(B,)`) and
 /// `encoder_hidden_states (B, tokens, dim)`; returns `{"sample": prediction}`.
 pub fn run_unet(
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
+    dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let unet = UNet2DConditionModel::load(model_dir, DType::F32, device)?;
+    let unet = UNet2DConditionModel::load(model_dir, dtype, device)?;
     let sample = input(inputs, "sample")?
-        .to_dtype(DType::F32)?
+        .to_dtype(dtype)?
         .to_device(device)?;
     let timestep = input(inputs, "timestep")?
         .to_dtype(DType::F32)?
         .to_device(device)?;
     let ctx = input(inputs, "encoder_hidden_states")?
-        .to_dtype(DType::F32)?
+        .to_dtype(dtype)?
         .to_device(device)?;
     let out = unet
         .forward(&sample, &timestep, &ctx)

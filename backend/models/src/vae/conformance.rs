@@ -11,15 +11,16 @@ use super::AutoencoderKL;
 use crate::unet::conformance::input;
 
 /// Encodes `sample (N, 3, H, W)` with the VAE in `model_dir` (a `vae/` or pipeline
-/// directory), f32; returns `mean` and (clamped) `logvar` of the posterior.
+/// directory), in `dtype`; returns `mean` and (clamped) `logvar` of the posterior.
 pub fn run_vae_encode(
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
+    dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let vae = AutoencoderKL::load(model_dir, DType::F32, device)?;
+    let vae = AutoencoderKL::load(model_dir, dtype, device)?;
     let x = input(inputs, "sample")?
-        .to_dtype(DType::F32)?
+        .to_dtype(dtype)?
         .to_device(device)?;
     let post = vae
         .encode(&x)
@@ -30,16 +31,17 @@ pub fn run_vae_encode(
     ]))
 }
 
-/// Decodes the unscaled `latent (N, C, h, w)` with the VAE in `model_dir`, f32; returns
+/// Decodes the unscaled `latent (N, C, h, w)` with the VAE in `model_dir`, in `dtype`; returns
 /// `sample`.
 pub fn run_vae_decode(
     model_dir: &Path,
     inputs: &HashMap<String, Tensor>,
+    dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let vae = AutoencoderKL::load(model_dir, DType::F32, device)?;
+    let vae = AutoencoderKL::load(model_dir, dtype, device)?;
     let z = input(inputs, "latent")?
-        .to_dtype(DType::F32)?
+        .to_dtype(dtype)?
         .to_device(device)?;
     let out = vae
         .decode(&z)
