@@ -996,6 +996,106 @@ fn stage2_refuses_a_diffusion_weight_on_top_of_the_diffusion_ablation() {
 }
 
 #[test]
+fn stage2_lreg_on_the_diffusion_pass_changes_what_the_mappers_learn() {
+    // The same seeded 20-step run with the diffusion term alone and with L_reg on its
+    // cross-attention maps: L_reg is logged and its gradient reaches Mapper_LDM.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = "diffusion_weight = 1.0\nsort_groups = true";
+    let (plain, diff_plain) = mapper_after_short_stage2(tmp.path(), "plain", base);
+    let out = tmp.path().join("plain");
+    assert!(stage_part(&out, "stage2", "l_reg").is_empty());
+    let (with_lreg, diff_lreg) =
+        mapper_after_short_stage2(tmp.path(), "lreg", &format!("{base}\nlreg_weight = 1.0"));
+    let out = tmp.path().join("lreg");
+    let lreg = stage_part(&out, "stage2", "l_reg");
+    assert_eq!(lreg.len(), 2, "l_reg is logged every log line: {lreg:?}");
+    // L_reg is A- minus A+ of attention probabilities: bounded by 1 in size.
+    assert!(
+        lreg.iter()
+            .all(|x| x.is_finite() && x.abs() < 1.0 && *x != 0.0),
+        "{lreg:?}"
+    );
+    assert!(
+        diff_lreg.len() == 2 && diff_plain.len() == 2,
+        "{diff_lreg:?} {diff_plain:?}"
+    );
+    let moved = largest_change(&with_lreg, &plain);
+    assert!(moved > 1e-4, "L_reg changed nothing: {moved}");
+    // Off by default: the run's config does not name it.
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("plain/training.json")).unwrap(),
+    )
+    .unwrap();
+    let cfg = &record["stages"]["stage2"]["config"]["stage2"];
+    assert!(
+        cfg.get("sort_groups").is_some() && cfg.get("lreg_weight").is_none(),
+        "{cfg}"
+    );
+}
+
+#[test]
+fn stage2_lreg_is_validated_and_refused_without_the_diffusion_term() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    bundle_without("stage2", &out);
+    // Validation reports L_reg on the validation frames.
+    train_stage(
+        "stage2",
+        r#"
+[run]
+batch_size = 4
+max_steps = 2
+val_every = 0
+checkpoint_every = 0
+log_every = 1
+[stage2]
+d_model = 32
+heads = 2
+encoder_layers = 1
+decoder_layers = 1
+ff_dim = 64
+train_stories = 2
+val_stories = 4
+align_loss = "diffusion"
+lreg_weight = 0.5
+"#,
+        &out,
+    );
+    let val: Vec<f64> = std::fs::read_to_string(out.join("runs/stage2/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["split"] == "val")
+        .filter_map(|v| v["val_l_reg"].as_f64())
+        .collect();
+    assert_eq!(val.len(), 1, "{val:?}");
+    assert!(val[0].is_finite() && val[0].abs() < 1.0, "{val:?}");
+
+    std::fs::remove_dir_all(out.join("runs/stage2")).unwrap();
+    let config = out.with_extension("toml");
+    for (losses, key) in [
+        ("lreg_weight = 1.0", "lreg_weight"),
+        ("lreg_weight = 1.0\ndiffusion_weight = 0.0", "lreg_weight"),
+        ("diffusion_weight = 1.0\nlreg_weight = -1.0", "lreg_weight"),
+    ] {
+        std::fs::write(
+            &config,
+            format!("[run]\nmax_steps = 1\n[stage2]\nalign_loss = \"mse\"\n{losses}\n"),
+        )
+        .unwrap();
+        let err = train_stage_refused("stage2", &config, &out);
+        assert!(err.contains(key), "{losses}: {err}");
+    }
+    std::fs::write(
+        &config,
+        "[run]\nmax_steps = 1\n[stage2]\nlreg_weight = 1.0\n",
+    )
+    .unwrap();
+    let err = train_stage_refused("stage2", &config, &out);
+    assert!(err.contains("needs the diffusion term"), "{err}");
+}
+
+#[test]
 fn the_classifier_learns_characters_and_backgrounds_well_above_chance() {
     // A 300-story 32x32 world (60 stories are too few to generalise from); the score is on
     // validation frames the network never trained on.

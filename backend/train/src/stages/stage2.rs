@@ -9,7 +9,9 @@
 //! caption and the `[IMG]` tokens, as inference does (`models::prompt::build_prompt`). Losses:
 //! L_gen (cross-entropy of the `[IMG]` tokens) and L_align, the MSE between Mapper_LDM's output
 //! and the stage-1 FUSED embedding of the frame's non-referential caption with the
-//! characters' portraits, computed once before training.
+//! characters' portraits, computed once before training. Optionally the frozen UNet's diffusion
+//! loss conditioned on Mapper_LDM's output, and on that same forward pass stage 1's L_reg at the
+//! target caption's character-name slots against the frame's character masks.
 //!
 //! Writes `OUT/storygpt-v/stage2.safetensors` and `OUT/bundle.toml` (the bundle is complete
 //! once this stage has run).
@@ -26,11 +28,14 @@ use models::char_ldm::CharLdm;
 use models::clip::{ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel};
 use models::fuse::FuseModule;
 use models::llm::{CausalLm, ImgTokens, LlmTokenizer, LogitsFor};
+use models::lreg::{lreg_loss, CharacterTokens};
 use models::mappers::{MapperLdm, MapperLdmConfig, MapperLlm, MapperLlmConfig};
 use models::prompt::{build_prompt, Prompt, PromptConfig};
 use models::stage2_losses::{
-    diffusion_align_loss, lalign_loss, lgen_loss, target_mask, weighted_lalign_loss, LgenTargets,
+    diffusion_align_loss, diffusion_align_lreg_loss, lalign_loss, lgen_loss, target_mask,
+    weighted_lalign_loss, LgenTargets,
 };
+use models::unet::AttentionCapture;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +126,18 @@ pub struct Stage2Section {
     /// Weight of the character-name tokens in L_align against 1 for every other token (1 = the
     /// plain mean over the 77, the paper). Validation L_align stays the plain mean.
     pub align_char_weight: f64,
+    /// With the diffusion term on (`diffusion_weight > 0` or `align_loss = "diffusion"`): weight
+    /// of stage 1's L_reg (`models::lreg`) on the frozen UNet's cross-attention maps of that same
+    /// forward pass, at the character-name slots of the target caption (where the fused target
+    /// holds each portrait, so with `sort_groups` in the sorted order), against the frame's
+    /// character masks (0 = off). Scores each name slot by where the UNet's attention puts it.
+    /// Not written into the run's config at 0, so runs without it resume as before.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lreg_weight: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for Stage2Section {
@@ -146,6 +163,7 @@ impl Default for Stage2Section {
             story_len: 4,
             sort_groups: false,
             align_char_weight: 1.0,
+            lreg_weight: 0.0,
         }
     }
 }
@@ -211,6 +229,73 @@ struct PronounCheck {
     candidates: Tensor,
 }
 
+/// A character's mask in a frame, one bit per pixel (row-major, the frame's size).
+#[derive(Debug, Clone)]
+struct PackedMask(Vec<u64>);
+
+impl PackedMask {
+    fn new(mask: &[bool]) -> Self {
+        let mut bits = vec![0u64; mask.len().div_ceil(64)];
+        for (i, _) in mask.iter().enumerate().filter(|(_, &on)| on) {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        Self(bits)
+    }
+
+    /// Writes 1.0 at the pixels of the mask into `out` (`len` pixels).
+    fn fill(&self, out: &mut [f32]) {
+        for (i, v) in out.iter_mut().enumerate() {
+            if self.0.get(i / 64).is_some_and(|w| (w >> (i % 64)) & 1 == 1) {
+                *v = 1.0;
+            }
+        }
+    }
+}
+
+/// L_reg targets of an example: `(token slot of the target caption, that character's mask)` for
+/// each named character with pixels in the frame.
+type LregSlots = Vec<(usize, PackedMask)>;
+
+/// Validation frames L_reg is measured on (the first ones of the validation examples).
+const VAL_LREG_FRAMES: usize = 128;
+
+/// What `lreg_weight` needs: every example's slots and masks, and fixed validation noise.
+struct LregTargets {
+    /// `(height, width)` of the frames (and their masks).
+    frame_size: (usize, usize),
+    /// Per training example.
+    train: Vec<LregSlots>,
+    /// Per validation example, the first [`VAL_LREG_FRAMES`].
+    val: Vec<LregSlots>,
+    /// Noise of the validation frames, `val.len()` latents.
+    val_noise: Vec<f32>,
+    /// Timesteps of the validation frames, spread over the schedule.
+    val_timesteps: Vec<usize>,
+}
+
+impl LregTargets {
+    /// Masks `(n, kmax, H, W)` (kmax: the most characters of a sample, at least 1) and the
+    /// token slots of the samples `slots`, in the order L_reg pairs them.
+    fn batch(&self, slots: &[&LregSlots], device: &Device) -> Result<(Tensor, CharacterTokens)> {
+        let (h, w) = self.frame_size;
+        let plane = h * w;
+        let kmax = slots.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut masks = vec![0f32; slots.len() * kmax * plane];
+        let mut lists = Vec::with_capacity(slots.len());
+        for (i, s) in slots.iter().enumerate() {
+            for (k, (_, m)) in s.iter().enumerate() {
+                let base = (i * kmax + k) * plane;
+                m.fill(&mut masks[base..base + plane]);
+            }
+            lists.push(s.iter().map(|(t, _)| *t).collect::<Vec<_>>());
+        }
+        Ok((
+            Tensor::from_vec(masks, (slots.len(), kmax, h, w), device)?,
+            CharacterTokens::from_lists(&lists),
+        ))
+    }
+}
+
 /// The frozen pieces of the diffusion variant: every frame's latent, the UNet, the schedule.
 struct Diffusion {
     latents: Tensor,
@@ -221,6 +306,8 @@ struct Diffusion {
 /// The frozen LLM, the trainable mappers and rows, the data.
 pub struct Stage2Stage {
     diffusion: Option<Diffusion>,
+    /// With `lreg_weight > 0`: L_reg's slots and masks.
+    lreg: Option<LregTargets>,
     vars: VarMap,
     lm: CausalLm,
     img: ImgTokens,
@@ -306,6 +393,19 @@ impl Stage1 {
         Ok(Tensor::from_vec(w, (captions.len(), tokens), device)?)
     }
 
+    /// L_reg's slots of an example: each cast member the fused condition of `caption` (the
+    /// target caption) puts at a token, paired with that character's mask in the frame
+    /// (`frame_masks`, by name; a character without pixels there has no target, as in stage 1).
+    fn lreg_slots(&self, caption: &str, frame_masks: &[(String, PackedMask)]) -> LregSlots {
+        let names: Vec<&str> = self.portraits.iter().map(|(n, _)| n.as_str()).collect();
+        pair_slots(
+            &self.ldm.character_tokens(caption, &names),
+            &names,
+            frame_masks,
+            self.ldm.tokenizer.max_length(),
+        )
+    }
+
     /// The alignment target `(77, d)` of a caption with names.
     fn target(&self, caption: &str, align: AlignTarget) -> Result<Tensor> {
         let c = match align {
@@ -321,6 +421,28 @@ impl Stage1 {
         };
         Ok(c.squeeze(0)?.detach())
     }
+}
+
+/// Pairs the name slots `(token, cast index)` of a target caption with the frame's masks by
+/// character name (the dataset lists a frame's masks in its own order, which need not be the
+/// target's: with `sort_groups` the target names a "they" group alphabetically). Slots at or
+/// past `tokens` and characters without a mask are left out.
+fn pair_slots(
+    slots: &[(usize, usize)],
+    names: &[&str],
+    frame_masks: &[(String, PackedMask)],
+    tokens: usize,
+) -> LregSlots {
+    slots
+        .iter()
+        .filter(|&&(t, k)| t < tokens && k < names.len())
+        .filter_map(|&(t, k)| {
+            frame_masks
+                .iter()
+                .find(|(n, _)| n == names[k])
+                .map(|(_, m)| (t, m.clone()))
+        })
+        .collect()
 }
 
 /// Replaces whole-word occurrences of `from` in `text` by `to`.
@@ -357,6 +479,10 @@ struct ExampleReader<'a> {
     fp: u64,
     latents: Vec<Vec<f32>>,
     sort_groups: bool,
+    /// With L_reg: each frame's character masks with pixels (by name), per global frame.
+    masks: Option<Vec<Vec<(String, PackedMask)>>>,
+    /// `(height, width)` of the frames, once one was read.
+    frame_size: Option<(usize, usize)>,
 }
 
 impl ExampleReader<'_> {
@@ -386,6 +512,36 @@ impl ExampleReader<'_> {
                         .with_context(|| format!("frame {} has no image", f.id))
                 })
                 .collect::<Result<_>>()?;
+            if let Some(table) = self.masks.as_mut() {
+                for (f, img) in story.frames.iter().zip(&images) {
+                    let size = (img.height() as usize, img.width() as usize);
+                    let first = *self.frame_size.get_or_insert(size);
+                    anyhow::ensure!(
+                        size == first,
+                        "stage2: frame {} is {}x{}, others {}x{} (L_reg needs one frame size)",
+                        f.id,
+                        size.1,
+                        size.0,
+                        first.1,
+                        first.0
+                    );
+                    let mut row = Vec::new();
+                    for m in &f.masks {
+                        anyhow::ensure!(
+                            m.mask.len() == size.0 * size.1,
+                            "stage2: the mask of {} in frame {} has {} pixels, the frame {}",
+                            m.name,
+                            f.id,
+                            m.mask.len(),
+                            size.0 * size.1
+                        );
+                        if m.mask.iter().any(|&on| on) {
+                            row.push((m.name.clone(), PackedMask::new(&m.mask)));
+                        }
+                    }
+                    table.push(row);
+                }
+            }
             let px = self.processor.preprocess_batch(&images, self.device)?;
             let p = self.vision.forward(&px)?.pooler_output.detach();
             let base = self.count;
@@ -480,6 +636,20 @@ pub fn prepare(
         "[stage2] diffusion_weight adds the diffusion loss to the MSE L_align; with \
          align_loss = \"diffusion\" the diffusion loss is already L_align (use align_weight)"
     );
+    anyhow::ensure!(
+        section.lreg_weight >= 0.0 && section.lreg_weight.is_finite(),
+        "[stage2] lreg_weight must be a finite number >= 0, not {}",
+        section.lreg_weight
+    );
+    anyhow::ensure!(
+        section.lreg_weight == 0.0
+            || section.diffusion_weight > 0.0
+            || section.align_loss == AlignLoss::Diffusion,
+        "[stage2] lreg_weight = {} needs the diffusion term: L_reg is computed on the frozen \
+         UNet's cross-attention maps of its forward pass; set diffusion_weight > 0 (or \
+         align_loss = \"diffusion\"), or lreg_weight = 0",
+        section.lreg_weight
+    );
     let llm_dir = out.join("llm");
     anyhow::ensure!(
         llm_dir.join("config.json").exists(),
@@ -515,6 +685,8 @@ pub fn prepare(
         fp: FNV_OFFSET,
         latents: Vec::new(),
         sort_groups: section.sort_groups,
+        masks: (section.lreg_weight > 0.0).then(Vec::new),
+        frame_size: None,
     };
     let (train, train_captions, _) = frames.split(Split::Train, section.train_stories)?;
     let (val, val_captions, val_stories) = frames.split(Split::Val, section.val_stories)?;
@@ -522,6 +694,8 @@ pub fn prepare(
         pooled,
         mut fp,
         latents: latent_table,
+        masks: mask_table,
+        frame_size,
         ..
     } = frames;
     let pooled = Tensor::cat(&pooled, 0)?;
@@ -638,12 +812,54 @@ pub fn prepare(
     } else {
         None
     };
+    let lreg = match (mask_table, frame_size) {
+        (Some(table), Some(frame_size)) => {
+            let slots_of = |examples: &[Example], captions: &[String], n: usize| {
+                examples
+                    .iter()
+                    .take(n)
+                    .map(|e| {
+                        let masks = table.get(e.frame).map_or(&[][..], Vec::as_slice);
+                        stage1.lreg_slots(&captions[e.target], masks)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let train_slots = slots_of(&train, &train_captions, train.len());
+            anyhow::ensure!(
+                train_slots.iter().any(|s| !s.is_empty()),
+                "[stage2] lreg_weight needs character masks: no training frame of {} has a \
+                 mask for a character its caption names",
+                data.display()
+            );
+            let val_slots = slots_of(&val, &val_captions, VAL_LREG_FRAMES);
+            // Fixed validation noise and timesteps (spread over the schedule), as stage 1's.
+            let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0x6c72_6567);
+            let n = val_slots.len();
+            let val_noise = super::vae::gaussian(&mut rng, n * latent_elems);
+            let val_timesteps = (0..n).map(|i| (i * 1000) / n + 1000 / (2 * n)).collect();
+            Some(LregTargets {
+                frame_size,
+                train: train_slots,
+                val: val_slots,
+                val_noise,
+                val_timesteps,
+            })
+        }
+        _ => {
+            anyhow::ensure!(
+                section.lreg_weight == 0.0,
+                "[stage2] lreg_weight: no frame was read to take character masks from"
+            );
+            None
+        }
+    };
     let source = Arc::new(Stage2Source {
         count: train.len(),
         latent_elems,
     });
     let stage = Stage2Stage {
         diffusion: latents,
+        lreg,
         vars,
         lm,
         img,
@@ -758,6 +974,56 @@ impl Stage2Stage {
         Ok(Forward { conds, lgen })
     }
 
+    /// L_reg of the validation examples `start..start + chunk.len()` that are among the first
+    /// [`VAL_LREG_FRAMES`], conditioned on their Mapper_LDM outputs `conds` (the chunk's rows),
+    /// at fixed noise and timesteps: `(mean, frames)`, or `None` without L_reg or past them.
+    fn val_lreg(
+        &self,
+        start: usize,
+        chunk: &[&Example],
+        conds: &Tensor,
+    ) -> Result<Option<(f64, usize)>> {
+        let (Some(r), Some(d)) = (&self.lreg, &self.diffusion) else {
+            return Ok(None);
+        };
+        let m = r.val.len().saturating_sub(start).min(chunk.len());
+        if m == 0 {
+            return Ok(None);
+        }
+        let idx = Tensor::from_vec(
+            chunk[..m]
+                .iter()
+                .map(|e| e.frame as u32)
+                .collect::<Vec<_>>(),
+            m,
+            &self.device,
+        )?;
+        let x0 = d.latents.index_select(&idx, 0)?;
+        let per = x0.elem_count() / m;
+        let eps = Tensor::from_vec(
+            r.val_noise[start * per..(start + m) * per].to_vec(),
+            x0.shape(),
+            &self.device,
+        )?;
+        let steps = &r.val_timesteps[start..start + m];
+        let xt = d.scheduler.add_noise_batch(&x0, &eps, steps)?;
+        let ts = Tensor::from_vec(
+            steps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            m,
+            &self.device,
+        )?;
+        let out = d.unet.forward_with_capture(
+            &xt,
+            &ts,
+            &conds.narrow(0, 0, m)?,
+            &AttentionCapture::all(),
+        )?;
+        let slots: Vec<&LregSlots> = r.val[start..start + m].iter().collect();
+        let (masks, chars) = r.batch(&slots, &self.device)?;
+        let l = lreg_loss(&out.attention_probs, &masks, &chars)?;
+        Ok(Some((l.to_scalar::<f32>()? as f64, m)))
+    }
+
     fn targets_of(&self, table: &Tensor, examples: &[&Example]) -> Result<Tensor> {
         let idx = Tensor::from_vec(
             examples.iter().map(|e| e.target as u32).collect::<Vec<_>>(),
@@ -822,6 +1088,7 @@ impl Stage for Stage2Stage {
             ("l_align", mse.to_scalar::<f32>()? as f64),
             ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
         ];
+        let mut lreg = None;
         let diffusion = match &self.diffusion {
             None => None,
             Some(d) => {
@@ -839,8 +1106,34 @@ impl Stage for Stage2Stage {
                     &self.device,
                 )?;
                 let target = d.scheduler.training_target(&x0, &eps, &b.timesteps)?;
-                let l = diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?;
+                let l = match &self.lreg {
+                    None => {
+                        diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?
+                    }
+                    Some(r) => {
+                        // The same forward pass, its cross-attention maps kept for L_reg at the
+                        // target caption's name slots.
+                        let slots: Vec<&LregSlots> =
+                            b.examples.iter().map(|&i| &r.train[i]).collect();
+                        let (masks, chars) = r.batch(&slots, &self.device)?;
+                        let (l, reg) = diffusion_align_lreg_loss(
+                            &f.conds,
+                            |c| {
+                                d.unet
+                                    .forward_with_capture(&xt, &ts, c, &AttentionCapture::all())
+                            },
+                            &target,
+                            &masks,
+                            &chars,
+                        )?;
+                        lreg = Some(reg);
+                        l
+                    }
+                };
                 parts.push(("l_diffusion", l.to_scalar::<f32>()? as f64));
+                if let Some(reg) = &lreg {
+                    parts.push(("l_reg", reg.to_scalar::<f32>()? as f64));
+                }
                 Some(l)
             }
         };
@@ -853,7 +1146,10 @@ impl Stage for Stage2Stage {
             }
             (_, None) => (mse * self.section.align_weight)?,
         };
-        let loss = (align + (&f.lgen * self.section.lgen_weight)?)?;
+        let mut loss = (align + (&f.lgen * self.section.lgen_weight)?)?;
+        if let Some(reg) = lreg {
+            loss = (loss + (reg * self.section.lreg_weight)?)?;
+        }
         Ok(StepLoss { loss, parts })
     }
 
@@ -864,6 +1160,7 @@ impl Stage for Stage2Stage {
 
     fn validate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
         let (mut align, mut lgen, mut n) = (0f64, 0f64, 0usize);
+        let (mut reg, mut reg_n) = (0f64, 0usize);
         let all: Vec<&Example> = self.val.iter().collect();
         for chunk in all.chunks(32) {
             let f = self.forward(chunk)?;
@@ -871,6 +1168,10 @@ impl Stage for Stage2Stage {
             align +=
                 lalign_loss(&f.conds.detach(), &t)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             lgen += f.lgen.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            if let Some(l) = self.val_lreg(n, chunk, &f.conds.detach())? {
+                reg += l.0 * l.1 as f64;
+                reg_n += l.1;
+            }
             n += chunk.len();
         }
         let mut right = 0usize;
@@ -898,6 +1199,9 @@ impl Stage for Stage2Stage {
             ("val_l_align".to_owned(), align / n.max(1) as f64),
             ("val_l_gen".to_owned(), lgen / n.max(1) as f64),
         ]);
+        if reg_n > 0 {
+            m.insert("val_l_reg".to_owned(), reg / reg_n as f64);
+        }
         if !self.pronoun.is_empty() {
             m.insert(
                 "pronoun_right_character".to_owned(),
@@ -910,7 +1214,7 @@ impl Stage for Stage2Stage {
 
 #[cfg(test)]
 mod tests {
-    use super::{replace_name, target_caption};
+    use super::{pair_slots, replace_name, target_caption, PackedMask};
 
     fn frame(caption: &str, referential: &str, characters: &[&str]) -> data::dataset::FrameRecord {
         data::dataset::FrameRecord {
@@ -944,6 +1248,35 @@ mod tests {
             target_caption(&named, &rules, true),
             "Wilma and Fred laugh."
         );
+    }
+
+    #[test]
+    fn lreg_slots_pair_each_target_token_with_its_own_characters_mask() {
+        // 70 pixels: more than one word of bits.
+        let mask = |on: &[usize]| {
+            let mut m = vec![false; 70];
+            for &i in on {
+                m[i] = true;
+            }
+            PackedMask::new(&m)
+        };
+        let values = |m: &PackedMask| {
+            let mut v = vec![0f32; 70];
+            m.fill(&mut v);
+            (0..70).filter(|&i| v[i] == 1.0).collect::<Vec<_>>()
+        };
+        assert_eq!(values(&mask(&[0, 63, 64, 69])), [0, 63, 64, 69]);
+        // The frame lists Mia's mask first (its caption said "Mia and Bob"); the sorted target
+        // "Bob and Mia" has Bob at token 1 and Mia at token 3 (cast: Mia 0, Bob 1, Rex 2). Rex is
+        // named at token 5 but not visible; a slot past the 77 tokens is dropped.
+        let names = ["Mia", "Bob", "Rex"];
+        let frame = vec![
+            ("Mia".to_owned(), mask(&[2, 3])),
+            ("Bob".to_owned(), mask(&[65])),
+        ];
+        let slots = pair_slots(&[(3, 0), (1, 1), (5, 2), (80, 0)], &names, &frame, 77);
+        let got: Vec<(usize, Vec<usize>)> = slots.iter().map(|(t, m)| (*t, values(m))).collect();
+        assert_eq!(got, [(3, vec![2, 3]), (1, vec![65])]);
     }
 
     #[test]
