@@ -100,7 +100,16 @@ impl Source {
 
     pub(crate) fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         match &self.store {
-            Store::Safetensors(st) => st.load(name, device),
+            Store::Safetensors(st) => {
+                let t = st.load(name, device)?;
+                // The tensor now lives in its own storage (host memory or the GPU): let the
+                // process drop the mapped file pages it read, so that a 13 GB LLM is not
+                // counted twice (mapped pages + the copy) while a bundle loads.
+                if let Ok(view) = st.get(name) {
+                    release_mapped_pages(view.data());
+                }
+                Ok(t)
+            }
             Store::Pickle(p) => match p.get(name)? {
                 Some(t) => t.to_device(device),
                 None => candle_core::bail!("tensor vanished from the pickle"),
@@ -112,6 +121,39 @@ impl Source {
             },
         }
     }
+}
+
+/// Drops the whole pages of `bytes`, a slice of a read-only file mapping, from this process's
+/// resident set (`madvise(MADV_DONTNEED)`). The file's pages stay in the page cache, where the
+/// kernel can reclaim them, and a later read of the slice faults them back in from the file, so
+/// this never changes what the mapping reads. A no-op outside Linux.
+pub(crate) fn release_mapped_pages(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let Ok(page) = usize::try_from(page) else {
+            return;
+        };
+        if page == 0 {
+            return;
+        }
+        let start = bytes.as_ptr() as usize;
+        // Whole pages inside the slice only: a neighbouring tensor's partial page stays.
+        let first = start.div_ceil(page) * page;
+        let end = (start + bytes.len()) / page * page;
+        if end > first {
+            // SAFETY: [first, end) lies inside a live read-only file mapping (the slice borrows
+            // it); MADV_DONTNEED on a file mapping that was never written only discards this
+            // process's page table entries, and later accesses re-read the file. Nothing is
+            // written and no anonymous memory is involved.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
 }
 
 pub(crate) fn open_err(path: &Path, msg: impl std::fmt::Display) -> WeightsError {
