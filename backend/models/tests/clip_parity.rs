@@ -158,7 +158,15 @@ fn component_entry_point_writes_reference_outputs() {
     let inp = tmp.path().join("i32.safetensors");
     candle_core::safetensors::save(&HashMap::from([("input_ids".to_string(), ids)]), &inp).unwrap();
     let out = tmp.path().join("o.safetensors");
-    run_component(ComponentKind::ClipText, &dir, &inp, &out, DType::F32, &Device::Cpu).unwrap();
+    run_component(
+        ComponentKind::ClipText,
+        &dir,
+        &inp,
+        &out,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let want = load(&dir.join("outputs.safetensors"));
     assert_close(
         &load(&out)["pooler_output"],
@@ -166,7 +174,15 @@ fn component_entry_point_writes_reference_outputs() {
         "i32 ids",
     );
     // Errors name the missing tensor and the directory.
-    let err = run_component(ComponentKind::ClipVision, &dir, &inp, &out, DType::F32, &Device::Cpu).unwrap_err();
+    let err = run_component(
+        ComponentKind::ClipVision,
+        &dir,
+        &inp,
+        &out,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("clip_text_quick"), "{msg}");
     let err = run_component(

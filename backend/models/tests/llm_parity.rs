@@ -234,7 +234,8 @@ fn llm_component_conformance_runs_ids_and_embeds() {
     let r = reference("llm_opt");
     let ids = r["input_ids"].to_dtype(DType::I64).unwrap();
     let inputs = HashMap::from([("input_ids".to_string(), ids)]);
-    let out = run_component_tensors(kind, &fixture("llm_opt"), &inputs, DType::F32, &Device::Cpu).unwrap();
+    let out = run_component_tensors(kind, &fixture("llm_opt"), &inputs, DType::F32, &Device::Cpu)
+        .unwrap();
     assert_close("component logits", &out["logits"], &r["logits"], 1e-4);
     assert_close(
         "component hidden",
@@ -243,14 +244,21 @@ fn llm_component_conformance_runs_ids_and_embeds() {
         1e-4,
     );
     let inputs = HashMap::from([("inputs_embeds".to_string(), r["inputs_embeds"].clone())]);
-    let out = run_component_tensors(kind, &fixture("llm_opt"), &inputs, DType::F32, &Device::Cpu).unwrap();
+    let out = run_component_tensors(kind, &fixture("llm_opt"), &inputs, DType::F32, &Device::Cpu)
+        .unwrap();
     assert_close(
         "component embeds logits",
         &out["logits"],
         &r["embeds_logits"],
         1e-4,
     );
-    let err = run_component_tensors(kind, &fixture("llm_opt"), &HashMap::new(), DType::F32, &Device::Cpu)
-        .unwrap_err();
+    let err = run_component_tensors(
+        kind,
+        &fixture("llm_opt"),
+        &HashMap::new(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("input_ids"), "{err:#}");
 }

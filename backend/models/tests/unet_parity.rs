@@ -148,12 +148,32 @@ fn unet_conformance_runs_in_half_precision() {
         assert_eq!(got.dtype(), dtype, "the network ran in {dtype:?}");
         let max_abs = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
             let a = a.to_dtype(DType::F32).unwrap();
-            (&a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            (&a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
         let err = max_abs(got, want);
-        assert!(err <= 5e-2 * scale, "{dtype:?}: max abs err {err} (scale {scale})");
-        assert!(max_abs(got, &f32_out["sample"]) > 0.0, "{dtype:?} output equals f32");
+        assert!(
+            err <= 5e-2 * scale,
+            "{dtype:?}: max abs err {err} (scale {scale})"
+        );
+        assert!(
+            max_abs(got, &f32_out["sample"]) > 0.0,
+            "{dtype:?} output equals f32"
+        );
     }
 }
 

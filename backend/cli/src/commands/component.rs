@@ -41,7 +41,15 @@ fn parse_kind(s: &str) -> Result<ComponentKind, String> {
 pub fn run(args: ComponentArgs) -> anyhow::Result<()> {
     let device = nn::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let dtype = models::bundle::parse_dtype(&args.dtype)?;
-    run_component(args.kind, &args.model, &args.inputs, &args.out, dtype, &device).with_context(|| {
+    run_component(
+        args.kind,
+        &args.model,
+        &args.inputs,
+        &args.out,
+        dtype,
+        &device,
+    )
+    .with_context(|| {
         format!(
             "component {:?} from {} on {}",
             args.kind,

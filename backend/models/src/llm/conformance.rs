@@ -39,8 +39,12 @@ pub fn run_llm(
         lm.forward_ids(&ids.to_device(device)?, &mut cache, mask.as_ref())
             .with_context(|| format!("running {} on input_ids", model_dir.display()))?
     } else if let Some(e) = inputs.get("inputs_embeds") {
-        lm.forward_embeds(&e.to_dtype(dtype)?.to_device(device)?, &mut cache, mask.as_ref())
-            .with_context(|| format!("running {} on inputs_embeds", model_dir.display()))?
+        lm.forward_embeds(
+            &e.to_dtype(dtype)?.to_device(device)?,
+            &mut cache,
+            mask.as_ref(),
+        )
+        .with_context(|| format!("running {} on inputs_embeds", model_dir.display()))?
     } else {
         let mut names: Vec<_> = inputs.keys().cloned().collect();
         names.sort();

@@ -101,13 +101,13 @@ impl Source {
     pub(crate) fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         match &self.store {
             Store::Safetensors(st) => {
-                let t = st.load(name, device)?;
+                use candle_core::safetensors::Load;
+                let view = st.get(name)?;
+                let t = view.load(device)?;
                 // The tensor now lives in its own storage (host memory or the GPU): let the
                 // process drop the mapped file pages it read, so that a 13 GB LLM is not
                 // counted twice (mapped pages + the copy) while a bundle loads.
-                if let Ok(view) = st.get(name) {
-                    release_mapped_pages(view.data());
-                }
+                release_mapped_pages(view.data());
                 Ok(t)
             }
             Store::Pickle(p) => match p.get(name)? {

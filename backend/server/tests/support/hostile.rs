@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{multipart, png_header_claiming};
+use crate::support::{multipart, png_header_claiming, try_encode as encode};
 
 /// Caption length cap of the highlight form (`validate::MAX_CAPTION_CHARS`).
 const CAPTION_CAP: usize = 1000;
@@ -628,17 +628,6 @@ fn request(
         out.extend_from_slice(bytes);
     }
     out
-}
-
-/// `support::encode` without its panic (the example runs this too): an RGB image of this
-/// size whose pixels vary, encoded.
-fn encode(width: u32, height: u32, format: image::ImageFormat) -> anyhow::Result<Vec<u8>> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([(x * 7) as u8, (y * 3) as u8, ((x ^ y) * 5) as u8])
-    });
-    let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), format)?;
-    Ok(out)
 }
 
 /// Offset of the body (just past the blank line), once the head is complete.

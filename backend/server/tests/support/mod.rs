@@ -348,15 +348,23 @@ pub fn multipart(fields: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
 
 /// Encodes an RGB image of this size whose pixels vary (so it is not trivially compressible).
 pub fn encode(width: u32, height: u32, format: image::ImageFormat) -> Vec<u8> {
+    try_encode(width, height, format).expect("encode a test image")
+}
+
+/// [`encode`] returning the encoder's error (examples/hostile_load.rs shares this module).
+#[allow(dead_code)]
+pub fn try_encode(
+    width: u32,
+    height: u32,
+    format: image::ImageFormat,
+) -> image::ImageResult<Vec<u8>> {
     let img = image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([(x * 7) as u8, (y * 3) as u8, ((x ^ y) * 5) as u8])
     });
     let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), format)
-        .expect("encode a test image");
-    out
+    img.write_to(&mut std::io::Cursor::new(&mut out), format)?;
+    Ok(out)
 }
-
 
 fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     let mut out = (data.len() as u32).to_be_bytes().to_vec();
