@@ -13,6 +13,11 @@
 //   focusable but do nothing.
 // - When the Stories section is refreshed because the characters changed, the new-story form
 //   keeps what the user had typed and ticked (the refresh only adds or drops cast choices).
+// - The characters the new story's captions name (the server finds them, as it finds
+//   mentions, and lists them in #story-draft-notes) are ticked as its cast, unless the user
+//   ticked or unticked that box by hand.
+// - A field the server marked invalid stops saying so as soon as it is edited; the server
+//   checks it again on the next submit.
 // Handlers are delegated from the document, so sections swapped in by HTMX need no setup.
 (function () {
   "use strict";
@@ -81,7 +86,51 @@
   document.addEventListener("change", function (event) {
     var input = event.target;
     if (input.matches && input.matches("input[type=file][data-preview]")) check(input);
+    if (input.matches && input.matches("#stories input[name=character_id]")) {
+      input.dataset.touched = "true";
+    }
   });
+
+  // A server-side message next to a field is about what was submitted; once the field is
+  // edited it no longer applies (client-side file checks manage their own messages).
+  function clearServerError(field) {
+    if (!field.matches || field.getAttribute("aria-invalid") !== "true" || field.dataset.clientError) return;
+    field.removeAttribute("aria-invalid");
+    (field.getAttribute("aria-describedby") || "").split(/\s+/).forEach(function (id) {
+      var el = id && /-error$/.test(id) ? document.getElementById(id) : null;
+      if (el) el.textContent = "";
+    });
+  }
+  ["input", "change"].forEach(function (type) {
+    document.addEventListener(type, function (event) {
+      if (event.target.type !== "file") clearServerError(event.target);
+    });
+  });
+
+  // Ticks the cast boxes of the characters the captions name (ids in data-named-ids),
+  // leaving alone any box the user set by hand; unticks only boxes it ticked itself.
+  function tickNamed() {
+    var notes = document.getElementById("story-draft-notes");
+    var form = storyForm(document.getElementById("stories"));
+    if (!notes || !form) return;
+    var named = (notes.dataset.namedIds || "").split(",").filter(Boolean);
+    form.querySelectorAll("input[name=character_id]").forEach(function (box) {
+      if (box.dataset.touched) return;
+      if (named.indexOf(box.value) >= 0) {
+        if (!box.checked) box.dataset.auto = "true";
+        box.checked = true;
+      } else if (box.dataset.auto) {
+        // Ticked here for a name since deleted from the captions.
+        box.checked = false;
+        delete box.dataset.auto;
+      }
+    });
+  }
+
+  // After any swap: the notes may be new (an outerHTML swap replaces the element the event
+  // names, so the event's element is not a reliable test).
+  document.addEventListener("htmx:afterSwap", tickNamed);
+  document.addEventListener("DOMContentLoaded", tickNamed);
 
   function zoneOf(event) {
     return event.target.closest ? event.target.closest(".dropzone") : null;
@@ -168,11 +217,15 @@
     if (detail.requestConfig.verb !== "get") return;
     var form = storyForm(detail.elt);
     if (!form) return;
+    var boxes = form.querySelectorAll("input[name=character_id]");
     storyDraft = {
       title: form.elements.title ? form.elements.title.value : "",
       captions: form.elements.captions ? form.elements.captions.value : "",
-      cast: Array.prototype.filter.call(form.querySelectorAll("input[name=character_id]"), function (box) {
+      cast: Array.prototype.filter.call(boxes, function (box) {
         return box.checked;
+      }).map(function (box) { return box.value; }),
+      touched: Array.prototype.filter.call(boxes, function (box) {
+        return box.dataset.touched;
       }).map(function (box) { return box.value; }),
     };
   });
@@ -187,6 +240,14 @@
     if (form.elements.captions) form.elements.captions.value = draft.captions;
     form.querySelectorAll("input[name=character_id]").forEach(function (box) {
       if (draft.cast.indexOf(box.value) >= 0) box.checked = true;
+      if (draft.touched.indexOf(box.value) >= 0) box.dataset.touched = "true";
     });
+    // A character just added may be one the captions name: ask again which they are.
+    var captions = form.elements.captions;
+    if (captions && captions.value.trim() && window.htmx) {
+      window.htmx.ajax("POST", "/ui/stories/draft", {
+        source: captions, target: "#story-draft-notes", swap: "outerHTML",
+      });
+    }
   });
 })();

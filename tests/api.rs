@@ -950,9 +950,45 @@ async fn openapi_document_describes_every_endpoint() {
     assert!(doc["components"]["schemas"]["Problem"].is_object());
     assert!(doc["components"]["schemas"]["Character"].is_object());
 
+    // An empty body is a valid generate request, so the document must not call it required.
+    let generate = &paths["/api/stories/{id}/generate"]["post"]["requestBody"];
+    assert!(generate.is_object());
+    assert_ne!(generate["required"], true, "{generate}");
+    // Every JSON request body comes with an example a client can start from.
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(json_body) = op["requestBody"]["content"].get("application/json") else {
+                continue;
+            };
+            let name = json_body["schema"]["$ref"]
+                .as_str()
+                .or_else(|| json_body["schema"]["oneOf"][1]["$ref"].as_str())
+                .and_then(|r| r.rsplit('/').next())
+                .unwrap_or_else(|| panic!("{method} {path}: {json_body}"));
+            let schema = &doc["components"]["schemas"][name];
+            assert!(
+                schema.get("example").is_some() || schema.get("examples").is_some(),
+                "{method} {path}: schema {name} has no example"
+            );
+        }
+    }
+
     let docs = http().get(server.at("/docs")).send().await.unwrap();
     assert_eq!(docs.status(), StatusCode::OK);
     let html = docs.text().await.unwrap();
     assert!(html.contains("/api/stories/{id}/frames/order"));
     assert!(html.contains("PATCH"));
+    // Request schemas (fields with their types and meanings) and examples are on the page.
+    assert!(
+        html.contains("(<code>GenerateRequest</code>), optional"),
+        "the generate body is shown as optional"
+    );
+    assert!(html.contains("(<code>NewStory</code>), required"));
+    assert!(html.contains("<code>guidance_scale</code>"));
+    assert!(html.contains("Classifier-free guidance scale, 1..=30"));
+    assert!(
+        html.contains("&quot;guidance_scale&quot;: 4.0")
+            || html.contains("&#34;guidance_scale&#34;: 4.0")
+    );
+    assert!(html.contains("<code>Idempotency-Key (header)</code>"));
 }

@@ -362,6 +362,26 @@ fn generate_illustrates_a_story_with_a_random_toy_bundle() {
     args.extend([os("--frames"), os("9")]);
     let err = run_err(&args);
     assert!(err.contains("frames 1..=4"), "{err}");
+    // The same limits as the server's (models::limits), with the same words.
+    for (flag, value, words) in [
+        ("--steps", "201", "steps must be between 1 and 200; got 201"),
+        ("--steps", "0", "steps must be between 1 and 200; got 0"),
+        (
+            "--guidance",
+            "31",
+            "guidance_scale must be between 1 and 30; got 31",
+        ),
+        (
+            "--seed",
+            "9007199254740991",
+            "seeds go from 0 to 9007199254740991",
+        ),
+    ] {
+        let mut args = generate_args(&bundle, &story, &out);
+        args.extend([os(flag), os(value)]);
+        let err = run_err(&args);
+        assert!(err.contains(words), "{flag} {value}: {err}");
+    }
 }
 
 #[test]

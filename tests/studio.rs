@@ -1268,3 +1268,310 @@ async fn without_a_usable_starter_cast_the_studio_offers_none() {
         );
     }
 }
+
+/// Issue #15's defects of the story form: a story is not created without a cast silently,
+/// the characters its captions name are offered ticked, and the limits are shown while typing.
+#[tokio::test]
+async fn a_new_story_is_offered_the_cast_its_captions_name_and_shows_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mia = create_character_id(&server, "Mia", "she").await;
+    let bob = create_character_id(&server, "Bob", "he").await;
+    let rex = create_character_id(&server, "Rex", "he").await;
+    let captions = "Mia walks in the forest.\nShe waves at Bob.";
+
+    // Nothing ticked: not created; Mia and Bob come back ticked, with what that means.
+    for htmx in [true, false] {
+        let response = post_form(
+            &server,
+            "/ui/stories",
+            &[("title", "Walk"), ("captions", captions)],
+            htmx,
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK, "htmx {htmx}");
+        let html = response.text().await.unwrap();
+        let notice = element_text(&html, "story-cast-notice");
+        assert!(notice.contains("The captions name Mia, Bob"), "{notice}");
+        assert!(html.contains(&format!("value=\"{mia}\"\n        checked")));
+        assert!(html.contains(&format!("value=\"{bob}\"\n        checked")));
+        assert!(html.contains("name=\"cast_confirmed\" value=\"1\""));
+    }
+    assert_eq!(get_json(&server, "/api/stories").await["items"], json!([]));
+    // Confirmed as offered: created with that cast.
+    let response = post_form(
+        &server,
+        "/ui/stories",
+        &[
+            ("title", "Walk"),
+            ("captions", captions),
+            ("character_id", &mia.to_string()),
+            ("character_id", &bob.to_string()),
+            ("cast_confirmed", "1"),
+        ],
+        false,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let stories = get_json(&server, "/api/stories").await;
+    let id = stories["items"][0]["id"].as_i64().unwrap();
+    assert_eq!(
+        get_json(&server, &format!("/api/stories/{id}")).await["character_ids"],
+        json!([mia, bob])
+    );
+    // Captions naming nobody: said before creating; a second press creates it without a cast.
+    let html = post_form(
+        &server,
+        "/ui/stories",
+        &[("title", "Cat"), ("captions", "A cat sleeps.")],
+        true,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(element_text(&html, "story-cast-notice").contains("No character is cast"));
+    let response = post_form(
+        &server,
+        "/ui/stories",
+        &[
+            ("title", "Cat"),
+            ("captions", "A cat sleeps."),
+            ("cast_confirmed", "1"),
+        ],
+        false,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    // Its page says what a story without a cast means.
+    let cat = get_json(&server, "/api/stories").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["title"] == "Cat")
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let page = get_text(&server, &format!("/stories/{cat}")).await;
+    assert!(element_text(&page, "cast-legend").contains("No cast"));
+    // A page with a cast shows its portraits.
+    let page = get_text(&server, &format!("/stories/{id}")).await;
+    assert!(page.contains(&format!(
+        "<img class=\"cast-portrait\" src=\"/api/characters/{mia}/portrait\" alt=\"Portrait of Mia\""
+    )));
+
+    // While typing: the names found (for the script to tick) and the limits, per caption.
+    let long = "x".repeat(1001);
+    let wordy = "Mia waves ".repeat(60);
+    let draft = post_form(
+        &server,
+        "/ui/stories/draft",
+        &[("captions", &format!("Rex runs.\n{long}\n{wordy}"))],
+        true,
+    )
+    .await;
+    assert_eq!(draft.status(), StatusCode::OK);
+    let html = draft.text().await.unwrap();
+    assert!(
+        html.contains(&format!("data-named-ids=\"{mia},{rex}\"")),
+        "{html}"
+    );
+    assert!(html.contains("Caption 2: The caption is 1001 characters long; at most 1000"));
+    assert!(html.contains("Caption 3: "), "{html}");
+    assert!(
+        html.contains("tokens: the model reads only the first 77"),
+        "{html}"
+    );
+    assert!(html.contains("Named in the captions: Mia, Rex."));
+    // A caption over the limit is refused, never cut.
+    let response = post_form(
+        &server,
+        "/ui/stories",
+        &[
+            ("title", "Long"),
+            ("captions", &long),
+            ("character_id", &mia.to_string()),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        response.text().await.unwrap().contains(&long),
+        "the text is kept"
+    );
+}
+
+/// Renaming a character can carry the new name into its stories' captions; its portrait can
+/// be replaced; the caption editor counts characters and tokens and has no cutting maxlength.
+#[tokio::test]
+async fn renames_reach_the_captions_and_portraits_can_be_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let fred = create_character_id(&server, "Fred", "he").await;
+    let wilma = create_character_id(&server, "Wilma", "she").await;
+    let cast_in = create_story(
+        &server,
+        "Quarry",
+        &["Fred waves at Wilma.", "Freddy naps; Fred's hat falls."],
+        &[fred, wilma],
+    )
+    .await;
+    let not_cast = create_story(&server, "Other", &["Fred is not cast here."], &[wilma]).await;
+
+    // Unticked box: the name changes, the captions do not.
+    let response = post_form(
+        &server,
+        &format!("/ui/characters/{fred}/rename"),
+        &[("name", "Fredo"), ("pronoun", "he")],
+        true,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let story = get_json(&server, &format!("/api/stories/{}", cast_in["id"])).await;
+    assert_eq!(captions_of(&story)[0], "Fred waves at Wilma.");
+    // The form offers the rewrite, ticked.
+    let home = get_text(&server, "/").await;
+    assert!(home.contains(&format!(
+        "id=\"rename-captions-{fred}\" name=\"rewrite_captions\" value=\"1\" checked"
+    )));
+    // Back to Fred, then to Frederick with the box ticked: the cast story's captions follow.
+    post_form(
+        &server,
+        &format!("/ui/characters/{fred}/rename"),
+        &[("name", "Fred"), ("pronoun", "he")],
+        true,
+    )
+    .await;
+    let html = post_form(
+        &server,
+        &format!("/ui/characters/{fred}/rename"),
+        &[
+            ("name", "Frederick"),
+            ("pronoun", "he"),
+            ("rewrite_captions", "1"),
+        ],
+        true,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(
+        element_text(&html, "characters-status"),
+        "Renamed Fred to Frederick (he). 2 captions in 1 story now say Frederick."
+    );
+    let story = get_json(&server, &format!("/api/stories/{}", cast_in["id"])).await;
+    assert_eq!(
+        captions_of(&story),
+        [
+            "Frederick waves at Wilma.",
+            "Freddy naps; Frederick's hat falls."
+        ]
+    );
+    let other = get_json(&server, &format!("/api/stories/{}", not_cast["id"])).await;
+    assert_eq!(
+        captions_of(&other),
+        ["Fred is not cast here."],
+        "not cast, not touched"
+    );
+    // The API does the same on request.
+    let response = common::http()
+        .patch(server.at(&format!("/api/characters/{fred}")))
+        .json(&json!({"name": "Fred", "rewrite_captions": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let story = get_json(&server, &format!("/api/stories/{}", cast_in["id"])).await;
+    assert_eq!(captions_of(&story)[0], "Fred waves at Wilma.");
+
+    // A new portrait through the page; a broken one is refused on the card, in plain words.
+    let before = get_json(&server, &format!("/api/characters/{fred}")).await;
+    let form = reqwest::multipart::Form::new().part(
+        "portrait",
+        reqwest::multipart::Part::bytes(png(24, 24))
+            .file_name("new.png")
+            .mime_str("image/png")
+            .unwrap(),
+    );
+    let response = no_redirects()
+        .post(server.at(&format!("/ui/characters/{fred}/portrait")))
+        .header("hx-request", "true")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let html = response.text().await.unwrap();
+    assert_eq!(
+        element_text(&html, "characters-status"),
+        "Replaced the portrait of Fred."
+    );
+    let after = get_json(&server, &format!("/api/characters/{fred}")).await;
+    assert_eq!(after["portrait"]["width"], 24);
+    assert_ne!(before["portrait"]["width"], after["portrait"]["width"]);
+    let mut broken = png(24, 24);
+    broken.truncate(40);
+    let form = reqwest::multipart::Form::new().part(
+        "portrait",
+        reqwest::multipart::Part::bytes(broken)
+            .file_name("broken.png")
+            .mime_str("image/png")
+            .unwrap(),
+    );
+    let response = no_redirects()
+        .post(server.at(&format!("/ui/characters/{fred}/portrait")))
+        .header("hx-request", "true")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = response.text().await.unwrap();
+    let message = element_text(&html, &format!("portrait-file-{fred}-error"));
+    assert!(message.contains("damaged or incomplete"), "{message}");
+    assert_eq!(
+        get_json(&server, &format!("/api/characters/{fred}")).await["portrait"]["width"],
+        24
+    );
+
+    // The caption editor: no maxlength that would cut a paste; a meter and a token warning.
+    let story_id = cast_in["id"].as_i64().unwrap();
+    let page = get_text(&server, &format!("/stories/{story_id}")).await;
+    assert!(!page.contains("maxlength=\"1000\""));
+    assert!(page.contains("characters, "), "a meter under each caption");
+    let html = post_form(
+        &server,
+        &format!("/ui/stories/{story_id}/highlight"),
+        &[("caption", &"Fred waves. ".repeat(40))],
+        true,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(html.contains("note-truncated"), "{html}");
+    assert!(html.contains("the model reads only the first 77"), "{html}");
+}
+
+#[tokio::test]
+async fn unknown_pages_answer_the_studios_error_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    for path in ["/no/such/page", "/stories/999999", "/stories/abc"] {
+        let response = common::http().get(server.at(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let html = response.text().await.unwrap();
+        assert!(
+            html.contains("/static/app.css"),
+            "in the studio's style: {path}"
+        );
+        assert!(html.contains("href=\"/\">Back to the studio"), "{path}");
+        assert!(!element_text(&html, "error-detail").is_empty(), "{path}");
+    }
+}

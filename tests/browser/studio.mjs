@@ -26,6 +26,15 @@ page.on("pageerror", (e) => pageErrors.push(String(e)));
 try {
   await page.goto(base + "/");
 
+  step("a refused name stops being marked wrong once it is typed");
+  await page.click("#add-character");
+  await page.locator("#character-name-error", { hasText: "must not be empty" }).waitFor();
+  assert.equal(await page.getAttribute("#character-name", "aria-invalid"), "true");
+  await page.fill("#character-name", "T");
+  assert.equal((await page.locator("#character-name-error").innerText()).trim(), "");
+  assert.equal(await page.getAttribute("#character-name", "aria-invalid"), null);
+  await page.fill("#character-name", "");
+
   step("create two characters with portraits, drafting the story in between");
   const addCharacter = async (name, pronoun, file) => {
     await page.fill("#character-name", name);
@@ -40,7 +49,9 @@ try {
   await addCharacter("Tom", "he", "tom.png");
   await page.fill("#story-title", "In the garden");
   await page.fill("#story-captions", "Tom walks into the garden.\nHe waves at Mia.\nThey laugh together.");
-  await page.locator("#stories label.check", { hasText: "Tom" }).locator("input").check();
+  // The captions name Tom: his box is ticked for the user.
+  await page.locator("#story-draft-notes", { hasText: "Named in the captions: Tom." }).waitFor();
+  await page.locator("#stories label.check", { hasText: "Tom" }).locator("input:checked").waitFor();
   await addCharacter("Mia", "she", "mia.png");
   assert.equal(await page.locator("#character-list .card").count(), 2);
 
@@ -49,7 +60,9 @@ try {
   assert.equal(await page.inputValue("#story-title"), "In the garden");
   assert.match(await page.inputValue("#story-captions"), /^Tom walks into the garden\.\nHe waves/);
   assert.ok(await page.locator("#stories label.check", { hasText: "Tom" }).locator("input").isChecked());
-  await page.locator("#stories label.check", { hasText: "Mia" }).locator("input").check();
+  // Mia, added after the captions named her, is ticked too once the notes come back.
+  await page.locator("#story-draft-notes", { hasText: "Named in the captions: Tom, Mia." }).waitFor();
+  await page.locator("#stories label.check", { hasText: "Mia" }).locator("input:checked").waitFor();
   await page.locator("#stories button[type=submit]").click();
   await page.locator("#stories a.title", { hasText: "In the garden" }).click();
   await page.waitForURL(/\/stories\/\d+/);
@@ -64,6 +77,7 @@ try {
   await page.click("#generate-story");
   await page.locator("#generate-progress").waitFor();
   const seen = new Set();
+  const stepTotals = new Set();
   let stepsMoved = false;
   const deadline = Date.now() + 120_000;
   for (;;) {
@@ -71,12 +85,16 @@ try {
     seen.add(images);
     const stepValue = await page.locator("#steps-progress").evaluate((el) => el.value).catch(() => 0);
     if (stepValue > 0) stepsMoved = true;
+    const total = await page.locator("#steps-progress").getAttribute("max").catch(() => null);
+    if (total && stepValue > 0) stepTotals.add(total);
     if (images === 3) break;
     assert.ok(Date.now() < deadline, `frames did not all appear (seen image counts ${[...seen]})`);
     await page.waitForTimeout(100);
   }
   assert.ok(seen.has(1) || seen.has(2), `frames should appear one by one; saw counts ${[...seen]}`);
   assert.ok(stepsMoved, "the step progress bar never moved");
+  // 25 steps asked for read "of 25" (PNDM's extra warm-up timestep is not a step).
+  assert.deepEqual([...stepTotals], ["25"]);
   await page.locator("#generate-status", { hasText: "Done" }).waitFor();
   await page.locator("#generate-story").waitFor();
   for (let i = 0; i < 3; i++) {
@@ -137,6 +155,19 @@ try {
   for (const name of ["story.json", "frame-01.png", "frame-02.png", "frame-03.png"]) {
     assert.ok(text.includes(name), `the ZIP holds ${name}`);
   }
+
+  step("a long caption: token warning while typing, and the strip's cards keep their size");
+  const long = "Tom and Mia walk past the tall green trees near the old stone house by the river. ".repeat(10).trim();
+  await page.fill("#new-caption", long);
+  await page.locator("#highlight-new .note-truncated", { hasText: "reads only the first 77" }).waitFor();
+  assert.equal(await page.inputValue("#new-caption"), long, "nothing is cut from what was typed");
+  await page.locator("#new-caption").press("Enter");
+  await page.locator("#frames-strip li.frame").nth(3).waitFor();
+  // Unclamped, 840 characters in a 13rem card are about 30 lines; clamped, 4.
+  const captionHeights = await page.$$eval("#frames-strip li.frame figcaption",
+    (els) => els.map((el) => el.getBoundingClientRect().height));
+  assert.ok(Math.max(...captionHeights) < 130, `caption heights ${captionHeights}`);
+  assert.equal(await page.locator("#frames-strip li.frame").nth(3).locator("figcaption").getAttribute("title"), long);
 
   step("every form control has a label; the page fits a phone");
   const unlabelled = await page.$$eval("input:not([type=hidden]), select, textarea, button", (els) =>

@@ -230,9 +230,10 @@ impl CharLdm {
     /// `text_cond` is the plain text condition (used for the first `start_merge_step` steps),
     /// `cond` the fused or LLM condition used afterwards (`None`: text only throughout),
     /// `negative` the empty-prompt condition (all `(1, 77, d)`). `progress(i, n)` is called after
-    /// each step `i` (1-based) of the `n` scheduler timesteps (`n == steps`, except PNDM, whose
-    /// PLMS warm-up visits `steps + 1`). `cancel()` is checked before every step; when it
-    /// answers `true` the error wraps [`Cancelled`].
+    /// each step `i` (1-based) of the `n = opts.steps` steps asked for: PNDM's PLMS warm-up
+    /// visits `steps + 1` timesteps, and its first two count as step 1, so a user who asked for
+    /// 30 sees 30. `cancel()` is checked before every timestep; when it answers `true` the
+    /// error wraps [`Cancelled`].
     pub fn sample(
         &self,
         text_cond: &Tensor,
@@ -277,6 +278,8 @@ impl CharLdm {
         scheduler.set_timesteps(opts.steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
+        // Timesteps beyond the steps asked for (PLMS's warm-up) are folded into step 1.
+        let extra_timesteps = total.saturating_sub(opts.steps);
 
         let channels = self.unet.config().in_channels;
         let shape = (1, channels, opts.height / f, opts.width / f);
@@ -340,7 +343,10 @@ impl CharLdm {
             // Detached so that sampling with trainable (Var) weights, e.g. during training,
             // does not keep every step's autograd graph alive.
             latents = scheduler.step(&eps, t, &latents, Some(&noise))?.detach();
-            progress(i + 1, total);
+            let step = (i + 1).saturating_sub(extra_timesteps);
+            if step > 0 {
+                progress(step, opts.steps);
+            }
         }
 
         let vcfg = self.vae.config();

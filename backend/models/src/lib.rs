@@ -9,6 +9,7 @@ pub mod char_ldm;
 pub mod clip;
 pub mod conformance;
 pub mod fuse;
+pub mod limits;
 pub mod llm;
 pub mod lreg;
 pub mod mappers;

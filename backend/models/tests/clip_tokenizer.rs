@@ -76,6 +76,36 @@ fn truncates_to_77_with_eos_last() {
 }
 
 #[test]
+fn fit_says_how_much_of_a_caption_is_read() {
+    let tok = ClipTokenizer::from_dir(&fixtures().join("clip_tokenizer")).unwrap();
+    let short = tok.fit("Fred walks to the quarry.");
+    assert_eq!(short.limit, 75);
+    assert_eq!(
+        short.tokens,
+        tok.encode_unpadded("Fred walks to the quarry.").len() - 2
+    );
+    assert_eq!(short.first_dropped, None);
+    // Past 75 tokens the encoder drops the rest; `fit` names the first word cut off. Plain
+    // lower-case words are one pre-token each, so the expected word is found by counting.
+    let long = format!(
+        "{}and then barney waves",
+        "fred walks to the quarry ".repeat(20)
+    );
+    let fit = tok.fit(&long);
+    assert_eq!(fit.tokens, tok.encode_unpadded(&long).len() - 2);
+    assert!(fit.tokens > 75);
+    let mut used = 0;
+    let expected = long
+        .split_whitespace()
+        .find(|word| {
+            used += tok.encode_unpadded(word).len() - 2;
+            used > 75
+        })
+        .unwrap();
+    assert_eq!(fit.first_dropped.as_deref(), Some(expected));
+}
+
+#[test]
 fn finds_the_last_token_of_names() {
     let tok = ClipTokenizer::from_dir(&fixtures().join("clip_tokenizer")).unwrap();
     let cap = "Mr Slate shouts at Fred's desk, while Barney waits.";

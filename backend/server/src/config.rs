@@ -276,7 +276,11 @@ mod tests {
         };
         let cfg = ServeConfig::resolve_with(explicit, file).unwrap();
         assert_eq!(cfg.header_read_timeout, std::time::Duration::from_secs(30));
-        assert_eq!(cfg.shutdown_grace, std::time::Duration::ZERO, "the flag wins");
+        assert_eq!(
+            cfg.shutdown_grace,
+            std::time::Duration::ZERO,
+            "the flag wins"
+        );
         let zero = Overrides {
             header_read_timeout_s: Some(0),
             ..Overrides::default()

@@ -99,7 +99,7 @@ pub fn normalize_portrait(data: &[u8]) -> Result<NormalizedImage, ApiError> {
     let mut reader = ImageReader::with_format(Cursor::new(data), format);
     reader.limits(limits);
     // Reads the header only; nothing the size of the image is allocated yet.
-    let mut decoder = reader.into_decoder().map_err(decode_error)?;
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(e, format))?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(ApiError::invalid(
@@ -112,7 +112,8 @@ pub fn normalize_portrait(data: &[u8]) -> Result<NormalizedImage, ApiError> {
         check_jpeg_complete(data, width, height)?;
     }
     let orientation = decoder.orientation().ok();
-    let mut image = image::DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    let mut image =
+        image::DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, format))?;
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
     }
@@ -308,7 +309,9 @@ fn frame_blocks(sof: &[u8], width: u32, height: u32) -> Option<u64> {
     )
 }
 
-fn decode_error(err: image::ImageError) -> ApiError {
+/// The decoder's own words ("Corrupt deflate stream. BadZlibHeader") mean nothing to the
+/// person uploading; they go to the log, and the answer says what happened and what to do.
+fn decode_error(err: image::ImageError, format: ImageFormat) -> ApiError {
     match err {
         image::ImageError::Limits(_) => ApiError::invalid(
             "image_too_large",
@@ -319,10 +322,21 @@ fn decode_error(err: image::ImageError) -> ApiError {
                 MAX_DECODED_BYTES / (1024 * 1024)
             ),
         ),
-        other => ApiError::invalid(
-            "invalid_image",
-            format!("the image could not be decoded: {other}"),
-        ),
+        other => {
+            tracing::info!(error = %other, "portrait upload refused: the decoder failed");
+            let kind = match format {
+                ImageFormat::Jpeg => "JPEG",
+                ImageFormat::WebP => "WebP",
+                _ => "PNG",
+            };
+            ApiError::invalid(
+                "invalid_image",
+                format!(
+                    "the file looks like a {kind} image but is damaged or incomplete, so it \
+                     cannot be read; save or export the picture again and upload the new file"
+                ),
+            )
+        }
     }
 }
 
@@ -356,7 +370,6 @@ mod tests {
             .unwrap();
         out
     }
-
 
     fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
         let mut out = (data.len() as u32).to_be_bytes().to_vec();
@@ -470,7 +483,28 @@ mod tests {
         );
         let mut cut = png(64, 64);
         cut.truncate(cut.len() / 2);
-        assert_eq!(normalize_portrait(&cut).unwrap_err().code, "invalid_image");
+        let err = normalize_portrait(&cut).unwrap_err();
+        assert_eq!(err.code, "invalid_image");
+        // Plain words, not the decoder's.
+        assert_eq!(
+            err.detail,
+            "the file looks like a PNG image but is damaged or incomplete, so it cannot be \
+             read; save or export the picture again and upload the new file"
+        );
+        let mut garbled = png(64, 64);
+        let idat = garbled.windows(4).position(|w| w == b"IDAT").unwrap();
+        garbled[idat + 4..idat + 12].copy_from_slice(b"garbage!");
+        let err = normalize_portrait(&garbled).unwrap_err();
+        assert!(
+            err.detail.contains("damaged or incomplete"),
+            "{}",
+            err.detail
+        );
+        assert!(
+            !err.detail.to_lowercase().contains("zlib"),
+            "{}",
+            err.detail
+        );
         assert_eq!(
             normalize_portrait(&png(4097, 1)).unwrap_err().code,
             "image_too_large"

@@ -15,6 +15,7 @@ pub mod lock;
 pub mod mentions;
 pub mod model;
 pub mod pages;
+pub mod rename;
 pub mod starter_cast;
 pub mod store;
 pub mod surface;

@@ -512,6 +512,42 @@ fn unknown_names(text: &str, known: &[Span]) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// `captions` with every mention of cast member `who` by name written as `new_name` (a
+/// possessive keeps its ending: "Fred's" -> "Frederick's"); `None` for a caption that does not
+/// name them. Mentions are found exactly as the highlights find them, so a rename rewrites
+/// what the studio marked as that character and nothing else ("Freddy" stays).
+pub fn rename_mentions(
+    captions: &[&str],
+    cast: &[CastMember],
+    who: usize,
+    new_name: &str,
+) -> Vec<Option<String>> {
+    let old_len = cast.get(who).map_or(0, |c| c.name.chars().count());
+    analyse(captions, cast)
+        .into_iter()
+        .zip(captions)
+        .map(|(spans, caption)| {
+            let mut out = String::with_capacity(caption.len());
+            let mut at = 0;
+            for span in &spans {
+                if !matches!(span.kind, SpanKind::Character { cast_index, .. } if cast_index == who)
+                {
+                    continue;
+                }
+                out.push_str(&caption[at..span.byte_start]);
+                out.push_str(new_name);
+                // The possessive's ending after the name.
+                out.extend(span.text.chars().skip(old_len));
+                at = span.byte_end;
+            }
+            (at > 0).then(|| {
+                out.push_str(&caption[at..]);
+                out
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +728,29 @@ mod tests {
                 "Fred=Fred",
                 "Barney=unknown"
             ]
+        );
+    }
+
+    #[test]
+    fn a_rename_rewrites_only_that_characters_mentions() {
+        let captions = [
+            "Fred waves at Wilma. Fred's hat falls.",
+            "Freddy and Wilma laugh.",
+            "He runs; FRED stops.",
+        ];
+        let got = rename_mentions(&captions, &cast(), 0, "Frederick");
+        assert_eq!(
+            got[0].as_deref(),
+            Some("Frederick waves at Wilma. Frederick's hat falls.")
+        );
+        assert_eq!(got[1], None, "another word that starts like the name stays");
+        let third = analyse(&[captions[2]], &cast())[0]
+            .iter()
+            .any(|s| matches!(s.kind, SpanKind::Character { cast_index: 0, .. }));
+        assert_eq!(got[2].is_some(), third, "as the highlights match the name");
+        assert_eq!(
+            rename_mentions(&captions, &cast(), 1, "Wilma B")[1].as_deref(),
+            Some("Freddy and Wilma B laugh.")
         );
     }
 }

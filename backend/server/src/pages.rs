@@ -4,6 +4,7 @@
 //! a refused form is rendered again with the messages next to its fields); with HTMX loaded
 //! they swap just the section that changed and show the same messages in place.
 
+mod draft;
 mod forms;
 mod frames;
 mod generate;
@@ -49,9 +50,14 @@ pub fn router() -> Router<AppState> {
         )
         .route("/ui/characters/{id}/rename", post(rename_character))
         .route("/ui/characters/{id}/delete", post(delete_character))
+        .route(
+            "/ui/characters/{id}/portrait",
+            post(replace_portrait).layer(crate::api::upload_limit()),
+        )
         .route("/ui/stories", get(stories_section).post(add_story))
         .route("/ui/stories/{id}/delete", post(delete_story))
         .merge(story::router())
+        .merge(draft::router())
         .merge(starter::router())
         .merge(generate::router())
         .merge(frames::router())
@@ -183,6 +189,8 @@ struct RenameState {
     pronoun: String,
     name_error: String,
     pronoun_error: String,
+    /// A refused replacement portrait.
+    portrait_error: String,
 }
 
 /// A character in the library list, with its inline edit form's state.
@@ -195,6 +203,7 @@ struct CharacterCard {
     edit_pronoun: String,
     name_error: String,
     pronoun_error: String,
+    portrait_error: String,
     /// The edit form starts open (it holds a refused rename).
     open: bool,
 }
@@ -212,6 +221,7 @@ fn cards(characters: &[Character], rename: Option<RenameState>) -> Vec<Character
                 edit_pronoun: c.pronoun.as_str().to_string(),
                 name_error: String::new(),
                 pronoun_error: String::new(),
+                portrait_error: String::new(),
                 open: false,
             };
             if let Some(r) = rename.as_ref().filter(|r| r.id == c.id) {
@@ -219,6 +229,7 @@ fn cards(characters: &[Character], rename: Option<RenameState>) -> Vec<Character
                 card.edit_pronoun = r.pronoun.clone();
                 card.name_error = r.name_error.clone();
                 card.pronoun_error = r.pronoun_error.clone();
+                card.portrait_error = r.portrait_error.clone();
                 card.open = true;
             }
             card
@@ -233,6 +244,13 @@ struct StoryFormState {
     captions: String,
     cast: Vec<i64>,
     error: String,
+    /// Said before a story is created without a cast: what that means, or which characters
+    /// the captions name and were ticked for it. Pressing Create again creates it.
+    notice: String,
+    /// The user has seen the notice (a hidden field), so the next Create goes through.
+    cast_confirmed: bool,
+    /// The notes under the captions (limits, names found), rendered by `draft::notes_html`.
+    draft_html: String,
 }
 
 const PRONOUNS: [&str; 4] = ["he", "she", "they", "it"];
@@ -343,6 +361,16 @@ struct CharactersInput {
     status: String,
 }
 
+/// Fills in the notes under the captions of a form that comes back with text in it.
+async fn with_draft_notes(
+    state: &AppState,
+    mut form: StoryFormState,
+    library: &[Character],
+) -> ApiResult<StoryFormState> {
+    form.draft_html = draft::notes_html(&form.captions, library, &state.worker.tokenizer).await?;
+    Ok(form)
+}
+
 async fn page(
     state: &AppState,
     chars: CharactersInput,
@@ -350,6 +378,7 @@ async fn page(
     status: StatusCode,
 ) -> ApiResult<Response> {
     let characters = characters::all(&state.pool).await?;
+    let story_form = with_draft_notes(state, story_form, &characters).await?;
     let stories = all_stories(state).await?;
     Ok(render(
         IndexPage {
@@ -656,18 +685,38 @@ async fn rename_character(
         }
     };
     if let (Some(name), Some(pronoun)) = (name, pronoun) {
+        // The box is ticked by default; unticked boxes are not sent.
+        let rewrite = form_field(&body, "rewrite_captions").is_some_and(|v| v == "1");
+        let captions = if rewrite && name != old_name {
+            crate::rename::caption_rewrites(&state.pool, id, &name).await?
+        } else {
+            Vec::new()
+        };
         let changes = CharacterChanges {
             name: Some(name),
             pronoun: Some(pronoun),
             portrait: None,
+            captions,
         };
         match characters::update(&state.pool, id, changes).await {
-            Ok(c) => {
-                let status = if c.name == old_name {
+            Ok(done) => {
+                let c = done.character;
+                let mut status = if c.name == old_name {
                     format!("Saved {} ({}).", c.name, c.pronoun.as_str())
                 } else {
                     format!("Renamed {old_name} to {} ({}).", c.name, c.pronoun.as_str())
                 };
+                if done.captions > 0 {
+                    status.push_str(&format!(
+                        " {} caption{} in {} stor{} now say{} {}.",
+                        done.captions,
+                        if done.captions == 1 { "" } else { "s" },
+                        done.stories,
+                        if done.stories == 1 { "y" } else { "ies" },
+                        if done.captions == 1 { "s" } else { "" },
+                        c.name
+                    ));
+                }
                 return characters_view(
                     &state,
                     &headers,
@@ -689,6 +738,78 @@ async fn rename_character(
         &headers,
         CharactersInput {
             rename: Some(rename),
+            ..CharactersInput::default()
+        },
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "",
+    )
+    .await
+}
+
+/// `POST /ui/characters/{id}/portrait`: a new portrait for a character (multipart field
+/// `portrait`), checked and normalised as an upload is.
+async fn replace_portrait(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<i64>,
+    request: Request,
+) -> ApiResult<Response> {
+    let current = characters::get(&state.pool, id).await?;
+    let mut form = CharacterFormState::default();
+    let upload = read_upload(request, &state, &mut form).await;
+    let image = match upload.portrait {
+        Some(bytes) if form.portrait_error.is_empty() => {
+            match normalize_portrait_bounded(bytes).await {
+                Ok(image) => Some(image),
+                Err(e) if e.status.is_server_error() => return Err(e),
+                Err(e) => {
+                    form.file(&e);
+                    None
+                }
+            }
+        }
+        Some(_) => None,
+        None => {
+            if form.portrait_error.is_empty() {
+                form.portrait_error = "Choose a portrait image (PNG, JPEG or WebP).".into();
+            }
+            None
+        }
+    };
+    if let Some(image) = image {
+        let changes = CharacterChanges {
+            portrait: Some(image),
+            ..CharacterChanges::default()
+        };
+        characters::update(&state.pool, id, changes).await?;
+        return characters_view(
+            &state,
+            &headers,
+            CharactersInput {
+                status: format!("Replaced the portrait of {}.", current.name),
+                ..CharactersInput::default()
+            },
+            StatusCode::OK,
+            &format!("#character-{id}"),
+        )
+        .await;
+    }
+    let message = [&form.portrait_error, &form.error]
+        .into_iter()
+        .find(|m| !m.is_empty())
+        .cloned()
+        .unwrap_or_default();
+    characters_view(
+        &state,
+        &headers,
+        CharactersInput {
+            rename: Some(RenameState {
+                id,
+                name: current.name.clone(),
+                pronoun: current.pronoun.as_str().into(),
+                portrait_error: message,
+                ..RenameState::default()
+            }),
             ..CharactersInput::default()
         },
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -724,12 +845,13 @@ async fn stories_view(
     status: StatusCode,
 ) -> ApiResult<Response> {
     if !is_htmx(headers) {
-        if status.is_success() {
+        if status.is_success() && form.notice.is_empty() {
             return Ok(Redirect::to("/").into_response());
         }
         return page(state, CharactersInput::default(), form, status).await;
     }
     let characters = characters::all(&state.pool).await?;
+    let form = with_draft_notes(state, form, &characters).await?;
     let stories = all_stories(state).await?;
     Ok(render(
         StoriesSection {
@@ -749,6 +871,7 @@ fn parse_story_form(body: &[u8]) -> StoryFormState {
             "title" => form.title = value.into_owned(),
             "captions" => form.captions = value.into_owned(),
             "character_id" => form.cast.extend(value.parse::<i64>().ok()),
+            "cast_confirmed" => form.cast_confirmed = value == "1",
             _ => {}
         }
     }
@@ -763,20 +886,46 @@ async fn add_story(
     let mut form = parse_story_form(&body);
     let result = async {
         let title = validate::title(&form.title)?;
-        let lines: Vec<String> = form
-            .captions
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
+        let lines = draft::caption_lines(&form.captions);
         let captions = validate::captions(&lines)?;
         let cast = validate::cast(&form.cast)?;
-        stories::create(&state.pool, &title, &captions, &cast).await
+        if cast.is_empty() && !form.cast_confirmed {
+            // Without portraits nothing keeps a character the same from frame to frame: say
+            // so, and offer the characters the captions name, before creating anything.
+            let library = characters::all(&state.pool).await?;
+            let named = draft::named_characters(&lines, &library).await?;
+            form.notice = if named.is_empty() {
+                "No character is cast, so the frames will show whoever the model imagines, \
+                 different in every frame. Tick this story's characters (add them to the \
+                 library first), or press Create story again to create it without a cast."
+                    .to_string()
+            } else {
+                let names: Vec<&str> = library
+                    .iter()
+                    .filter(|c| named.contains(&c.id))
+                    .map(|c| c.name.as_str())
+                    .collect();
+                form.cast = named;
+                format!(
+                    "The captions name {}: ticked as the cast, so their portraits keep them \
+                     the same in every frame. Press Create story again to create it, or untick \
+                     them first.",
+                    names.join(", ")
+                )
+            };
+            form.cast_confirmed = true;
+            return Ok(None);
+        }
+        stories::create(&state.pool, &title, &captions, &cast)
+            .await
+            .map(Some)
     }
     .await;
     match result {
-        Ok(_) => stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await,
+        Ok(None) => stories_view(&state, &headers, form, StatusCode::OK).await,
+        Ok(Some(_)) => {
+            stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await
+        }
         Err(e) if e.status.is_server_error() => Err(e),
         Err(e) => {
             form.error = e.detail;

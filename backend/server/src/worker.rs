@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use models::clip::ClipTokenizer;
 use models::pipeline::{
     CharacterInput, FrameRequest, GenerateOptions, PipelineEvent, StoryInput, StoryPipeline,
 };
@@ -65,6 +66,9 @@ struct Shared {
 pub struct WorkerHandle {
     /// The loaded model.
     pub model: ModelInfo,
+    /// The model's CLIP tokenizer, so the studio can say while a caption is typed how much
+    /// of it the text encoder reads.
+    pub tokenizer: Arc<ClipTokenizer>,
     wake: SyncSender<()>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -142,6 +146,7 @@ pub async fn start(
         capture_attention,
     };
     shared.alive.store(true, Ordering::SeqCst);
+    let bundle_dir = bundle.clone();
     let thread = std::thread::Builder::new()
         .name(format!("worker-{device}"))
         .spawn(move || {
@@ -168,8 +173,12 @@ pub async fn start(
         }
         Err(_) => anyhow::bail!("the worker thread stopped while loading the model"),
     };
+    let tokenizer = models::bundle::Bundle::open(&bundle_dir)
+        .and_then(|b| ClipTokenizer::from_dir(&b.tokenizer_dir()?))
+        .with_context(|| format!("cannot load the tokenizer of {}", bundle_dir.display()))?;
     Ok(Arc::new(WorkerHandle {
         model,
+        tokenizer: Arc::new(tokenizer),
         wake,
         shared,
         thread: Mutex::new(Some(thread)),
@@ -192,7 +201,10 @@ fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPip
         width: info.width,
         llm: info.llm.clone(),
         bundle: bundle.display().to_string(),
-        default_steps: defaults.steps.clamp(1, 200) as u32,
+        default_steps: defaults
+            .steps
+            .clamp(*models::limits::STEPS.start(), *models::limits::STEPS.end())
+            as u32,
         default_guidance: defaults.guidance_scale.clamp(1.0, 30.0),
     };
     tracing::info!(

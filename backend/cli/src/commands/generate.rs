@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use models::limits;
 use models::pipeline::{
     CharacterInput, Decoding, FrameRequest, PipelineEvent, StoryInput, StoryPipeline,
 };
@@ -30,10 +31,10 @@ pub struct GenerateArgs {
     /// Base seed: frame i (1-based) uses seed + i - 1.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Denoising steps (default: the bundle's). The delayed-conditioning step scales with it.
+    /// Denoising steps, 1..=200 (default: the bundle's). The delayed-conditioning step scales with it.
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Classifier-free guidance scale (default: the bundle's).
+    /// Classifier-free guidance scale, 1..=30 (default: the bundle's).
     #[arg(long)]
     pub guidance: Option<f64>,
     /// Sampler: pndm, ddim, ddpm or euler-a (default: the bundle's).
@@ -218,6 +219,19 @@ impl Progress {
 /// Runs the command.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut story = load_story(&args.story)?;
+    // Frame i uses seed + i - 1: the last frame's seed must be within the shared limit too.
+    let last_seed = args
+        .seed
+        .saturating_add(story.captions.len().saturating_sub(1) as u64);
+    limits::check_seed(last_seed)
+        .map_err(|e| anyhow::anyhow!("--seed (of the last frame): {e}"))?;
+    // Checked before the weights load, so a typo fails at once.
+    if let Some(s) = args.steps {
+        limits::check_steps(s).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    }
+    if let Some(g) = args.guidance {
+        limits::check_guidance(g).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    }
     let device = nn::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     let pipeline = StoryPipeline::load(&args.bundle, &device)
@@ -231,15 +245,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let mut opts = pipeline.default_options();
     if let Some(s) = args.steps {
-        if s == 0 || s > 1000 {
-            bail!("--steps must be between 1 and 1000")
-        }
         opts = opts.with_steps(s);
     }
     if let Some(g) = args.guidance {
-        if !(g.is_finite() && g >= 1.0) {
-            bail!("--guidance must be a number >= 1")
-        }
         opts.guidance_scale = g;
     }
     if let Some(s) = &args.scheduler {

@@ -42,6 +42,18 @@ pub struct Encoding {
     pub words: Vec<(String, Range<usize>)>,
 }
 
+/// What [`ClipTokenizer::fit`] says about a text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFit {
+    /// Tokens of the text, without the start and end tokens.
+    pub tokens: usize,
+    /// The most the encoder reads (`max_length - 2`: 75 of CLIP's 77).
+    pub limit: usize,
+    /// The first word (as the tokenizer lower-cases it) that is cut off, wholly or in part;
+    /// `None` when the whole text is read.
+    pub first_dropped: Option<String>,
+}
+
 /// A CLIP tokenizer loaded from a vocabulary and merges.
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
@@ -388,6 +400,25 @@ impl ClipTokenizer {
             ids,
             attention_mask,
             words,
+        }
+    }
+
+    /// How much of `text` the text encoder reads: what [`ClipTokenizer::encode`] keeps of it
+    /// and what it silently drops, so an editor can say so while the caption is typed.
+    pub fn fit(&self, text: &str) -> TokenFit {
+        let limit = self.max_length - 2;
+        let mut tokens = 0;
+        let mut first_dropped = None;
+        for (piece, ids) in self.pre_tokenize(text) {
+            if tokens + ids.len() > limit && first_dropped.is_none() {
+                first_dropped = Some(piece);
+            }
+            tokens += ids.len();
+        }
+        TokenFit {
+            tokens,
+            limit,
+            first_dropped,
         }
     }
 

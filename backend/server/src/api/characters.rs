@@ -32,11 +32,17 @@ pub struct CharacterForm {
 /// JSON body of a character update; absent fields are kept.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Mia", "pronoun": "she", "rewrite_captions": true}))]
 pub struct CharacterPatch {
     /// New name.
     pub name: Option<String>,
     /// New pronoun.
     pub pronoun: Option<Pronoun>,
+    /// With a new name: also write it into the captions of every story whose cast includes
+    /// the character, where they name it by the old one (default false). Rewritten captions
+    /// mark their drawn frames `stale`.
+    #[serde(default)]
+    pub rewrite_captions: bool,
 }
 
 /// Form fields read from a multipart body; each optional here, required ones checked later.
@@ -241,23 +247,33 @@ pub async fn update(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let (name, pronoun, portrait) = if is_multipart {
+    let (name, pronoun, portrait, rewrite) = if is_multipart {
         let form = Multipart::from_request(request, &state)
             .await
             .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
         let parts = read_parts(form).await?;
         let pronoun = parts.pronoun.as_deref().map(Pronoun::parse).transpose()?;
-        (parts.name, pronoun, parts.portrait)
+        (parts.name, pronoun, parts.portrait, false)
     } else {
         let ApiJson(patch) = ApiJson::<CharacterPatch>::from_request(request, &state).await?;
-        (patch.name, patch.pronoun, None)
+        (patch.name, patch.pronoun, None, patch.rewrite_captions)
+    };
+    let name = name.as_deref().map(validate::name).transpose()?;
+    let captions = match &name {
+        Some(new_name) if rewrite => {
+            crate::rename::caption_rewrites(&state.pool, id, new_name).await?
+        }
+        _ => Vec::new(),
     };
     let changes = CharacterChanges {
-        name: name.as_deref().map(validate::name).transpose()?,
+        name,
         pronoun,
         portrait,
+        captions,
     };
-    Ok(Json(store::update(&state.pool, id, changes).await?))
+    Ok(Json(
+        store::update(&state.pool, id, changes).await?.character,
+    ))
 }
 
 /// Delete a character; it leaves the casts of the stories it was in.

@@ -14,17 +14,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiPath, ApiQuery};
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::store::jobs::{
-    self as store, Cancel, Enqueued, GenerateSpec, Idempotency, Job, MAX_SEED,
-};
+use crate::store::jobs::{self as store, Cancel, Enqueued, GenerateSpec, Idempotency, Job};
 use crate::store::{page_limit, Page};
 use crate::validate::MAX_CAPTIONS;
 use crate::AppState;
+use models::limits;
 
-/// Fewest and most denoising steps a request may ask for.
-pub const STEPS: std::ops::RangeInclusive<u32> = 1..=200;
-/// Smallest and largest classifier-free guidance scale a request may ask for.
-pub const GUIDANCE: std::ops::RangeInclusive<f64> = 1.0..=30.0;
 /// Longest Idempotency-Key.
 const MAX_KEY_LEN: usize = 255;
 
@@ -52,6 +47,7 @@ pub struct SeededFrame {
 /// draws the whole story with the model's default options and fresh seeds.
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"frames": [0, {"position": 2, "seed": 42}], "steps": 30, "guidance_scale": 4.0}))]
 pub struct GenerateRequest {
     /// Frames to (re)draw, as positions or `{"position", "seed"}`; default: every frame.
     /// Frames before a drawn frame must have an image (they are its context) or be drawn too.
@@ -74,40 +70,17 @@ pub struct GenerateRequest {
 }
 
 fn check_seed(seed: u64) -> ApiResult<()> {
-    if seed > MAX_SEED {
-        return Err(ApiError::invalid(
-            "invalid_seed",
-            format!("seeds go from 0 to {MAX_SEED} (2^53 - 1); got {seed}"),
-        ));
-    }
-    Ok(())
+    limits::check_seed(seed).map_err(|e| ApiError::invalid("invalid_seed", e))
 }
 
 impl GenerateRequest {
     /// Checks the request on its own (the story is checked when it is queued).
     fn validate(&self, default_steps: u32, default_guidance: f64) -> ApiResult<GenerateSpec> {
         let steps = self.steps.unwrap_or(default_steps);
-        if !STEPS.contains(&steps) {
-            return Err(ApiError::invalid(
-                "invalid_steps",
-                format!(
-                    "steps must be between {} and {}; got {steps}",
-                    STEPS.start(),
-                    STEPS.end()
-                ),
-            ));
-        }
+        limits::check_steps(steps as usize).map_err(|e| ApiError::invalid("invalid_steps", e))?;
         let guidance_scale = self.guidance_scale.unwrap_or(default_guidance);
-        if !guidance_scale.is_finite() || !GUIDANCE.contains(&guidance_scale) {
-            return Err(ApiError::invalid(
-                "invalid_guidance",
-                format!(
-                    "guidance_scale must be between {} and {}; got {guidance_scale}",
-                    GUIDANCE.start(),
-                    GUIDANCE.end()
-                ),
-            ));
-        }
+        limits::check_guidance(guidance_scale)
+            .map_err(|e| ApiError::invalid("invalid_guidance", e))?;
         if let Some(seed) = self.seed {
             check_seed(seed)?;
         }

@@ -24,6 +24,7 @@ pub struct CastEntry {
 /// Captions of a story, in order, and its cast.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"captions": ["Mia walks in the forest.", "She waves at Bob."], "cast": [{"name": "Mia", "pronoun": "she"}, {"name": "Bob", "pronoun": "he"}]}))]
 pub struct MentionsRequest {
     /// Captions in story order (at most 200, each at most 1000 characters; may be empty
     /// while being typed).

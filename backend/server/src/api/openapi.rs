@@ -4,8 +4,10 @@
 use askama::Template;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use utoipa::openapi::path::{HttpMethod, Operation};
-use utoipa::OpenApi;
+use serde_json::Value;
+use utoipa::openapi::path::HttpMethod;
+use utoipa::openapi::Required;
+use utoipa::{Modify, OpenApi};
 
 use super::{characters, events, export, health, jobs, mentions, starter_cast, stories};
 use crate::error::ApiError;
@@ -34,13 +36,57 @@ use crate::error::ApiError;
         (name = "jobs", description = "Generation jobs and their live progress (server-sent events)"),
         (name = "model", description = "The loaded model: the characters it was trained on"),
         (name = "health", description = "Probes"),
-    )
+    ),
+    modifiers(&OptionalBodies)
 )]
 pub struct ApiDoc;
+
+/// Operations whose handler accepts an empty body. utoipa marks every body of a non-`Option`
+/// type required, and `Option<T>` would turn the schema into `oneOf [null, T]`.
+const OPTIONAL_BODIES: [(&str, HttpMethod); 1] = [("/api/stories/{id}/generate", HttpMethod::Post)];
+
+struct OptionalBodies;
+
+impl Modify for OptionalBodies {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for (path, method) in OPTIONAL_BODIES {
+            let Some(item) = doc.paths.paths.get_mut(path) else {
+                continue;
+            };
+            let op = match method {
+                HttpMethod::Post => item.post.as_mut(),
+                HttpMethod::Put => item.put.as_mut(),
+                HttpMethod::Patch => item.patch.as_mut(),
+                _ => None,
+            };
+            if let Some(body) = op.and_then(|op| op.request_body.as_mut()) {
+                body.required = Some(Required::False);
+            }
+        }
+    }
+}
 
 /// `GET /openapi.json`.
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+/// One field of a request body or one parameter, as the docs page lists it.
+struct FieldView {
+    name: String,
+    kind: String,
+    required: bool,
+    description: String,
+}
+
+/// A request body in one media type: its fields and an example.
+struct BodyView {
+    media_type: String,
+    schema_name: String,
+    required: bool,
+    description: String,
+    fields: Vec<FieldView>,
+    example: String,
 }
 
 struct OperationView {
@@ -48,8 +94,9 @@ struct OperationView {
     path: String,
     summary: String,
     description: String,
+    parameters: Vec<FieldView>,
+    bodies: Vec<BodyView>,
     responses: Vec<(String, String)>,
-    request: Vec<String>,
 }
 
 #[derive(Template)]
@@ -60,55 +107,208 @@ struct DocsPage {
     operations: Vec<OperationView>,
 }
 
-fn view(method: &'static str, path: &str, op: &Operation) -> OperationView {
-    let responses = op
-        .responses
-        .responses
+/// The schema `schema` points to when it is a `$ref` into the components, else itself.
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    schema
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("#/components/schemas/"))
+        .and_then(|name| doc.pointer(&format!("/components/schemas/{name}")))
+        .unwrap_or(schema)
+}
+
+fn ref_name(schema: &Value) -> Option<&str> {
+    schema
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.rsplit('/').next())
+}
+
+/// A short type for people: `integer`, `string (binary)`, `array of FrameChoice`, `Pronoun`.
+fn type_label(doc: &Value, schema: &Value) -> String {
+    if let Some(name) = ref_name(schema) {
+        return name.to_string();
+    }
+    for key in ["oneOf", "anyOf"] {
+        if let Some(options) = schema.get(key).and_then(Value::as_array) {
+            let labels: Vec<String> = options
+                .iter()
+                .map(|o| type_label(doc, o))
+                .filter(|l| l != "null")
+                .collect();
+            return labels.join(" or ");
+        }
+    }
+    let kinds: Vec<&str> = match schema.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|t| *t != "null")
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut label = kinds.join(" or ");
+    if kinds == ["array"] {
+        if let Some(items) = schema.get("items") {
+            label = format!("array of {}", type_label(doc, items));
+        }
+    }
+    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+        let names: Vec<&str> = values.iter().filter_map(Value::as_str).collect();
+        label = format!("one of {}", names.join(", "));
+    }
+    if let Some(format) = schema.get("format").and_then(Value::as_str) {
+        label = format!("{label} ({format})");
+    }
+    if label.is_empty() {
+        "any".into()
+    } else {
+        label
+    }
+}
+
+fn text(value: Option<&Value>) -> String {
+    value
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn fields_of(doc: &Value, schema: &Value) -> Vec<FieldView> {
+    let schema = resolve(doc, schema);
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    properties
         .iter()
-        .map(|(code, r)| {
-            let text = match r {
-                utoipa::openapi::RefOr::T(resp) => resp.description.clone(),
-                utoipa::openapi::RefOr::Ref(r) => r.ref_location.clone(),
-            };
-            (code.clone(), text)
+        .map(|(name, property)| FieldView {
+            name: name.clone(),
+            kind: type_label(doc, property),
+            required: required.contains(&name.as_str()),
+            // A field whose type is a named schema carries its description there.
+            description: [property, resolve(doc, property)]
+                .iter()
+                .map(|p| text(p.get("description")))
+                .find(|d| !d.is_empty())
+                .unwrap_or_default(),
         })
-        .collect();
-    let request = op
-        .request_body
-        .as_ref()
-        .map(|b| b.content.keys().cloned().collect())
+        .collect()
+}
+
+/// The example a schema or media type carries (`example`, or the first of `examples`).
+fn example_of(values: &[&Value]) -> String {
+    values
+        .iter()
+        .find_map(|v| {
+            v.get("example").or_else(|| {
+                v.get("examples")
+                    .and_then(Value::as_array)
+                    .and_then(|e| e.first())
+            })
+        })
+        .and_then(|e| serde_json::to_string_pretty(e).ok())
+        .unwrap_or_default()
+}
+
+fn body_views(doc: &Value, body: &Value) -> Vec<BodyView> {
+    let required = body.get("required").and_then(Value::as_bool) == Some(true);
+    let description = text(body.get("description"));
+    let Some(content) = body.get("content").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    content
+        .iter()
+        .map(|(media_type, media)| {
+            let schema = media.get("schema").unwrap_or(&Value::Null);
+            let resolved = resolve(doc, schema);
+            BodyView {
+                media_type: media_type.clone(),
+                schema_name: ref_name(schema).unwrap_or_default().to_string(),
+                required,
+                description: description.clone(),
+                fields: fields_of(doc, schema),
+                example: example_of(&[media, schema, resolved]),
+            }
+        })
+        .collect()
+}
+
+fn parameter_views(doc: &Value, op: &Value) -> Vec<FieldView> {
+    op.get("parameters")
+        .and_then(Value::as_array)
+        .map(|params| {
+            params
+                .iter()
+                .map(|p| FieldView {
+                    name: format!("{} ({})", text(p.get("name")), text(p.get("in"))),
+                    kind: p
+                        .get("schema")
+                        .map(|s| type_label(doc, s))
+                        .unwrap_or_default(),
+                    required: p.get("required").and_then(Value::as_bool) == Some(true),
+                    description: text(p.get("description")),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn view(doc: &Value, method: &'static str, path: &str, op: &Value) -> OperationView {
+    let responses = op
+        .get("responses")
+        .and_then(Value::as_object)
+        .map(|all| {
+            all.iter()
+                .map(|(code, r)| (code.clone(), text(r.get("description"))))
+                .collect()
+        })
         .unwrap_or_default();
     OperationView {
         method,
         path: path.to_string(),
-        summary: op.summary.clone().unwrap_or_default(),
-        description: op.description.clone().unwrap_or_default(),
+        summary: text(op.get("summary")),
+        description: text(op.get("description")),
+        parameters: parameter_views(doc, op),
+        bodies: op
+            .get("requestBody")
+            .map(|b| body_views(doc, b))
+            .unwrap_or_default(),
         responses,
-        request,
     }
 }
 
-/// `GET /docs`: every operation with its request types and responses.
+/// `GET /docs`: every operation with its parameters, request bodies (fields and an example)
+/// and responses, read from the same document as `/openapi.json`.
 pub async fn page() -> Response {
-    let doc = ApiDoc::openapi();
+    let doc = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(doc) => doc,
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
     let mut operations = Vec::new();
-    for (path, item) in &doc.paths.paths {
-        let methods = [
-            (HttpMethod::Get, "GET", &item.get),
-            (HttpMethod::Post, "POST", &item.post),
-            (HttpMethod::Put, "PUT", &item.put),
-            (HttpMethod::Patch, "PATCH", &item.patch),
-            (HttpMethod::Delete, "DELETE", &item.delete),
-        ];
-        for (_, name, op) in methods {
-            if let Some(op) = op {
-                operations.push(view(name, path, op));
+    if let Some(paths) = doc.get("paths").and_then(Value::as_object) {
+        for (path, item) in paths {
+            for (key, name) in [
+                ("get", "GET"),
+                ("post", "POST"),
+                ("put", "PUT"),
+                ("patch", "PATCH"),
+                ("delete", "DELETE"),
+            ] {
+                if let Some(op) = item.get(key) {
+                    operations.push(view(&doc, name, path, op));
+                }
             }
         }
     }
     let page = DocsPage {
-        title: doc.info.title.clone(),
-        description: doc.info.description.clone().unwrap_or_default(),
+        title: text(doc.pointer("/info/title")),
+        description: text(doc.pointer("/info/description")),
         operations,
     };
     match page.render() {

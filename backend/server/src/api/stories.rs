@@ -19,6 +19,7 @@ use crate::{validate, AppState};
 /// Body that creates a story.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"title": "In the garden", "captions": ["Mia walks in the forest.", "She waves at Bob.", "They laugh."], "character_ids": [1, 2]}))]
 pub struct NewStory {
     /// Title, 1..=200 characters.
     pub title: String,
@@ -33,6 +34,7 @@ pub struct NewStory {
 /// Body that changes a story; absent fields are kept.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"title": "In the forest", "character_ids": [1, 2, 3]}))]
 pub struct StoryPatch {
     /// New title.
     pub title: Option<String>,
@@ -43,6 +45,7 @@ pub struct StoryPatch {
 /// Body that inserts a caption.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"caption": "They look at a red ball.", "position": 3}))]
 pub struct NewFrame {
     /// The caption.
     pub caption: String,
@@ -53,6 +56,7 @@ pub struct NewFrame {
 /// Body that edits a caption.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"caption": "She waves at Bob and Rex."}))]
 pub struct FramePatch {
     /// The new caption.
     pub caption: String,
@@ -61,6 +65,7 @@ pub struct FramePatch {
 /// Body that reorders frames.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"frame_ids": [12, 10, 11]}))]
 pub struct FrameOrder {
     /// Every frame id of the story, in the new order.
     pub frame_ids: Vec<i64>,

@@ -50,6 +50,7 @@ struct GeneratePanel {
     model_name: String,
     trained: bool,
     default_steps: u32,
+    max_steps: usize,
     job: Option<ActiveJob>,
     message: String,
 }
@@ -89,6 +90,7 @@ pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiR
         model_name: model.name.clone(),
         trained: model.trained,
         default_steps: model.default_steps,
+        max_steps: *models::limits::STEPS.end(),
         job,
         message: message.to_string(),
     }

@@ -18,6 +18,7 @@ use crate::store::characters::{self, Character};
 use crate::store::stories::{self, Story};
 use crate::validate::{self, MAX_CAPTION_CHARS};
 use crate::AppState;
+use models::clip::ClipTokenizer;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -55,9 +56,9 @@ struct Segment {
 }
 
 /// A sentence about a mention, for screen readers and for anyone who prefers words to colours.
-struct Note {
-    class: &'static str,
-    text: String,
+pub(super) struct Note {
+    pub(super) class: &'static str,
+    pub(super) text: String,
 }
 
 /// The highlight of one caption (`highlight.html`).
@@ -88,7 +89,7 @@ fn highlight_html(
     spans: &[Span],
     cast: &[CastMember],
     library: &[Character],
-    note: Option<String>,
+    limits: Vec<Note>,
 ) -> String {
     let mut segments = Vec::new();
     let mut notes = Vec::new();
@@ -212,15 +213,7 @@ fn highlight_html(
             mark: None,
         });
     }
-    if let Some(text) = note {
-        notes.insert(
-            0,
-            Note {
-                class: "invalid",
-                text,
-            },
-        );
-    }
+    notes.splice(0..0, limits);
     HighlightFragment { segments, notes }
         .render()
         .unwrap_or_default()
@@ -234,6 +227,14 @@ struct CastOption {
     checked: bool,
     /// Colour class when in the cast.
     colour: String,
+}
+
+/// A cast member in the story page's legend.
+struct CastEntry {
+    name: String,
+    pronoun: &'static str,
+    colour: String,
+    portrait_url: String,
 }
 
 /// A caption in the editor.
@@ -254,8 +255,8 @@ struct StoryView {
     title_value: String,
     details_error: String,
     cast_options: Vec<CastOption>,
-    /// Names of the cast with their colours, for the legend.
-    legend: Vec<(String, &'static str, String)>,
+    /// The cast with their colours and portraits, for the legend.
+    legend: Vec<CastEntry>,
     items: Vec<CaptionItem>,
     new_text: String,
     new_position: String,
@@ -310,11 +311,43 @@ fn story_cast(story: &Story, library: &[Character]) -> Vec<CastMember> {
         .collect()
 }
 
-fn too_long_note(text: &str) -> Option<String> {
-    let count = text.chars().count();
-    (count > MAX_CAPTION_CHARS).then(|| {
-        format!("The caption is {count} characters long; at most {MAX_CAPTION_CHARS} are allowed.")
-    })
+/// What the limits say about a caption being typed: its length against the 1000 characters
+/// a caption may have (a longer one is refused, never cut), and its CLIP tokens against the
+/// 77 the text encoder reads (the rest is silently ignored by the model, so say so).
+pub(super) fn limit_notes(text: &str, tokenizer: &ClipTokenizer) -> Vec<Note> {
+    let chars = text.chars().count();
+    let mut notes = Vec::new();
+    if chars > MAX_CAPTION_CHARS {
+        notes.push(Note {
+            class: "invalid",
+            text: format!(
+                "The caption is {chars} characters long; at most {MAX_CAPTION_CHARS} are \
+                 allowed, so it cannot be saved."
+            ),
+        });
+        return notes;
+    }
+    if text.trim().is_empty() {
+        return notes;
+    }
+    let fit = tokenizer.fit(text);
+    // CLIP's count includes its start and end tokens: 77 in all for SD 1.5.
+    let (used, most) = (fit.tokens + 2, fit.limit + 2);
+    match fit.first_dropped {
+        Some(word) => notes.push(Note {
+            class: "truncated",
+            text: format!(
+                "{used} of {most} tokens: the model reads only the first {most}, so it ignores \
+                 the caption from \u{201c}{word}\u{201d} on. Shorten it, or split it into two \
+                 frames."
+            ),
+        }),
+        None => notes.push(Note {
+            class: "meter",
+            text: format!("{chars} of {MAX_CAPTION_CHARS} characters, {used} of {most} tokens."),
+        }),
+    }
+    notes
 }
 
 async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<StoryView> {
@@ -342,7 +375,13 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
                 Some((fid, _, error)) if *fid == frame.id => error.clone(),
                 _ => String::new(),
             },
-            highlight_html: highlight_html(text, &spans, &cast, &library, too_long_note(text)),
+            highlight_html: highlight_html(
+                text,
+                &spans,
+                &cast,
+                &library,
+                limit_notes(text, &state.worker.tokenizer),
+            ),
             first: i == 0,
             last: i + 1 == count,
         })
@@ -357,7 +396,13 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
             .await?
             .pop()
             .unwrap_or_default();
-        highlight_html(&new_text, &spans, &cast, &library, too_long_note(&new_text))
+        highlight_html(
+            &new_text,
+            &spans,
+            &cast,
+            &library,
+            limit_notes(&new_text, &state.worker.tokenizer),
+        )
     };
     let (title_value, cast_ids, details_error) = input.details.unwrap_or_else(|| {
         (
@@ -383,10 +428,18 @@ async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<S
                 .unwrap_or_default(),
         })
         .collect();
-    let legend = cast
+    // The cast in story order with their portraits: what the frames are conditioned on.
+    let legend = story
+        .character_ids
         .iter()
+        .filter_map(|cid| library.iter().find(|c| c.id == *cid))
         .enumerate()
-        .map(|(i, c)| (c.name.clone(), c.pronoun.as_str(), colour(i)))
+        .map(|(i, c)| CastEntry {
+            name: c.name.clone(),
+            pronoun: c.pronoun.as_str(),
+            colour: colour(i),
+            portrait_url: c.portrait.url.clone(),
+        })
         .collect();
     Ok(StoryView {
         id,
@@ -738,7 +791,13 @@ async fn highlight(
     let library = characters::all(&state.pool).await?;
     let cast = story_cast(&story, &library);
     if !mentions::analysable(&text) {
-        let html = highlight_html("", &[], &cast, &library, too_long_note(&text));
+        let html = highlight_html(
+            "",
+            &[],
+            &cast,
+            &library,
+            limit_notes(&text, &state.worker.tokenizer),
+        );
         return Ok((
             StatusCode::UNPROCESSABLE_ENTITY,
             [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
@@ -765,7 +824,13 @@ async fn highlight(
         .await?
         .pop()
         .unwrap_or_default();
-    let html = highlight_html(&text, &spans, &cast, &library, too_long_note(&text));
+    let html = highlight_html(
+        &text,
+        &spans,
+        &cast,
+        &library,
+        limit_notes(&text, &state.worker.tokenizer),
+    );
     Ok((
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Html(html),

@@ -224,10 +224,37 @@ pub struct CharacterChanges {
     pub pronoun: Option<Pronoun>,
     /// New portrait (already normalised).
     pub portrait: Option<NormalizedImage>,
+    /// Captions to rewrite in the same transaction (a rename carried into the stories).
+    pub captions: Vec<CaptionRewrite>,
+}
+
+/// One caption to replace, applied only if it still reads `from` (an edit made meanwhile
+/// wins over the rewrite planned before it).
+#[derive(Debug, Clone)]
+pub struct CaptionRewrite {
+    /// The story of the frame.
+    pub story_id: i64,
+    /// The frame.
+    pub frame_id: i64,
+    /// The caption the rewrite was planned from.
+    pub from: String,
+    /// The new caption.
+    pub to: String,
+}
+
+/// What [`update`] did.
+#[derive(Debug)]
+pub struct Updated {
+    /// The character as it is now.
+    pub character: Character,
+    /// Captions rewritten.
+    pub captions: usize,
+    /// Stories whose captions changed.
+    pub stories: usize,
 }
 
 /// Applies a partial update in one transaction; 404 if the character does not exist.
-pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> ApiResult<Character> {
+pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> ApiResult<Updated> {
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
@@ -272,8 +299,39 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
         .execute(&mut *tx)
         .await?;
     }
+    let mut rewritten = 0;
+    let mut stories = std::collections::BTreeSet::new();
+    for rewrite in &changes.captions {
+        let done = sqlx::query(
+            "UPDATE frames SET caption = ?, updated_at = ? WHERE id = ? AND story_id = ? AND caption = ?",
+        )
+        .bind(&rewrite.to)
+        .bind(&now)
+        .bind(rewrite.frame_id)
+        .bind(rewrite.story_id)
+        .bind(&rewrite.from)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() > 0 {
+            rewritten += 1;
+            stories.insert(rewrite.story_id);
+        }
+    }
+    for &story in &stories {
+        sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+            .bind(&now)
+            .bind(story)
+            .execute(&mut *tx)
+            .await?;
+        // Images drawn from the old wording become `stale`, as after any caption edit.
+        super::jobs::refresh_frames(&mut tx, story).await?;
+    }
     tx.commit().await?;
-    get(pool, id).await
+    Ok(Updated {
+        character: get(pool, id).await?,
+        captions: rewritten,
+        stories: stories.len(),
+    })
 }
 
 /// Deletes a character (it leaves every story cast it was in); 404 if absent.

@@ -19,9 +19,7 @@ use super::{decode_cursor, paginate, Page};
 use crate::db::now;
 use crate::error::{ApiError, ApiResult};
 
-/// Largest seed: 2^53 - 1, so a seed survives a round trip through any JSON parser
-/// (JavaScript numbers included).
-pub const MAX_SEED: u64 = (1 << 53) - 1;
+pub use models::limits::MAX_SEED;
 
 /// Job statuses a worker has not finished with.
 const ACTIVE: &str = "('queued', 'running')";

@@ -127,6 +127,16 @@ async fn frame_count(tx: &mut Tx<'_>, story: i64) -> ApiResult<i64> {
     )
 }
 
+/// Ids of the stories whose cast includes character `character`, oldest first.
+pub async fn casting(pool: &SqlitePool, character: i64) -> ApiResult<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT story_id FROM story_characters WHERE character_id = ? ORDER BY story_id",
+    )
+    .bind(character)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Creates a story with validated captions and cast (all or nothing).
 pub async fn create(
     pool: &SqlitePool,
