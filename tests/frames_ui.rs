@@ -195,7 +195,8 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
     for (position, n) in [(0, 1), (1, 2), (2, 3)] {
         assert!(strip.contains(&format!("id=\"regenerate-{position}\"")));
-        assert!(strip.contains(&format!("aria-label=\"Redraw frame {n} with a new seed\"")));
+        assert!(strip.contains(&format!("aria-label=\"Redraw frame {n}\"")));
+        assert!(strip.contains(&format!("id=\"redraw-seed-{position}\" name=\"seed\"")));
         assert!(strip.contains(&format!("id=\"attention-{position}\"")));
     }
     assert!(strip.contains(">Where characters are</button>"));
@@ -307,6 +308,40 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     );
     assert_eq!(last[0]["seed"], before[0]["seed"]);
     assert_eq!(last[1]["seed"], after[1]["seed"]);
+
+    // A seed of one's own for one frame: redrawing frame 3 with its current seed gives back
+    // the same image; a malformed seed is refused in the strip.
+    let same_seed = last[2]["seed"].as_i64().unwrap().to_string();
+    let drawn = get_png(&server, last[2]["image_url"].as_str().unwrap()).await;
+    let response = no_redirects()
+        .post(server.at(&format!("/ui/stories/{id}/frames/2/regenerate")))
+        .form(&[("seed", same_seed.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let seeded = jobs_of(&server, id).await.last().unwrap().clone();
+    assert_eq!(seeded["frames"][0]["seed"].to_string(), same_seed);
+    wait_job(&server, seeded["id"].as_i64().unwrap(), "succeeded").await;
+    let again = frames(&server, id).await;
+    assert_eq!(
+        get_png(&server, again[2]["image_url"].as_str().unwrap()).await,
+        drawn,
+        "the same seed draws the same frame"
+    );
+    let response = http()
+        .post(server.at(&format!("/ui/stories/{id}/frames/2/regenerate")))
+        .header("hx-request", "true")
+        .form(&[("seed", "abc")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("The seed must be a whole number"));
 
     // Deleting a frame deletes its maps with it.
     let frame2 = last[2]["id"].as_i64().unwrap();

@@ -341,6 +341,7 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
         (json!({"steps": 0}), "invalid_steps"),
         (json!({"steps": 201}), "invalid_steps"),
         (json!({"guidance_scale": 0.5}), "invalid_guidance"),
+        (json!({"scheduler": "heun"}), "invalid_scheduler"),
         (json!({"frames": [2]}), "unknown_frame"),
         (json!({"frames": [-1]}), "unknown_frame"),
         (json!({"frames": []}), "invalid_frames"),

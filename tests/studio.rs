@@ -918,8 +918,51 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     let job = jobs["items"][0]["id"].as_i64().unwrap();
     let done = wait_job(&server, job, "succeeded").await;
     assert_eq!(done["steps"], 2);
+    // The model's defaults for what the form left alone: the random bundle's PNDM.
+    assert_eq!(done["scheduler"], "pndm");
     let story = get_json(&server, &format!("/api/stories/{id}")).await;
     assert_eq!(story["frames"][1]["seed"], 6, "seed + position");
+    let pndm_frame =
+        common::get_png(&server, story["frames"][1]["image_url"].as_str().unwrap()).await;
+
+    // Every sampling option of the panel reaches the job; another sampler draws another frame
+    // from the same seed.
+    for field in ["guidance_scale", "scheduler"] {
+        assert!(
+            page.contains(&format!("name=\"{field}\"")),
+            "the panel offers {field}"
+        );
+    }
+    assert!(page.contains("<option value=\"euler-a\""));
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/generate"),
+        &[
+            ("steps", "2"),
+            ("seed", "5"),
+            ("guidance_scale", "7.5"),
+            ("scheduler", "ddim"),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(element_text(&r.text().await.unwrap(), "generate-status")
+        .contains("2 ddim steps each, guidance 7.5"));
+    let jobs = get_json(&server, &format!("/api/jobs?story_id={id}")).await;
+    let job = jobs["items"].as_array().unwrap().last().unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let done = wait_job(&server, job, "succeeded").await;
+    assert_eq!(
+        (done["scheduler"].as_str(), done["guidance_scale"].as_f64()),
+        (Some("ddim"), Some(7.5))
+    );
+    let story = get_json(&server, &format!("/api/stories/{id}")).await;
+    assert_eq!(story["frames"][1]["seed"], 6);
+    let ddim_frame =
+        common::get_png(&server, story["frames"][1]["image_url"].as_str().unwrap()).await;
+    assert_ne!(pndm_frame, ddim_frame, "the sampler is used");
 
     // Refused: the panel says why (422 so HTMX swaps it in), and nothing is queued.
     let r = post_form(
@@ -945,7 +988,11 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(r.text().await.unwrap().contains("whole number"));
     let jobs = get_json(&server, &format!("/api/jobs?story_id={id}")).await;
-    assert_eq!(jobs["items"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        jobs["items"].as_array().unwrap().len(),
+        2,
+        "the two above, nothing more"
+    );
 
     // With HTMX: the panel comes back showing the running job, with a cancel button that works.
     let r = post_form(
@@ -959,7 +1006,7 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     assert_eq!(r.headers()["hx-trigger"], "frames-changed");
     let html = r.text().await.unwrap();
     assert!(html.contains("id=\"cancel-job\""), "{html}");
-    assert!(element_text(&html, "generate-status").contains("2 frames with 200 steps"));
+    assert!(element_text(&html, "generate-status").contains("2 frames with 200 pndm steps"));
     let jobs = get_json(
         &server,
         &format!("/api/jobs?story_id={id}&status=queued,running"),

@@ -38,6 +38,8 @@ pub struct ModelInfo {
     pub default_steps: u32,
     /// Guidance scale used when a request names none.
     pub default_guidance: f64,
+    /// Sampler used when a request names none.
+    pub default_scheduler: String,
 }
 
 /// Picks the bundle directory: the configured one (which must exist), else the shipped toy

@@ -205,7 +205,11 @@ fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPip
             .steps
             .clamp(*models::limits::STEPS.start(), *models::limits::STEPS.end())
             as u32,
-        default_guidance: defaults.guidance_scale.clamp(1.0, 30.0),
+        default_guidance: defaults.guidance_scale.clamp(
+            *models::limits::GUIDANCE.start(),
+            *models::limits::GUIDANCE.end(),
+        ),
+        default_scheduler: defaults.scheduler.as_str().to_string(),
     };
     tracing::info!(
         bundle = %bundle.display(), name = %model.name, trained = model.trained,
@@ -618,11 +622,19 @@ impl Ctx {
     }
 }
 
-/// The model's defaults with the job's steps and guidance; delayed conditioning keeps its
-/// share of the steps (`with_steps`).
+/// The model's defaults with the job's steps, guidance and sampler; delayed conditioning keeps
+/// its share of the steps (`with_steps`).
 fn options(defaults: GenerateOptions, job: &Claimed) -> GenerateOptions {
+    let scheduler = job
+        .params
+        .scheduler
+        .as_deref()
+        // Checked when queued; a name this build no longer knows falls back to the model's.
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(defaults.scheduler);
     GenerateOptions {
         guidance_scale: job.params.guidance_scale,
+        scheduler,
         ..defaults.with_steps(job.params.steps as usize)
     }
 }

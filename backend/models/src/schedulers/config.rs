@@ -74,6 +74,21 @@ pub enum SchedulerKind {
     EulerAncestral,
 }
 
+impl SchedulerKind {
+    /// Every kind, in the order a menu lists them.
+    pub const ALL: [SchedulerKind; 4] = [Self::Pndm, Self::Ddim, Self::EulerAncestral, Self::Ddpm];
+
+    /// The short name that [`SchedulerKind::from_str`](std::str::FromStr) reads back.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::Pndm => "pndm",
+            Self::EulerAncestral => "euler-a",
+        }
+    }
+}
+
 impl std::str::FromStr for SchedulerKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -19,6 +19,9 @@ use crate::store::{page_limit, Page};
 use crate::validate::MAX_CAPTIONS;
 use crate::AppState;
 use models::limits;
+use models::schedulers::SchedulerKind;
+
+use crate::model::ModelInfo;
 
 /// Longest Idempotency-Key.
 const MAX_KEY_LEN: usize = 255;
@@ -47,7 +50,7 @@ pub struct SeededFrame {
 /// draws the whole story with the model's default options and fresh seeds.
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"frames": [0, {"position": 2, "seed": 42}], "steps": 30, "guidance_scale": 4.0}))]
+#[schema(example = json!({"frames": [0, {"position": 2, "seed": 42}], "steps": 30, "guidance_scale": 4.0, "scheduler": "ddim"}))]
 pub struct GenerateRequest {
     /// Frames to (re)draw, as positions or `{"position", "seed"}`; default: every frame.
     /// Frames before a drawn frame must have an image (they are its context) or be drawn too.
@@ -67,6 +70,9 @@ pub struct GenerateRequest {
     /// Classifier-free guidance scale, 1..=30 (default: the model's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_scale: Option<f64>,
+    /// Sampler: `pndm` (PLMS, SD 1.5's), `ddim`, `euler-a` or `ddpm` (default: the model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
 }
 
 fn check_seed(seed: u64) -> ApiResult<()> {
@@ -75,7 +81,16 @@ fn check_seed(seed: u64) -> ApiResult<()> {
 
 impl GenerateRequest {
     /// Checks the request on its own (the story is checked when it is queued).
-    fn validate(&self, default_steps: u32, default_guidance: f64) -> ApiResult<GenerateSpec> {
+    fn validate(&self, model: &ModelInfo) -> ApiResult<GenerateSpec> {
+        let (default_steps, default_guidance) = (model.default_steps, model.default_guidance);
+        let scheduler = match &self.scheduler {
+            None => model.default_scheduler.clone(),
+            Some(name) => name
+                .parse::<SchedulerKind>()
+                .map_err(|e| ApiError::invalid("invalid_scheduler", e))?
+                .as_str()
+                .to_string(),
+        };
         let steps = self.steps.unwrap_or(default_steps);
         limits::check_steps(steps as usize).map_err(|e| ApiError::invalid("invalid_steps", e))?;
         let guidance_scale = self.guidance_scale.unwrap_or(default_guidance);
@@ -131,6 +146,7 @@ impl GenerateRequest {
             keep_seeds: self.keep_seeds,
             steps,
             guidance_scale,
+            scheduler,
         })
     }
 }
@@ -213,7 +229,7 @@ pub async fn queue(
     idem: Option<&Idempotency>,
 ) -> ApiResult<(Job, bool)> {
     let defaults = &state.worker.model;
-    let spec = request.validate(defaults.default_steps, defaults.default_guidance)?;
+    let spec = request.validate(defaults)?;
     let capacity = state.settings.queue_capacity as i64;
     Ok(
         match store::enqueue(&state.pool, story, &spec, idem, capacity).await? {

@@ -3,16 +3,17 @@
 //! context check, queue capacity, the `queued` event, waking the worker), so the strip and
 //! the API can never disagree on what may be queued.
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::post;
 use axum::Router;
 
-use super::{frames_strip_with, is_htmx, sentence, StripNotice};
-use crate::api::jobs::{queue, FrameChoice, GenerateRequest};
+use super::{form_field, frames_strip_with, is_htmx, sentence, StripNotice};
+use crate::api::jobs::{queue, FrameChoice, GenerateRequest, SeededFrame};
 use crate::api::ApiPath;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
 pub(super) fn router() -> Router<AppState> {
@@ -36,12 +37,29 @@ async fn regenerate(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiPath((id, position)): ApiPath<(i64, i64)>,
+    body: Bytes,
 ) -> ApiResult<Response> {
-    let request = GenerateRequest {
-        frames: Some(vec![FrameChoice::Position(position)]),
-        ..GenerateRequest::default()
+    // An optional `seed` field redraws with that seed; empty, with a new one.
+    let seed = form_field(&body, "seed").filter(|s| !s.trim().is_empty());
+    let choice = match seed.map(|s| s.trim().parse::<u64>()) {
+        None => Ok(FrameChoice::Position(position)),
+        Some(Ok(seed)) => Ok(FrameChoice::Seeded(SeededFrame { position, seed })),
+        Some(Err(_)) => Err(ApiError::invalid(
+            "invalid_form",
+            "the seed must be a whole number from 0 to 9007199254740991",
+        )),
     };
-    let (notice, status, retry_after) = match queue(&state, id, &request, None).await {
+    let queued = match choice {
+        Ok(choice) => {
+            let request = GenerateRequest {
+                frames: Some(vec![choice]),
+                ..GenerateRequest::default()
+            };
+            queue(&state, id, &request, None).await
+        }
+        Err(e) => Err(e),
+    };
+    let (notice, status, retry_after) = match queued {
         Ok((job, _)) => {
             let seed = job.frames.first().map(|f| f.seed).unwrap_or_default();
             (

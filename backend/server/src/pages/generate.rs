@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use models::schedulers::SchedulerKind;
 
 use super::{form_field, is_htmx, sentence};
 use crate::api::jobs::{queue, stop, GenerateRequest};
@@ -51,6 +52,10 @@ struct GeneratePanel {
     trained: bool,
     default_steps: u32,
     max_steps: usize,
+    default_guidance: f64,
+    max_guidance: f64,
+    /// Every sampler, with whether it is the model's default (selected).
+    schedulers: Vec<(&'static str, bool)>,
     job: Option<ActiveJob>,
     message: String,
 }
@@ -91,6 +96,12 @@ pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiR
         trained: model.trained,
         default_steps: model.default_steps,
         max_steps: *models::limits::STEPS.end(),
+        default_guidance: model.default_guidance,
+        max_guidance: *models::limits::GUIDANCE.end(),
+        schedulers: SchedulerKind::ALL
+            .iter()
+            .map(|k| (k.as_str(), k.as_str() == model.default_scheduler))
+            .collect(),
         job,
         message: message.to_string(),
     }
@@ -150,7 +161,21 @@ fn parse_number<T: std::str::FromStr>(body: &[u8], name: &str, what: &str) -> Ap
     }
 }
 
-/// `POST /ui/stories/{id}/generate`: form fields `steps` and `seed` (both optional).
+fn parse_decimal(body: &[u8], name: &str, what: &str) -> ApiResult<Option<f64>> {
+    match form_field(body, name).map(|v| v.trim().to_string()) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            ApiError::invalid(
+                "invalid_form",
+                format!("{what} must be a number such as 4 or 7.5; got {v:?}"),
+            )
+        }),
+    }
+}
+
+/// `POST /ui/stories/{id}/generate`: form fields `steps`, `guidance_scale`, `scheduler` and
+/// `seed` (each optional: the model's default).
 async fn start(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -160,16 +185,20 @@ async fn start(
     let outcome = async {
         let request = GenerateRequest {
             steps: parse_number(&body, "steps", "steps")?,
+            guidance_scale: parse_decimal(&body, "guidance_scale", "the guidance scale")?,
+            scheduler: form_field(&body, "scheduler").filter(|s| !s.trim().is_empty()),
             seed: parse_number(&body, "seed", "the seed")?,
             ..Default::default()
         };
         let (job, _) = queue(&state, id, &request, None).await?;
         let n = job.frames.len();
         Ok(format!(
-            "Queued job {}: {n} frame{} with {} steps each.",
+            "Queued job {}: {n} frame{} with {} {} steps each, guidance {}.",
             job.id,
             if n == 1 { "" } else { "s" },
-            job.steps
+            job.steps,
+            job.scheduler.as_deref().unwrap_or("default"),
+            job.guidance_scale
         ))
     }
     .await;

@@ -469,6 +469,7 @@ mod tests {
             keep_seeds: false,
             steps: 1,
             guidance_scale: 1.0,
+            scheduler: "pndm".into(),
         };
         match enqueue(pool, story, &spec, None, 100).await.unwrap() {
             Enqueued::New(job, _) => job.id,

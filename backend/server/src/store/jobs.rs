@@ -73,6 +73,10 @@ pub struct JobParams {
     pub steps: u32,
     /// Classifier-free guidance scale.
     pub guidance_scale: f64,
+    /// Sampler (`pndm`, `ddim`, `euler-a`, `ddpm`); absent in jobs queued before it could be
+    /// chosen, which draw with the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
     /// Every caption of the story, in story order.
     pub captions: Vec<String>,
     /// The frame id at each caption position.
@@ -94,6 +98,8 @@ pub struct GenerateSpec {
     pub steps: u32,
     /// Classifier-free guidance scale.
     pub guidance_scale: f64,
+    /// Sampler, by its short name.
+    pub scheduler: String,
 }
 
 /// An `Idempotency-Key` with the fingerprint of the request that carried it.
@@ -153,6 +159,9 @@ pub struct Job {
     pub steps: u32,
     /// Classifier-free guidance scale.
     pub guidance_scale: f64,
+    /// Sampler (`pndm`, `ddim`, `euler-a`, `ddpm`); null for a job queued before it could be
+    /// chosen (it drew with the model's default).
+    pub scheduler: Option<String>,
     /// The frames it draws, in drawing order.
     pub frames: Vec<JobFrame>,
     /// Latest progress, once started (kept while it waits for its next turn).
@@ -246,6 +255,7 @@ async fn to_job(conn: &mut SqliteConnection, row: JobRow) -> ApiResult<Job> {
         status: row.status,
         steps: params.steps,
         guidance_scale: params.guidance_scale,
+        scheduler: params.scheduler.clone(),
         frames,
         progress: row
             .progress
@@ -407,6 +417,7 @@ pub async fn enqueue(
     let params = JobParams {
         steps: spec.steps,
         guidance_scale: spec.guidance_scale,
+        scheduler: Some(spec.scheduler.clone()),
         captions: frames.iter().map(|f| f.2.clone()).collect(),
         frame_ids: frames.iter().map(|f| f.0).collect(),
         characters: characters
