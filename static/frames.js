@@ -179,4 +179,66 @@
   } else {
     setUp(document);
   }
+
+  // ---- The full-size viewer: a frame's image scaled up (nearest neighbour, so a small
+  // frame stays sharp), its caption, previous / next with the arrow keys, a PNG download.
+  // Frames are read from the strip each time, so a redraw or a new frame shows at once.
+  var viewer = document.getElementById("frame-viewer");
+  var shown = -1;
+  var opener = null;
+
+  function viewable() {
+    return Array.prototype.slice.call(document.querySelectorAll("#frames-strip a.frame-open"));
+  }
+
+  function showFrame(index) {
+    var links = viewable();
+    if (!viewer || !links.length) return;
+    shown = Math.max(0, Math.min(index, links.length - 1));
+    var link = links[shown];
+    var image = link.querySelector("img");
+    var number = link.dataset.number;
+    document.getElementById("viewer-title").textContent = "Frame " + number + " of " + document.querySelectorAll("#frames-strip li.frame").length;
+    var big = document.getElementById("viewer-image");
+    big.src = link.getAttribute("href");
+    big.alt = image ? image.alt : "";
+    var figure = link.closest("figure");
+    var caption = figure ? figure.querySelector("figcaption") : null;
+    document.getElementById("viewer-caption").textContent = caption ? caption.getAttribute("title") : "";
+    var download = document.getElementById("viewer-download");
+    download.href = link.getAttribute("href");
+    download.setAttribute("download", "frame-" + String(number).padStart(2, "0") + ".png");
+    document.getElementById("viewer-prev").disabled = shown === 0;
+    document.getElementById("viewer-next").disabled = shown === links.length - 1;
+  }
+
+  document.addEventListener("click", function (event) {
+    var link = event.target.closest ? event.target.closest("a.frame-open") : null;
+    if (link && viewer && viewer.showModal && !event.ctrlKey && !event.metaKey && !event.shiftKey) {
+      event.preventDefault();
+      opener = link;
+      showFrame(viewable().indexOf(link));
+      viewer.showModal();
+      return;
+    }
+    if (!viewer || !viewer.open) return;
+    if (event.target.id === "viewer-prev") showFrame(shown - 1);
+    else if (event.target.id === "viewer-next") showFrame(shown + 1);
+    else if (event.target.id === "viewer-close") viewer.close();
+  });
+
+  document.addEventListener("keydown", function (event) {
+    if (!viewer || !viewer.open) return;
+    if (event.key === "ArrowLeft") { event.preventDefault(); showFrame(shown - 1); }
+    if (event.key === "ArrowRight") { event.preventDefault(); showFrame(shown + 1); }
+  });
+
+  if (viewer) {
+    viewer.addEventListener("close", function () {
+      // Back to where the user was; the link may have been re-rendered meanwhile.
+      var links = viewable();
+      var target = links[shown] || opener;
+      if (target && document.body.contains(target)) target.focus();
+    });
+  }
 })();

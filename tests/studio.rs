@@ -799,7 +799,8 @@ async fn stories_export_as_zip_gif_and_pdf() {
     assert_eq!(json["frames"][1]["image"], Value::Null);
     assert_eq!(json["frames"][2]["seed"], 33);
 
-    // GIF: the two ready frames, 16x12, 1.5 s each, looping forever.
+    // GIF: the two ready frames, 16x12 enlarged 16 times (nearest neighbour) to 256x192,
+    // 1.5 s each, looping forever.
     let response = http
         .get(server.at(&format!("{base}/export.gif")))
         .send()
@@ -818,9 +819,9 @@ async fn stories_export_as_zip_gif_and_pdf() {
         .unwrap();
     assert_eq!(decoded.len(), 2);
     for (frame, rgb) in decoded.iter().zip([[200u8, 30, 30], [30, 30, 200]]) {
-        assert_eq!(frame.buffer().dimensions(), (16, 12));
+        assert_eq!(frame.buffer().dimensions(), (256, 192));
         assert_eq!(frame.delay().numer_denom_ms(), (1500, 1));
-        let pixel = frame.buffer().get_pixel(8, 6).0;
+        let pixel = frame.buffer().get_pixel(128, 96).0;
         for c in 0..3 {
             assert!(
                 (pixel[c] as i32 - rgb[c] as i32).abs() <= 8,

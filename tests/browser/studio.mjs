@@ -102,6 +102,28 @@ try {
     assert.match(seed, /^\d+$/, `frame ${i + 1} shows its seed`);
   }
 
+  step("view the frames full size, moving with the arrow keys, and download one");
+  await page.click("#view-1");
+  const viewer = page.locator("#frame-viewer");
+  await viewer.waitFor({ state: "visible" });
+  assert.equal(await page.locator("#viewer-title").innerText(), "Frame 2 of 3");
+  assert.match(await page.locator("#viewer-caption").innerText(), /He waves at Mia/);
+  const shownWidth = await page.locator("#viewer-image").evaluate((img) => img.getBoundingClientRect().width);
+  assert.ok(shownWidth >= 256, `the viewer enlarges the 64 px frame (${shownWidth} px)`);
+  await page.keyboard.press("ArrowRight");
+  assert.equal(await page.locator("#viewer-title").innerText(), "Frame 3 of 3");
+  assert.ok(await page.locator("#viewer-next").isDisabled());
+  await page.keyboard.press("ArrowLeft");
+  await page.keyboard.press("ArrowLeft");
+  assert.equal(await page.locator("#viewer-title").innerText(), "Frame 1 of 3");
+  assert.equal(await page.getAttribute("#viewer-download", "download"), "frame-01.png");
+  await page.keyboard.press("Escape");
+  await viewer.waitFor({ state: "hidden" });
+  const [png] = await Promise.all([page.waitForEvent("download"), page.click("#download-2")]);
+  assert.equal(png.suggestedFilename(), "frame-03.png");
+  const pngBytes = (await import("node:fs")).readFileSync(await png.path());
+  assert.equal(pngBytes.subarray(1, 4).toString("latin1"), "PNG");
+
   step("redraw the second frame with a new seed");
   const seedBefore = (await page.locator("#frame-1 .frame-seed").innerText()).trim();
   const srcBefore = await page.locator("#frame-1 img").getAttribute("src");
@@ -178,8 +200,13 @@ try {
     }).map((el) => el.id || el.name || el.outerHTML.slice(0, 60)));
   assert.deepEqual(unlabelled, []);
   await page.setViewportSize({ width: 390, height: 844 });
-  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
-  assert.ok(overflow <= 1, `the story page is ${overflow}px wider than a phone screen`);
+  const [overflow, wide] = await page.evaluate(() => [
+    document.documentElement.scrollWidth - window.innerWidth,
+    Array.from(document.querySelectorAll("body *"))
+      .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 1 && !el.closest(".strip"))
+      .slice(0, 5).map((el) => `${el.tagName}#${el.id}.${el.className}`),
+  ]);
+  assert.ok(overflow <= 1, `the story page is ${overflow}px wider than a phone screen: ${wide}`);
 
   assert.deepEqual(pageErrors, [], "no script errors");
   console.log("browser flow passed");

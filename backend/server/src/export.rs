@@ -29,6 +29,9 @@ use crate::store::frame_media::FrameMedia;
 pub const GIF_FRAME_MS: u32 = 1500;
 /// Longest side of the GIF canvas; larger frames are scaled down to keep the file small.
 pub const GIF_MAX_SIDE: u32 = 768;
+/// Smallest longest side of the GIF canvas: smaller frames (the toy model's 64 px) are
+/// enlarged by a whole factor, nearest neighbour, so they stay sharp and can be seen.
+pub const GIF_MIN_SIDE: u32 = 256;
 /// Longest side of a PDF panel image; 1024 px is ~300 dpi at the panel's printed width.
 pub const PDF_MAX_SIDE: u32 = 1024;
 
@@ -228,16 +231,28 @@ fn fit(w: u32, h: u32, max: u32) -> (u32, u32) {
     )
 }
 
+/// The GIF canvas for a first frame of `(w, h)`: scaled down to fit [`GIF_MAX_SIDE`], or up
+/// by the smallest whole factor that reaches [`GIF_MIN_SIDE`].
+fn gif_canvas(w: u32, h: u32) -> (u32, u32) {
+    let longest = w.max(h).max(1);
+    if longest >= GIF_MIN_SIDE {
+        return fit(w, h, GIF_MAX_SIDE);
+    }
+    let factor = GIF_MIN_SIDE.div_ceil(longest);
+    (w.max(1) * factor, h.max(1) * factor)
+}
+
 /// The GIF export: the ready frames in story order, 1.5 s each, looping forever. The canvas
-/// is the first ready frame's size (scaled to fit 768 px); a frame of another shape is
-/// scaled to fit and centred on white.
+/// is the first ready frame's size, scaled to fit 768 px or enlarged (whole factor, nearest
+/// neighbour) to at least 256; a frame of another shape is scaled to fit and centred on
+/// white.
 pub fn gif(story: &ExportStory) -> ApiResult<Vec<u8>> {
     let ready = story.ready_frames();
     let Some(first) = ready.first() else {
         return Err(story.not_generated());
     };
     let first = decode(first)?;
-    let (width, height) = fit(first.width(), first.height(), GIF_MAX_SIDE);
+    let (width, height) = gif_canvas(first.width(), first.height());
     let mut out = Vec::new();
     {
         // Speed 10 of 1..=30: NeuQuant quality close to the slowest setting, several times faster.
@@ -251,9 +266,13 @@ pub fn gif(story: &ExportStory) -> ApiResult<Vec<u8>> {
                 image.to_rgba8()
             } else {
                 let (w, h) = fit_into(image.width(), image.height(), width, height);
-                let scaled = image
-                    .resize_exact(w, h, image::imageops::FilterType::Triangle)
-                    .to_rgba8();
+                // Enlarging keeps pixels square and sharp; shrinking averages them.
+                let filter = if w > image.width() {
+                    image::imageops::FilterType::Nearest
+                } else {
+                    image::imageops::FilterType::Triangle
+                };
+                let scaled = image.resize_exact(w, h, filter).to_rgba8();
                 let mut canvas = RgbaImage::from_pixel(width, height, Rgba([255, 255, 255, 255]));
                 image::imageops::overlay(
                     &mut canvas,
@@ -410,8 +429,44 @@ mod tests {
         let frames = decoder.into_frames().collect_frames().unwrap();
         assert_eq!(frames.len(), 2);
         for f in &frames {
-            assert_eq!(f.buffer().dimensions(), (8, 6));
+            // 8 x 6 is enlarged 32 times to reach 256 px.
+            assert_eq!(f.buffer().dimensions(), (256, 192));
             assert_eq!(f.delay().numer_denom_ms(), (1500, 1));
         }
+    }
+
+    #[test]
+    fn small_frames_are_enlarged_sharply_and_large_ones_shrunk() {
+        assert_eq!(gif_canvas(64, 64), (256, 256));
+        assert_eq!(gif_canvas(100, 50), (300, 150));
+        assert_eq!(gif_canvas(512, 512), (512, 512));
+        assert_eq!(gif_canvas(1536, 768), (768, 384));
+        // A 64 px frame of four flat quadrants: each enlarged pixel is a 4 x 4 block of one
+        // colour, so the quadrant edges stay hard (no blended pixels between them).
+        let mut img = image::RgbImage::new(64, 64);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            *p = image::Rgb(match (x < 32, y < 32) {
+                (true, true) => [200, 30, 30],
+                (false, true) => [30, 200, 30],
+                (true, false) => [30, 30, 200],
+                (false, false) => [230, 230, 40],
+            });
+        }
+        let mut bytes = Vec::new();
+        img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        let s = story(vec![frame(0, "ready", Some(bytes))]);
+        use image::AnimationDecoder;
+        let decoder = image::codecs::gif::GifDecoder::new(Cursor::new(gif(&s).unwrap())).unwrap();
+        let frames = decoder.into_frames().collect_frames().unwrap();
+        let out = frames[0].buffer();
+        assert_eq!(out.dimensions(), (256, 256));
+        let colours: std::collections::HashSet<[u8; 4]> = out.pixels().map(|p| p.0).collect();
+        assert_eq!(colours.len(), 4, "no blended colours: {colours:?}");
+        assert_ne!(
+            out.get_pixel(127, 0),
+            out.get_pixel(128, 0),
+            "a hard edge at 4 x 32"
+        );
     }
 }
