@@ -5,9 +5,11 @@
 //! Which frames go where:
 //! - **ZIP**: every stored image, whatever its status (a `stale` image is the last one drawn
 //!   before its caption changed), named by story position (`frame-03.png` is the third
-//!   frame), plus `story.json` listing every frame with its status and image file (or null).
-//!   A story with no images yet still exports: `story.json` alone is a complete backup of
-//!   its text and cast.
+//!   frame), the cast's portraits (`portraits/01-mia.png`), plus `story.json` (version 2)
+//!   listing every frame with its status, image file (or null), seed and how it was drawn
+//!   (steps, guidance, sampler, model bundle): everything needed to draw the story again, and
+//!   what `POST /api/stories/import` reads back as a new story. A story with no images yet
+//!   still exports: `story.json` and the portraits are a complete backup of its text and cast.
 //! - **GIF** and **PDF**: only `ready` frames show an image. They need at least one; otherwise
 //!   409 `story_not_generated`. The PDF keeps every caption, drawing an empty panel that names
 //!   the status where a frame has no ready image, so the page reads as the whole story.
@@ -24,6 +26,12 @@ use serde_json::json;
 use crate::error::{ApiError, ApiResult};
 use crate::store::characters::Pronoun;
 use crate::store::frame_media::FrameMedia;
+use crate::store::jobs::DrawnWith;
+
+/// What `story.json` says it is; the importer refuses anything else.
+pub const STORY_FORMAT: &str = "storygpt-v story export";
+/// The newest `story.json` version written (the importer reads 1 and 2).
+pub const STORY_VERSION: u64 = 2;
 
 /// How long each GIF frame shows.
 pub const GIF_FRAME_MS: u32 = 1500;
@@ -44,6 +52,37 @@ pub struct ExportCharacter {
     pub name: String,
     /// Pronoun.
     pub pronoun: Pronoun,
+    /// The stored portrait.
+    pub portrait: Vec<u8>,
+    /// Its MIME type.
+    pub portrait_mime: String,
+}
+
+impl ExportCharacter {
+    /// The portrait's path in the ZIP: `portraits/01-mia.png` (cast order, 1-based).
+    pub fn portrait_file(&self, index: usize) -> String {
+        let slug: String = self
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let ext = if self.portrait_mime == "image/jpeg" {
+            "jpg"
+        } else {
+            "png"
+        };
+        format!(
+            "portraits/{:02}-{}.{ext}",
+            index + 1,
+            slug.trim_matches('-')
+        )
+    }
 }
 
 /// Everything an export needs about a story.
@@ -57,6 +96,8 @@ pub struct ExportStory {
     pub characters: Vec<ExportCharacter>,
     /// Frames in story order, with image bytes.
     pub frames: Vec<FrameMedia>,
+    /// How each drawn frame's image was made, by frame id.
+    pub drawn_with: std::collections::HashMap<i64, DrawnWith>,
 }
 
 impl ExportStory {
@@ -145,27 +186,35 @@ fn zip_time(rfc3339: &str) -> zip::DateTime {
 pub fn story_json(story: &ExportStory) -> serde_json::Value {
     let count = story.frames.len();
     json!({
-        "format": "storygpt-v story export",
-        "version": 1,
+        "format": STORY_FORMAT,
+        "version": STORY_VERSION,
         "id": story.id,
         "title": story.title,
         "captions": story.frames.iter().map(|f| f.caption.as_str()).collect::<Vec<_>>(),
-        "characters": story.characters.iter().map(|c| json!({
+        "characters": story.characters.iter().enumerate().map(|(i, c)| json!({
             "id": c.id,
             "name": c.name,
             "pronoun": c.pronoun.as_str(),
+            "portrait": c.portrait_file(i),
         })).collect::<Vec<_>>(),
-        "frames": story.frames.iter().map(|f| json!({
-            "position": f.position + 1,
-            "caption": f.caption,
-            "status": f.status,
-            "seed": f.seed,
-            "duration_ms": f.duration_ms,
-            "image": match (&f.image, &f.image_mime) {
-                (Some(_), Some(mime)) => Some(frame_file_name(f.position, count, mime)),
-                _ => None,
-            },
-        })).collect::<Vec<_>>(),
+        "frames": story.frames.iter().map(|f| {
+            let drawn = story.drawn_with.get(&f.id).filter(|_| f.image.is_some());
+            json!({
+                "position": f.position + 1,
+                "caption": f.caption,
+                "status": f.status,
+                "seed": f.seed,
+                "duration_ms": f.duration_ms,
+                "image": match (&f.image, &f.image_mime) {
+                    (Some(_), Some(mime)) => Some(frame_file_name(f.position, count, mime)),
+                    _ => None,
+                },
+                "steps": drawn.map(|d| d.steps),
+                "guidance_scale": drawn.map(|d| d.guidance_scale),
+                "scheduler": drawn.and_then(|d| d.scheduler.clone()),
+                "bundle": drawn.and_then(|d| d.bundle.clone()),
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -192,6 +241,18 @@ pub fn zip(story: &ExportStory) -> ApiResult<Vec<u8>> {
         .map_err(fail)?;
     let text = serde_json::to_vec_pretty(&story_json(story)).map_err(ApiError::internal)?;
     writer.write_all(&text).map_err(ApiError::internal)?;
+    for (i, character) in story.characters.iter().enumerate() {
+        let options = SimpleFileOptions::default()
+            .compression_method(CompressionMethod::Stored)
+            .last_modified_time(zip_time(newest))
+            .unix_permissions(0o644);
+        writer
+            .start_file(character.portrait_file(i), options)
+            .map_err(fail)?;
+        writer
+            .write_all(&character.portrait)
+            .map_err(ApiError::internal)?;
+    }
     let count = story.frames.len();
     for frame in &story.frames {
         let (Some(bytes), Some(mime)) = (&frame.image, &frame.image_mime) else {
@@ -387,8 +448,11 @@ mod tests {
                 id: 1,
                 name: "Fred".into(),
                 pronoun: Pronoun::He,
+                portrait: png(2, 2, 5),
+                portrait_mime: "image/png".into(),
             }],
             frames,
+            drawn_with: Default::default(),
         }
     }
 

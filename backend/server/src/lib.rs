@@ -10,6 +10,7 @@ pub mod db;
 pub mod error;
 pub mod export;
 pub mod images;
+pub mod import;
 pub mod live;
 pub mod lock;
 pub mod mentions;

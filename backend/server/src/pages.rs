@@ -56,6 +56,12 @@ pub fn router() -> Router<AppState> {
         )
         .route("/ui/stories", get(stories_section).post(add_story))
         .route("/ui/stories/{id}/delete", post(delete_story))
+        .route(
+            "/ui/stories/import",
+            post(import_story).layer(axum::extract::DefaultBodyLimit::max(
+                crate::import::MAX_ARCHIVE_BYTES,
+            )),
+        )
         .merge(story::router())
         .merge(draft::router())
         .merge(starter::router())
@@ -251,6 +257,9 @@ struct StoryFormState {
     cast_confirmed: bool,
     /// The notes under the captions (limits, names found), rendered by `draft::notes_html`.
     draft_html: String,
+    /// What the last story import did, or why it was refused.
+    import_status: String,
+    import_error: String,
 }
 
 const PRONOUNS: [&str; 4] = ["he", "she", "they", "it"];
@@ -932,6 +941,66 @@ async fn add_story(
             stories_view(&state, &headers, form, StatusCode::UNPROCESSABLE_ENTITY).await
         }
     }
+}
+
+/// `POST /ui/stories/import`: a story archive (multipart field `archive`) as a new story.
+async fn import_story(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+) -> ApiResult<Response> {
+    let mut form = StoryFormState::default();
+    let outcome = async {
+        let mut multipart = Multipart::from_request(request, &state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+        let mut archive = None;
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| ApiError::new(e.status(), "invalid_multipart", e.body_text()))?
+        {
+            if field.name() == Some("archive") {
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| ApiError::new(e.status(), "invalid_multipart", e.body_text()))?;
+                archive = Some(bytes.to_vec());
+            }
+        }
+        let Some(archive) = archive.filter(|a| !a.is_empty()) else {
+            return Err(ApiError::invalid(
+                "missing_archive",
+                "choose a story archive (.zip) to import",
+            ));
+        };
+        crate::api::stories::import_archive(&state, archive).await
+    }
+    .await;
+    let status = match outcome {
+        Ok(story) => {
+            form.import_status = format!(
+                "Imported \u{201c}{}\u{201d} ({} caption{}).",
+                story.title,
+                story.frames.len(),
+                if story.frames.len() == 1 { "" } else { "s" }
+            );
+            StatusCode::OK
+        }
+        Err(e) if e.status.is_server_error() => return Err(e),
+        Err(e) => {
+            form.import_error = sentence(&e.detail);
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+    };
+    if !is_htmx(&headers) && status.is_success() {
+        return Ok(Redirect::to("/").into_response());
+    }
+    // The notice keeps a plain post on the page (stories_view redirects a success without it).
+    if !is_htmx(&headers) {
+        return page(&state, CharactersInput::default(), form, status).await;
+    }
+    stories_view(&state, &headers, form, status).await
 }
 
 async fn stories_section(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {

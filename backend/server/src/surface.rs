@@ -292,9 +292,10 @@ fn default_detail(status: StatusCode, method: &Method, text: Option<String>) -> 
         ),
         StatusCode::PAYLOAD_TOO_LARGE => format!(
             "the request body is larger than this address accepts ({} MiB; portrait uploads \
-             {} MiB)",
+             {} MiB, story archives {} MiB)",
             crate::config::FORM_BODY_LIMIT / (1024 * 1024),
-            crate::config::UPLOAD_BODY_LIMIT / (1024 * 1024)
+            crate::config::UPLOAD_BODY_LIMIT / (1024 * 1024),
+            crate::import::MAX_ARCHIVE_BYTES / (1024 * 1024)
         ),
         _ => text.unwrap_or_else(|| {
             status

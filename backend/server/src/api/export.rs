@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use super::ApiPath;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::export::{self, ExportCharacter, ExportStory};
-use crate::store::{characters, frame_media, stories};
+use crate::store::{characters, frame_media, jobs, stories};
 use crate::AppState;
 
 /// Reads a story with its cast and frame images.
@@ -16,21 +16,27 @@ pub async fn load(state: &AppState, id: i64) -> ApiResult<ExportStory> {
     let story = stories::get(&state.pool, id).await?;
     let frames = frame_media::frames(&state.pool, id, true).await?;
     let library = characters::all(&state.pool).await?;
-    let characters = story
+    let mut cast = Vec::new();
+    for c in story
         .character_ids
         .iter()
         .filter_map(|cid| library.iter().find(|c| c.id == *cid))
-        .map(|c| ExportCharacter {
+    {
+        let portrait = characters::portrait(&state.pool, c.id).await?;
+        cast.push(ExportCharacter {
             id: c.id,
             name: c.name.clone(),
             pronoun: c.pronoun,
-        })
-        .collect();
+            portrait: portrait.bytes,
+            portrait_mime: portrait.mime,
+        });
+    }
     Ok(ExportStory {
         id,
         title: story.title,
-        characters,
+        characters: cast,
         frames,
+        drawn_with: jobs::drawn_with(&state.pool, id).await?,
     })
 }
 

@@ -147,6 +147,7 @@ impl GenerateRequest {
             steps,
             guidance_scale,
             scheduler,
+            bundle: model.name.clone(),
         })
     }
 }

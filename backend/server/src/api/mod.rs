@@ -44,6 +44,12 @@ pub fn router() -> Router<AppState> {
         .route("/model/cast/{k}/portrait", get(starter_cast::portrait))
         .route("/stories", post(stories::create).get(stories::list))
         .route(
+            "/stories/import",
+            post(stories::import).layer(axum::extract::DefaultBodyLimit::max(
+                crate::import::MAX_ARCHIVE_BYTES,
+            )),
+        )
+        .route(
             "/stories/{id}",
             get(stories::get_one)
                 .patch(stories::update)

@@ -21,7 +21,7 @@ use crate::error::ApiError;
         characters::create, characters::list, characters::get_one, characters::update,
         characters::delete, characters::portrait, starter_cast::add,
         starter_cast::list, starter_cast::portrait,
-        stories::create, stories::list, stories::get_one, stories::update, stories::delete,
+        stories::create, stories::import, stories::list, stories::get_one, stories::update, stories::delete,
         stories::insert_frame, stories::edit_frame, stories::delete_frame, stories::reorder,
         stories::frame_image, stories::frame_attention, stories::frame_attention_map,
         mentions::find,

@@ -93,6 +93,49 @@ pub async fn create(
         .into_response())
 }
 
+/// Import a story archive (a story's `export.zip`) as a new story: its captions, its cast
+/// (the library character of the same name, else a new one with the archive's portrait) and
+/// its drawn frames with their seeds.
+#[utoipa::path(post, path = "/api/stories/import", tag = "stories",
+    request_body(content = Vec<u8>, content_type = "application/zip", description = "The ZIP that GET /api/stories/{id}/export.zip downloads (at most 64 MiB)"),
+    responses((status = 201, description = "Created; Location names the new story", body = Story),
+              (status = 413, description = "Larger than 64 MiB", body = Problem),
+              (status = 415, description = "Not sent as application/zip", body = Problem),
+              (status = 422, description = "Not a story archive, or a part of it is invalid (`invalid_archive`, `invalid_image`, ...)", body = Problem)))]
+pub async fn import(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let is_zip = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/zip"));
+    if !is_zip {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the archive as the body with Content-Type: application/zip",
+        ));
+    }
+    let story = import_archive(&state, body.to_vec()).await?;
+    let location = format!("/api/stories/{}", story.id);
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+        Json(story),
+    )
+        .into_response())
+}
+
+/// Reads (off the async threads) and stores an archive: the API's and the studio's import.
+pub async fn import_archive(state: &AppState, bytes: Vec<u8>) -> ApiResult<Story> {
+    let read = tokio::task::spawn_blocking(move || crate::import::read_archive(&bytes))
+        .await
+        .map_err(ApiError::internal)??;
+    crate::import::store(&state.pool, read).await
+}
+
 /// List stories, oldest first, with cursor pagination.
 #[utoipa::path(get, path = "/api/stories", tag = "stories", params(ListParams),
     responses((status = 200, description = "A page of stories", body = Page<StorySummary>),

@@ -470,6 +470,7 @@ mod tests {
             steps: 1,
             guidance_scale: 1.0,
             scheduler: "pndm".into(),
+            bundle: "test".into(),
         };
         match enqueue(pool, story, &spec, None, 100).await.unwrap() {
             Enqueued::New(job, _) => job.id,

@@ -40,6 +40,49 @@ pub(crate) const FRAME_STATUS: &str = "CASE
           ORDER BY jf.job_id DESC LIMIT 1) = 'failed' THEN 'failed'
     ELSE 'pending' END";
 
+/// How a frame's current image was drawn, from the last job that finished it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrawnWith {
+    /// Denoising steps.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f64,
+    /// Sampler (unknown for jobs queued before it was recorded).
+    pub scheduler: Option<String>,
+    /// Model bundle name (unknown for jobs queued before it was recorded).
+    pub bundle: Option<String>,
+}
+
+/// For each frame of `story` that a job has drawn: how the last such job drew it.
+pub async fn drawn_with(
+    pool: &SqlitePool,
+    story: i64,
+) -> ApiResult<std::collections::HashMap<i64, DrawnWith>> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT jf.frame_id, j.params FROM job_frames jf JOIN jobs j ON j.id = jf.job_id
+         JOIN frames f ON f.id = jf.frame_id
+         WHERE f.story_id = ? AND jf.state = 'done' ORDER BY jf.job_id",
+    )
+    .bind(story)
+    .fetch_all(pool)
+    .await?;
+    let mut out = std::collections::HashMap::new();
+    for (frame, params) in rows {
+        let p = parse_params(&params)?;
+        // Later jobs overwrite earlier ones: the last to finish drew the image kept.
+        out.insert(
+            frame,
+            DrawnWith {
+                steps: p.steps,
+                guidance_scale: p.guidance_scale,
+                scheduler: p.scheduler,
+                bundle: p.bundle,
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// Brings the status of every frame of a story in line with the facts (see [`FRAME_STATUS`]).
 pub async fn refresh_frames(conn: &mut SqliteConnection, story: i64) -> ApiResult<()> {
     let sql = format!(
@@ -77,6 +120,9 @@ pub struct JobParams {
     /// chosen, which draw with the model's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
+    /// Name of the model bundle that drew it (absent in older jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
     /// Every caption of the story, in story order.
     pub captions: Vec<String>,
     /// The frame id at each caption position.
@@ -100,6 +146,8 @@ pub struct GenerateSpec {
     pub guidance_scale: f64,
     /// Sampler, by its short name.
     pub scheduler: String,
+    /// Name of the model bundle that will draw it.
+    pub bundle: String,
 }
 
 /// An `Idempotency-Key` with the fingerprint of the request that carried it.
@@ -418,6 +466,7 @@ pub async fn enqueue(
         steps: spec.steps,
         guidance_scale: spec.guidance_scale,
         scheduler: Some(spec.scheduler.clone()),
+        bundle: Some(spec.bundle.clone()),
         captions: frames.iter().map(|f| f.2.clone()).collect(),
         frame_ids: frames.iter().map(|f| f.0).collect(),
         characters: characters

@@ -127,6 +127,34 @@ async fn frame_count(tx: &mut Tx<'_>, story: i64) -> ApiResult<i64> {
     )
 }
 
+/// Gives an imported frame its image (already checked and re-encoded) and seed, as if drawn
+/// from its current caption.
+pub async fn import_frame_image(
+    pool: &SqlitePool,
+    story: i64,
+    frame: i64,
+    image: &crate::images::NormalizedImage,
+    seed: Option<i64>,
+) -> ApiResult<()> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    touch(&mut tx, story).await?;
+    sqlx::query(
+        "UPDATE frames SET image = ?, image_mime = ?, seed = ?, image_caption = caption,
+                updated_at = ? WHERE id = ? AND story_id = ?",
+    )
+    .bind(&image.bytes)
+    .bind(image.mime)
+    .bind(seed)
+    .bind(now())
+    .bind(frame)
+    .bind(story)
+    .execute(&mut *tx)
+    .await?;
+    super::jobs::refresh_frames(&mut tx, story).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Ids of the stories whose cast includes character `character`, oldest first.
 pub async fn casting(pool: &SqlitePool, character: i64) -> ApiResult<Vec<i64>> {
     Ok(sqlx::query_scalar(
