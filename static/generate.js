@@ -6,6 +6,8 @@
 // - move the frame and step progress bars on `progress`;
 // - refresh the frames strip when a frame is stored (`frame`), so frames appear as they finish;
 // - re-render the panel when a job is queued, ends, or is cancelled.
+// - estimate the time left from the step times it measures (the server's measurement in
+//   data-step-ms until then).
 // Announcements go to the panel's aria-live status line only for frames and endings, not for
 // every step, so screen readers are not flooded.
 (function () {
@@ -42,6 +44,30 @@
     el.max = Math.max(1, max);
     el.value = Math.min(value, el.max);
     el.textContent = value + " of " + max;
+  }
+
+  function about(seconds) {
+    if (seconds < 1) return "under a second";
+    if (seconds < 90) return "about " + Math.round(seconds) + " s";
+    return "about " + Math.round(seconds / 60) + " min";
+  }
+
+  // Milliseconds per step, a moving average of what this page measured.
+  var stepMs = 0;
+  var lastStep = null;
+
+  function measure(d) {
+    var now = performance.now();
+    if (lastStep && lastStep.job === d.job_id && lastStep.frame === d.frame && d.step > lastStep.step) {
+      var per = (now - lastStep.t) / (d.step - lastStep.step);
+      stepMs = stepMs ? 0.8 * stepMs + 0.2 * per : per;
+    }
+    lastStep = { job: d.job_id, frame: d.frame, step: d.step, t: now };
+    var p = panel();
+    var ms = stepMs || Number(p && p.dataset.stepMs) || 0;
+    if (!ms) return;
+    var left = Math.max(0, (d.frames - d.frames_done) * d.steps - d.step);
+    setText("job-eta", "Done in " + about((left * ms) / 1000) + ".");
   }
 
   function follow(storyId) {
@@ -85,6 +111,8 @@
       setBar("steps-progress", d.step, d.steps);
       setText("steps-progress-text", d.step + " of " + d.steps);
       setText("current-frame-label", "frame " + d.frame + " of " + d.frames);
+      setText("job-queue", "");
+      measure(d);
     });
     on("frame", function (d) {
       setBar("frames-progress", d.frames_done, d.frames);

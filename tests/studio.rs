@@ -1032,6 +1032,30 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     .await;
     let job = jobs["items"][0]["id"].as_i64().unwrap();
     wait_job(&server, job, "running").await;
+    // While it runs: the time left, from the step time measured on the jobs before.
+    let panel = get_text(&server, &format!("/ui/stories/{id}/generate-panel")).await;
+    assert!(
+        element_text(&panel, "job-eta").starts_with("Done in "),
+        "{panel}"
+    );
+    assert!(panel.contains("data-step-ms=\"") && !panel.contains("data-step-ms=\"\""));
+    // Another story's job waits behind it, and its panel says so, with the wait in all.
+    let other = create_story(&server, "Behind", &["Tom sits."], &[tom]).await;
+    let other_id = other["id"].as_i64().unwrap();
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{other_id}/generate"),
+        &[("steps", "2")],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    assert_eq!(element_text(&html, "job-queue"), "Waiting behind 1 job.");
+    assert!(
+        element_text(&html, "job-eta").ends_with("in all."),
+        "{html}"
+    );
     // Another story's address cannot cancel it.
     let r = post_form(
         &server,

@@ -63,7 +63,7 @@ try {
   // Mia, added after the captions named her, is ticked too once the notes come back.
   await page.locator("#story-draft-notes", { hasText: "Named in the captions: Tom, Mia." }).waitFor();
   await page.locator("#stories label.check", { hasText: "Mia" }).locator("input:checked").waitFor();
-  await page.locator("#stories button[type=submit]").click();
+  await page.locator("#stories form[hx-post='/ui/stories'] button[type=submit]").click();
   await page.locator("#stories a.title", { hasText: "In the garden" }).click();
   await page.waitForURL(/\/stories\/\d+/);
   assert.equal(await page.locator("#caption-list .caption-item").count(), 3);
@@ -78,6 +78,7 @@ try {
   await page.locator("#generate-progress").waitFor();
   const seen = new Set();
   const stepTotals = new Set();
+  let sawEta = false;
   let stepsMoved = false;
   const deadline = Date.now() + 120_000;
   for (;;) {
@@ -85,6 +86,8 @@ try {
     seen.add(images);
     const stepValue = await page.locator("#steps-progress").evaluate((el) => el.value).catch(() => 0);
     if (stepValue > 0) stepsMoved = true;
+    const eta = await page.locator("#job-eta").innerText().catch(() => "");
+    if (/^Done in (about \d+ (s|min)|under a second)\.$/.test(eta)) sawEta = true;
     const total = await page.locator("#steps-progress").getAttribute("max").catch(() => null);
     if (total && stepValue > 0) stepTotals.add(total);
     if (images === 3) break;
@@ -95,6 +98,7 @@ try {
   assert.ok(stepsMoved, "the step progress bar never moved");
   // 25 steps asked for read "of 25" (PNDM's extra warm-up timestep is not a step).
   assert.deepEqual([...stepTotals], ["25"]);
+  assert.ok(sawEta, "the panel estimated the time left from the measured steps");
   await page.locator("#generate-status", { hasText: "Done" }).waitFor();
   await page.locator("#generate-story").waitFor();
   for (let i = 0; i < 3; i++) {

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -60,6 +60,9 @@ struct Shared {
     // A set stays valid if a holder panicked, so its lock is taken over when poisoned
     // (`unwrap_or_else(into_inner)`) instead of turning one panic into many.
     cancels: Mutex<HashSet<i64>>,
+    /// Time per denoising step, a moving average over the steps drawn (f64 bits; 0 until
+    /// the first measurement), for the waiting times the studio shows.
+    step_ms: AtomicU64,
 }
 
 /// The service's handle on its worker thread.
@@ -75,6 +78,12 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// The measured time per denoising step, in milliseconds; `None` before any step.
+    pub fn step_ms(&self) -> Option<f64> {
+        let ms = f64::from_bits(self.shared.step_ms.load(Ordering::Relaxed));
+        (ms > 0.0).then_some(ms)
+    }
+
     /// Tells an idle worker to look at the queue now.
     pub fn wake(&self) {
         let _ = self.wake.try_send(());
@@ -243,6 +252,8 @@ struct Drawing {
     error: Option<String>,
     /// Another story's job waits: stop before the next frame and hand the turn back.
     handing_over: bool,
+    /// When the frame's previous step ended (none before its first step).
+    last_step_at: Option<Instant>,
 }
 
 impl Ctx {
@@ -365,6 +376,7 @@ impl Ctx {
             gone: false,
             error: None,
             handing_over: false,
+            last_step_at: None,
         });
         let mut on_event = |event: PipelineEvent<'_>| self.on_event(job, &todo, &state, event);
         let cancel = || self.should_stop(job, &state);
@@ -532,6 +544,8 @@ impl Ctx {
         let mut essential = false;
         let stored = match event {
             PipelineEvent::FrameStarted { ordinal, .. } => {
+                // A frame's first step also pays for its conditioning: not a step's time.
+                state.last_step_at = None;
                 let row = frame_of(ordinal);
                 let p = progress(row, 0, state.steps, state.done);
                 state.last_stored_progress = Instant::now();
@@ -546,6 +560,13 @@ impl Ctx {
                 ..
             } => {
                 state.steps = steps;
+                let now = Instant::now();
+                if let Some(previous) = state.last_step_at.replace(now) {
+                    let ms = now.duration_since(previous).as_secs_f64() * 1e3;
+                    let old = f64::from_bits(self.shared.step_ms.load(Ordering::Relaxed));
+                    let new = if old > 0.0 { 0.8 * old + 0.2 * ms } else { ms };
+                    self.shared.step_ms.store(new.to_bits(), Ordering::Relaxed);
+                }
                 let p = progress(frame_of(ordinal), step, steps, state.done);
                 if state.last_stored_progress.elapsed() < PROGRESS_EVERY {
                     let data = serde_json::to_value(&p).unwrap_or_default();

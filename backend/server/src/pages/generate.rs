@@ -41,6 +41,31 @@ struct ActiveJob {
     step: usize,
     steps: usize,
     cancel_requested: bool,
+    /// Jobs (of any story) the worker takes before this one.
+    ahead: usize,
+    /// "about 40 s" until this job is done, from the measured step time; empty before any
+    /// step was measured.
+    eta: String,
+}
+
+/// Denoising steps a job still has to run.
+fn steps_left(job: &Job) -> usize {
+    let steps = job.steps as usize;
+    match &job.progress {
+        Some(p) => (p.frames.saturating_sub(p.frames_done) * steps).saturating_sub(p.step),
+        None => job.frames.len() * steps,
+    }
+}
+
+/// A duration in words, rounded as a waiting time is read: "about 40 s", "about 3 min".
+fn about(seconds: f64) -> String {
+    if seconds < 1.0 {
+        "under a second".into()
+    } else if seconds < 90.0 {
+        format!("about {} s", seconds.round())
+    } else {
+        format!("about {} min", (seconds / 60.0).round())
+    }
 }
 
 #[derive(Template)]
@@ -54,6 +79,8 @@ struct GeneratePanel {
     max_steps: usize,
     default_guidance: f64,
     max_guidance: f64,
+    /// The measured time per step (ms) for the script's estimates; empty before any.
+    step_ms: String,
     /// Every sampler, with whether it is the model's default (selected).
     schedulers: Vec<(&'static str, bool)>,
     job: Option<ActiveJob>,
@@ -75,7 +102,29 @@ async fn active_job(state: &AppState, id: i64) -> ApiResult<Option<Job>> {
 /// The panel's HTML for story `id`, with `message` in its status line.
 pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiResult<String> {
     let story = stories::get(&state.pool, id).await?;
-    let job = active_job(state, id).await?.map(|j| {
+    let active = active_job(state, id).await?;
+    // The queue as the worker sees it: every story's waiting and running jobs, oldest first.
+    let statuses = ["running".to_string(), "queued".to_string()];
+    let queue = match &active {
+        Some(_) => {
+            job_store::list(&state.pool, None, &statuses, None, 200)
+                .await?
+                .items
+        }
+        None => Vec::new(),
+    };
+    let step_ms = state.worker.step_ms();
+    let job = active.map(|j| {
+        let ahead: Vec<&Job> = if j.status == "running" {
+            Vec::new()
+        } else {
+            queue
+                .iter()
+                .filter(|q| q.id != j.id && (q.status == "running" || q.id < j.id))
+                .collect()
+        };
+        let work: usize = ahead.iter().map(|q| steps_left(q)).sum::<usize>() + steps_left(&j);
+        let eta = step_ms.map_or(String::new(), |ms| about(work as f64 * ms / 1e3));
         let p = j.progress.as_ref();
         ActiveJob {
             id: j.id,
@@ -86,6 +135,8 @@ pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiR
             step: p.map_or(0, |p| p.step),
             steps: p.map_or(j.steps as usize, |p| p.steps),
             cancel_requested: j.cancel_requested,
+            ahead: ahead.len(),
+            eta,
         }
     });
     let model = &state.worker.model;
@@ -98,6 +149,7 @@ pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiR
         max_steps: *models::limits::STEPS.end(),
         default_guidance: model.default_guidance,
         max_guidance: *models::limits::GUIDANCE.end(),
+        step_ms: step_ms.map_or(String::new(), |ms| format!("{ms:.1}")),
         schedulers: SchedulerKind::ALL
             .iter()
             .map(|k| (k.as_str(), k.as_str() == model.default_scheduler))
@@ -228,4 +280,17 @@ async fn cancel(
     }
     .await;
     answer(&state, &headers, story, outcome).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::about;
+
+    #[test]
+    fn waiting_times_read_as_people_say_them() {
+        assert_eq!(about(0.4), "under a second");
+        assert_eq!(about(12.4), "about 12 s");
+        assert_eq!(about(89.0), "about 89 s");
+        assert_eq!(about(200.0), "about 3 min");
+    }
 }
