@@ -810,7 +810,8 @@ async fn stories_export_as_zip_gif_and_pdf() {
         json["frames"][0],
         json!({"position": 1, "caption": "Fred opens the door.", "status": "ready", "seed": 11,
                "duration_ms": 1500, "image": "frame-01.png", "steps": null,
-               "guidance_scale": null, "scheduler": null, "bundle": null})
+               "guidance_scale": null, "scheduler": null, "bundle": null,
+               "negative_prompt": null})
     );
     assert_eq!(json["frames"][1]["status"], "pending");
     assert_eq!(json["frames"][1]["image"], Value::Null);
@@ -981,6 +982,41 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     let ddim_frame =
         common::get_png(&server, story["frames"][1]["image_url"].as_str().unwrap()).await;
     assert_ne!(pndm_frame, ddim_frame, "the sampler is used");
+    // A negative prompt steers guidance away from it: the same seed and options draw another
+    // frame, and the job records it.
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/generate"),
+        &[
+            ("steps", "2"),
+            ("seed", "5"),
+            ("guidance_scale", "7.5"),
+            ("scheduler", "ddim"),
+            ("negative_prompt", "a dark forest at night"),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let jobs = get_json(&server, &format!("/api/jobs?story_id={id}")).await;
+    let job = jobs["items"].as_array().unwrap().last().unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let done = wait_job(&server, job, "succeeded").await;
+    assert_eq!(done["negative_prompt"], "a dark forest at night");
+    let story = get_json(&server, &format!("/api/stories/{id}")).await;
+    let negative_frame =
+        common::get_png(&server, story["frames"][1]["image_url"].as_str().unwrap()).await;
+    assert_ne!(ddim_frame, negative_frame, "the negative prompt is used");
+    let r = post_form(
+        &server,
+        &format!("/ui/stories/{id}/generate"),
+        &[("negative_prompt", &"x".repeat(1001))],
+        true,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(element_text(&r.text().await.unwrap(), "generate-status").contains("negative prompt"));
 
     // Refused: the panel says why (422 so HTMX swaps it in), and nothing is queued.
     let r = post_form(
@@ -1008,8 +1044,8 @@ async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
     let jobs = get_json(&server, &format!("/api/jobs?story_id={id}")).await;
     assert_eq!(
         jobs["items"].as_array().unwrap().len(),
-        2,
-        "the two above, nothing more"
+        3,
+        "the three above, nothing more"
     );
 
     // With HTMX: the panel comes back showing the running job, with a cancel button that works.

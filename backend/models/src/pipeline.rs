@@ -84,6 +84,8 @@ pub struct GenerateOptions {
     /// Also return the cross-attention heatmap of each character mention
     /// ([`FrameOutput::attention`]); costs a little time per step.
     pub capture_attention: bool,
+    /// What classifier-free guidance steers away from ("" = the empty prompt, as trained).
+    pub negative_prompt: String,
 }
 
 impl GenerateOptions {
@@ -416,6 +418,7 @@ impl StoryPipeline {
             height: s.height,
             width: s.width,
             capture_attention: false,
+            negative_prompt: String::new(),
         };
         let llm_desc = match &lm {
             CausalLm::Llama(_) => "llama",
@@ -749,7 +752,8 @@ impl StoryPipeline {
             Conditioning::TextOnly => Vec::new(),
             _ => self.portrait_embeddings(story)?,
         };
-        let negative = self.char_ldm.negative_condition()?;
+        // The empty prompt unless the request names what to steer away from.
+        let negative = self.char_ldm.text_condition(&opts.negative_prompt)?;
         let mut visual: Vec<Tensor> = Vec::new();
         let mut state = LlmState {
             cache: self.lm.new_cache(),
@@ -1057,6 +1061,7 @@ mod tests {
             height: 64,
             width: 64,
             capture_attention: false,
+            negative_prompt: String::new(),
         };
         assert_eq!(o.with_steps(10).start_merge_step, 5);
         assert_eq!(o.with_steps(4).start_merge_step, 2);

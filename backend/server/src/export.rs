@@ -213,6 +213,7 @@ pub fn story_json(story: &ExportStory) -> serde_json::Value {
                 "guidance_scale": drawn.map(|d| d.guidance_scale),
                 "scheduler": drawn.and_then(|d| d.scheduler.clone()),
                 "bundle": drawn.and_then(|d| d.bundle.clone()),
+                "negative_prompt": drawn.map(|d| d.negative_prompt.clone()),
             })
         }).collect::<Vec<_>>(),
     })

@@ -95,6 +95,16 @@ pub fn caption(value: &str) -> Result<String, ApiError> {
     text(value, "caption", "invalid_caption", MAX_CAPTION_CHARS)
 }
 
+/// A negative prompt: as a caption (one line, at most 1000 characters), named as what it is.
+pub fn negative_prompt(value: &str) -> Result<String, ApiError> {
+    text(
+        value,
+        "negative prompt",
+        "invalid_negative_prompt",
+        MAX_CAPTION_CHARS,
+    )
+}
+
 /// A story title: NFC, trimmed, 1..=200 characters, one line, nothing invisible.
 pub fn title(value: &str) -> Result<String, ApiError> {
     label(value, "title", "invalid_title", MAX_TITLE_CHARS)

@@ -656,6 +656,7 @@ fn options(defaults: GenerateOptions, job: &Claimed) -> GenerateOptions {
     GenerateOptions {
         guidance_scale: job.params.guidance_scale,
         scheduler,
+        negative_prompt: job.params.negative_prompt.clone(),
         ..defaults.with_steps(job.params.steps as usize)
     }
 }

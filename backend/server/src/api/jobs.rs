@@ -50,7 +50,7 @@ pub struct SeededFrame {
 /// draws the whole story with the model's default options and fresh seeds.
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"frames": [0, {"position": 2, "seed": 42}], "steps": 30, "guidance_scale": 4.0, "scheduler": "ddim"}))]
+#[schema(example = json!({"frames": [0, {"position": 2, "seed": 42}], "steps": 30, "guidance_scale": 4.0, "scheduler": "ddim", "negative_prompt": "blurry"}))]
 pub struct GenerateRequest {
     /// Frames to (re)draw, as positions or `{"position", "seed"}`; default: every frame.
     /// Frames before a drawn frame must have an image (they are its context) or be drawn too.
@@ -73,6 +73,10 @@ pub struct GenerateRequest {
     /// Sampler: `pndm` (PLMS, SD 1.5's), `ddim`, `euler-a` or `ddpm` (default: the model's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
+    /// What guidance steers away from, one line of at most 1000 characters (default: none,
+    /// the empty prompt the model was trained with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
 }
 
 fn check_seed(seed: u64) -> ApiResult<()> {
@@ -99,6 +103,10 @@ impl GenerateRequest {
         if let Some(seed) = self.seed {
             check_seed(seed)?;
         }
+        let negative_prompt = match self.negative_prompt.as_deref().map(str::trim) {
+            None | Some("") => String::new(),
+            Some(text) => crate::validate::negative_prompt(text)?,
+        };
         let frames = match &self.frames {
             None => None,
             Some(list) if list.is_empty() => {
@@ -148,6 +156,7 @@ impl GenerateRequest {
             guidance_scale,
             scheduler,
             bundle: model.name.clone(),
+            negative_prompt,
         })
     }
 }

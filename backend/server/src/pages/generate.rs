@@ -239,6 +239,7 @@ async fn start(
             steps: parse_number(&body, "steps", "steps")?,
             guidance_scale: parse_decimal(&body, "guidance_scale", "the guidance scale")?,
             scheduler: form_field(&body, "scheduler").filter(|s| !s.trim().is_empty()),
+            negative_prompt: form_field(&body, "negative_prompt"),
             seed: parse_number(&body, "seed", "the seed")?,
             ..Default::default()
         };

@@ -471,6 +471,7 @@ mod tests {
             guidance_scale: 1.0,
             scheduler: "pndm".into(),
             bundle: "test".into(),
+            negative_prompt: String::new(),
         };
         match enqueue(pool, story, &spec, None, 100).await.unwrap() {
             Enqueued::New(job, _) => job.id,

@@ -51,6 +51,8 @@ pub struct DrawnWith {
     pub scheduler: Option<String>,
     /// Model bundle name (unknown for jobs queued before it was recorded).
     pub bundle: Option<String>,
+    /// What guidance steered away from ("" = the empty prompt).
+    pub negative_prompt: String,
 }
 
 /// For each frame of `story` that a job has drawn: how the last such job drew it.
@@ -77,6 +79,7 @@ pub async fn drawn_with(
                 guidance_scale: p.guidance_scale,
                 scheduler: p.scheduler,
                 bundle: p.bundle,
+                negative_prompt: p.negative_prompt,
             },
         );
     }
@@ -123,6 +126,9 @@ pub struct JobParams {
     /// Name of the model bundle that drew it (absent in older jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<String>,
+    /// What guidance steered away from ("" or absent: the empty prompt).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub negative_prompt: String,
     /// Every caption of the story, in story order.
     pub captions: Vec<String>,
     /// The frame id at each caption position.
@@ -148,6 +154,8 @@ pub struct GenerateSpec {
     pub scheduler: String,
     /// Name of the model bundle that will draw it.
     pub bundle: String,
+    /// What guidance steers away from ("" = the empty prompt).
+    pub negative_prompt: String,
 }
 
 /// An `Idempotency-Key` with the fingerprint of the request that carried it.
@@ -210,6 +218,8 @@ pub struct Job {
     /// Sampler (`pndm`, `ddim`, `euler-a`, `ddpm`); null for a job queued before it could be
     /// chosen (it drew with the model's default).
     pub scheduler: Option<String>,
+    /// What guidance steers away from ("" = the empty prompt).
+    pub negative_prompt: String,
     /// The frames it draws, in drawing order.
     pub frames: Vec<JobFrame>,
     /// Latest progress, once started (kept while it waits for its next turn).
@@ -304,6 +314,7 @@ async fn to_job(conn: &mut SqliteConnection, row: JobRow) -> ApiResult<Job> {
         steps: params.steps,
         guidance_scale: params.guidance_scale,
         scheduler: params.scheduler.clone(),
+        negative_prompt: params.negative_prompt.clone(),
         frames,
         progress: row
             .progress
@@ -467,6 +478,7 @@ pub async fn enqueue(
         guidance_scale: spec.guidance_scale,
         scheduler: Some(spec.scheduler.clone()),
         bundle: Some(spec.bundle.clone()),
+        negative_prompt: spec.negative_prompt.clone(),
         captions: frames.iter().map(|f| f.2.clone()).collect(),
         frame_ids: frames.iter().map(|f| f.0).collect(),
         characters: characters
