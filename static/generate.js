@@ -7,7 +7,10 @@
 // - refresh the frames strip when a frame is stored (`frame`), so frames appear as they finish;
 // - re-render the panel when a job is queued, ends, or is cancelled.
 // - estimate the time left from the step times it measures (the server's measurement in
-//   data-step-ms until then).
+//   data-step-ms until then);
+// - show the live preview of the frame being drawn (`preview`: a PNG data URL every few
+//   steps) over its place in the strip, kept across the strip's refreshes until the frame's
+//   own image arrives.
 // Announcements go to the panel's aria-live status line only for frames and endings, not for
 // every step, so screen readers are not flooded.
 (function () {
@@ -70,6 +73,37 @@
     setText("job-eta", "Done in " + about((left * ms) / 1000) + ".");
   }
 
+  // position -> the latest preview event of a frame still being drawn
+  var previews = {};
+
+  function showPreview(d) {
+    var li = document.getElementById("frame-" + d.position);
+    if (!li) return;
+    var holder = li.querySelector(".frame-image, .placeholder");
+    if (!holder) return;
+    var img = holder.querySelector("img.live-preview");
+    if (!img) {
+      img = document.createElement("img");
+      img.className = "live-preview";
+      holder.appendChild(img);
+    }
+    img.src = d.image;
+    img.alt = "Frame " + (d.position + 1) + " being drawn: step " + d.step + " of " + d.steps;
+  }
+
+  document.addEventListener("htmx:afterSwap", function (event) {
+    var target = event.detail && event.detail.target;
+    if (!target || target.id !== "frames-strip") return;
+    Object.keys(previews).forEach(function (position) {
+      var li = document.getElementById("frame-" + position);
+      if (li && (li.dataset.status === "running" || li.dataset.status === "queued")) {
+        showPreview(previews[position]);
+      } else {
+        delete previews[position];
+      }
+    });
+  });
+
   function follow(storyId) {
     if (!window.EventSource) return;
     var source = new EventSource("/api/stories/" + storyId + "/events");
@@ -114,7 +148,12 @@
       setText("job-queue", "");
       measure(d);
     });
+    on("preview", function (d) {
+      previews[d.position] = d;
+      showPreview(d);
+    });
     on("frame", function (d) {
+      delete previews[d.position];
       setBar("frames-progress", d.frames_done, d.frames);
       setText("frames-progress-text", d.frames_done + " of " + d.frames);
       setText(

@@ -864,3 +864,58 @@ async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
         "{stderr}"
     );
 }
+
+/// Issue #15: the frame being drawn is previewed live every N steps (`--preview-every`): a
+/// PNG of the frame's size on the event stream, not stored, so a replay does not resend it.
+#[tokio::test]
+async fn previews_of_the_frame_being_drawn_are_streamed_live_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--preview-every", "2"]);
+    let ready = get_ok(&server, "/readyz").await;
+    let side = ready["model"]["width"].as_u64().unwrap() as u32;
+    let story_id = story(&server, &["Fred opens the door.", "He waves."]).await;
+    let mut live = Stream::open(&server, &format!("/api/stories/{story_id}/events"), None).await;
+    let job = generate(&server, story_id, json!({"steps": 5, "seed": 3})).await;
+    let seen = live.until("completed").await;
+    let previews: Vec<&Event> = seen.iter().filter(|e| e.name == "preview").collect();
+    // Steps 2 and 4 of each of the two frames (never after the last step).
+    let steps: Vec<(i64, i64)> = previews
+        .iter()
+        .map(|e| {
+            (
+                e.data["position"].as_i64().unwrap(),
+                e.data["step"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [(0, 2), (0, 4), (1, 2), (1, 4)]);
+    for e in &previews {
+        assert_eq!(e.id, None, "a preview is not stored");
+        assert_eq!(e.data["job_id"], job["id"]);
+        assert_eq!(e.data["steps"], 5);
+        let url = e.data["image"].as_str().unwrap();
+        let b64 = url
+            .strip_prefix("data:image/png;base64,")
+            .expect("a PNG data URL");
+        use base64::Engine;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let image = image::load_from_memory(&png).unwrap();
+        assert_eq!((image.width(), image.height()), (side, side));
+    }
+    let replay = Stream::open(&server, &format!("/api/jobs/{}/events", job["id"]), None)
+        .await
+        .rest()
+        .await;
+    assert!(!names(&replay).contains(&"preview"), "{:?}", names(&replay));
+
+    // Off: none.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--preview-every", "0"]);
+    let story_id = story(&server, &["Fred opens the door."]).await;
+    let mut live = Stream::open(&server, &format!("/api/stories/{story_id}/events"), None).await;
+    generate(&server, story_id, json!({"steps": 5})).await;
+    let seen = live.until("completed").await;
+    assert!(!names(&seen).contains(&"preview"));
+}

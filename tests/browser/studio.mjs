@@ -79,6 +79,7 @@ try {
   const seen = new Set();
   const stepTotals = new Set();
   let sawEta = false;
+  let sawPreview = false;
   let stepsMoved = false;
   const deadline = Date.now() + 120_000;
   for (;;) {
@@ -86,6 +87,7 @@ try {
     seen.add(images);
     const stepValue = await page.locator("#steps-progress").evaluate((el) => el.value).catch(() => 0);
     if (stepValue > 0) stepsMoved = true;
+    if (await page.locator("#frames-strip img.live-preview").count() > 0) sawPreview = true;
     const eta = await page.locator("#job-eta").innerText().catch(() => "");
     if (/^Done in (about \d+ (s|min)|under a second)\.$/.test(eta)) sawEta = true;
     const total = await page.locator("#steps-progress").getAttribute("max").catch(() => null);
@@ -99,6 +101,7 @@ try {
   // 25 steps asked for read "of 25" (PNDM's extra warm-up timestep is not a step).
   assert.deepEqual([...stepTotals], ["25"]);
   assert.ok(sawEta, "the panel estimated the time left from the measured steps");
+  assert.ok(sawPreview, "a live preview of a frame being drawn was shown");
   await page.locator("#generate-status", { hasText: "Done" }).waitFor();
   await page.locator("#generate-story").waitFor();
   for (let i = 0; i < 3; i++) {

@@ -43,6 +43,24 @@ pub fn is_cancelled(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.downcast_ref::<Cancelled>().is_some())
 }
 
+/// What [`CharLdm::sample_observed`] reports while it samples.
+pub enum SampleEvent<'a> {
+    /// Step `step` (1-based) of `steps` is done.
+    Step {
+        /// Steps done.
+        step: usize,
+        /// Steps asked for.
+        steps: usize,
+    },
+    /// What the latents decode to after step `step`: `(3, H, W)` in `[0, 1]`.
+    Preview {
+        /// Steps done.
+        step: usize,
+        /// The image so far.
+        image: &'a Tensor,
+    },
+}
+
 /// Options of [`CharLdm::sample`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleOptions {
@@ -266,6 +284,48 @@ impl CharLdm {
         progress: &mut dyn FnMut(usize, usize),
         cancel: &dyn Fn() -> bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.sample_observed(
+            text_cond,
+            cond,
+            negative,
+            opts,
+            tokens,
+            0,
+            &mut |event| {
+                if let SampleEvent::Step { step, steps } = event {
+                    progress(step, steps)
+                }
+            },
+            cancel,
+        )
+    }
+
+    /// The image `(3, H, W)` in `[0, 1]` (f32) that latents `(1, C, h, w)` decode to.
+    fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let vcfg = self.vae.config();
+        let mut z = (latents / vcfg.scaling_factor)?;
+        if let Some(s) = vcfg.shift_factor {
+            z = (z + s)?;
+        }
+        let img = self.vae.decode(&z)?.squeeze(0)?.to_dtype(DType::F32)?;
+        Ok(((img + 1.0)? / 2.0)?.clamp(0f32, 1f32)?)
+    }
+
+    /// As [`CharLdm::sample_with_attention`], reporting each step to `observe`, and every
+    /// `preview_every` steps (0: never; never after the last) the image the latents decode to
+    /// so far, for live previews: one VAE decode each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_observed(
+        &self,
+        text_cond: &Tensor,
+        cond: Option<&Tensor>,
+        negative: &Tensor,
+        opts: &SampleOptions,
+        tokens: &[usize],
+        preview_every: usize,
+        observe: &mut dyn FnMut(SampleEvent<'_>),
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if let Some(&t) = tokens.iter().find(|&&t| t >= text_cond.dim(1).unwrap_or(0)) {
             bail!("attention token {t} is outside the condition")
         }
@@ -345,16 +405,21 @@ impl CharLdm {
             latents = scheduler.step(&eps, t, &latents, Some(&noise))?.detach();
             let step = (i + 1).saturating_sub(extra_timesteps);
             if step > 0 {
-                progress(step, opts.steps);
+                observe(SampleEvent::Step {
+                    step,
+                    steps: opts.steps,
+                });
+                if preview_every > 0 && step % preview_every == 0 && step < opts.steps {
+                    let image = self.decode_latents(&latents)?;
+                    observe(SampleEvent::Preview {
+                        step,
+                        image: &image,
+                    });
+                }
             }
         }
 
-        let vcfg = self.vae.config();
-        let mut z = (latents / vcfg.scaling_factor)?;
-        if let Some(s) = vcfg.shift_factor {
-            z = (z + s)?;
-        }
-        let img = self.vae.decode(&z)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let img = self.decode_latents(&latents)?;
         let heat = heat
             .map(|h| -> Result<Tensor> {
                 let h = h.to_dtype(DType::F32)?;
@@ -362,7 +427,7 @@ impl CharLdm {
                 Ok(h.broadcast_div(&(max + 1e-12)?)?)
             })
             .transpose()?;
-        Ok((((img + 1.0)? / 2.0)?.clamp(0f32, 1f32)?, heat))
+        Ok((img, heat))
     }
 }
 

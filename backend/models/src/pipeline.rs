@@ -27,7 +27,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::bundle::{parse_dtype, Bundle, BundleInfo};
-use crate::char_ldm::{Cancelled, CharLdm, SampleOptions};
+use crate::char_ldm::{Cancelled, CharLdm, SampleEvent, SampleOptions};
 use crate::clip::{ClipImageProcessor, ClipTextModel, ClipTokenizer, ClipVisionModel};
 use crate::fuse::FuseModule;
 use crate::llm::{CausalLm, ImgTokens, KvCache, LlmTokenizer, LogitsFor};
@@ -86,6 +86,9 @@ pub struct GenerateOptions {
     pub capture_attention: bool,
     /// What classifier-free guidance steers away from ("" = the empty prompt, as trained).
     pub negative_prompt: String,
+    /// Report what each frame looks like every this many steps ([`PipelineEvent::Preview`];
+    /// 0: never). Each preview costs one VAE decode.
+    pub preview_every: usize,
 }
 
 impl GenerateOptions {
@@ -176,6 +179,19 @@ pub enum PipelineEvent<'a> {
         step: usize,
         /// Steps of this frame.
         steps: usize,
+    },
+    /// What the frame being drawn looks like so far (every `preview_every` steps).
+    Preview {
+        /// Caption index.
+        index: usize,
+        /// 1-based position within this call.
+        ordinal: usize,
+        /// Steps done.
+        step: usize,
+        /// Steps of this frame.
+        steps: usize,
+        /// The image so far, at the frame's size.
+        image: &'a image::RgbImage,
     },
     /// A frame is done.
     FrameFinished {
@@ -419,6 +435,7 @@ impl StoryPipeline {
             width: s.width,
             capture_attention: false,
             negative_prompt: String::new(),
+            preview_every: 0,
         };
         let llm_desc = match &lm {
             CausalLm::Llama(_) => "llama",
@@ -828,23 +845,40 @@ impl StoryPipeline {
                 Vec::new()
             };
             let tokens: Vec<usize> = mentions.iter().map(|m| m.0).collect();
-            let (image, heat) = self.char_ldm.sample_with_attention(
+            let mut preview_error = None;
+            let (image, heat) = self.char_ldm.sample_observed(
                 &text_cond,
                 cond.as_ref(),
                 &negative,
                 &sample_opts,
                 &tokens,
-                &mut |step, steps| {
-                    on_event(PipelineEvent::Step {
+                opts.preview_every,
+                &mut |event| match event {
+                    SampleEvent::Step { step, steps } => on_event(PipelineEvent::Step {
                         index: i,
                         ordinal,
                         count,
                         step,
                         steps,
-                    })
+                    }),
+                    SampleEvent::Preview { step, image } => {
+                        match crate::char_ldm::to_rgb_image(image) {
+                            Ok(image) => on_event(PipelineEvent::Preview {
+                                index: i,
+                                ordinal,
+                                step,
+                                steps: sample_opts.steps,
+                                image: &image,
+                            }),
+                            Err(e) => preview_error = Some(e),
+                        }
+                    }
                 },
                 cancel,
             )?;
+            if let Some(e) = preview_error {
+                return Err(e.context("cannot make a preview image"));
+            }
             let image = crate::char_ldm::to_rgb_image(&image)?;
             let attention = match heat {
                 Some(h) => mentions
@@ -1062,6 +1096,7 @@ mod tests {
             width: 64,
             capture_attention: false,
             negative_prompt: String::new(),
+            preview_every: 0,
         };
         assert_eq!(o.with_steps(10).start_merge_step, 5);
         assert_eq!(o.with_steps(4).start_merge_step, 2);

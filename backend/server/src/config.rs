@@ -34,6 +34,9 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Whether the worker keeps each frame's cross-attention heatmaps by default: capturing them
 /// costs a little time per denoising step and a few KiB per mention.
 pub const DEFAULT_CAPTURE_ATTENTION: bool = true;
+/// Live previews every this many steps by default (one VAE decode each; docs/BENCHMARKS.md
+/// measures what that costs).
+pub const DEFAULT_PREVIEW_EVERY: usize = 10;
 /// How long a connection may take to send a complete request head (request line and
 /// headers), counted from when the server starts waiting for it; a client that is slower, or
 /// that opens a connection and sends nothing, is disconnected.
@@ -62,6 +65,8 @@ pub struct FileConfig {
     pub max_attempts: Option<u32>,
     /// Store each frame's cross-attention heatmaps.
     pub capture_attention: Option<bool>,
+    /// Send a live preview of the frame being drawn every this many steps (0: never).
+    pub preview_every: Option<usize>,
     /// Seconds a connection may take to send a request head.
     pub header_read_timeout_s: Option<u64>,
     /// Seconds a shutdown waits for open connections before closing them.
@@ -98,6 +103,8 @@ pub struct ServeConfig {
     pub max_attempts: u32,
     /// Store each frame's cross-attention heatmaps (one per character mention).
     pub capture_attention: bool,
+    /// Live preview of the frame being drawn every this many steps (0: never).
+    pub preview_every: usize,
     /// Longest a connection may take to send a request head; see
     /// [`DEFAULT_HEADER_READ_TIMEOUT`].
     pub header_read_timeout: std::time::Duration,
@@ -147,6 +154,7 @@ impl ServeConfig {
             sse_heartbeat_ms,
             max_attempts,
             capture_attention,
+            preview_every,
             header_read_timeout_s,
             shutdown_grace_s,
             allowed_hosts,
@@ -204,6 +212,9 @@ impl ServeConfig {
             capture_attention: capture_attention
                 .or(file.capture_attention)
                 .unwrap_or(DEFAULT_CAPTURE_ATTENTION),
+            preview_every: preview_every
+                .or(file.preview_every)
+                .unwrap_or(DEFAULT_PREVIEW_EVERY),
             header_read_timeout,
             shutdown_grace,
             allowed_hosts,

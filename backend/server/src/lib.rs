@@ -155,6 +155,7 @@ pub async fn serve(
         bundle,
         config.device.clone(),
         config.capture_attention,
+        config.preview_every,
     )
     .await?;
     let listener = TcpListener::bind(config.bind)

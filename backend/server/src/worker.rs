@@ -142,6 +142,7 @@ pub async fn start(
     bundle: PathBuf,
     device: String,
     capture_attention: bool,
+    preview_every: usize,
 ) -> anyhow::Result<Arc<WorkerHandle>> {
     let shared = Arc::new(Shared::default());
     let (wake, woken) = sync_channel(1);
@@ -153,6 +154,7 @@ pub async fn start(
         runtime: Handle::current(),
         name: format!("pid {} on {device}", std::process::id()),
         capture_attention,
+        preview_every,
     };
     shared.alive.store(true, Ordering::SeqCst);
     let bundle_dir = bundle.clone();
@@ -235,6 +237,8 @@ struct Ctx {
     name: String,
     /// Ask the model for each character mention's cross-attention heatmap.
     capture_attention: bool,
+    /// Live preview every this many steps (0: never).
+    preview_every: usize,
 }
 
 /// Per-job state the progress callback and the cancel check share.
@@ -366,6 +370,7 @@ impl Ctx {
             .collect();
         let options = GenerateOptions {
             capture_attention: self.capture_attention,
+            preview_every: self.preview_every,
             ..options(pipeline.default_options(), job)
         };
         let state = RefCell::new(Drawing {
@@ -580,6 +585,41 @@ impl Ctx {
                 }
                 state.last_stored_progress = Instant::now();
                 self.block_on(store::progress(&self.pool, job, &p, None))
+            }
+            PipelineEvent::Preview {
+                ordinal,
+                step,
+                steps,
+                image,
+                ..
+            } => {
+                // Live only: a viewer who joins later sees the stored frames, not old previews.
+                let row = frame_of(ordinal);
+                match encode_png(image) {
+                    Ok(png) => {
+                        use base64::Engine;
+                        let url = format!(
+                            "data:image/png;base64,{}",
+                            base64::engine::general_purpose::STANDARD.encode(png)
+                        );
+                        self.hub.publish(JobEvent::new(
+                            job.job_id,
+                            job.story_id,
+                            kind::PREVIEW,
+                            serde_json::json!({
+                                "position": row.position,
+                                "frame_id": row.frame_id,
+                                "step": step,
+                                "steps": steps,
+                                "image": url,
+                            }),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = job.job_id, error = %e, "cannot encode a preview")
+                    }
+                }
+                return;
             }
             PipelineEvent::FrameFinished { ordinal, frame, .. } => {
                 let row = frame_of(ordinal);

@@ -51,6 +51,11 @@ pub struct ServeArgs {
           value_parser = clap::builder::BoolishValueParser::new())]
     capture_attention: Option<bool>,
 
+    /// Send a live preview of the frame being drawn to the studio every this many denoising
+    /// steps; 0 turns previews off [default: 10].
+    #[arg(long, env = "STORYGPT_PREVIEW_EVERY", value_name = "STEPS")]
+    preview_every: Option<usize>,
+
     /// Seconds a connection may take to send a request head before it is closed [default: 15].
     #[arg(long, env = "STORYGPT_HEADER_READ_TIMEOUT_S")]
     header_read_timeout_s: Option<u64>,
@@ -87,6 +92,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         sse_heartbeat_ms: args.sse_heartbeat_ms,
         max_attempts: args.max_attempts,
         capture_attention: args.capture_attention,
+        preview_every: args.preview_every,
         header_read_timeout_s: args.header_read_timeout_s,
         shutdown_grace_s: args.shutdown_grace_s,
         allowed_hosts: args.allowed_hosts,

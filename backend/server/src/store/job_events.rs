@@ -19,6 +19,8 @@ pub mod kind {
     pub const PROGRESS: &str = "progress";
     /// A frame finished and its image is stored.
     pub const FRAME: &str = "frame";
+    /// What the frame being drawn looks like so far (a PNG data URL; live only, not stored).
+    pub const PREVIEW: &str = "preview";
     /// Every frame is drawn.
     pub const COMPLETED: &str = "completed";
     /// The job stopped with an error.
