@@ -235,7 +235,11 @@ fn missing_context_is_refused_before_drawing() {
 fn progress_events_and_cancellation() {
     with_pipeline(|p| {
         let s = story(&FOUR[..3]);
-        let opts = quick(p);
+        // A preview every 2 of the 3 steps: after step 2 only (never after the last).
+        let opts = GenerateOptions {
+            preview_every: 2,
+            ..quick(p)
+        };
         let mut log: Vec<String> = Vec::new();
         p.generate(
             &s,
@@ -251,6 +255,15 @@ fn progress_events_and_cancellation() {
                         ..
                     } => {
                         format!("start {index} {ordinal}/{count}")
+                    }
+                    PipelineEvent::Preview {
+                        index, step, image, ..
+                    } => {
+                        assert_eq!(
+                            (image.width() as usize, image.height() as usize),
+                            (opts.width, opts.height)
+                        );
+                        format!("preview {index} {step}")
                     }
                     PipelineEvent::Step {
                         index, step, steps, ..
@@ -275,7 +288,12 @@ fn progress_events_and_cancellation() {
         let mut expected = Vec::new();
         for i in 0..3 {
             expected.push(format!("start {i} {}/3", i + 1));
-            expected.extend((1..=n).map(|k| format!("step {i} {k}/{n}")));
+            for k in 1..=n {
+                expected.push(format!("step {i} {k}/{n}"));
+                if k == 2 {
+                    expected.push(format!("preview {i} 2"));
+                }
+            }
             expected.push(format!("done {i} {}/3", i + 1));
         }
         assert_eq!(log, expected);
