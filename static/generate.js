@@ -104,6 +104,14 @@
     });
   });
 
+  // A job that ended draws no more: its previews go (a cancelled frame keeps its old image).
+  function clearPreviews() {
+    previews = {};
+    document.querySelectorAll("#frames-strip img.live-preview").forEach(function (img) {
+      img.remove();
+    });
+  }
+
   function follow(storyId) {
     if (!window.EventSource) return;
     var source = new EventSource("/api/stories/" + storyId + "/events");
@@ -163,14 +171,17 @@
       refreshStrip();
     });
     on("completed", function (d) {
+      clearPreviews();
       refreshStrip();
       refreshPanel(storyId, "Done: " + d.frames_done + " of " + d.frames + " frames drawn.");
     });
     on("failed", function (d) {
+      clearPreviews();
       refreshStrip();
       refreshPanel(storyId, "Generation failed: " + (d.error || "unknown error"));
     });
     on("cancelled", function (d) {
+      clearPreviews();
       refreshStrip();
       refreshPanel(
         storyId,

@@ -83,7 +83,7 @@ try {
   let stepsMoved = false;
   const deadline = Date.now() + 120_000;
   for (;;) {
-    const images = await page.locator("#frames-strip li.frame img").count();
+    const images = await page.locator("#frames-strip li.frame a.frame-open img").count();
     seen.add(images);
     const stepValue = await page.locator("#steps-progress").evaluate((el) => el.value).catch(() => 0);
     if (stepValue > 0) stepsMoved = true;
@@ -173,7 +173,7 @@ try {
                              null, { timeout: 60_000 });
   await page.click("#cancel-job");
   await page.locator("#generate-status", { hasText: "Cancelled" }).waitFor({ timeout: 60_000 });
-  assert.equal(await page.locator("#frames-strip li.frame img").count(), 3);
+  assert.equal(await page.locator("#frames-strip li.frame a.frame-open img").count(), 3);
 
   step("export the ZIP");
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export-zip")]);
