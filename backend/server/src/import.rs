@@ -86,54 +86,59 @@ fn invalid(detail: impl Into<String>) -> ApiError {
     ApiError::invalid("invalid_archive", detail)
 }
 
-/// Reads one entry, at most `limit` bytes inflated, counting them against `budget`.
-fn read_entry(
-    archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
-    name: &str,
-    limit: u64,
-    budget: &mut u64,
-) -> ApiResult<Vec<u8>> {
-    let entry = archive
-        .by_name(name)
-        .map_err(|_| invalid(format!("the archive has no {name}, which story.json names")))?;
-    // The declared size can lie: the read itself is capped too.
-    let cap = limit.min(*budget);
-    let mut bytes = Vec::new();
-    entry
-        .take(cap + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| invalid(format!("{name} cannot be read from the archive: {e}")))?;
-    if bytes.len() as u64 > cap {
-        return Err(invalid(format!(
-            "{name} is larger than {} MiB once unpacked",
-            cap / (1024 * 1024)
-        )));
+/// An archive being read, with what is left of its inflate budget.
+struct Archive<'a> {
+    zip: zip::ZipArchive<Cursor<&'a [u8]>>,
+    budget: u64,
+}
+
+impl Archive<'_> {
+    /// Reads entry `name`, at most `limit` bytes inflated, counting them against the budget.
+    fn read(&mut self, name: &str, limit: u64) -> ApiResult<Vec<u8>> {
+        let entry = self
+            .zip
+            .by_name(name)
+            .map_err(|_| invalid(format!("the archive has no {name}, which story.json names")))?;
+        // The declared size can lie: the read itself is capped too.
+        let cap = limit.min(self.budget);
+        let mut bytes = Vec::new();
+        entry
+            .take(cap + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| invalid(format!("{name} cannot be read from the archive: {e}")))?;
+        if bytes.len() as u64 > cap {
+            return Err(invalid(format!(
+                "{name} is larger than {} MiB once unpacked",
+                cap / (1024 * 1024)
+            )));
+        }
+        self.budget -= bytes.len() as u64;
+        Ok(bytes)
     }
-    *budget -= bytes.len() as u64;
-    Ok(bytes)
+
+    /// The image at `path`, when story.json names one.
+    fn image(&mut self, path: Option<&String>) -> ApiResult<Option<Vec<u8>>> {
+        path.map(|p| self.read(p, MAX_ENTRY_BYTES)).transpose()
+    }
 }
 
 /// Reads and checks an archive (no database access; run it off the async threads).
 pub fn read_archive(bytes: &[u8]) -> ApiResult<ImportedStory> {
-    let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
+    let zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
         invalid(format!(
             "this is not a ZIP archive ({e}); import the .zip a story export downloads"
         ))
     })?;
-    let mut budget = MAX_INFLATED_BYTES;
-    let text = read_entry(
-        &mut archive,
-        "story.json",
-        MAX_STORY_JSON_BYTES,
-        &mut budget,
-    )
-    .map_err(|e| {
-        if e.detail.starts_with("the archive has no") {
-            invalid("the archive has no story.json: it is not a storygpt-v story export")
-        } else {
-            e
-        }
-    })?;
+    if zip.index_for_name("story.json").is_none() {
+        return Err(invalid(
+            "the archive has no story.json: it is not a storygpt-v story export",
+        ));
+    }
+    let mut archive = Archive {
+        zip,
+        budget: MAX_INFLATED_BYTES,
+    };
+    let text = archive.read("story.json", MAX_STORY_JSON_BYTES)?;
     let story: StoryJson = serde_json::from_slice(&text)
         .map_err(|e| invalid(format!("story.json is not a story export: {e}")))?;
     if story.format != STORY_FORMAT {
@@ -159,15 +164,7 @@ pub fn read_archive(bytes: &[u8]) -> ApiResult<ImportedStory> {
     }
     let mut characters = Vec::with_capacity(story.characters.len());
     for c in &story.characters {
-        let portrait = match &c.portrait {
-            Some(path) => Some(read_entry(
-                &mut archive,
-                path,
-                MAX_ENTRY_BYTES,
-                &mut budget,
-            )?),
-            None => None,
-        };
+        let portrait = archive.image(c.portrait.as_ref())?;
         characters.push(ImportedCharacter {
             name: validate::name(&c.name)?,
             pronoun: Pronoun::parse(&c.pronoun)?,
@@ -176,15 +173,7 @@ pub fn read_archive(bytes: &[u8]) -> ApiResult<ImportedStory> {
     }
     let mut frames = Vec::with_capacity(story.frames.len());
     for f in &story.frames {
-        let image = match &f.image {
-            Some(path) => Some(read_entry(
-                &mut archive,
-                path,
-                MAX_ENTRY_BYTES,
-                &mut budget,
-            )?),
-            None => None,
-        };
+        let image = archive.image(f.image.as_ref())?;
         frames.push(ImportedFrame {
             seed: f.seed.filter(|_| image.is_some()),
             image,
@@ -196,6 +185,13 @@ pub fn read_archive(bytes: &[u8]) -> ApiResult<ImportedStory> {
         characters,
         frames,
     })
+}
+
+/// An image from the archive, checked and re-encoded as an upload is; a refusal names it.
+async fn checked(bytes: Vec<u8>, what: &str) -> ApiResult<NormalizedImage> {
+    normalize_portrait_bounded(bytes)
+        .await
+        .map_err(|e| ApiError::invalid(e.code, format!("{what}: {}", e.detail)))
 }
 
 /// Stores an imported story: each cast member is the library character of the same name
@@ -224,23 +220,16 @@ pub async fn store(pool: &SqlitePool, story: ImportedStory) -> ApiResult<Story> 
                 c.name, c.name
             )));
         };
-        let image = normalize_portrait_bounded(bytes).await.map_err(|e| {
-            ApiError::invalid(e.code, format!("the portrait of {}: {}", c.name, e.detail))
-        })?;
+        let image = checked(bytes, &format!("the portrait of {}", c.name)).await?;
         cast.push(CastChoice::New(c.name, c.pronoun, image));
     }
     let mut images = Vec::with_capacity(story.frames.len());
     for (i, frame) in story.frames.into_iter().enumerate() {
         images.push(match frame.image {
-            Some(bytes) => {
-                let image = normalize_portrait_bounded(bytes).await.map_err(|e| {
-                    ApiError::invalid(
-                        e.code,
-                        format!("the image of frame {}: {}", i + 1, e.detail),
-                    )
-                })?;
-                Some((image, frame.seed))
-            }
+            Some(bytes) => Some((
+                checked(bytes, &format!("the image of frame {}", i + 1)).await?,
+                frame.seed,
+            )),
             None => None,
         });
     }

@@ -993,13 +993,6 @@ async fn import_story(
             StatusCode::UNPROCESSABLE_ENTITY
         }
     };
-    if !is_htmx(&headers) && status.is_success() {
-        return Ok(Redirect::to("/").into_response());
-    }
-    // The notice keeps a plain post on the page (stories_view redirects a success without it).
-    if !is_htmx(&headers) {
-        return page(&state, CharactersInput::default(), form, status).await;
-    }
     stories_view(&state, &headers, form, status).await
 }
 
