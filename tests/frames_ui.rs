@@ -406,3 +406,201 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip() {
         assert!(doc["paths"][path]["get"].is_object(), "{path}");
     }
 }
+
+/// The versions of a frame, newest first.
+async fn versions(server: &Server, story: i64, frame: i64) -> Vec<Value> {
+    get_ok(server, &format!("/api/stories/{story}/frames/{frame}/versions"))
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn flags(frames: &[Value]) -> Vec<bool> {
+    frames
+        .iter()
+        .map(|f| f["older_context"].as_bool().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let tom = character(&server, "Tom", "he").await;
+    let id = story(&server, &["Tom walks.", "He waves.", "Tom sits."], &[tom]).await;
+    let job = generate(&server, id, json!({"steps": 2, "seed": 7})).await;
+    wait_job(&server, job, "succeeded").await;
+    let first = frames(&server, id).await;
+    assert_eq!(flags(&first), [false, false, false]);
+    assert!(first.iter().all(|f| f["versions"] == 1));
+    let f0 = first[0]["id"].as_i64().unwrap();
+    let old_image = get_png(&server, first[0]["image_url"].as_str().unwrap()).await;
+    let old_maps = heatmaps(&server, id, &first[0]).await;
+
+    // Redrawing frame 1 keeps its first image as a version, and marks frames 2 and 3, which
+    // the model drew while looking at the old frame 1.
+    let job = generate(
+        &server,
+        id,
+        json!({"frames": [{"position": 0, "seed": 99}], "steps": 3, "guidance_scale": 2.5}),
+    )
+    .await;
+    wait_job(&server, job, "succeeded").await;
+    let after = frames(&server, id).await;
+    assert_eq!(flags(&after), [false, true, true]);
+    assert_eq!(after[0]["versions"], 2);
+    let list = versions(&server, id, f0).await;
+    assert_eq!(list.len(), 2);
+    assert_eq!(
+        (list[0]["current"].clone(), list[0]["seed"].clone(), list[0]["job_id"].clone()),
+        (json!(true), json!(99), json!(job))
+    );
+    assert_eq!(list[0]["options"]["steps"], 3);
+    assert_eq!(list[0]["options"]["guidance_scale"], 2.5);
+    assert_eq!(after[0]["version_id"], list[0]["id"]);
+    assert_eq!((list[1]["current"].clone(), list[1]["seed"].clone()), (json!(false), json!(7)));
+    assert_eq!(list[1]["options"]["steps"], 2);
+    assert_eq!(list[1]["caption"], "Tom walks.");
+    let old_version = list[1]["id"].as_i64().unwrap();
+    let new_version = list[0]["id"].as_i64().unwrap();
+    assert_eq!(get_png(&server, list[1]["image_url"].as_str().unwrap()).await, old_image);
+    assert_ne!(get_png(&server, list[0]["image_url"].as_str().unwrap()).await, old_image);
+
+    // The strip says so, with "Redraw the rest" from frame 2, and links every frame's history.
+    let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
+    assert!(strip.contains("Frames 2 and 3 were drawn from an older"), "{strip}");
+    assert!(strip.contains(&format!("action=\"/ui/stories/{id}/frames/1/redraw-rest\"")));
+    assert!(strip.contains("id=\"older-context-1\"") && strip.contains("id=\"older-context-2\""));
+    assert!(!strip.contains("id=\"older-context-0\""));
+    assert!(strip.contains(&format!("href=\"/stories/{id}/frames/{f0}/history\"")));
+    assert!(strip.contains("History (2)"));
+    let page = get_text(&server, &format!("/stories/{id}/frames/{f0}/history")).await;
+    assert!(page.contains("History of frame 1"));
+    assert!(page.contains(&format!("id=\"restore-{old_version}\"")));
+    assert!(!page.contains(&format!("id=\"restore-{new_version}\"")), "the current one");
+    assert!(page.contains("3 steps, guidance 2.5, pndm"));
+
+    // While a job of the story waits or runs, the history stays as it is.
+    let busy = generate(&server, id, json!({"steps": 200})).await;
+    let response = http()
+        .post(server.at(&format!(
+            "/api/stories/{id}/frames/{f0}/versions/{old_version}/restore"
+        )))
+        .send()
+        .await
+        .unwrap();
+    common::problem(response, StatusCode::CONFLICT, "story_busy").await;
+    let response = no_redirects()
+        .post(server.at(&format!(
+            "/ui/stories/{id}/frames/{f0}/versions/{old_version}/restore"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert!(response.text().await.unwrap().contains("The version was not restored: Job"));
+    http()
+        .post(server.at(&format!("/api/jobs/{busy}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    wait_job(&server, busy, "cancelled").await;
+    // The cancelled job may have redrawn frames: put frame 1's history back to two versions
+    // to look at (a version it drew is the newest).
+    let list = versions(&server, id, f0).await;
+    let current = list.iter().find(|v| v["current"] == true).unwrap()["id"].clone();
+
+    // Restoring the first version (a plain form) brings back its image, seed and heatmaps, and
+    // frames 2 and 3 are no longer out of date if they were drawn from it.
+    let response = no_redirects()
+        .post(server.at(&format!(
+            "/ui/stories/{id}/frames/{f0}/versions/{old_version}/restore"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()["location"], format!("/stories/{id}#frame-0"));
+    let restored = frames(&server, id).await;
+    assert_eq!(restored[0]["seed"], 7);
+    assert_eq!(restored[0]["version_id"], old_version);
+    assert_eq!(restored[0]["status"], "ready");
+    assert_eq!(get_png(&server, restored[0]["image_url"].as_str().unwrap()).await, old_image);
+    assert_eq!(heatmaps(&server, id, &restored[0]).await, old_maps);
+    let untouched = restored[1]["versions"] == 1 && restored[2]["versions"] == 1;
+    if untouched {
+        assert_eq!(flags(&restored), [false, false, false]);
+    }
+
+    // The current version cannot be deleted; another can.
+    let response = http()
+        .delete(server.at(&format!("/api/stories/{id}/frames/{f0}/versions/{old_version}")))
+        .send()
+        .await
+        .unwrap();
+    common::problem(response, StatusCode::CONFLICT, "current_version").await;
+    let count = versions(&server, id, f0).await.len();
+    let response = http()
+        .delete(server.at(&format!("/api/stories/{id}/frames/{f0}/versions/{current}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(versions(&server, id, f0).await.len(), count - 1);
+    for path in [
+        format!("/api/stories/{id}/frames/{f0}/versions/{current}/image"),
+        format!("/api/stories/{id}/frames/{f0}/versions/999999/image"),
+        format!("/api/stories/{id}/frames/999999/versions"),
+        format!("/api/stories/999999/frames/{f0}/versions"),
+    ] {
+        let response = http().get(server.at(&path)).send().await.unwrap();
+        problem(response, StatusCode::NOT_FOUND).await;
+    }
+
+    // Redraw frame 1 again, then "Redraw the rest" (a plain form): frames 2 and 3 are drawn
+    // again with their own seeds, from the new frame 1, and nothing is out of date.
+    let job = generate(&server, id, json!({"frames": [{"position": 0, "seed": 5}], "steps": 2})).await;
+    wait_job(&server, job, "succeeded").await;
+    let before_rest = frames(&server, id).await;
+    assert_eq!(flags(&before_rest), [false, true, true]);
+    let response = no_redirects()
+        .post(server.at(&format!("/ui/stories/{id}/frames/1/redraw-rest")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let rest = jobs_of(&server, id).await.last().unwrap().clone();
+    let drawn: Vec<(i64, i64)> = rest["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["position"].as_i64().unwrap(), f["seed"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        drawn,
+        [
+            (1, before_rest[1]["seed"].as_i64().unwrap()),
+            (2, before_rest[2]["seed"].as_i64().unwrap())
+        ]
+    );
+    wait_job(&server, rest["id"].as_i64().unwrap(), "succeeded").await;
+    let done = frames(&server, id).await;
+    assert_eq!(flags(&done), [false, false, false]);
+    assert_eq!(
+        done[1]["versions"].as_i64().unwrap(),
+        before_rest[1]["versions"].as_i64().unwrap() + 1
+    );
+    let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
+    assert!(!strip.contains("id=\"older-context\""));
+
+    // Inserting a caption before frame 3 leaves frame 3 drawn without it: marked.
+    let response = http()
+        .post(server.at(&format!("/api/stories/{id}/frames")))
+        .json(&json!({"caption": "Tom jumps.", "position": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    assert_eq!(flags(&frames(&server, id).await), [false, false, false, true]);
+}

@@ -1822,6 +1822,17 @@ async fn a_story_zip_reproduces_the_story_and_imports_back() {
         let a = common::get_png(&server, before["image_url"].as_str().unwrap()).await;
         let b = common::get_png(&other, after["image_url"].as_str().unwrap()).await;
         assert_eq!(pixels(&a), pixels(&b));
+        // Each image is its frame's first version, with how it was drawn, in context.
+        assert_eq!(after["versions"], 1);
+        assert_eq!(after["older_context"], false);
+        let versions = get_json(
+            &other,
+            &format!("/api/stories/{}/frames/{}/versions", imported["id"], after["id"]),
+        )
+        .await;
+        assert_eq!(versions[0]["options"]["steps"], 3);
+        assert_eq!(versions[0]["options"]["scheduler"], "ddim");
+        assert_eq!(versions[0]["seed"], before["seed"]);
     }
     // Redrawn there with the archive's seeds and options (the same bundle), the frames come
     // out the same: the archive is enough to reproduce the story.

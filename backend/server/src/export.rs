@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::error::{ApiError, ApiResult};
 use crate::store::characters::Pronoun;
 use crate::store::frame_media::FrameMedia;
-use crate::store::jobs::DrawnWith;
+use crate::store::frame_versions::DrawOptions;
 
 /// What `story.json` says it is; the importer refuses anything else.
 pub const STORY_FORMAT: &str = "storygpt-v story export";
@@ -97,7 +97,7 @@ pub struct ExportStory {
     /// Frames in story order, with image bytes.
     pub frames: Vec<FrameMedia>,
     /// How each drawn frame's image was made, by frame id.
-    pub drawn_with: std::collections::HashMap<i64, DrawnWith>,
+    pub drawn_with: std::collections::HashMap<i64, DrawOptions>,
 }
 
 impl ExportStory {
@@ -214,6 +214,8 @@ pub fn story_json(story: &ExportStory) -> serde_json::Value {
                 "scheduler": drawn.and_then(|d| d.scheduler.clone()),
                 "bundle": drawn.and_then(|d| d.bundle.clone()),
                 "negative_prompt": drawn.map(|d| d.negative_prompt.clone()),
+                "width": drawn.and_then(|d| d.width),
+                "height": drawn.and_then(|d| d.height),
             })
         }).collect::<Vec<_>>(),
     })
@@ -438,6 +440,8 @@ mod tests {
             image,
             updated_at: "2025-03-04T05:06:07.000Z".into(),
             attention_count: 0,
+            version_id: None,
+            version_count: 0,
         }
     }
 

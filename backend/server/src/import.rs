@@ -12,6 +12,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::export::{STORY_FORMAT, STORY_VERSION};
 use crate::images::{normalize_portrait_bounded, NormalizedImage};
 use crate::store::characters::{self, Pronoun};
+use crate::store::frame_versions::DrawOptions;
 use crate::store::stories::{self, Story};
 use crate::validate::{self, MAX_CAST};
 
@@ -50,6 +51,36 @@ struct FrameJson {
     seed: Option<i64>,
     #[serde(default)]
     image: Option<String>,
+    // How the image was drawn (version 2, every field optional).
+    #[serde(default)]
+    steps: Option<u32>,
+    #[serde(default)]
+    guidance_scale: Option<f64>,
+    #[serde(default)]
+    scheduler: Option<String>,
+    #[serde(default)]
+    bundle: Option<String>,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    width: Option<u32>,
+    #[serde(default)]
+    height: Option<u32>,
+}
+
+impl FrameJson {
+    /// How the image was drawn, when the archive says (steps and guidance at least).
+    fn options(&self) -> Option<DrawOptions> {
+        Some(DrawOptions {
+            steps: self.steps?,
+            guidance_scale: self.guidance_scale?,
+            scheduler: self.scheduler.clone(),
+            bundle: self.bundle.clone(),
+            negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
+            width: self.width,
+            height: self.height,
+        })
+    }
 }
 
 /// A cast member read from an archive.
@@ -68,6 +99,8 @@ pub struct ImportedFrame {
     pub seed: Option<i64>,
     /// Image bytes as stored in the archive.
     pub image: Option<Vec<u8>>,
+    /// How the image was drawn, when the archive says.
+    pub options: Option<DrawOptions>,
 }
 
 /// A story read from an archive, checked but not stored.
@@ -174,9 +207,11 @@ pub fn read_archive(bytes: &[u8]) -> ApiResult<ImportedStory> {
     let mut frames = Vec::with_capacity(story.frames.len());
     for f in &story.frames {
         let image = archive.image(f.image.as_ref())?;
+        let options = f.options().filter(|_| image.is_some());
         frames.push(ImportedFrame {
             seed: f.seed.filter(|_| image.is_some()),
             image,
+            options,
         });
     }
     Ok(ImportedStory {
@@ -229,6 +264,7 @@ pub async fn store(pool: &SqlitePool, story: ImportedStory) -> ApiResult<Story> 
             Some(bytes) => Some((
                 checked(bytes, &format!("the image of frame {}", i + 1)).await?,
                 frame.seed,
+                frame.options,
             )),
             None => None,
         });
@@ -244,8 +280,9 @@ pub async fn store(pool: &SqlitePool, story: ImportedStory) -> ApiResult<Story> 
     }
     let created = stories::create(pool, &story.title, &story.captions, &ids).await?;
     for (frame, image) in created.frames.iter().zip(images) {
-        if let Some((image, seed)) = image {
-            stories::import_frame_image(pool, created.id, frame.id, &image, seed).await?;
+        if let Some((image, seed, options)) = image {
+            stories::import_frame_image(pool, created.id, frame.id, &image, seed, options.as_ref())
+                .await?;
         }
     }
     stories::get(pool, created.id).await

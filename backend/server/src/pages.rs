@@ -8,6 +8,7 @@ mod draft;
 mod forms;
 mod frames;
 mod generate;
+mod history;
 mod starter;
 mod story;
 
@@ -24,7 +25,7 @@ use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult};
 use crate::images::normalize_portrait_bounded;
 use crate::store::characters::{self, Character, CharacterChanges, Pronoun};
-use crate::store::frame_media;
+use crate::store::{frame_media, frame_versions};
 use crate::store::stories::{self, StorySummary};
 use crate::{validate, AppState};
 
@@ -67,6 +68,7 @@ pub fn router() -> Router<AppState> {
         .merge(starter::router())
         .merge(generate::router())
         .merge(frames::router())
+        .merge(history::router())
         .route(
             "/static/htmx.min.js",
             get(|| async { asset(HTMX_JS.to_vec(), "text/javascript") }),
@@ -1027,6 +1029,10 @@ struct StripFrame {
     /// Changes whenever the image does, so the heatmap URLs the strip's script builds from
     /// the list are fresh after a redraw.
     version: String,
+    /// How many drawn versions the frame's history keeps.
+    versions: i64,
+    /// An earlier frame changed since this image was drawn (and it is not being redrawn).
+    older_context: bool,
 }
 
 /// A message at the top of the strip, read out by screen readers (`role=status`), or
@@ -1050,6 +1056,19 @@ struct FramesStrip {
     /// Frames with a ready image (GIF and PDF exports need one).
     ready_count: usize,
     notice: StripNotice,
+    /// Numbers of the frames drawn from an older context ("3, 4 and 5"), empty for none.
+    older_numbers: String,
+    /// Position "Redraw the rest" starts at: the first frame drawn from an older context.
+    older_from: i64,
+}
+
+/// "3", "3 and 4", "3, 4 and 5".
+fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 fn status_label(status: &str) -> &'static str {
@@ -1079,6 +1098,7 @@ pub async fn frames_strip_with(
     notice: StripNotice,
 ) -> ApiResult<String> {
     let frames = frame_media::frames(&state.pool, story_id, false).await?;
+    let older = frame_versions::older_context(&state.pool, story_id).await?;
     let busy = frames
         .iter()
         .any(|f| matches!(f.status.as_str(), "queued" | "running"));
@@ -1086,21 +1106,24 @@ pub async fn frames_strip_with(
         .iter()
         .filter(|f| f.status == "ready" && f.has_image)
         .count();
-    let frames = frames
+    let frames: Vec<StripFrame> = frames
         .into_iter()
         .map(|f| StripFrame {
-            // The seed in the query string changes with each redraw, so the browser cannot
-            // keep showing the old image from its memory cache under the same address.
+            // The version in the query string changes with each redraw or restore, so the
+            // browser cannot keep showing the old image from its cache under the same address.
             image_url: f.has_image.then(|| {
                 format!(
                     "/api/stories/{story_id}/frames/{}/image?v={}",
                     f.id,
-                    f.seed.unwrap_or_default()
+                    f.version_id.unwrap_or_default()
                 )
             }),
             attention_url: format!("/api/stories/{story_id}/frames/{}/attention", f.id),
             attention_count: f.attention_count,
-            version: f.seed.unwrap_or_default().to_string(),
+            version: f.version_id.unwrap_or_default().to_string(),
+            versions: f.version_count,
+            older_context: older.get(&f.id).copied().unwrap_or(false)
+                && !matches!(f.status.as_str(), "queued" | "running"),
             id: f.id,
             position: f.position,
             number: f.position + 1,
@@ -1117,12 +1140,24 @@ pub async fn frames_strip_with(
             caption: f.caption,
         })
         .collect();
+    let older_numbers: Vec<String> = frames
+        .iter()
+        .filter(|f| f.older_context)
+        .map(|f| f.number.to_string())
+        .collect();
+    let older_from = frames
+        .iter()
+        .find(|f| f.older_context)
+        .map(|f| f.position)
+        .unwrap_or_default();
     FramesStrip {
         story_id,
         frames,
         busy,
         ready_count,
         notice,
+        older_numbers: and_list(&older_numbers),
+        older_from,
     }
     .render()
     .map_err(ApiError::internal)

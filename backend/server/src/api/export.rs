@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use super::ApiPath;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::export::{self, ExportCharacter, ExportStory};
-use crate::store::{characters, frame_media, jobs, stories};
+use crate::store::{characters, frame_media, frame_versions, stories};
 use crate::AppState;
 
 /// Reads a story with its cast and frame images.
@@ -36,7 +36,7 @@ pub async fn load(state: &AppState, id: i64) -> ApiResult<ExportStory> {
         title: story.title,
         characters: cast,
         frames,
-        drawn_with: jobs::drawn_with(&state.pool, id).await?,
+        drawn_with: frame_versions::drawn_with(&state.pool, id).await?,
     })
 }
 

@@ -4,6 +4,7 @@
 pub mod characters;
 pub mod events;
 pub mod export;
+pub mod frame_versions;
 pub mod health;
 pub mod jobs;
 pub mod mentions;
@@ -72,6 +73,22 @@ pub fn router() -> Router<AppState> {
         .route(
             "/stories/{id}/frames/{frame_id}/attention/{k}",
             get(stories::frame_attention_map),
+        )
+        .route(
+            "/stories/{id}/frames/{frame_id}/versions",
+            get(frame_versions::list),
+        )
+        .route(
+            "/stories/{id}/frames/{frame_id}/versions/{version_id}",
+            axum::routing::delete(frame_versions::delete),
+        )
+        .route(
+            "/stories/{id}/frames/{frame_id}/versions/{version_id}/image",
+            get(frame_versions::image),
+        )
+        .route(
+            "/stories/{id}/frames/{frame_id}/versions/{version_id}/restore",
+            post(frame_versions::restore),
         )
         .route("/stories/{id}/export.zip", get(export::zip))
         .route("/stories/{id}/export.gif", get(export::gif))

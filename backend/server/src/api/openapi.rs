@@ -9,7 +9,9 @@ use utoipa::openapi::path::HttpMethod;
 use utoipa::openapi::Required;
 use utoipa::{Modify, OpenApi};
 
-use super::{characters, events, export, health, jobs, mentions, starter_cast, stories};
+use super::{
+    characters, events, export, frame_versions, health, jobs, mentions, starter_cast, stories,
+};
 use crate::error::ApiError;
 
 /// The API description.
@@ -24,6 +26,7 @@ use crate::error::ApiError;
         stories::create, stories::import, stories::list, stories::get_one, stories::update, stories::delete,
         stories::insert_frame, stories::edit_frame, stories::delete_frame, stories::reorder,
         stories::frame_image, stories::frame_attention, stories::frame_attention_map,
+        frame_versions::list, frame_versions::image, frame_versions::restore, frame_versions::delete,
         mentions::find,
         export::zip, export::gif, export::pdf,
         jobs::generate, jobs::get_one, jobs::list, jobs::cancel,

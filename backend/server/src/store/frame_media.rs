@@ -26,6 +26,10 @@ pub struct FrameMedia {
     pub image: Option<Vec<u8>>,
     /// MIME type of the image.
     pub image_mime: Option<String>,
+    /// The history version its image is.
+    pub version_id: Option<i64>,
+    /// How many versions its history keeps.
+    pub version_count: i64,
     /// How many cross-attention heatmaps are stored with the image.
     pub attention_count: i64,
     /// Last change (RFC 3339).
@@ -49,7 +53,9 @@ pub async fn frames(
     let image = if with_images { "image" } else { "NULL" };
     let rows: Vec<FrameMedia> = sqlx::query_as(&format!(
         "SELECT id, position, caption, status, seed, duration_ms, image IS NOT NULL AS has_image,
-                {image} AS image, image_mime, updated_at,
+                {image} AS image, image_mime, updated_at, version_id,
+                (SELECT COUNT(*) FROM frame_versions v WHERE v.frame_id = frames.id)
+                    AS version_count,
                 (SELECT COUNT(*) FROM frame_attention a WHERE a.frame_id = frames.id)
                     AS attention_count
          FROM frames WHERE story_id = ? ORDER BY position"

@@ -4,7 +4,8 @@
 
 use sqlx::{SqliteConnection, SqlitePool};
 
-use super::frame_attention::{self, AttentionPng};
+use super::frame_attention::AttentionPng;
+use super::frame_versions::{self, NewVersion};
 use super::job_events::{self, kind, JobEvent};
 use super::jobs::{
     job_frames, parse_params, refresh_frames, JobFrameRow, JobParams, Progress, FRAME_STATUS,
@@ -201,19 +202,25 @@ pub async fn frame_done(
     let now = now();
     let mut image_url = None;
     if let Some(frame_id) = frame_id {
-        sqlx::query(
-            "UPDATE frames SET image = ?, image_mime = 'image/png', seed = ?, duration_ms = ?,
-                    image_caption = ?, updated_at = ? WHERE id = ?",
+        let before = &job.params.frame_ids[..(position as usize).min(job.params.frame_ids.len())];
+        let context = frame_versions::versions_of_in(&mut tx, before).await?;
+        let options = job.params.draw_options();
+        frame_versions::record_in(
+            &mut tx,
+            &NewVersion {
+                frame_id,
+                image: &frame.png,
+                mime: "image/png",
+                caption: caption.as_deref(),
+                seed: Some(seed),
+                duration_ms: Some(frame.duration_ms),
+                options: Some(&options),
+                job_id: Some(job.job_id),
+                context: Some(context),
+                attention: &frame.attention,
+            },
         )
-        .bind(&frame.png)
-        .bind(seed)
-        .bind(frame.duration_ms)
-        .bind(&caption)
-        .bind(&now)
-        .bind(frame_id)
-        .execute(&mut *tx)
         .await?;
-        frame_attention::replace_in(&mut tx, frame_id, &frame.attention).await?;
         sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
             .bind(&now)
             .bind(job.story_id)

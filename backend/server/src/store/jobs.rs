@@ -40,52 +40,6 @@ pub(crate) const FRAME_STATUS: &str = "CASE
           ORDER BY jf.job_id DESC LIMIT 1) = 'failed' THEN 'failed'
     ELSE 'pending' END";
 
-/// How a frame's current image was drawn, from the last job that finished it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DrawnWith {
-    /// Denoising steps.
-    pub steps: u32,
-    /// Classifier-free guidance scale.
-    pub guidance_scale: f64,
-    /// Sampler (unknown for jobs queued before it was recorded).
-    pub scheduler: Option<String>,
-    /// Model bundle name (unknown for jobs queued before it was recorded).
-    pub bundle: Option<String>,
-    /// What guidance steered away from ("" = the empty prompt).
-    pub negative_prompt: String,
-}
-
-/// For each frame of `story` that a job has drawn: how the last such job drew it.
-pub async fn drawn_with(
-    pool: &SqlitePool,
-    story: i64,
-) -> ApiResult<std::collections::HashMap<i64, DrawnWith>> {
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT jf.frame_id, j.params FROM job_frames jf JOIN jobs j ON j.id = jf.job_id
-         JOIN frames f ON f.id = jf.frame_id
-         WHERE f.story_id = ? AND jf.state = 'done' ORDER BY jf.job_id",
-    )
-    .bind(story)
-    .fetch_all(pool)
-    .await?;
-    let mut out = std::collections::HashMap::new();
-    for (frame, params) in rows {
-        let p = parse_params(&params)?;
-        // Later jobs overwrite earlier ones: the last to finish drew the image kept.
-        out.insert(
-            frame,
-            DrawnWith {
-                steps: p.steps,
-                guidance_scale: p.guidance_scale,
-                scheduler: p.scheduler,
-                bundle: p.bundle,
-                negative_prompt: p.negative_prompt,
-            },
-        );
-    }
-    Ok(out)
-}
-
 /// Brings the status of every frame of a story in line with the facts (see [`FRAME_STATUS`]).
 pub async fn refresh_frames(conn: &mut SqliteConnection, story: i64) -> ApiResult<()> {
     let sql = format!(
@@ -135,6 +89,21 @@ pub struct JobParams {
     pub frame_ids: Vec<i64>,
     /// The story's cast.
     pub characters: Vec<CastMember>,
+}
+
+impl JobParams {
+    /// How this job draws, as each frame version records it.
+    pub fn draw_options(&self) -> super::frame_versions::DrawOptions {
+        super::frame_versions::DrawOptions {
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            scheduler: self.scheduler.clone(),
+            bundle: self.bundle.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: None,
+            height: None,
+        }
+    }
 }
 
 /// A validated request to draw frames of a story (the story itself is checked in [`enqueue`]).

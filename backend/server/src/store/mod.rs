@@ -4,6 +4,7 @@
 pub mod characters;
 pub mod frame_attention;
 pub mod frame_media;
+pub mod frame_versions;
 pub mod job_events;
 pub mod job_runs;
 pub mod jobs;

@@ -25,6 +25,13 @@ pub struct Frame {
     pub seed: Option<i64>,
     /// URL of the generated image, when there is one.
     pub image_url: Option<String>,
+    /// The version of the frame's history its image is (absent without an image).
+    pub version_id: Option<i64>,
+    /// How many drawn versions the frame's history keeps (`.../versions` lists them).
+    pub versions: i64,
+    /// Whether a frame before it was redrawn, restored, added, deleted or moved since its
+    /// image was drawn, so the image was drawn from a story that has changed.
+    pub older_context: bool,
     /// Last change (RFC 3339).
     pub updated_at: String,
 }
@@ -69,6 +76,8 @@ struct FrameRow {
     status: String,
     seed: Option<i64>,
     has_image: bool,
+    version_id: Option<i64>,
+    versions: i64,
     updated_at: String,
 }
 
@@ -127,28 +136,42 @@ async fn frame_count(tx: &mut Tx<'_>, story: i64) -> ApiResult<i64> {
     )
 }
 
-/// Gives an imported frame its image (already checked and re-encoded) and seed, as if drawn
-/// from its current caption.
+/// Gives an imported frame its image (already checked and re-encoded), seed and drawing
+/// options as its first version, as if drawn from its current caption after the frames
+/// imported before it.
 pub async fn import_frame_image(
     pool: &SqlitePool,
     story: i64,
     frame: i64,
     image: &crate::images::NormalizedImage,
     seed: Option<i64>,
+    options: Option<&super::frame_versions::DrawOptions>,
 ) -> ApiResult<()> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     touch(&mut tx, story).await?;
-    sqlx::query(
-        "UPDATE frames SET image = ?, image_mime = ?, seed = ?, image_caption = caption,
-                updated_at = ? WHERE id = ? AND story_id = ?",
+    let caption: Option<String> =
+        sqlx::query_scalar("SELECT caption FROM frames WHERE id = ? AND story_id = ?")
+            .bind(frame)
+            .bind(story)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let caption = caption.ok_or_else(|| ApiError::not_found("frame", frame))?;
+    let context = super::frame_versions::current_context_in(&mut tx, frame).await?;
+    super::frame_versions::record_in(
+        &mut tx,
+        &super::frame_versions::NewVersion {
+            frame_id: frame,
+            image: &image.bytes,
+            mime: image.mime,
+            caption: Some(&caption),
+            seed,
+            duration_ms: None,
+            options,
+            job_id: None,
+            context: Some(context),
+            attention: &[],
+        },
     )
-    .bind(&image.bytes)
-    .bind(image.mime)
-    .bind(seed)
-    .bind(now())
-    .bind(frame)
-    .bind(story)
-    .execute(&mut *tx)
     .await?;
     super::jobs::refresh_frames(&mut tx, story).await?;
     tx.commit().await?;
@@ -217,12 +240,15 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
     .fetch_all(pool)
     .await?;
     let rows: Vec<FrameRow> = sqlx::query_as(
-        "SELECT id, position, caption, status, seed, image IS NOT NULL AS has_image, updated_at
+        "SELECT id, position, caption, status, seed, image IS NOT NULL AS has_image, version_id,
+                (SELECT COUNT(*) FROM frame_versions v WHERE v.frame_id = frames.id) AS versions,
+                updated_at
          FROM frames WHERE story_id = ? ORDER BY position",
     )
     .bind(id)
     .fetch_all(pool)
     .await?;
+    let older = super::frame_versions::older_context(pool, id).await?;
     let frames = rows
         .into_iter()
         .map(|r| Frame {
@@ -234,6 +260,9 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
             caption: r.caption,
             status: r.status,
             seed: r.seed,
+            version_id: r.version_id,
+            versions: r.versions,
+            older_context: older.get(&r.id).copied().unwrap_or(false),
             updated_at: r.updated_at,
         })
         .collect();
