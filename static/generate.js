@@ -5,6 +5,8 @@
 // Last-Event-ID by itself) and:
 // - move the frame and step progress bars on `progress`;
 // - refresh the frames strip when a frame is stored (`frame`), so frames appear as they finish;
+// - on `caption` (story continuation: the model wrote a new caption), refresh the strip and
+//   the caption editor (unless a caption is being edited there, which a refresh would lose);
 // - re-render the panel when a job is queued, ends, or is cancelled.
 // - estimate the time left from the step times it measures (the server's measurement in
 //   data-step-ms until then);
@@ -169,6 +171,20 @@
         "Frame " + (d.position + 1) + " is ready (" + d.frames_done + " of " + d.frames + " done)."
       );
       refreshStrip();
+    });
+    on("caption", function (d) {
+      setText(
+        "generate-status",
+        "The model continued the story: frame " + (d.story_position + 1) + ", \u201c" + d.caption + "\u201d."
+      );
+      refreshStrip();
+      var editor = document.getElementById("captions-editor");
+      if (window.htmx && editor && !editor.contains(document.activeElement)) {
+        window.htmx.ajax("GET", "/ui/stories/" + storyId + "/captions", {
+          target: "#captions-editor",
+          swap: "outerHTML",
+        });
+      }
     });
     on("completed", function (d) {
       clearPreviews();

@@ -919,3 +919,192 @@ async fn previews_of_the_frame_being_drawn_are_streamed_live_only() {
     let seen = live.until("completed").await;
     assert!(!names(&seen).contains(&"preview"));
 }
+
+/// The captions of a story, in order.
+async fn captions_of(server: &Server, story: i64) -> Vec<String> {
+    get_ok(server, &format!("/api/stories/{story}")).await["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["caption"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The stored images of a story, in order.
+async fn images_of(server: &Server, story: i64) -> Vec<Vec<u8>> {
+    let story = get_ok(server, &format!("/api/stories/{story}")).await;
+    let mut out = Vec::new();
+    for frame in story["frames"].as_array().unwrap() {
+        assert_eq!(frame["status"], "ready", "{frame}");
+        out.push(get_png(server, frame["image_url"].as_str().unwrap()).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let captions = ["Fred opens the door.", "He waves."];
+    let story_id = story(&server, &captions).await;
+
+    // Every frame needs its image before the model can read the story.
+    let response = post_generate(&server, story_id, json!({"continue_frames": 2})).await;
+    problem(response, StatusCode::UNPROCESSABLE_ENTITY, "missing_context").await;
+    for (body, code) in [
+        (json!({"continue_frames": 0}), "invalid_continue"),
+        (json!({"continue_frames": 11}), "invalid_continue"),
+        (json!({"frames": []}), "invalid_frames"),
+        (json!({"width": 64}), "invalid_size"),
+        (json!({"width": 96, "height": 64}), "invalid_size"),
+    ] {
+        let response = post_generate(&server, story_id, body.clone()).await;
+        let doc = problem(response, StatusCode::UNPROCESSABLE_ENTITY, code).await;
+        if code == "invalid_size" && body.get("height").is_some() {
+            assert!(doc["detail"].as_str().unwrap().contains("64x64"), "{doc}");
+        }
+    }
+
+    let drawn = generate(&server, story_id, json!({"steps": 2, "seed": 3})).await;
+    wait_job(&server, drawn["id"].as_i64().unwrap(), "succeeded").await;
+    let job = generate(
+        &server,
+        story_id,
+        json!({"continue_frames": 3, "steps": 12, "seed": 20}),
+    )
+    .await;
+    assert_eq!(job["frames"], json!([]), "only new frames are drawn");
+    assert_eq!(job["continue_frames"], 3);
+    let job_id = job["id"].as_i64().unwrap();
+    let mut events = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None).await;
+    let head = events.until("caption").await;
+    let first = head.last().unwrap().data.clone();
+    assert_eq!(
+        (first["position"].clone(), first["story_position"].clone(), first["seed"].clone()),
+        (json!(2), json!(2), json!(22))
+    );
+    events.until("frame").await;
+    events.until("caption").await;
+    // The second new frame is being drawn: crash.
+    events.until("progress").await;
+    server.kill_hard();
+
+    let server = start(dir.path(), &[]);
+    let finished = wait_job(&server, job_id, "succeeded").await;
+    assert_eq!(finished["attempts"], 2, "{finished}");
+    assert_eq!(finished["continue_frames"], 0);
+    let seeds: Vec<(i64, i64)> = finished["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["position"].as_i64().unwrap(), f["seed"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(seeds, [(2, 22), (3, 23), (4, 24)]);
+    let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
+        .await
+        .rest()
+        .await;
+    let written: Vec<String> = all
+        .iter()
+        .filter(|e| e.name == "caption")
+        .map(|e| e.data["caption"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(written.len(), 3, "each caption written once: {:?}", names(&all));
+    let mut positions: Vec<i64> = all
+        .iter()
+        .filter(|e| e.name == "frame")
+        .map(|e| e.data["position"].as_i64().unwrap())
+        .collect();
+    positions.sort();
+    assert_eq!(positions, [2, 3, 4], "each new frame drawn once");
+    let story = captions_of(&server, story_id).await;
+    assert_eq!(story[..2], captions);
+    assert_eq!(story[2..], written);
+    assert!(story.iter().all(|c| !c.trim().is_empty()));
+    let stored = images_of(&server, story_id).await;
+
+    // Captions are sampled with the new frames' seeds and the frames drawn with them, so an
+    // uninterrupted run of the same request continues the same story the same way.
+    let twin = self::story(&server, &captions).await;
+    let job = generate(&server, twin, json!({"steps": 2, "seed": 3})).await;
+    wait_job(&server, job["id"].as_i64().unwrap(), "succeeded").await;
+    let job = generate(
+        &server,
+        twin,
+        json!({"continue_frames": 3, "steps": 12, "seed": 20}),
+    )
+    .await;
+    wait_job(&server, job["id"].as_i64().unwrap(), "succeeded").await;
+    assert_eq!(captions_of(&server, twin).await, story);
+    assert!(images_of(&server, twin).await == stored, "the same frames");
+}
+
+#[tokio::test]
+async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for entry in std::fs::read_dir(common::shared_bundle()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "bundle.toml" {
+            std::os::unix::fs::symlink(entry.path(), bundle.join(entry.file_name())).unwrap();
+        }
+    }
+    let manifest = std::fs::read_to_string(common::shared_bundle().join("bundle.toml")).unwrap();
+    assert!(manifest.trim_end().ends_with("scheduler = \"pndm\""), "[sampling] comes last");
+    std::fs::write(
+        bundle.join("bundle.toml"),
+        format!("{manifest}sizes = [[128, 64]]\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = start(&data, &["--bundle", bundle.to_str().unwrap()]);
+    let ready = get_ok(&server, "/readyz").await;
+    assert_eq!(
+        ready["model"]["sizes"],
+        json!([{"width": 64, "height": 64}, {"width": 128, "height": 64}])
+    );
+    let story_id = story(&server, &["Fred opens the door.", "He waves."]).await;
+    let job = generate(
+        &server,
+        story_id,
+        json!({"steps": 2, "width": 128, "height": 64}),
+    )
+    .await;
+    assert_eq!((job["width"].clone(), job["height"].clone()), (json!(128), json!(64)));
+    wait_job(&server, job["id"].as_i64().unwrap(), "succeeded").await;
+    for png in images_of(&server, story_id).await {
+        let image = image::load_from_memory(&png).unwrap();
+        assert_eq!((image.width(), image.height()), (128, 64));
+    }
+    let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
+    let frame = story["frames"][0]["id"].as_i64().unwrap();
+    let versions = get_ok(&server, &format!("/api/stories/{story_id}/frames/{frame}/versions")).await;
+    assert_eq!(versions[0]["options"]["width"], 128);
+    assert_eq!(versions[0]["options"]["height"], 64);
+    // The panel offers the sizes.
+    let panel = common::get_text(&server, &format!("/ui/stories/{story_id}/generate-panel")).await;
+    assert!(panel.contains("<option value=\"128x64\">128x64</option>"), "{panel}");
+
+    // A manifest size that is not a multiple of 64 pixels is refused at start with its name.
+    drop(server);
+    std::fs::write(
+        bundle.join("bundle.toml"),
+        format!("{manifest}sizes = [[100, 64]]\n"),
+    )
+    .unwrap();
+    let story_file = dir.path().join("story.json");
+    std::fs::write(&story_file, r#"{"captions": ["Fred waves."]}"#).unwrap();
+    let output = std::process::Command::new(common::binary())
+        .args(["generate", "--bundle"])
+        .arg(&bundle)
+        .arg("--story")
+        .arg(&story_file)
+        .args(["--steps", "1", "--out"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("100x64") && stderr.contains("multiple of 64"), "{stderr}");
+}

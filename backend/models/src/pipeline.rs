@@ -441,12 +441,25 @@ impl StoryPipeline {
             CausalLm::Llama(_) => "llama",
             CausalLm::Opt(_) => "opt",
         };
+        let mut sizes = vec![(s.width, s.height)];
+        for &[width, height] in &s.sizes {
+            if width == 0 || height == 0 || width % 64 != 0 || height % 64 != 0 {
+                bail!(
+                    "[sampling] sizes lists {width}x{height}; each size must be a positive \
+                     multiple of 64 pixels"
+                )
+            }
+            if !sizes.contains(&(width, height)) {
+                sizes.push((width, height));
+            }
+        }
         let info = BundleInfo {
             name: m.name.clone(),
             description: m.description.clone(),
             trained: m.trained,
             height: s.height,
             width: s.width,
+            sizes,
             llm: format!("{llm_desc} ({} layers, d={d})", lm.num_layers()),
             dir: bundle_dir.to_path_buf(),
         };

@@ -28,6 +28,8 @@ pub struct ModelInfo {
     pub height: usize,
     /// Frame width in pixels.
     pub width: usize,
+    /// Every frame size a request may ask for (`width`, `height`), the default first.
+    pub sizes: Vec<FrameSize>,
     /// The language model.
     pub llm: String,
     /// The bundle directory, for the log. Not sent: `/readyz` is public, and a filesystem
@@ -40,6 +42,15 @@ pub struct ModelInfo {
     pub default_guidance: f64,
     /// Sampler used when a request names none.
     pub default_scheduler: String,
+}
+
+/// A frame size in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FrameSize {
+    /// Width.
+    pub width: u32,
+    /// Height.
+    pub height: u32,
 }
 
 /// Picks the bundle directory: the configured one (which must exist), else the shipped toy

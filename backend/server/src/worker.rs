@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use models::clip::ClipTokenizer;
 use models::pipeline::{
-    CharacterInput, FrameRequest, GenerateOptions, PipelineEvent, StoryInput, StoryPipeline,
+    CharacterInput, Decoding, FrameRequest, GenerateOptions, PipelineEvent, StoryInput, StoryPipeline,
 };
 use sqlx::SqlitePool;
 use tokio::runtime::Handle;
@@ -210,6 +210,14 @@ fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPip
         device: device_name.to_string(),
         height: info.height,
         width: info.width,
+        sizes: info
+            .sizes
+            .iter()
+            .map(|&(width, height)| crate::model::FrameSize {
+                width: width as u32,
+                height: height as u32,
+            })
+            .collect(),
         llm: info.llm.clone(),
         bundle: bundle.display().to_string(),
         default_steps: defaults
@@ -245,6 +253,8 @@ struct Ctx {
 struct Drawing {
     /// Frames of the job finished so far (earlier attempts included).
     done: usize,
+    /// Frames the job draws in all, the captions a continuation has still to write included.
+    total: usize,
     /// Denoising steps per frame as the sampler counts them (some samplers take a warm-up
     /// step more than asked); the job's `steps` until the first step says otherwise.
     steps: usize,
@@ -338,25 +348,28 @@ impl Ctx {
     /// Draws the job's unfinished frames; `None` when the job vanished meanwhile.
     fn draw(&self, pipeline: &StoryPipeline, job: &Claimed) -> Option<Outcome> {
         let left = job.frames.iter().filter(|f| f.state != "done").count();
-        let Some(last) = job
+        let last = job
             .frames
             .iter()
             .filter(|f| f.state != "done")
             .map(|f| f.position)
-            .max()
-        else {
+            .max();
+        if last.is_none() && job.params.continue_seeds.is_empty() {
             return Some(Outcome::Succeeded);
-        };
+        }
         // What the pipeline draws, in drawing (= position) order: the frames not done yet and,
         // as context only (drawn again with their seed, not stored: rows still `done`), frames
         // this job stored on an earlier turn or attempt whose frame was deleted since, taking
         // the image the later frames look at with it. An uninterrupted run kept that image in
         // memory; a resumed one has to draw it again.
-        let todo: Vec<&JobFrameRow> = job
-            .frames
-            .iter()
-            .filter(|f| f.state != "done" || (f.frame_id.is_none() && f.position < last))
-            .collect();
+        let todo: Vec<&JobFrameRow> = match last {
+            None => Vec::new(),
+            Some(last) => job
+                .frames
+                .iter()
+                .filter(|f| f.state != "done" || (f.frame_id.is_none() && f.position < last))
+                .collect(),
+        };
         let (story, existing) = match self.inputs(job, &todo) {
             Ok(inputs) => inputs,
             Err(e) => return Some(Outcome::Failed(format!("{e:#}"))),
@@ -375,6 +388,7 @@ impl Ctx {
         };
         let state = RefCell::new(Drawing {
             done: job.frames.len() - left,
+            total: job.frames.len() + job.params.continue_seeds.len(),
             steps: job.params.steps as usize,
             last_stored_progress: Instant::now(),
             last_poll: Instant::now(),
@@ -385,15 +399,23 @@ impl Ctx {
         });
         let mut on_event = |event: PipelineEvent<'_>| self.on_event(job, &todo, &state, event);
         let cancel = || self.should_stop(job, &state);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            pipeline.generate(
-                &story,
-                &requests,
-                &existing,
-                &options,
-                &mut on_event,
-                &cancel,
-            )
+        let result = catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<()> {
+            let outputs = if requests.is_empty() {
+                Vec::new()
+            } else {
+                pipeline.generate(
+                    &story,
+                    &requests,
+                    &existing,
+                    &options,
+                    &mut on_event,
+                    &cancel,
+                )?
+            };
+            if !job.params.continue_seeds.is_empty() {
+                self.continue_story(pipeline, job, story, existing, outputs, &options, &state)?;
+            }
+            Ok(())
         }));
         let state = state.into_inner();
         if state.gone {
@@ -435,6 +457,101 @@ impl Ctx {
                 Outcome::Failed(format!("the model crashed: {message}"))
             }
         })
+    }
+
+    /// Story continuation, after the job's other frames: the LLM writes each new caption
+    /// after looking at every frame so far ([`StoryPipeline::next_caption`], top-p 0.9 with
+    /// the new frame's seed), the caption is stored as a new frame of the story and of the job
+    /// ([`store::add_continuation`]), and the frame is drawn and stored like any other before
+    /// the next caption is written.
+    #[allow(clippy::too_many_arguments)]
+    fn continue_story(
+        &self,
+        pipeline: &StoryPipeline,
+        job: &Claimed,
+        mut story: StoryInput,
+        existing: Vec<Option<image::RgbImage>>,
+        outputs: Vec<models::pipeline::FrameOutput>,
+        options: &GenerateOptions,
+        state: &RefCell<Drawing>,
+    ) -> anyhow::Result<()> {
+        let mut images = existing;
+        images.resize(story.captions.len(), None);
+        for output in outputs {
+            if let Some(slot) = images.get_mut(output.index) {
+                *slot = Some(output.image);
+            }
+        }
+        for (position, slot) in images.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            let missing = || {
+                format!(
+                    "frame {} has no image for the model to continue the story from; draw it first",
+                    position + 1
+                )
+            };
+            let bytes = self
+                .block_on(store::frame_image(&self.pool, job.params.frame_ids[position]))?
+                .with_context(missing)?;
+            *slot = Some(
+                image::load_from_memory(&bytes)
+                    .with_context(missing)?
+                    .to_rgb8(),
+            );
+        }
+        let mut job = job.clone();
+        while let Some(&seed) = job.params.continue_seeds.first() {
+            if self.should_stop(&job, state) {
+                return Err(anyhow::Error::new(models::char_ldm::Cancelled));
+            }
+            let frames: Vec<image::RgbImage> = images.iter().flatten().cloned().collect();
+            let decoding = Decoding::TopP {
+                p: 0.9,
+                temperature: 1.0,
+                seed,
+            };
+            let written = pipeline.next_caption(&story, &frames, decoding, 32)?;
+            let caption = continuation_caption(&written, story.captions.len() + 1);
+            let added = match self.block_on(store::add_continuation(&self.pool, &job, &caption)) {
+                Ok(Some(added)) => added,
+                Ok(None) => {
+                    state.borrow_mut().gone = true;
+                    return Err(anyhow::Error::new(models::char_ldm::Cancelled));
+                }
+                Err(e) => anyhow::bail!("could not store the continued story: {e}"),
+            };
+            tracing::info!(job = job.job_id, caption = %caption, "story continued");
+            self.hub.publish(added.event);
+            job.params = added.params;
+            job.frames.push(added.row.clone());
+            story.captions.push(caption);
+            images.push(None);
+            let index = added.row.position as usize;
+            let todo = [&added.row];
+            let mut on_event = |event: PipelineEvent<'_>| self.on_event(&job, &todo, state, event);
+            let cancel = || self.should_stop(&job, state);
+            let drawn = pipeline.generate(
+                &story,
+                &[FrameRequest {
+                    index,
+                    seed: added.row.seed as u64,
+                }],
+                &images,
+                options,
+                &mut on_event,
+                &cancel,
+            )?;
+            {
+                let state = state.borrow();
+                if state.gone || state.error.is_some() {
+                    return Err(anyhow::Error::new(models::char_ldm::Cancelled));
+                }
+            }
+            images[index] = drawn.into_iter().next().map(|o| o.image);
+        }
+        Ok(())
     }
 
     /// The story input (cast with portraits read now) and the images of earlier frames that
@@ -536,9 +653,10 @@ impl Ctx {
             return;
         }
         let frame_of = |ordinal: usize| todo[ordinal.saturating_sub(1).min(todo.len() - 1)];
+        let total = state.total;
         let progress = |row: &JobFrameRow, step: usize, steps: usize, done: usize| Progress {
             frame: row.ordinal as usize,
-            frames: job.frames.len(),
+            frames: total,
             frames_done: done,
             position: row.position as usize,
             frame_id: row.frame_id,
@@ -658,7 +776,7 @@ impl Ctx {
                 self.hub.publish(event);
                 // Between two frames of the job (the pipeline polls `should_stop` before it
                 // starts the next one): the moment to let another story's job go first.
-                if essential && state.done < job.frames.len() {
+                if essential && state.done < state.total {
                     match self.block_on(store::other_story_waiting(&self.pool, job.story_id)) {
                         Ok(waiting) => state.handing_over = waiting,
                         // Not knowing only costs fairness: the job keeps its turn.
@@ -693,12 +811,26 @@ fn options(defaults: GenerateOptions, job: &Claimed) -> GenerateOptions {
         // Checked when queued; a name this build no longer knows falls back to the model's.
         .and_then(|s| s.parse().ok())
         .unwrap_or(defaults.scheduler);
+    // Checked against the model's sizes when queued.
+    let (width, height) = match (job.params.width, job.params.height) {
+        (Some(width), Some(height)) => (width as usize, height as usize),
+        _ => (defaults.width, defaults.height),
+    };
     GenerateOptions {
         guidance_scale: job.params.guidance_scale,
         scheduler,
         negative_prompt: job.params.negative_prompt.clone(),
+        width,
+        height,
         ..defaults.with_steps(job.params.steps as usize)
     }
+}
+
+/// A caption the LLM wrote, as a caption the story can keep: an empty or otherwise unusable
+/// one (an untrained model may stop at once) becomes a marker, so the story still goes on.
+fn continuation_caption(written: &str, number: usize) -> String {
+    crate::validate::caption(written)
+        .unwrap_or_else(|_| format!("(frame {number}: the model wrote no usable caption)"))
 }
 
 fn encode_png<P: image::PixelWithColorType>(

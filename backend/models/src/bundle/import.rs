@@ -941,6 +941,12 @@ fn import_into(o: &ImportOptions, staging: &Path) -> Result<ImportReport> {
             height: size,
             width: size,
             scheduler: scheduler.into(),
+            // SD 1.5 also draws well at 3:2 and 2:3 around its 512-pixel training size.
+            sizes: if size == 512 {
+                vec![[768, 512], [512, 768]]
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         },
     };

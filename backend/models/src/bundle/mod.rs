@@ -300,6 +300,11 @@ pub struct SamplingSection {
     pub start_merge_step: usize,
     /// `pndm`, `ddim`, `ddpm` or `euler-a`.
     pub scheduler: String,
+    /// Other frame sizes `[width, height]` the model draws well, which a request may ask for
+    /// instead of the default (none: the default size only, as for a model trained at one
+    /// size). Each a multiple of 64 pixels.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sizes: Vec<[usize; 2]>,
 }
 
 impl Default for SamplingSection {
@@ -311,6 +316,7 @@ impl Default for SamplingSection {
             guidance_scale: 5.0,
             start_merge_step: 15,
             scheduler: "pndm".into(),
+            sizes: Vec::new(),
         }
     }
 }
@@ -351,6 +357,8 @@ pub struct BundleInfo {
     pub height: usize,
     /// Default frame width.
     pub width: usize,
+    /// Every frame size `(width, height)` it draws, the default first.
+    pub sizes: Vec<(usize, usize)>,
     /// The LLM, e.g. `opt (4 layers, d=128)`.
     pub llm: String,
     /// The bundle directory.

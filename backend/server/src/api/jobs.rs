@@ -77,7 +77,24 @@ pub struct GenerateRequest {
     /// the empty prompt the model was trained with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
+    /// Frame width in pixels, with `height`: one of the sizes `/readyz` lists under
+    /// `model.sizes` (default: the model's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// Frame height in pixels, with `width`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// Continue the story: after drawing `frames`, the LLM writes this many more captions
+    /// (1..=10), each after looking at every frame before it, and each is added to the story
+    /// and drawn before the next is written. Captions are sampled (top-p 0.9) with the new
+    /// frame's seed. With `continue_frames`, `frames` defaults to none (only the new frames are
+    /// drawn), and every frame of the story must have an image or be drawn by this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continue_frames: Option<u32>,
 }
+
+/// Most captions one job may add to a story.
+pub const MAX_CONTINUE: u32 = 10;
 
 fn check_seed(seed: u64) -> ApiResult<()> {
     limits::check_seed(seed).map_err(|e| ApiError::invalid("invalid_seed", e))
@@ -107,8 +124,45 @@ impl GenerateRequest {
             None | Some("") => String::new(),
             Some(text) => crate::validate::negative_prompt(text)?,
         };
+        let continue_frames = self.continue_frames.unwrap_or(0);
+        if self.continue_frames.is_some() && !(1..=MAX_CONTINUE).contains(&continue_frames) {
+            return Err(ApiError::invalid(
+                "invalid_continue",
+                format!("continue_frames must be from 1 to {MAX_CONTINUE}; got {continue_frames}"),
+            ));
+        }
+        let size = match (self.width, self.height) {
+            (None, None) => None,
+            (Some(width), Some(height)) => {
+                let offered = crate::model::FrameSize { width, height };
+                if !model.sizes.contains(&offered) {
+                    let list: Vec<String> = model
+                        .sizes
+                        .iter()
+                        .map(|s| format!("{}x{}", s.width, s.height))
+                        .collect();
+                    return Err(ApiError::invalid(
+                        "invalid_size",
+                        format!(
+                            "the model {} draws frames of {} pixels (width x height); {width}x{height} \
+                             is not one of them",
+                            model.name,
+                            list.join(", ")
+                        ),
+                    ));
+                }
+                Some((width, height))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "invalid_size",
+                    "give both width and height, or neither",
+                ))
+            }
+        };
         let frames = match &self.frames {
             None => None,
+            Some(list) if list.is_empty() && continue_frames > 0 => Some(Vec::new()),
             Some(list) if list.is_empty() => {
                 return Err(ApiError::invalid(
                     "invalid_frames",
@@ -157,6 +211,8 @@ impl GenerateRequest {
             scheduler,
             bundle: model.name.clone(),
             negative_prompt,
+            size,
+            continue_frames,
         })
     }
 }

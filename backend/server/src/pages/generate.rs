@@ -53,7 +53,7 @@ fn steps_left(job: &Job) -> usize {
     let steps = job.steps as usize;
     match &job.progress {
         Some(p) => (p.frames.saturating_sub(p.frames_done) * steps).saturating_sub(p.step),
-        None => job.frames.len() * steps,
+        None => (job.frames.len() + job.continue_frames) * steps,
     }
 }
 
@@ -83,6 +83,10 @@ struct GeneratePanel {
     step_ms: String,
     /// Every sampler, with whether it is the model's default (selected).
     schedulers: Vec<(&'static str, bool)>,
+    /// Every frame size the model draws ("512x512"), the default first.
+    sizes: Vec<String>,
+    /// Most frames one continuation adds.
+    max_continue: u32,
     job: Option<ActiveJob>,
     message: String,
 }
@@ -154,6 +158,12 @@ pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiR
             .iter()
             .map(|k| (k.as_str(), k.as_str() == model.default_scheduler))
             .collect(),
+        sizes: model
+            .sizes
+            .iter()
+            .map(|s| format!("{}x{}", s.width, s.height))
+            .collect(),
+        max_continue: crate::api::jobs::MAX_CONTINUE,
         job,
         message: message.to_string(),
     }
@@ -226,8 +236,28 @@ fn parse_decimal(body: &[u8], name: &str, what: &str) -> ApiResult<Option<f64>> 
     }
 }
 
-/// `POST /ui/stories/{id}/generate`: form fields `steps`, `guidance_scale`, `scheduler` and
-/// `seed` (each optional: the model's default).
+/// The `size` field ("512x768", width x height) as a width and a height.
+fn parse_size(body: &[u8]) -> ApiResult<(Option<u32>, Option<u32>)> {
+    let Some(text) = form_field(body, "size").filter(|s| !s.trim().is_empty()) else {
+        return Ok((None, None));
+    };
+    let parsed = text
+        .trim()
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    match parsed {
+        Some((width, height)) => Ok((Some(width), Some(height))),
+        None => Err(ApiError::invalid(
+            "invalid_form",
+            format!("the frame size must read WIDTHxHEIGHT, such as 512x512; got {text:?}"),
+        )),
+    }
+}
+
+/// `POST /ui/stories/{id}/generate`: form fields `steps`, `guidance_scale`, `scheduler`,
+/// `negative_prompt`, `seed` and `size` (each optional: the model's default), and `action`:
+/// `continue` (the "Continue the story" button) lets the LLM write and draw
+/// `continue_frames` more frames after the last one instead of drawing the story's frames.
 async fn start(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -235,24 +265,50 @@ async fn start(
     body: Bytes,
 ) -> ApiResult<Response> {
     let outcome = async {
+        let continuing = form_field(&body, "action").as_deref() == Some("continue");
+        let continue_frames = if continuing {
+            Some(
+                parse_number(&body, "continue_frames", "the number of frames to add")?
+                    .unwrap_or(1),
+            )
+        } else {
+            None
+        };
+        let (width, height) = parse_size(&body)?;
         let request = GenerateRequest {
             steps: parse_number(&body, "steps", "steps")?,
             guidance_scale: parse_decimal(&body, "guidance_scale", "the guidance scale")?,
             scheduler: form_field(&body, "scheduler").filter(|s| !s.trim().is_empty()),
             negative_prompt: form_field(&body, "negative_prompt"),
             seed: parse_number(&body, "seed", "the seed")?,
+            width,
+            height,
+            continue_frames,
             ..Default::default()
         };
         let (job, _) = queue(&state, id, &request, None).await?;
         let n = job.frames.len();
-        Ok(format!(
-            "Queued job {}: {n} frame{} with {} {} steps each, guidance {}.",
-            job.id,
-            if n == 1 { "" } else { "s" },
+        let how = format!(
+            "{} {} steps each, guidance {}",
             job.steps,
             job.scheduler.as_deref().unwrap_or("default"),
             job.guidance_scale
-        ))
+        );
+        Ok(if job.continue_frames > 0 {
+            let k = job.continue_frames;
+            format!(
+                "Queued job {}: the model writes {k} more caption{} and draws {}, with {how}.",
+                job.id,
+                if k == 1 { "" } else { "s" },
+                if k == 1 { "it" } else { "them" },
+            )
+        } else {
+            format!(
+                "Queued job {}: {n} frame{} with {how}.",
+                job.id,
+                if n == 1 { "" } else { "s" },
+            )
+        })
     }
     .await;
     answer(&state, &headers, id, outcome).await

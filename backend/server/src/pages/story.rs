@@ -27,6 +27,7 @@ pub(super) fn router() -> Router<AppState> {
             "/ui/stories/{id}/frames",
             get(strip_fragment).post(add_caption),
         )
+        .route("/ui/stories/{id}/captions", get(captions_fragment))
         .route("/ui/stories/{id}/details", post(save_details))
         .route("/ui/stories/{id}/highlight", post(highlight))
         .route("/ui/stories/{id}/frames/{frame_id}", post(edit_caption))
@@ -507,6 +508,15 @@ async fn strip_fragment(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Response> {
     Ok(Html(frames_strip(&state, id).await?).into_response())
+}
+
+/// The caption editor alone: what the page re-reads when a story continuation added a caption.
+async fn captions_fragment(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
+    let view = story_view(&state, id, StoryInput::default()).await?;
+    Ok(render(CaptionsEditor { view }, StatusCode::OK))
 }
 
 /// Which part of the page an action answers with under HTMX.

@@ -19,6 +19,9 @@ pub mod kind {
     pub const PROGRESS: &str = "progress";
     /// A frame finished and its image is stored.
     pub const FRAME: &str = "frame";
+    /// Story continuation: the LLM wrote a caption, now a new frame of the story (and of the
+    /// job), drawn next.
+    pub const CAPTION: &str = "caption";
     /// What the frame being drawn looks like so far (a PNG data URL; live only, not stored).
     pub const PREVIEW: &str = "preview";
     /// Every frame is drawn.
@@ -116,7 +119,7 @@ impl Scope {
 fn known_kind(text: &str) -> &'static str {
     use kind::*;
     [
-        QUEUED, STARTED, PROGRESS, FRAME, COMPLETED, FAILED, CANCELLED,
+        QUEUED, STARTED, PROGRESS, FRAME, CAPTION, COMPLETED, FAILED, CANCELLED,
     ]
     .into_iter()
     .find(|k| *k == text)

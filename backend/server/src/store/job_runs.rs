@@ -10,6 +10,7 @@ use super::job_events::{self, kind, JobEvent};
 use super::jobs::{
     job_frames, parse_params, refresh_frames, JobFrameRow, JobParams, Progress, FRAME_STATUS,
 };
+use super::stories;
 use crate::db::now;
 use crate::error::{ApiError, ApiResult};
 
@@ -251,6 +252,113 @@ pub async fn frame_done(
     Ok(Some(event))
 }
 
+/// A caption the LLM wrote to continue the story, stored.
+#[derive(Debug, Clone)]
+pub struct Continuation {
+    /// The job's new frame (queued), with its seed.
+    pub row: JobFrameRow,
+    /// The job's parameters with the caption and its frame appended.
+    pub params: JobParams,
+    /// The `caption` event to publish.
+    pub event: JobEvent,
+}
+
+/// Stores a caption the LLM wrote to continue the story: a new frame right after the job's
+/// last frame that still exists in the story (else at its end), a job frame drawing it with
+/// the next continuation seed, and the job's parameters with the caption appended and the
+/// seed used up, with the `caption` event, in one transaction; so a job interrupted after
+/// this draws the frame on its next attempt and writes only the captions still missing.
+/// `None` when the job no longer runs.
+pub async fn add_continuation(
+    pool: &SqlitePool,
+    job: &Claimed,
+    caption: &str,
+) -> ApiResult<Option<Continuation>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    if !is_running(&mut tx, job.job_id).await? {
+        return Ok(None);
+    }
+    let text: String = sqlx::query_scalar("SELECT params FROM jobs WHERE id = ?")
+        .bind(job.job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut params = parse_params(&text)?;
+    if params.continue_seeds.is_empty() {
+        return Err(ApiError::internal(format!(
+            "job {} has no continuation left to write",
+            job.job_id
+        )));
+    }
+    let seed = params.continue_seeds.remove(0);
+    let mut after: Option<i64> = None;
+    for &id in params.frame_ids.iter().rev() {
+        after = sqlx::query_scalar("SELECT position FROM frames WHERE id = ? AND story_id = ?")
+            .bind(id)
+            .bind(job.story_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if after.is_some() {
+            break;
+        }
+    }
+    let (frame_id, story_position) =
+        stories::insert_frame_in(&mut tx, job.story_id, caption, after.map(|p| p + 1)).await?;
+    let position = params.captions.len() as i64;
+    params.captions.push(caption.to_string());
+    params.frame_ids.push(frame_id);
+    let ordinal: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(ordinal), 0) + 1 FROM job_frames WHERE job_id = ?")
+            .bind(job.job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO job_frames (job_id, ordinal, position, frame_id, seed) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(job.job_id)
+    .bind(ordinal)
+    .bind(position)
+    .bind(frame_id)
+    .bind(seed as i64)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE jobs SET params = ? WHERE id = ?")
+        .bind(serde_json::to_string(&params).map_err(ApiError::internal)?)
+        .bind(job.job_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+        .bind(now())
+        .bind(job.story_id)
+        .execute(&mut *tx)
+        .await?;
+    refresh_frames(&mut tx, job.story_id).await?;
+    let event = job_events::insert(
+        &mut tx,
+        JobEvent::new(
+            job.job_id,
+            job.story_id,
+            kind::CAPTION,
+            serde_json::json!({
+                "position": position, "story_position": story_position, "frame_id": frame_id,
+                "caption": caption, "seed": seed, "continue_frames": params.continue_seeds.len(),
+            }),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Continuation {
+        row: JobFrameRow {
+            ordinal,
+            position,
+            frame_id: Some(frame_id),
+            seed: seed as i64,
+            state: "queued".into(),
+        },
+        params,
+        event,
+    }))
+}
+
 /// How a job ends (or, for `Requeued`, pauses).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -479,6 +587,8 @@ mod tests {
             scheduler: "pndm".into(),
             bundle: "test".into(),
             negative_prompt: String::new(),
+            size: None,
+            continue_frames: 0,
         };
         match enqueue(pool, story, &spec, None, 100).await.unwrap() {
             Enqueued::New(job, _) => job.id,

@@ -18,6 +18,7 @@ use super::job_runs::{finish_in, Outcome};
 use super::{decode_cursor, paginate, Page};
 use crate::db::now;
 use crate::error::{ApiError, ApiResult};
+use crate::validate::MAX_CAPTIONS;
 
 pub use models::limits::MAX_SEED;
 
@@ -83,6 +84,17 @@ pub struct JobParams {
     /// What guidance steered away from ("" or absent: the empty prompt).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub negative_prompt: String,
+    /// Frame size in pixels (absent: the model's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// Frame height in pixels (absent: the model's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// Story continuation: the seeds of the frames whose captions the LLM still has to write
+    /// after the last caption, in order. Each written caption is appended to `captions` (and
+    /// its new frame to `frame_ids`) and its seed removed from here, in one transaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub continue_seeds: Vec<u64>,
     /// Every caption of the story, in story order.
     pub captions: Vec<String>,
     /// The frame id at each caption position.
@@ -100,8 +112,8 @@ impl JobParams {
             scheduler: self.scheduler.clone(),
             bundle: self.bundle.clone(),
             negative_prompt: self.negative_prompt.clone(),
-            width: None,
-            height: None,
+            width: self.width,
+            height: self.height,
         }
     }
 }
@@ -125,6 +137,10 @@ pub struct GenerateSpec {
     pub bundle: String,
     /// What guidance steers away from ("" = the empty prompt).
     pub negative_prompt: String,
+    /// Frame size `(width, height)`, one the model offers (absent: its default).
+    pub size: Option<(u32, u32)>,
+    /// How many captions the LLM writes (and draws) after the story's last one.
+    pub continue_frames: u32,
 }
 
 /// An `Idempotency-Key` with the fingerprint of the request that carried it.
@@ -189,6 +205,13 @@ pub struct Job {
     pub scheduler: Option<String>,
     /// What guidance steers away from ("" = the empty prompt).
     pub negative_prompt: String,
+    /// Frame width in pixels (null: the model's default).
+    pub width: Option<u32>,
+    /// Frame height in pixels (null: the model's default).
+    pub height: Option<u32>,
+    /// Story continuation: how many captions the LLM has still to write and draw after the
+    /// story's last frame (each written one joins `frames` as it is added to the story).
+    pub continue_frames: usize,
     /// The frames it draws, in drawing order.
     pub frames: Vec<JobFrame>,
     /// Latest progress, once started (kept while it waits for its next turn).
@@ -284,6 +307,9 @@ async fn to_job(conn: &mut SqliteConnection, row: JobRow) -> ApiResult<Job> {
         guidance_scale: params.guidance_scale,
         scheduler: params.scheduler.clone(),
         negative_prompt: params.negative_prompt.clone(),
+        width: params.width,
+        height: params.height,
+        continue_frames: params.continue_seeds.len(),
         frames,
         progress: row
             .progress
@@ -433,8 +459,20 @@ pub async fn enqueue(
             format!("story {story} has no captions; add captions before generating"),
         ));
     }
-    let wanted = requested_positions(spec, frames.len())?;
-    check_context(&mut tx, story, &frames, &wanted).await?;
+    // Continuing a story draws only the new frames unless `frames` says otherwise.
+    let wanted = if spec.frames.is_none() && spec.continue_frames > 0 {
+        Vec::new()
+    } else {
+        requested_positions(spec, frames.len())?
+    };
+    let continue_seeds = continuation_seeds(spec, frames.len())?;
+    // The LLM reads every frame before a caption it writes: all of them need an image.
+    let through = if continue_seeds.is_empty() {
+        wanted.last().map_or(0, |w| w.0)
+    } else {
+        frames.len()
+    };
+    check_context(&mut tx, story, &frames, &wanted, through).await?;
     let characters: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT c.id, c.name, c.pronoun FROM story_characters sc
          JOIN characters c ON c.id = sc.character_id WHERE sc.story_id = ? ORDER BY sc.rowid",
@@ -448,6 +486,9 @@ pub async fn enqueue(
         scheduler: Some(spec.scheduler.clone()),
         bundle: Some(spec.bundle.clone()),
         negative_prompt: spec.negative_prompt.clone(),
+        width: spec.size.map(|s| s.0),
+        height: spec.size.map(|s| s.1),
+        continue_seeds,
         captions: frames.iter().map(|f| f.2.clone()).collect(),
         frame_ids: frames.iter().map(|f| f.0).collect(),
         characters: characters
@@ -496,7 +537,10 @@ pub async fn enqueue(
             id,
             story,
             kind::QUEUED,
-            serde_json::json!({"frames": positions.len(), "positions": positions, "requeued": false}),
+            serde_json::json!({
+                "frames": positions.len(), "positions": positions, "requeued": false,
+                "continue_frames": params.continue_seeds.len(),
+            }),
         ),
     )
     .await?;
@@ -536,17 +580,48 @@ fn requested_positions(spec: &GenerateSpec, count: usize) -> ApiResult<Vec<(usiz
     Ok(wanted)
 }
 
-/// Each drawn frame looks at the images of the frames before it, so every earlier frame must
+/// The seeds of the frames a continuation adds after the story's `count` frames: `seed + p`
+/// for the frame that lands at position p when a base seed is given, else fresh ones.
+fn continuation_seeds(spec: &GenerateSpec, count: usize) -> ApiResult<Vec<u64>> {
+    let n = spec.continue_frames as usize;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if count + n > MAX_CAPTIONS {
+        return Err(ApiError::invalid(
+            "too_many_captions",
+            format!(
+                "the story has {count} captions and a story has at most {MAX_CAPTIONS}; it can be \
+                 continued by at most {} more",
+                MAX_CAPTIONS.saturating_sub(count)
+            ),
+        ));
+    }
+    (count..count + n)
+        .map(|position| match spec.base_seed {
+            Some(base) if base + position as u64 > MAX_SEED => Err(ApiError::invalid(
+                "invalid_seed",
+                format!("seed + position must stay at most {MAX_SEED}; use a smaller seed"),
+            )),
+            Some(base) => Ok(base + position as u64),
+            None => Ok(rand::random::<u64>() & MAX_SEED),
+        })
+        .collect()
+}
+
+/// Each drawn frame looks at the images of the frames before it, so every frame before
+/// position `through` (the last drawn one, or the end of the story for a continuation) must
 /// be drawn by this job, already have an image, or be waiting in an earlier active job.
 async fn check_context(
     conn: &mut SqliteConnection,
     story: i64,
     frames: &[(i64, i64, String, Option<i64>, bool)],
     wanted: &[(usize, Option<u64>)],
+    through: usize,
 ) -> ApiResult<()> {
-    let Some(last) = wanted.last().map(|w| w.0) else {
+    if through == 0 {
         return Ok(());
-    };
+    }
     let pending: Vec<i64> = sqlx::query_scalar(&format!(
         "SELECT DISTINCT jf.frame_id FROM job_frames jf JOIN jobs j ON j.id = jf.job_id
          WHERE j.story_id = ? AND j.status IN {ACTIVE} AND jf.state IN ('queued', 'running')
@@ -555,15 +630,15 @@ async fn check_context(
     .bind(story)
     .fetch_all(conn)
     .await?;
-    for (position, (frame_id, _, _, _, has_image)) in frames.iter().enumerate().take(last) {
+    for (position, (frame_id, _, _, _, has_image)) in frames.iter().enumerate().take(through) {
         let drawn_here = wanted.iter().any(|w| w.0 == position);
         if !drawn_here && !has_image && !pending.contains(frame_id) {
             return Err(ApiError::invalid(
                 "missing_context",
                 format!(
                     "frame {frame_id} (position {position}) has no image yet, and the frames after \
-                     it are drawn looking at it; include position {position} in `frames` or \
-                     generate the whole story"
+                     it are drawn (or written) looking at it; include position {position} in \
+                     `frames` or generate the whole story"
                 ),
             ));
         }

@@ -127,14 +127,6 @@ async fn touch(tx: &mut Tx<'_>, story: i64) -> ApiResult<()> {
     Ok(())
 }
 
-async fn frame_count(tx: &mut Tx<'_>, story: i64) -> ApiResult<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT COUNT(*) FROM frames WHERE story_id = ?")
-            .bind(story)
-            .fetch_one(&mut **tx)
-            .await?,
-    )
-}
 
 /// Gives an imported frame its image (already checked and re-encoded), seed and drawing
 /// options as its first version, as if drawn from its current caption after the frames
@@ -356,7 +348,23 @@ pub async fn insert_frame(
     // covers waiting for the write lock taken up front.
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     touch(&mut tx, story).await?;
-    let count = frame_count(&mut tx, story).await?;
+    insert_frame_in(&mut tx, story, caption, position).await?;
+    tx.commit().await?;
+    get(pool, story).await
+}
+
+/// Inserts a caption at `position` (default: the end) in the caller's transaction, moving the
+/// frames from there on one place down; returns the new frame's id and position.
+pub(crate) async fn insert_frame_in(
+    conn: &mut sqlx::SqliteConnection,
+    story: i64,
+    caption: &str,
+    position: Option<i64>,
+) -> ApiResult<(i64, i64)> {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM frames WHERE story_id = ?")
+        .bind(story)
+        .fetch_one(&mut *conn)
+        .await?;
     if count >= MAX_CAPTIONS as i64 {
         return Err(ApiError::invalid(
             "too_many_captions",
@@ -374,23 +382,25 @@ pub async fn insert_frame(
     sqlx::query("UPDATE frames SET position = -position - 2 WHERE story_id = ? AND position >= ?")
         .bind(story)
         .bind(position)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ? AND position < 0")
         .bind(story)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     let now = now();
-    sqlx::query("INSERT INTO frames (story_id, position, caption, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
-        .bind(story)
-        .bind(position)
-        .bind(caption)
-        .bind(&now)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    get(pool, story).await
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO frames (story_id, position, caption, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(story)
+    .bind(position)
+    .bind(caption)
+    .bind(&now)
+    .bind(&now)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((id, position))
 }
 
 async fn frame_position(tx: &mut Tx<'_>, story: i64, frame: i64) -> ApiResult<i64> {
