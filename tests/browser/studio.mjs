@@ -1,7 +1,8 @@
 // The studio flow in a real headless Chromium (playwright-core driving the system browser):
 // create two characters with portraits, write a three-caption story with a pronoun, generate
-// it and watch the frames appear, redraw one frame, open its cross-attention heatmaps, cancel
-// a run, export the ZIP, and check labels and the page at phone width. Run by tests/browser.rs against a live server:
+// it and watch the frames appear, redraw one frame, open its cross-attention heatmaps, redraw
+// the frames drawn from its old version, restore that version from the frame's history, cancel
+// a run, continue the story by a frame the model writes, export the ZIP, and check labels and the page at phone width. Run by tests/browser.rs against a live server:
 //   node tests/browser/studio.mjs BASE_URL
 // Environment: CHROMIUM (browser binary), PORTRAITS (directory with tom.png and mia.png).
 import { chromium } from "playwright-core";
@@ -165,6 +166,35 @@ try {
   await overlay.waitFor({ state: "detached" });
   assert.equal(await page.locator("#attention-1").getAttribute("aria-pressed"), "false");
 
+  step("the third frame was drawn from the old second frame: redraw the rest");
+  await page.locator("#older-context-2").waitFor();
+  assert.equal(await page.locator("#older-context-0").count(), 0);
+  assert.equal(await page.locator("#older-context-1").count(), 0);
+  const thirdSeed = (await page.locator("#frame-2 .frame-seed").innerText()).trim();
+  await page.click("#redraw-rest");
+  await page.waitForFunction(() => {
+    const li = document.querySelector("#frame-2");
+    return li && li.dataset.status === "ready" && !document.querySelector("#older-context")
+      && !document.querySelector("#older-context-2");
+  }, null, { timeout: 60_000 });
+  assert.equal((await page.locator("#frame-2 .frame-seed").innerText()).trim(), thirdSeed,
+               "redrawn with its own seed: only the context changed");
+
+  step("frame history: the second frame's two versions, and the first restored");
+  assert.equal((await page.locator("#history-1").innerText()).trim(), "History (2)");
+  await page.click("#history-1");
+  await page.locator("h1", { hasText: "History of frame 2" }).waitFor();
+  assert.equal(await page.locator("ol.versions li.version").count(), 2);
+  assert.equal(await page.locator("ol.versions li.version.current").count(), 1);
+  const oldSeed = (await page.locator("ol.versions li.version:not(.current) .version-seed").innerText()).trim();
+  assert.equal(oldSeed, seedBefore, "the first version keeps its seed");
+  await page.locator("ol.versions li.version:not(.current) button", { hasText: "Restore" }).click();
+  await page.locator("#frame-1").waitFor();
+  assert.equal((await page.locator("#frame-1 .frame-seed").innerText()).trim(), seedBefore);
+  // Frame 3 was drawn from the version just replaced.
+  await page.locator("#older-context-2").waitFor();
+  await page.locator("#older-context", { hasText: "Frame 3 was drawn from an older" }).waitFor();
+
   step("cancel a running generation; finished frames stay");
   await page.fill("#generate-steps", "200");
   await page.click("#generate-story");
@@ -174,6 +204,19 @@ try {
   await page.click("#cancel-job");
   await page.locator("#generate-status", { hasText: "Cancelled" }).waitFor({ timeout: 60_000 });
   assert.equal(await page.locator("#frames-strip li.frame a.frame-open img").count(), 3);
+
+  step("continue the story: the model writes a fourth caption and draws it");
+  await page.locator("#generate-story").waitFor();
+  await page.fill("#generate-steps", "5");
+  await page.fill("#continue-frames", "1");
+  await page.click("#continue-story");
+  await page.waitForFunction(
+    () => document.querySelectorAll("#frames-strip li.frame a.frame-open img").length === 4
+      && document.querySelector("#frame-3")?.dataset.status === "ready",
+    null, { timeout: 60_000 });
+  await page.locator("#generate-status", { hasText: "Done" }).waitFor();
+  await page.waitForFunction(() => document.querySelectorAll("#caption-list li.caption-item").length === 4);
+  assert.ok((await page.locator("#frame-3 figcaption").innerText()).trim().length > 3, "a written caption");
 
   step("export the ZIP");
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export-zip")]);
@@ -191,12 +234,12 @@ try {
   await page.locator("#highlight-new .note-truncated", { hasText: "reads only the first 77" }).waitFor();
   assert.equal(await page.inputValue("#new-caption"), long, "nothing is cut from what was typed");
   await page.locator("#new-caption").press("Enter");
-  await page.locator("#frames-strip li.frame").nth(3).waitFor();
+  await page.locator("#frames-strip li.frame").nth(4).waitFor();
   // Unclamped, 840 characters in a 13rem card are about 30 lines; clamped, 4.
   const captionHeights = await page.$$eval("#frames-strip li.frame figcaption",
     (els) => els.map((el) => el.getBoundingClientRect().height));
   assert.ok(Math.max(...captionHeights) < 130, `caption heights ${captionHeights}`);
-  assert.equal(await page.locator("#frames-strip li.frame").nth(3).locator("figcaption").getAttribute("title"), long);
+  assert.equal(await page.locator("#frames-strip li.frame").nth(4).locator("figcaption").getAttribute("title"), long);
 
   step("every form control has a label; the page fits a phone");
   const unlabelled = await page.$$eval("input:not([type=hidden]), select, textarea, button", (els) =>
