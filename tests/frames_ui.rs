@@ -409,11 +409,14 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip() {
 
 /// The versions of a frame, newest first.
 async fn versions(server: &Server, story: i64, frame: i64) -> Vec<Value> {
-    get_ok(server, &format!("/api/stories/{story}/frames/{frame}/versions"))
-        .await
-        .as_array()
-        .unwrap()
-        .clone()
+    get_ok(
+        server,
+        &format!("/api/stories/{story}/frames/{frame}/versions"),
+    )
+    .await
+    .as_array()
+    .unwrap()
+    .clone()
 }
 
 fn flags(frames: &[Value]) -> Vec<bool> {
@@ -453,23 +456,39 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
     let list = versions(&server, id, f0).await;
     assert_eq!(list.len(), 2);
     assert_eq!(
-        (list[0]["current"].clone(), list[0]["seed"].clone(), list[0]["job_id"].clone()),
+        (
+            list[0]["current"].clone(),
+            list[0]["seed"].clone(),
+            list[0]["job_id"].clone()
+        ),
         (json!(true), json!(99), json!(job))
     );
     assert_eq!(list[0]["options"]["steps"], 3);
     assert_eq!(list[0]["options"]["guidance_scale"], 2.5);
     assert_eq!(after[0]["version_id"], list[0]["id"]);
-    assert_eq!((list[1]["current"].clone(), list[1]["seed"].clone()), (json!(false), json!(7)));
+    assert_eq!(
+        (list[1]["current"].clone(), list[1]["seed"].clone()),
+        (json!(false), json!(7))
+    );
     assert_eq!(list[1]["options"]["steps"], 2);
     assert_eq!(list[1]["caption"], "Tom walks.");
     let old_version = list[1]["id"].as_i64().unwrap();
     let new_version = list[0]["id"].as_i64().unwrap();
-    assert_eq!(get_png(&server, list[1]["image_url"].as_str().unwrap()).await, old_image);
-    assert_ne!(get_png(&server, list[0]["image_url"].as_str().unwrap()).await, old_image);
+    assert_eq!(
+        get_png(&server, list[1]["image_url"].as_str().unwrap()).await,
+        old_image
+    );
+    assert_ne!(
+        get_png(&server, list[0]["image_url"].as_str().unwrap()).await,
+        old_image
+    );
 
     // The strip says so, with "Redraw the rest" from frame 2, and links every frame's history.
     let strip = get_text(&server, &format!("/ui/stories/{id}/frames")).await;
-    assert!(strip.contains("Frames 2 and 3 were drawn from an older"), "{strip}");
+    assert!(
+        strip.contains("Frames 2 and 3 were drawn from an older"),
+        "{strip}"
+    );
     assert!(strip.contains(&format!("action=\"/ui/stories/{id}/frames/1/redraw-rest\"")));
     assert!(strip.contains("id=\"older-context-1\"") && strip.contains("id=\"older-context-2\""));
     assert!(!strip.contains("id=\"older-context-0\""));
@@ -478,7 +497,10 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
     let page = get_text(&server, &format!("/stories/{id}/frames/{f0}/history")).await;
     assert!(page.contains("History of frame 1"));
     assert!(page.contains(&format!("id=\"restore-{old_version}\"")));
-    assert!(!page.contains(&format!("id=\"restore-{new_version}\"")), "the current one");
+    assert!(
+        !page.contains(&format!("id=\"restore-{new_version}\"")),
+        "the current one"
+    );
     assert!(page.contains("3 steps, guidance 2.5, pndm"));
 
     // While a job of the story waits or runs, the history stays as it is.
@@ -499,7 +521,11 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::CONFLICT);
-    assert!(response.text().await.unwrap().contains("The version was not restored: Job"));
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("The version was not restored: Job"));
     http()
         .post(server.at(&format!("/api/jobs/{busy}/cancel")))
         .send()
@@ -521,12 +547,18 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    assert_eq!(response.headers()["location"], format!("/stories/{id}#frame-0"));
+    assert_eq!(
+        response.headers()["location"],
+        format!("/stories/{id}#frame-0")
+    );
     let restored = frames(&server, id).await;
     assert_eq!(restored[0]["seed"], 7);
     assert_eq!(restored[0]["version_id"], old_version);
     assert_eq!(restored[0]["status"], "ready");
-    assert_eq!(get_png(&server, restored[0]["image_url"].as_str().unwrap()).await, old_image);
+    assert_eq!(
+        get_png(&server, restored[0]["image_url"].as_str().unwrap()).await,
+        old_image
+    );
     assert_eq!(heatmaps(&server, id, &restored[0]).await, old_maps);
     let untouched = restored[1]["versions"] == 1 && restored[2]["versions"] == 1;
     if untouched {
@@ -535,7 +567,9 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
 
     // The current version cannot be deleted; another can.
     let response = http()
-        .delete(server.at(&format!("/api/stories/{id}/frames/{f0}/versions/{old_version}")))
+        .delete(server.at(&format!(
+            "/api/stories/{id}/frames/{f0}/versions/{old_version}"
+        )))
         .send()
         .await
         .unwrap();
@@ -560,7 +594,12 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
 
     // Redraw frame 1 again, then "Redraw the rest" (a plain form): frames 2 and 3 are drawn
     // again with their own seeds, from the new frame 1, and nothing is out of date.
-    let job = generate(&server, id, json!({"frames": [{"position": 0, "seed": 5}], "steps": 2})).await;
+    let job = generate(
+        &server,
+        id,
+        json!({"frames": [{"position": 0, "seed": 5}], "steps": 2}),
+    )
+    .await;
     wait_job(&server, job, "succeeded").await;
     let before_rest = frames(&server, id).await;
     assert_eq!(flags(&before_rest), [false, true, true]);
@@ -602,5 +641,8 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
         .await
         .unwrap();
     assert!(response.status().is_success());
-    assert_eq!(flags(&frames(&server, id).await), [false, false, false, true]);
+    assert_eq!(
+        flags(&frames(&server, id).await),
+        [false, false, false, true]
+    );
 }

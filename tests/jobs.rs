@@ -950,7 +950,12 @@ async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_onc
 
     // Every frame needs its image before the model can read the story.
     let response = post_generate(&server, story_id, json!({"continue_frames": 2})).await;
-    problem(response, StatusCode::UNPROCESSABLE_ENTITY, "missing_context").await;
+    problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "missing_context",
+    )
+    .await;
     for (body, code) in [
         (json!({"continue_frames": 0}), "invalid_continue"),
         (json!({"continue_frames": 11}), "invalid_continue"),
@@ -980,7 +985,11 @@ async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_onc
     let head = events.until("caption").await;
     let first = head.last().unwrap().data.clone();
     assert_eq!(
-        (first["position"].clone(), first["story_position"].clone(), first["seed"].clone()),
+        (
+            first["position"].clone(),
+            first["story_position"].clone(),
+            first["seed"].clone()
+        ),
         (json!(2), json!(2), json!(22))
     );
     events.until("frame").await;
@@ -1009,7 +1018,12 @@ async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_onc
         .filter(|e| e.name == "caption")
         .map(|e| e.data["caption"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(written.len(), 3, "each caption written once: {:?}", names(&all));
+    assert_eq!(
+        written.len(),
+        3,
+        "each caption written once: {:?}",
+        names(&all)
+    );
     let mut positions: Vec<i64> = all
         .iter()
         .filter(|e| e.name == "frame")
@@ -1051,7 +1065,10 @@ async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
         }
     }
     let manifest = std::fs::read_to_string(common::shared_bundle().join("bundle.toml")).unwrap();
-    assert!(manifest.trim_end().ends_with("scheduler = \"pndm\""), "[sampling] comes last");
+    assert!(
+        manifest.trim_end().ends_with("scheduler = \"pndm\""),
+        "[sampling] comes last"
+    );
     std::fs::write(
         bundle.join("bundle.toml"),
         format!("{manifest}sizes = [[128, 64]]\n"),
@@ -1071,7 +1088,10 @@ async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
         json!({"steps": 2, "width": 128, "height": 64}),
     )
     .await;
-    assert_eq!((job["width"].clone(), job["height"].clone()), (json!(128), json!(64)));
+    assert_eq!(
+        (job["width"].clone(), job["height"].clone()),
+        (json!(128), json!(64))
+    );
     wait_job(&server, job["id"].as_i64().unwrap(), "succeeded").await;
     for png in images_of(&server, story_id).await {
         let image = image::load_from_memory(&png).unwrap();
@@ -1079,12 +1099,19 @@ async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
     }
     let story = get_ok(&server, &format!("/api/stories/{story_id}")).await;
     let frame = story["frames"][0]["id"].as_i64().unwrap();
-    let versions = get_ok(&server, &format!("/api/stories/{story_id}/frames/{frame}/versions")).await;
+    let versions = get_ok(
+        &server,
+        &format!("/api/stories/{story_id}/frames/{frame}/versions"),
+    )
+    .await;
     assert_eq!(versions[0]["options"]["width"], 128);
     assert_eq!(versions[0]["options"]["height"], 64);
     // The panel offers the sizes.
     let panel = common::get_text(&server, &format!("/ui/stories/{story_id}/generate-panel")).await;
-    assert!(panel.contains("<option value=\"128x64\">128x64</option>"), "{panel}");
+    assert!(
+        panel.contains("<option value=\"128x64\">128x64</option>"),
+        "{panel}"
+    );
 
     // A manifest size that is not a multiple of 64 pixels is refused at start with its name.
     drop(server);
@@ -1106,5 +1133,8 @@ async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("100x64") && stderr.contains("multiple of 64"), "{stderr}");
+    assert!(
+        stderr.contains("100x64") && stderr.contains("multiple of 64"),
+        "{stderr}"
+    );
 }

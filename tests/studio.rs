@@ -1827,7 +1827,10 @@ async fn a_story_zip_reproduces_the_story_and_imports_back() {
         assert_eq!(after["older_context"], false);
         let versions = get_json(
             &other,
-            &format!("/api/stories/{}/frames/{}/versions", imported["id"], after["id"]),
+            &format!(
+                "/api/stories/{}/frames/{}/versions",
+                imported["id"], after["id"]
+            ),
         )
         .await;
         assert_eq!(versions[0]["options"]["steps"], 3);

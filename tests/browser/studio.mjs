@@ -207,7 +207,10 @@ try {
 
   step("continue the story: the model writes a fourth caption and draws it");
   await page.locator("#generate-story").waitFor();
+  assert.match(await page.locator("#generate-size-note").innerText(), /64x64 pixels: the only size/);
   await page.fill("#generate-steps", "5");
+  await page.selectOption("#generate-scheduler", "ddim");
+  await page.fill("#generate-negative", "blurry");
   await page.fill("#continue-frames", "1");
   await page.click("#continue-story");
   await page.waitForFunction(
@@ -217,6 +220,14 @@ try {
   await page.locator("#generate-status", { hasText: "Done" }).waitFor();
   await page.waitForFunction(() => document.querySelectorAll("#caption-list li.caption-item").length === 4);
   assert.ok((await page.locator("#frame-3 figcaption").innerText()).trim().length > 3, "a written caption");
+  // Its history records the panel's options.
+  await page.click("#history-3");
+  await page.locator("h1", { hasText: "History of frame 4" }).waitFor();
+  const recipe = await page.locator("ol.versions li.version.current").innerText();
+  assert.match(recipe, /5 steps, guidance [\d.]+, ddim/);
+  assert.match(recipe, /Negative prompt\s+blurry/);
+  await page.goBack();
+  await page.locator("#frame-3").waitFor();
 
   step("export the ZIP");
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export-zip")]);

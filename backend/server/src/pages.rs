@@ -25,8 +25,8 @@ use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult};
 use crate::images::normalize_portrait_bounded;
 use crate::store::characters::{self, Character, CharacterChanges, Pronoun};
-use crate::store::{frame_media, frame_versions};
 use crate::store::stories::{self, StorySummary};
+use crate::store::{frame_media, frame_versions};
 use crate::{validate, AppState};
 
 const HTMX_JS: &[u8] = include_bytes!(concat!(

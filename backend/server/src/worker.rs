@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use models::clip::ClipTokenizer;
 use models::pipeline::{
-    CharacterInput, Decoding, FrameRequest, GenerateOptions, PipelineEvent, StoryInput, StoryPipeline,
+    CharacterInput, Decoding, FrameRequest, GenerateOptions, PipelineEvent, StoryInput,
+    StoryPipeline,
 };
 use sqlx::SqlitePool;
 use tokio::runtime::Handle;
@@ -493,7 +494,10 @@ impl Ctx {
                 )
             };
             let bytes = self
-                .block_on(store::frame_image(&self.pool, job.params.frame_ids[position]))?
+                .block_on(store::frame_image(
+                    &self.pool,
+                    job.params.frame_ids[position],
+                ))?
                 .with_context(missing)?;
             *slot = Some(
                 image::load_from_memory(&bytes)

@@ -13,10 +13,10 @@ use axum::Router;
 
 use super::{form_field, frames_strip_with, is_htmx, sentence, StripNotice};
 use crate::api::jobs::{queue, FrameChoice, GenerateRequest, SeededFrame};
-use crate::store::jobs::Job;
-use crate::store::stories;
 use crate::api::ApiPath;
 use crate::error::{ApiError, ApiResult};
+use crate::store::jobs::Job;
+use crate::store::stories;
 use crate::AppState;
 
 pub(super) fn router() -> Router<AppState> {
@@ -122,16 +122,14 @@ async fn answer(
     failure: &str,
 ) -> ApiResult<Response> {
     let (notice, status, retry_after) = match queued {
-        Ok((job, _)) => {
-            (
-                StripNotice {
-                    text: success(&job),
-                    error: false,
-                },
-                StatusCode::OK,
-                false,
-            )
-        }
+        Ok((job, _)) => (
+            StripNotice {
+                text: success(&job),
+                error: false,
+            },
+            StatusCode::OK,
+            false,
+        ),
         // An unknown story is the one error with no strip to show it in.
         Err(e) if e.status == StatusCode::NOT_FOUND || e.status.is_server_error() => return Err(e),
         Err(e) => (
@@ -143,7 +141,7 @@ async fn answer(
             e.code == "queue_full",
         ),
     };
-    if !is_htmx(&headers) {
+    if !is_htmx(headers) {
         if status.is_success() {
             return Ok(Redirect::to(&format!("/stories/{id}#frame-{position}")).into_response());
         }

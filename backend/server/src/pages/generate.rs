@@ -268,8 +268,7 @@ async fn start(
         let continuing = form_field(&body, "action").as_deref() == Some("continue");
         let continue_frames = if continuing {
             Some(
-                parse_number(&body, "continue_frames", "the number of frames to add")?
-                    .unwrap_or(1),
+                parse_number(&body, "continue_frames", "the number of frames to add")?.unwrap_or(1),
             )
         } else {
             None

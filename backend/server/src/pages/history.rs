@@ -153,7 +153,10 @@ async fn refused(
 ) -> ApiResult<Response> {
     if error.status == StatusCode::NOT_FOUND && error.code == "not_found" {
         // The version may be gone while the frame is not: show the page if it still exists.
-        if frame_versions::list(&state.pool, id, frame_id).await.is_err() {
+        if frame_versions::list(&state.pool, id, frame_id)
+            .await
+            .is_err()
+        {
             return Err(error);
         }
     } else if error.status.is_server_error() {
@@ -193,9 +196,9 @@ async fn delete(
     ApiPath((id, frame_id, version)): ApiPath<(i64, i64, i64)>,
 ) -> ApiResult<Response> {
     match frame_versions::delete(&state.pool, id, frame_id, version).await {
-        Ok(()) => Ok(
-            Redirect::to(&format!("/stories/{id}/frames/{frame_id}/history")).into_response(),
-        ),
+        Ok(()) => {
+            Ok(Redirect::to(&format!("/stories/{id}/frames/{frame_id}/history")).into_response())
+        }
         Err(e) => refused(&state, id, frame_id, "The version was not deleted", e).await,
     }
 }

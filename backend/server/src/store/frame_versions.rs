@@ -374,10 +374,18 @@ fn busy(job: i64, what: &str) -> ApiError {
     ApiError::new(
         axum::http::StatusCode::CONFLICT,
         "story_busy",
-        format!(
-            "job {job} is drawing this story; {what} once it has finished, or cancel it first"
-        ),
+        format!("job {job} is drawing this story; {what} once it has finished, or cancel it first"),
     )
+}
+
+/// A version's image with what the frame row copies of it.
+#[derive(sqlx::FromRow)]
+struct StoredImage {
+    image: Vec<u8>,
+    image_mime: String,
+    caption: Option<String>,
+    seed: Option<i64>,
+    duration_ms: Option<i64>,
 }
 
 /// Makes `version` the frame's image again (its seed, timing, drawn-from caption and heatmaps
@@ -386,17 +394,21 @@ fn busy(job: i64, what: &str) -> ApiError {
 pub async fn restore(pool: &SqlitePool, story: i64, frame: i64, version: i64) -> ApiResult<()> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     check_frame(&mut tx, story, frame).await?;
-    let row: Option<(Vec<u8>, String, Option<String>, Option<i64>, Option<i64>)> =
-        sqlx::query_as(
-            "SELECT image, image_mime, caption, seed, duration_ms FROM frame_versions
-             WHERE id = ? AND frame_id = ?",
-        )
-        .bind(version)
-        .bind(frame)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let (image, mime, caption, seed, duration_ms) =
-        row.ok_or_else(|| version_not_found(frame, version))?;
+    let row: Option<StoredImage> = sqlx::query_as(
+        "SELECT image, image_mime, caption, seed, duration_ms FROM frame_versions
+         WHERE id = ? AND frame_id = ?",
+    )
+    .bind(version)
+    .bind(frame)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let StoredImage {
+        image,
+        image_mime: mime,
+        caption,
+        seed,
+        duration_ms,
+    } = row.ok_or_else(|| version_not_found(frame, version))?;
     if let Some(job) = active_job(&mut tx, story).await? {
         return Err(busy(job, "restore a version"));
     }
@@ -484,7 +496,9 @@ mod tests {
     /// (current) version, heatmaps included, with an unknown context (never marked).
     #[tokio::test]
     async fn the_migration_makes_every_stored_image_a_first_version() {
-        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
         for sql in [
             include_str!("../../../../migrations/0001_initial.sql"),
             include_str!("../../../../migrations/0002_job_frames.sql"),
@@ -505,18 +519,27 @@ mod tests {
         .execute(&mut conn)
         .await
         .unwrap();
-        sqlx::raw_sql(include_str!("../../../../migrations/0005_frame_versions.sql"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let versions: Vec<(i64, Vec<u8>, Option<String>, Option<i64>, Option<String>)> =
+        sqlx::raw_sql(include_str!(
+            "../../../../migrations/0005_frame_versions.sql"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        type Row = (i64, Vec<u8>, Option<String>, Option<i64>, Option<String>);
+        let versions: Vec<Row> =
             sqlx::query_as("SELECT frame_id, image, caption, seed, context FROM frame_versions")
                 .fetch_all(&mut conn)
                 .await
                 .unwrap();
         assert_eq!(
             versions,
-            vec![(10, vec![0x89, 0x50, 0x4e, 0x47], Some("A.".into()), Some(7), None)]
+            vec![(
+                10,
+                vec![0x89, 0x50, 0x4e, 0x47],
+                Some("A.".into()),
+                Some(7),
+                None
+            )]
         );
         let current: Vec<(i64, Option<i64>)> =
             sqlx::query_as("SELECT id, version_id FROM frames ORDER BY id")
@@ -530,6 +553,9 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(maps, vec![(1, "Tom".to_string())]);
-        assert!(super::older_context_in(&mut conn, 1).await.unwrap().is_empty());
+        assert!(super::older_context_in(&mut conn, 1)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

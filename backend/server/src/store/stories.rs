@@ -127,7 +127,6 @@ async fn touch(tx: &mut Tx<'_>, story: i64) -> ApiResult<()> {
     Ok(())
 }
 
-
 /// Gives an imported frame its image (already checked and re-encoded), seed and drawing
 /// options as its first version, as if drawn from its current caption after the frames
 /// imported before it.
