@@ -226,7 +226,8 @@ try {
   const recipe = await page.locator("ol.versions li.version.current").innerText();
   assert.match(recipe, /5 steps, guidance [\d.]+, ddim/);
   assert.match(recipe, /Negative prompt\s+blurry/);
-  await page.goBack();
+  // A fresh page, not the browser's Back (which may show a copy from before frame 4).
+  await page.click("a:has-text('Back to the story')");
   await page.locator("#frame-3").waitFor();
 
   step("export the ZIP");
