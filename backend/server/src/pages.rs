@@ -1112,11 +1112,12 @@ pub async fn frames_strip_with(
             // The version in the query string changes with each redraw or restore, so the
             // browser cannot keep showing the old image from its cache under the same address.
             image_url: f.has_image.then(|| {
-                format!(
-                    "/api/stories/{story_id}/frames/{}/image?v={}",
-                    f.id,
-                    f.version_id.unwrap_or_default()
-                )
+                // Images stored before the history have no version: their seed tells them apart.
+                let version = f.version_id.map_or_else(
+                    || f.seed.unwrap_or_default().to_string(),
+                    |v| format!("v{v}"),
+                );
+                format!("/api/stories/{story_id}/frames/{}/image?v={version}", f.id)
             }),
             attention_url: format!("/api/stories/{story_id}/frames/{}/attention", f.id),
             attention_count: f.attention_count,
