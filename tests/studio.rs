@@ -811,7 +811,7 @@ async fn stories_export_as_zip_gif_and_pdf() {
         json!({"position": 1, "caption": "Fred opens the door.", "status": "ready", "seed": 11,
                "duration_ms": 1500, "image": "frame-01.png", "steps": null,
                "guidance_scale": null, "scheduler": null, "bundle": null,
-               "negative_prompt": null})
+               "negative_prompt": null, "width": null, "height": null})
     );
     assert_eq!(json["frames"][1]["status"], "pending");
     assert_eq!(json["frames"][1]["image"], Value::Null);
