@@ -43,7 +43,22 @@ fn studio_flow_in_headless_chromium() {
         "node_modules/playwright-core is missing: run `npm ci` first"
     );
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path());
+    // With accounts on, as a shared server runs: the flow signs in first.
+    let password = "the browser's long password";
+    let mut add = Command::new(common::binary())
+        .args(["user", "add", "tester", "--password-stdin", "--data-dir"])
+        .arg(data.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run storygpt-v user add");
+    {
+        use std::io::Write;
+        let mut stdin = add.stdin.take().expect("stdin");
+        writeln!(stdin, "{password}").expect("write the password");
+    }
+    assert!(add.wait().expect("user add").success());
+    let server = Server::start_with(data.path(), &["--auth", "on"], &[]);
     let shot = data.path().join("failure.png");
     let out = Command::new("node")
         .arg(root.join("tests/browser/studio.mjs"))
@@ -52,6 +67,8 @@ fn studio_flow_in_headless_chromium() {
         .env("CHROMIUM", &browser)
         .env("PORTRAITS", root.join("examples/story/portraits"))
         .env("SCREENSHOT", &shot)
+        .env("STUDIO_USER", "tester")
+        .env("STUDIO_PASSWORD", password)
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -24,8 +24,24 @@ page.setDefaultTimeout(30_000);
 const pageErrors = [];
 page.on("pageerror", (e) => pageErrors.push(String(e)));
 
+// Content-Security-Policy violations are script errors too: the studio must need no inline code.
+page.on("console", (msg) => {
+  if (msg.type() === "error" && /Content Security Policy/i.test(msg.text())) pageErrors.push(msg.text());
+});
+
 try {
+  step("sign in: the studio sends to the login page and back");
   await page.goto(base + "/");
+  await page.locator("#login-name").waitFor();
+  assert.match(page.url(), /\/login\?next=%2F$/);
+  await page.fill("#login-name", process.env.STUDIO_USER);
+  await page.fill("#login-password", "not the password");
+  await page.click("#login-submit");
+  await page.locator("#login-error", { hasText: "do not match" }).waitFor();
+  await page.fill("#login-password", process.env.STUDIO_PASSWORD);
+  await page.click("#login-submit");
+  await page.locator("#add-character").waitFor();
+  assert.equal(new URL(page.url()).pathname, "/");
 
   step("a refused name stops being marked wrong once it is typed");
   await page.click("#add-character");

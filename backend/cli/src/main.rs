@@ -44,6 +44,9 @@ enum Command {
     /// evaluation classifier's feature space and CLIP similarity per system and story length;
     /// writes results.json and results.md (see docs/EVALUATION.md).
     Eval(commands::eval::EvalArgs),
+    /// Local accounts of the service (for `serve --auth on`): `user add NAME`, `user list`,
+    /// `user token NAME` (an API token, printed once).
+    User(commands::user::UserArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),
+        Command::User(args) => commands::user::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::Toyworld(args) => commands::toyworld::run(args),
         Command::Component(args) => commands::component::run(args),

@@ -73,6 +73,14 @@ pub struct FileConfig {
     pub shutdown_grace_s: Option<u64>,
     /// Host names (optionally with a port) requests may be addressed to; `*`: any.
     pub allowed_hosts: Option<Vec<String>>,
+    /// `on`: accounts, sessions and API tokens; `off` (default): one local person, no login.
+    pub auth: Option<crate::auth::AuthMode>,
+    /// Serve beyond loopback with auth off (anyone who reaches the port can do anything).
+    pub allow_public_without_auth: Option<bool>,
+    /// Jobs one user may have queued or running at once (auth on).
+    pub user_max_queued_jobs: Option<i64>,
+    /// MiB of portraits and frame images one user may store (auth on).
+    pub user_max_storage_mb: Option<i64>,
 }
 
 impl FileConfig {
@@ -118,6 +126,10 @@ pub struct ServeConfig {
     /// when a connection opens), so that writes fail as on a full disk. No flag or config key
     /// sets it: the tests use it to check how a full disk is answered without needing root.
     pub database_page_limit: Option<u32>,
+    /// Whether requests must sign in.
+    pub auth: crate::auth::AuthMode,
+    /// Per-user limits (auth on).
+    pub quotas: crate::auth::Quotas,
 }
 
 /// Values given explicitly (flags or environment, already resolved by the CLI); each wins
@@ -158,6 +170,10 @@ impl ServeConfig {
             header_read_timeout_s,
             shutdown_grace_s,
             allowed_hosts,
+            auth,
+            allow_public_without_auth,
+            user_max_queued_jobs,
+            user_max_storage_mb,
         } = explicit;
         let bind_text = bind
             .or(file.bind)
@@ -195,6 +211,32 @@ impl ServeConfig {
         let shutdown_grace = shutdown_grace_s
             .or(file.shutdown_grace_s)
             .map_or(DEFAULT_SHUTDOWN_GRACE, std::time::Duration::from_secs);
+        let auth = auth.or(file.auth).unwrap_or_default();
+        let allow_public = allow_public_without_auth
+            .or(file.allow_public_without_auth)
+            .unwrap_or(false);
+        if auth == crate::auth::AuthMode::Off && !bind.ip().is_loopback() && !allow_public {
+            bail!(
+                "refusing to listen on {bind} with auth off: anyone who can reach that address \
+                 could read every portrait and story, queue work and delete everything. Turn \
+                 accounts on (--auth on, STORYGPT_AUTH=on; make the first user with \
+                 `storygpt-v user add NAME`), listen on a loopback address such as \
+                 127.0.0.1:8080, or, on a network you trust, pass --allow-public-without-auth"
+            );
+        }
+        let max_queued_jobs = user_max_queued_jobs
+            .or(file.user_max_queued_jobs)
+            .unwrap_or(crate::auth::DEFAULT_USER_MAX_QUEUED_JOBS);
+        let max_storage_mb = user_max_storage_mb
+            .or(file.user_max_storage_mb)
+            .unwrap_or(crate::auth::DEFAULT_USER_MAX_STORAGE_MB);
+        if max_queued_jobs < 1 || max_storage_mb < 1 {
+            bail!("user_max_queued_jobs and user_max_storage_mb must be at least 1");
+        }
+        let quotas = crate::auth::Quotas {
+            max_queued_jobs,
+            max_storage_bytes: max_storage_mb.saturating_mul(1024 * 1024),
+        };
         let allowed_hosts = match allowed_hosts.or(file.allowed_hosts) {
             Some(list) => AllowedHosts::parse(&list)?,
             None => AllowedHosts::default_for(bind),
@@ -219,6 +261,8 @@ impl ServeConfig {
             shutdown_grace,
             allowed_hosts,
             database_page_limit: None,
+            auth,
+            quotas,
         })
     }
 
@@ -308,8 +352,12 @@ mod tests {
         assert!(loopback.allowed_hosts.allows("[::1]:1"));
         assert!(!loopback.allowed_hosts.allows("evil.example"));
         assert!(!loopback.allowed_hosts.allows("evil.example:8080"));
-        let open =
-            ServeConfig::resolve(Some("0.0.0.0:0".into()), None, FileConfig::default()).unwrap();
+        let public = Overrides {
+            bind: Some("0.0.0.0:0".into()),
+            auth: Some(crate::auth::AuthMode::On),
+            ..Overrides::default()
+        };
+        let open = ServeConfig::resolve_with(public, FileConfig::default()).unwrap();
         assert_eq!(open.allowed_hosts, AllowedHosts::Any);
         // The flag (or environment) wins over the file; `*` allows any.
         let dir = tempfile::tempdir().unwrap();
@@ -336,6 +384,33 @@ mod tests {
         };
         let err = ServeConfig::resolve_with(url, FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("http://a.example/"), "{err}");
+    }
+
+    #[test]
+    fn auth_off_refuses_to_listen_beyond_loopback_unless_told() {
+        let err = ServeConfig::resolve(Some("0.0.0.0:8080".into()), None, FileConfig::default())
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("with auth off") && text.contains("--auth on"),
+            "{text}"
+        );
+        assert!(text.contains("--allow-public-without-auth"), "{text}");
+        let told = Overrides {
+            bind: Some("0.0.0.0:8080".into()),
+            allow_public_without_auth: Some(true),
+            ..Overrides::default()
+        };
+        assert!(ServeConfig::resolve_with(told, FileConfig::default()).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "bind = \"0.0.0.0:8080\"\nauth = \"on\"\n").unwrap();
+        let cfg = ServeConfig::resolve_with(Overrides::default(), FileConfig::load(&path).unwrap())
+            .unwrap();
+        assert_eq!(cfg.auth, crate::auth::AuthMode::On);
+        // Loopback stays open to the one local person.
+        let cfg = ServeConfig::resolve(None, None, FileConfig::default()).unwrap();
+        assert_eq!(cfg.auth, crate::auth::AuthMode::Off);
     }
 
     #[test]

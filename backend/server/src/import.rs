@@ -233,8 +233,12 @@ async fn checked(bytes: Vec<u8>, what: &str) -> ApiResult<NormalizedImage> {
 /// (case-insensitive) when there is one, else a new character with the archive's portrait;
 /// frames get their images and seeds back. Images are checked and re-encoded as uploads are,
 /// all before anything is written.
-pub async fn store(pool: &SqlitePool, story: ImportedStory) -> ApiResult<Story> {
-    let library = characters::all(pool).await?;
+pub async fn store(
+    pool: &SqlitePool,
+    owner: crate::auth::Owner,
+    story: ImportedStory,
+) -> ApiResult<Story> {
+    let library = characters::all(pool, owner).await?;
     enum CastChoice {
         Existing(i64),
         New(String, Pronoun, NormalizedImage),
@@ -274,11 +278,13 @@ pub async fn store(pool: &SqlitePool, story: ImportedStory) -> ApiResult<Story> 
         ids.push(match choice {
             CastChoice::Existing(id) => id,
             CastChoice::New(name, pronoun, image) => {
-                characters::create(pool, &name, pronoun, &image).await?.id
+                characters::create(pool, owner, &name, pronoun, &image)
+                    .await?
+                    .id
             }
         });
     }
-    let created = stories::create(pool, &story.title, &story.captions, &ids).await?;
+    let created = stories::create(pool, owner, &story.title, &story.captions, &ids).await?;
     for (frame, image) in created.frames.iter().zip(images) {
         if let Some((image, seed, options)) = image {
             stories::import_frame_image(pool, created.id, frame.id, &image, seed, options.as_ref())

@@ -5,6 +5,7 @@
 //! Handlers stay thin: they parse, call a `store` function and map the result.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// The `Host` names requests may be addressed to.
     pub allowed_hosts: Arc<surface::AllowedHosts>,
+    /// Whether requests must sign in.
+    pub auth: auth::AuthMode,
 }
 
 /// Settings of the job queue and its event streams.
@@ -65,6 +68,8 @@ pub struct JobSettings {
     pub heartbeat: Duration,
     /// Seconds a client is told to wait (Retry-After) when the queue is full.
     pub retry_after_secs: u64,
+    /// Per-user limits on queued jobs and stored bytes.
+    pub quotas: auth::Quotas,
 }
 
 /// The whole HTTP application.
@@ -77,9 +82,19 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(api::health::readyz))
         .route("/openapi.json", get(api::openapi::document))
         .route("/docs", get(api::openapi::page))
+        // After routing, before the handler: another user's story, character or job is 404.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::owns_path,
+        ))
         .fallback(|| async {
             crate::pages::error_page(StatusCode::NOT_FOUND, "there is no page at this address")
         })
+        // Who the request acts for (and the cross-site check), before routing.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         // Inside the tracing and request-id layers, so refusals and rewritten errors are
         // logged and carry an x-request-id like any answer.
         .layer(axum::middleware::from_fn_with_state(
@@ -89,6 +104,25 @@ pub fn app(state: AppState) -> Router {
         .layer(SetResponseHeaderLayer::if_not_present(
             header::HeaderName::from_static("x-frame-options"),
             HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        ))
+        // Scripts and styles only from the service's own files: no inline script can run, so
+        // markup that slipped through escaping cannot act. Images also as data: URLs (the live
+        // previews) and blobs (the portrait preview before upload).
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'self'; script-src 'self'; style-src 'self'; \
+                 img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; \
+                 base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+            ),
         ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
@@ -186,9 +220,11 @@ pub async fn serve(
             queue_capacity: config.queue_capacity,
             heartbeat: config.sse_heartbeat,
             retry_after_secs: 10,
+            quotas: config.quotas,
         }),
         stop: stop_rx.clone(),
         allowed_hosts: Arc::new(config.allowed_hosts.clone()),
+        auth: config.auth,
     };
     run_http(
         listener,
@@ -253,7 +289,16 @@ async fn run_http(
                 }
             },
         };
-        let service = TowerToHyperService::new(app.clone());
+        // The client's address, for login throttling (`auth::client_address`).
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(remote));
+                request
+            },
+        ));
         let mut draining = draining_rx.clone();
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();

@@ -4,6 +4,7 @@
 //! a refused form is rendered again with the messages next to its fields); with HTMX loaded
 //! they swap just the section that changed and show the same messages in place.
 
+mod account;
 mod draft;
 mod forms;
 mod frames;
@@ -21,6 +22,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::api::ApiPath;
+use crate::auth::{Owner, Principal};
 use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult};
 use crate::images::normalize_portrait_bounded;
@@ -63,6 +65,7 @@ pub fn router() -> Router<AppState> {
                 crate::import::MAX_ARCHIVE_BYTES,
             )),
         )
+        .merge(account::router())
         .merge(story::router())
         .merge(draft::router())
         .merge(starter::router())
@@ -351,11 +354,17 @@ fn form_field(body: &[u8], name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-async fn all_stories(state: &AppState) -> ApiResult<Vec<StorySummary>> {
+async fn all_stories(state: &AppState, owner: Owner) -> ApiResult<Vec<StorySummary>> {
     let mut out = Vec::new();
     let mut cursor = None;
     loop {
-        let page = stories::list(&state.pool, cursor.as_deref(), crate::store::MAX_PAGE).await?;
+        let page = stories::list(
+            &state.pool,
+            owner,
+            cursor.as_deref(),
+            crate::store::MAX_PAGE,
+        )
+        .await?;
         out.extend(page.items);
         match page.next_cursor {
             Some(next) => cursor = Some(next),
@@ -384,13 +393,14 @@ async fn with_draft_notes(
 
 async fn page(
     state: &AppState,
+    owner: Owner,
     chars: CharactersInput,
     story_form: StoryFormState,
     status: StatusCode,
 ) -> ApiResult<Response> {
-    let characters = characters::all(&state.pool).await?;
+    let characters = characters::all(&state.pool, owner).await?;
     let story_form = with_draft_notes(state, story_form, &characters).await?;
-    let stories = all_stories(state).await?;
+    let stories = all_stories(state, owner).await?;
     Ok(render(
         IndexPage {
             cards: cards(&characters, chars.rename),
@@ -406,9 +416,10 @@ async fn page(
     ))
 }
 
-async fn index(State(state): State<AppState>) -> ApiResult<Response> {
+async fn index(State(state): State<AppState>, principal: Principal) -> ApiResult<Response> {
     page(
         &state,
+        principal.owner(),
         CharactersInput::default(),
         StoryFormState::default(),
         StatusCode::OK,
@@ -420,6 +431,7 @@ async fn index(State(state): State<AppState>) -> ApiResult<Response> {
 /// messages (refused); with HTMX the characters section.
 async fn characters_view(
     state: &AppState,
+    owner: Owner,
     headers: &HeaderMap,
     input: CharactersInput,
     status: StatusCode,
@@ -429,9 +441,9 @@ async fn characters_view(
         if status.is_success() {
             return Ok(Redirect::to(&format!("/{anchor}")).into_response());
         }
-        return page(state, input, StoryFormState::default(), status).await;
+        return page(state, owner, input, StoryFormState::default(), status).await;
     }
-    let characters = characters::all(&state.pool).await?;
+    let characters = characters::all(&state.pool, owner).await?;
     let mut response = render(
         CharactersSection {
             cards: cards(&characters, input.rename),
@@ -568,6 +580,7 @@ fn name_taken_message(name: &str) -> String {
 
 async fn add_character(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult<Response> {
@@ -576,7 +589,7 @@ async fn add_character(
     form.name = upload.name.clone();
     form.pronoun = upload.pronoun.clone();
     // Every field is checked, so one answer lists every problem.
-    let existing = characters::all(&state.pool).await?;
+    let existing = characters::all(&state.pool, principal.owner()).await?;
     let not_utf8 = |field: &str| upload.invalid_utf8.iter().any(|f| f == field);
     let name = match validate::name(&upload.name) {
         _ if not_utf8("name") => {
@@ -622,7 +635,17 @@ async fn add_character(
     if let (Some(name), Some(pronoun), Some(image), false) =
         (name, pronoun, image, form.has_errors())
     {
-        match characters::create(&state.pool, &name, pronoun, &image).await {
+        let quota = state.settings.quotas;
+        let created = match quota
+            .check_storage(&state.pool, principal.owner(), image.bytes.len())
+            .await
+        {
+            Ok(()) => {
+                characters::create(&state.pool, principal.owner(), &name, pronoun, &image).await
+            }
+            Err(e) => Err(e),
+        };
+        match created {
             Ok(c) => {
                 status_text = format!("Added {}.", c.name);
                 anchor = format!("#character-{}", c.id);
@@ -634,6 +657,7 @@ async fn add_character(
     let refused = form.has_errors();
     let mut response = characters_view(
         &state,
+        principal.owner(),
         &headers,
         CharactersInput {
             form: if refused {
@@ -662,11 +686,12 @@ async fn add_character(
 
 async fn rename_character(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     ApiPath(id): ApiPath<i64>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let existing = characters::all(&state.pool).await?;
+    let existing = characters::all(&state.pool, principal.owner()).await?;
     let Some(current) = existing.iter().find(|c| c.id == id) else {
         return Err(ApiError::not_found("character", id));
     };
@@ -730,6 +755,7 @@ async fn rename_character(
                 }
                 return characters_view(
                     &state,
+                    principal.owner(),
                     &headers,
                     CharactersInput {
                         status,
@@ -746,6 +772,7 @@ async fn rename_character(
     }
     characters_view(
         &state,
+        principal.owner(),
         &headers,
         CharactersInput {
             rename: Some(rename),
@@ -761,6 +788,7 @@ async fn rename_character(
 /// `portrait`), checked and normalised as an upload is.
 async fn replace_portrait(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     ApiPath(id): ApiPath<i64>,
     request: Request,
@@ -788,6 +816,15 @@ async fn replace_portrait(
         }
     };
     if let Some(image) = image {
+        state
+            .settings
+            .quotas
+            .check_storage(
+                &state.pool,
+                characters::owner_of(&state.pool, id).await?,
+                image.bytes.len(),
+            )
+            .await?;
         let changes = CharacterChanges {
             portrait: Some(image),
             ..CharacterChanges::default()
@@ -795,6 +832,7 @@ async fn replace_portrait(
         characters::update(&state.pool, id, changes).await?;
         return characters_view(
             &state,
+            principal.owner(),
             &headers,
             CharactersInput {
                 status: format!("Replaced the portrait of {}.", current.name),
@@ -812,6 +850,7 @@ async fn replace_portrait(
         .unwrap_or_default();
     characters_view(
         &state,
+        principal.owner(),
         &headers,
         CharactersInput {
             rename: Some(RenameState {
@@ -831,6 +870,7 @@ async fn replace_portrait(
 
 async fn delete_character(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Response> {
@@ -838,6 +878,7 @@ async fn delete_character(
     characters::delete(&state.pool, id).await?;
     characters_view(
         &state,
+        principal.owner(),
         &headers,
         CharactersInput {
             status: format!("Deleted {}.", character.name),
@@ -851,6 +892,7 @@ async fn delete_character(
 
 async fn stories_view(
     state: &AppState,
+    owner: Owner,
     headers: &HeaderMap,
     form: StoryFormState,
     status: StatusCode,
@@ -859,11 +901,11 @@ async fn stories_view(
         if status.is_success() && form.notice.is_empty() {
             return Ok(Redirect::to("/").into_response());
         }
-        return page(state, CharactersInput::default(), form, status).await;
+        return page(state, owner, CharactersInput::default(), form, status).await;
     }
-    let characters = characters::all(&state.pool).await?;
+    let characters = characters::all(&state.pool, owner).await?;
     let form = with_draft_notes(state, form, &characters).await?;
-    let stories = all_stories(state).await?;
+    let stories = all_stories(state, owner).await?;
     Ok(render(
         StoriesSection {
             characters,
@@ -891,6 +933,7 @@ fn parse_story_form(body: &[u8]) -> StoryFormState {
 
 async fn add_story(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -903,7 +946,7 @@ async fn add_story(
         if cast.is_empty() && !form.cast_confirmed {
             // Without portraits nothing keeps a character the same from frame to frame: say
             // so, and offer the characters the captions name, before creating anything.
-            let library = characters::all(&state.pool).await?;
+            let library = characters::all(&state.pool, principal.owner()).await?;
             let named = draft::named_characters(&lines, &library).await?;
             form.notice = if named.is_empty() {
                 "No character is cast, so the frames will show whoever the model imagines, \
@@ -927,20 +970,34 @@ async fn add_story(
             form.cast_confirmed = true;
             return Ok(None);
         }
-        stories::create(&state.pool, &title, &captions, &cast)
+        stories::create(&state.pool, principal.owner(), &title, &captions, &cast)
             .await
             .map(Some)
     }
     .await;
     match result {
-        Ok(None) => stories_view(&state, &headers, form, StatusCode::OK).await,
+        Ok(None) => stories_view(&state, principal.owner(), &headers, form, StatusCode::OK).await,
         Ok(Some(_)) => {
-            stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await
+            stories_view(
+                &state,
+                principal.owner(),
+                &headers,
+                StoryFormState::default(),
+                StatusCode::OK,
+            )
+            .await
         }
         Err(e) if e.status.is_server_error() => Err(e),
         Err(e) => {
             form.error = e.detail;
-            stories_view(&state, &headers, form, StatusCode::UNPROCESSABLE_ENTITY).await
+            stories_view(
+                &state,
+                principal.owner(),
+                &headers,
+                form,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await
         }
     }
 }
@@ -948,6 +1005,7 @@ async fn add_story(
 /// `POST /ui/stories/import`: a story archive (multipart field `archive`) as a new story.
 async fn import_story(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult<Response> {
@@ -976,7 +1034,7 @@ async fn import_story(
                 "choose a story archive (.zip) to import",
             ));
         };
-        crate::api::stories::import_archive(&state, archive).await
+        crate::api::stories::import_archive(&state, principal.owner(), archive).await
     }
     .await;
     let status = match outcome {
@@ -995,20 +1053,39 @@ async fn import_story(
             StatusCode::UNPROCESSABLE_ENTITY
         }
     };
-    stories_view(&state, &headers, form, status).await
+    stories_view(&state, principal.owner(), &headers, form, status).await
 }
 
-async fn stories_section(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await
+async fn stories_section(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    stories_view(
+        &state,
+        principal.owner(),
+        &headers,
+        StoryFormState::default(),
+        StatusCode::OK,
+    )
+    .await
 }
 
 async fn delete_story(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Response> {
     stories::delete(&state.pool, id).await?;
-    stories_view(&state, &headers, StoryFormState::default(), StatusCode::OK).await
+    stories_view(
+        &state,
+        principal.owner(),
+        &headers,
+        StoryFormState::default(),
+        StatusCode::OK,
+    )
+    .await
 }
 
 /// A frame as the strip shows it.

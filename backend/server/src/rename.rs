@@ -15,7 +15,7 @@ pub async fn caption_rewrites(
     id: i64,
     new_name: &str,
 ) -> ApiResult<Vec<CaptionRewrite>> {
-    let library = characters::all(pool).await?;
+    let library = characters::all(pool, characters::owner_of(pool, id).await?).await?;
     let mut rewrites = Vec::new();
     for story_id in stories::casting(pool, id).await? {
         let story = stories::get(pool, story_id).await?;

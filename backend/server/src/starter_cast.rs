@@ -246,11 +246,15 @@ fn no_cast() -> ApiError {
 /// Creates every cast member whose name (any case) is not in the library yet, through the
 /// same store call as an upload; the others are skipped. Each character is its own
 /// transaction, so a failure part-way keeps those already made, and a retry adds the rest.
-pub async fn add(pool: &SqlitePool, cast: &StarterCast) -> ApiResult<Added> {
+pub async fn add(
+    pool: &SqlitePool,
+    owner: crate::auth::Owner,
+    cast: &StarterCast,
+) -> ApiResult<Added> {
     if cast.is_empty() {
         return Err(no_cast());
     }
-    let existing = characters::all(pool).await?;
+    let existing = characters::all(pool, owner).await?;
     let mut added = Vec::new();
     let mut skipped = Vec::new();
     for member in cast.members() {
@@ -258,14 +262,15 @@ pub async fn add(pool: &SqlitePool, cast: &StarterCast) -> ApiResult<Added> {
             skipped.push(member.name.clone());
             continue;
         }
-        match characters::create(pool, &member.name, member.pronoun, &member.portrait).await {
+        match characters::create(pool, owner, &member.name, member.pronoun, &member.portrait).await
+        {
             Ok(character) => added.push(character),
             // Someone else added it since the list was read: it is there, which is the point.
             Err(e) if e.code == "name_taken" => skipped.push(member.name.clone()),
             Err(e) => return Err(e),
         }
     }
-    let library = characters::all(pool).await?;
+    let library = characters::all(pool, owner).await?;
     let character_ids = cast
         .members()
         .iter()
@@ -282,6 +287,7 @@ pub async fn add(pool: &SqlitePool, cast: &StarterCast) -> ApiResult<Added> {
 /// [`add`], then a story of [`EXAMPLE_CAPTIONS`] whose cast is the whole starter cast.
 pub async fn add_with_example_story(
     pool: &SqlitePool,
+    owner: crate::auth::Owner,
     cast: &StarterCast,
 ) -> ApiResult<(Added, Story)> {
     if cast.is_empty() {
@@ -297,12 +303,12 @@ pub async fn add_with_example_story(
             ),
         ));
     }
-    let added = add(pool, cast).await?;
+    let added = add(pool, owner, cast).await?;
     let title = validate::title(EXAMPLE_TITLE)?;
     let captions: Vec<String> = EXAMPLE_CAPTIONS.iter().map(|c| c.to_string()).collect();
     let captions = validate::captions(&captions)?;
     let ids = validate::cast(&added.character_ids)?;
-    let story = stories::create(pool, &title, &captions, &ids).await?;
+    let story = stories::create(pool, owner, &title, &captions, &ids).await?;
     Ok((added, story))
 }
 

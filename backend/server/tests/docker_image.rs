@@ -118,6 +118,9 @@ impl Response {
     }
 }
 
+/// The API token every request sends once the test has made one in the container.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// One request over a fresh connection (`Connection: close`), with `host` as the `Host`
 /// header. A small client of our own keeps the server crate free of an HTTP client dependency.
 fn request(
@@ -135,6 +138,9 @@ fn request(
         format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAccept: */*\r\n");
     if body.is_some() {
         head.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(token) = TOKEN.get() {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
     stream.write_all(head.as_bytes())?;
@@ -322,6 +328,37 @@ fn cpu_image_serves_a_story_over_http() {
     // The Host allow-list is in force: another name gets 421.
     let misdirected = request(port, "evil.example", "GET", "/api/stories", None).unwrap();
     assert_eq!(misdirected.status, 421);
+
+    // The image starts with accounts on: nothing answers without signing in. The first user
+    // (an admin) and a token come from the CLI inside the container, as docs/DOCKER.md says.
+    let anonymous = request(port, &host, "GET", "/api/stories", None).unwrap();
+    assert_eq!(anonymous.status, 401);
+    let container_name = container.name.clone();
+    let made = docker(&[
+        "exec",
+        &container_name,
+        "storygpt-v",
+        "user",
+        "add",
+        "smoke",
+    ])
+    .unwrap();
+    assert!(made.status.success(), "user add: {}", text(&made.stderr));
+    let token = docker(&[
+        "exec",
+        &container_name,
+        "storygpt-v",
+        "user",
+        "token",
+        "smoke",
+    ])
+    .unwrap();
+    assert!(
+        token.status.success(),
+        "user token: {}",
+        text(&token.stderr)
+    );
+    let _ = TOKEN.set(text(&token.stdout).trim().to_string());
 
     // 4. A story of the toy cast, drawn by one job.
     let cast = request(port, &host, "POST", "/api/characters/starter-cast", None).unwrap();

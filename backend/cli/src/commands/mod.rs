@@ -8,6 +8,7 @@ pub mod generate;
 pub mod serve;
 pub mod toyworld;
 pub mod train;
+pub mod user;
 
 use tracing_subscriber::EnvFilter;
 

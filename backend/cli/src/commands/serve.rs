@@ -75,6 +75,27 @@ pub struct ServeArgs {
         value_name = "HOSTS"
     )]
     allowed_hosts: Option<Vec<String>>,
+
+    /// Accounts: `on` makes every request sign in (session cookie from the login page, or
+    /// `Authorization: Bearer` API token; make the first user, an admin, with `storygpt-v
+    /// user add NAME`); `off` is one local person with no login [default: off].
+    #[arg(long, env = "STORYGPT_AUTH", value_name = "on|off")]
+    auth: Option<server::auth::AuthMode>,
+
+    /// With auth off, listen beyond loopback anyway (anyone who reaches the port can read,
+    /// queue and delete everything); without it such a start is refused.
+    #[arg(long, env = "STORYGPT_ALLOW_PUBLIC_WITHOUT_AUTH", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    allow_public_without_auth: Option<bool>,
+
+    /// With auth on, jobs one user may have queued or running at once [default: 8].
+    #[arg(long, env = "STORYGPT_USER_MAX_QUEUED_JOBS")]
+    user_max_queued_jobs: Option<i64>,
+
+    /// With auth on, MiB of portraits and frame images one user may store [default: 2048].
+    #[arg(long, env = "STORYGPT_USER_MAX_STORAGE_MB")]
+    user_max_storage_mb: Option<i64>,
 }
 
 /// Resolves the configuration and serves until SIGINT/SIGTERM.
@@ -96,6 +117,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         header_read_timeout_s: args.header_read_timeout_s,
         shutdown_grace_s: args.shutdown_grace_s,
         allowed_hosts: args.allowed_hosts,
+        auth: args.auth,
+        allow_public_without_auth: args.allow_public_without_auth,
+        user_max_queued_jobs: args.user_max_queued_jobs,
+        user_max_storage_mb: args.user_max_storage_mb,
     };
     let config = ServeConfig::resolve_with(explicit, file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

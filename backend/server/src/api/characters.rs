@@ -9,6 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{ApiJson, ApiPath, ApiQuery, ListParams};
+use crate::auth::Principal;
 use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::images::{normalize_portrait_bounded, NormalizedImage};
@@ -172,7 +173,11 @@ fn created(location: String, body: impl serde::Serialize) -> Response {
         (status = 415, description = "Portrait is not PNG, JPEG or WebP", body = Problem),
         (status = 422, description = "Missing or invalid field, undecodable or oversized image", body = Problem),
     ))]
-pub async fn create(State(state): State<AppState>, request: Request) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    request: Request,
+) -> ApiResult<Response> {
     let form = Multipart::from_request(request, &state)
         .await
         .map_err(|e| {
@@ -196,7 +201,13 @@ pub async fn create(State(state): State<AppState>, request: Request) -> ApiResul
     let portrait = parts
         .portrait
         .ok_or_else(|| ApiError::invalid("missing_portrait", "the portrait file is required"))?;
-    let character = store::create(&state.pool, &name, pronoun, &portrait).await?;
+    state
+        .settings
+        .quotas
+        .check_storage(&state.pool, principal.owner(), portrait.bytes.len())
+        .await?;
+    let character =
+        store::create(&state.pool, principal.owner(), &name, pronoun, &portrait).await?;
     Ok(created(
         format!("/api/characters/{}", character.id),
         character,
@@ -209,11 +220,18 @@ pub async fn create(State(state): State<AppState>, request: Request) -> ApiResul
               (status = 400, description = "Bad cursor or limit", body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
+    principal: Principal,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<Page<Character>>> {
     let limit = page_limit(params.limit)?;
     Ok(Json(
-        store::list(&state.pool, params.cursor.as_deref(), limit).await?,
+        store::list(
+            &state.pool,
+            principal.owner(),
+            params.cursor.as_deref(),
+            limit,
+        )
+        .await?,
     ))
 }
 
@@ -265,6 +283,14 @@ pub async fn update(
         }
         _ => Vec::new(),
     };
+    if let Some(portrait) = &portrait {
+        let owner = store::owner_of(&state.pool, id).await?;
+        state
+            .settings
+            .quotas
+            .check_storage(&state.pool, owner, portrait.bytes.len())
+            .await?;
+    }
     let changes = CharacterChanges {
         name,
         pronoun,

@@ -15,7 +15,7 @@ use crate::AppState;
 pub async fn load(state: &AppState, id: i64) -> ApiResult<ExportStory> {
     let story = stories::get(&state.pool, id).await?;
     let frames = frame_media::frames(&state.pool, id, true).await?;
-    let library = characters::all(&state.pool).await?;
+    let library = characters::all(&state.pool, stories::owner_of(&state.pool, id).await?).await?;
     let mut cast = Vec::new();
     for c in story
         .character_ids

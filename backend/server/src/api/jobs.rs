@@ -296,6 +296,18 @@ pub async fn queue(
 ) -> ApiResult<(Job, bool)> {
     let defaults = &state.worker.model;
     let spec = request.validate(defaults)?;
+    // Per-user limits go by the story's owner (nothing for a story made with auth off). A
+    // replayed Idempotency-Key is checked as a new request would be: harmless, it only
+    // refuses when the user is at a limit anyway.
+    let owner = crate::store::stories::owner_of(&state.pool, story).await?;
+    if idem.is_none() {
+        state.settings.quotas.check_jobs(&state.pool, owner).await?;
+    }
+    state
+        .settings
+        .quotas
+        .check_storage(&state.pool, owner, 0)
+        .await?;
     let capacity = state.settings.queue_capacity as i64;
     Ok(
         match store::enqueue(&state.pool, story, &spec, idem, capacity).await? {
@@ -401,6 +413,7 @@ const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancel
               (status = 400, description = "Bad cursor, limit or status", body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
+    principal: crate::auth::Principal,
     ApiQuery(params): ApiQuery<JobListParams>,
 ) -> ApiResult<Json<Page<Job>>> {
     let limit = page_limit(params.limit)?;
@@ -419,8 +432,14 @@ pub async fn list(
         statuses.push(status.to_string());
     }
     Ok(Json(
+        // Admins (and the one local person) see the whole queue; a user, their stories' jobs.
         store::list(
             &state.pool,
+            if principal.sees_queue() {
+                None
+            } else {
+                principal.owner()
+            },
             params.story_id,
             &statuses,
             params.cursor.as_deref(),

@@ -1,6 +1,7 @@
 //! The JSON API under `/api`: routes grouped by resource, and extractors that turn every
 //! malformed request into a problem document instead of axum's plain-text rejections.
 
+pub mod account;
 pub mod characters;
 pub mod events;
 pub mod export;
@@ -94,6 +95,10 @@ pub fn router() -> Router<AppState> {
         .route("/stories/{id}/export.gif", get(export::gif))
         .route("/stories/{id}/export.pdf", get(export::pdf))
         .route("/mentions", post(mentions::find))
+        .route("/me", get(account::me))
+        .route("/tokens", get(account::tokens).post(account::create_token))
+        .route("/tokens/{id}", axum::routing::delete(account::revoke_token))
+        .route("/users", get(account::users).post(account::add_user))
         .route("/stories/{id}/generate", post(jobs::generate))
         .route("/stories/{id}/events", get(events::story_events))
         .route("/jobs", get(jobs::list))

@@ -10,7 +10,8 @@ use utoipa::openapi::Required;
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    characters, events, export, frame_versions, health, jobs, mentions, starter_cast, stories,
+    account, characters, events, export, frame_versions, health, jobs, mentions, starter_cast,
+    stories,
 };
 use crate::error::ApiError;
 
@@ -31,6 +32,8 @@ use crate::error::ApiError;
         export::zip, export::gif, export::pdf,
         jobs::generate, jobs::get_one, jobs::list, jobs::cancel,
         events::job_events, events::story_events,
+        account::me, account::tokens, account::create_token, account::revoke_token,
+        account::users, account::add_user,
     ),
     tags(
         (name = "characters", description = "The character library"),
@@ -39,6 +42,7 @@ use crate::error::ApiError;
         (name = "jobs", description = "Generation jobs and their live progress (server-sent events)"),
         (name = "model", description = "The loaded model: the characters it was trained on"),
         (name = "health", description = "Probes"),
+        (name = "accounts", description = "The signed-in user, API tokens and (admins) users; with `--auth on`"),
     ),
     modifiers(&OptionalBodies)
 )]

@@ -98,8 +98,11 @@ pub async fn portrait(
 #[utoipa::path(post, path = "/api/characters/starter-cast", tag = "characters",
     responses((status = 200, description = "What was added and what was skipped", body = StarterCastAdded),
               (status = 404, description = "The loaded model lists no starter cast (`no_starter_cast`)", body = Problem)))]
-pub async fn add(State(state): State<AppState>) -> ApiResult<Json<StarterCastAdded>> {
-    let done = starter_cast::add(&state.pool, &state.cast).await?;
+pub async fn add(
+    State(state): State<AppState>,
+    principal: crate::auth::Principal,
+) -> ApiResult<Json<StarterCastAdded>> {
+    let done = starter_cast::add(&state.pool, principal.owner(), &state.cast).await?;
     Ok(Json(StarterCastAdded {
         added: done.added,
         skipped: done.skipped,

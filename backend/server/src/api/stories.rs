@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use super::characters::image_response;
 use super::{ApiJson, ApiPath, ApiQuery, ListParams};
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::store::frame_attention;
 use crate::store::stories::{self as store, Story, StorySummary};
@@ -78,12 +79,13 @@ pub struct FrameOrder {
               (status = 422, description = "Invalid title, caption, too many captions or unknown character", body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,
+    principal: Principal,
     ApiJson(body): ApiJson<NewStory>,
 ) -> ApiResult<Response> {
     let title = validate::title(&body.title)?;
     let captions = validate::captions(&body.captions)?;
     let cast = validate::cast(&body.character_ids)?;
-    let story = store::create(&state.pool, &title, &captions, &cast).await?;
+    let story = store::create(&state.pool, principal.owner(), &title, &captions, &cast).await?;
     let location = format!("/api/stories/{}", story.id);
     Ok((
         StatusCode::CREATED,
@@ -104,6 +106,7 @@ pub async fn create(
               (status = 422, description = "Not a story archive, or a part of it is invalid (`invalid_archive`, `invalid_image`, ...)", body = Problem)))]
 pub async fn import(
     State(state): State<AppState>,
+    principal: Principal,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
@@ -118,7 +121,7 @@ pub async fn import(
             "send the archive as the body with Content-Type: application/zip",
         ));
     }
-    let story = import_archive(&state, body.to_vec()).await?;
+    let story = import_archive(&state, principal.owner(), body.to_vec()).await?;
     let location = format!("/api/stories/{}", story.id);
     Ok((
         StatusCode::CREATED,
@@ -129,11 +132,21 @@ pub async fn import(
 }
 
 /// Reads (off the async threads) and stores an archive: the API's and the studio's import.
-pub async fn import_archive(state: &AppState, bytes: Vec<u8>) -> ApiResult<Story> {
+pub async fn import_archive(
+    state: &AppState,
+    owner: crate::auth::Owner,
+    bytes: Vec<u8>,
+) -> ApiResult<Story> {
+    // The archive's size bounds what it stores (its images are PNGs, re-encoded).
+    state
+        .settings
+        .quotas
+        .check_storage(&state.pool, owner, bytes.len())
+        .await?;
     let read = tokio::task::spawn_blocking(move || crate::import::read_archive(&bytes))
         .await
         .map_err(ApiError::internal)??;
-    crate::import::store(&state.pool, read).await
+    crate::import::store(&state.pool, owner, read).await
 }
 
 /// List stories, oldest first, with cursor pagination.
@@ -142,11 +155,18 @@ pub async fn import_archive(state: &AppState, bytes: Vec<u8>) -> ApiResult<Story
               (status = 400, description = "Bad cursor or limit", body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
+    principal: Principal,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<Page<StorySummary>>> {
     let limit = page_limit(params.limit)?;
     Ok(Json(
-        store::list(&state.pool, params.cursor.as_deref(), limit).await?,
+        store::list(
+            &state.pool,
+            principal.owner(),
+            params.cursor.as_deref(),
+            limit,
+        )
+        .await?,
     ))
 }
 

@@ -122,9 +122,13 @@ pub(super) async fn notes_html(
 }
 
 /// `POST /ui/stories/draft`: the notes for the new-story form as typed (HTMX swaps them in).
-async fn draft_notes(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
+async fn draft_notes(
+    State(state): State<AppState>,
+    principal: crate::auth::Principal,
+    body: Bytes,
+) -> ApiResult<Response> {
     let form = parse_story_form(&body);
-    let library = characters::all(&state.pool).await?;
+    let library = characters::all(&state.pool, principal.owner()).await?;
     let html = notes_html(&form.captions, &library, &state.worker.tokenizer).await?;
     Ok((
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],

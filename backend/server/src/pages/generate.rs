@@ -94,7 +94,7 @@ struct GeneratePanel {
 /// The job of story `id` that is running, else the oldest queued one.
 async fn active_job(state: &AppState, id: i64) -> ApiResult<Option<Job>> {
     let statuses = ["running".to_string(), "queued".to_string()];
-    let page = job_store::list(&state.pool, Some(id), &statuses, None, 50).await?;
+    let page = job_store::list(&state.pool, None, Some(id), &statuses, None, 50).await?;
     Ok(page
         .items
         .iter()
@@ -111,7 +111,7 @@ pub(super) async fn panel_html(state: &AppState, id: i64, message: &str) -> ApiR
     let statuses = ["running".to_string(), "queued".to_string()];
     let queue = match &active {
         Some(_) => {
-            job_store::list(&state.pool, None, &statuses, None, 200)
+            job_store::list(&state.pool, None, None, &statuses, None, 200)
                 .await?
                 .items
         }

@@ -25,10 +25,15 @@ pub(super) fn router() -> Router<AppState> {
         )
 }
 
-async fn add_cast(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    let added = starter_cast::add(&state.pool, &state.cast).await?;
+async fn add_cast(
+    State(state): State<AppState>,
+    principal: crate::auth::Principal,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let added = starter_cast::add(&state.pool, principal.owner(), &state.cast).await?;
     characters_view(
         &state,
+        principal.owner(),
         &headers,
         CharactersInput {
             status: added.summary(),
@@ -42,9 +47,11 @@ async fn add_cast(State(state): State<AppState>, headers: HeaderMap) -> ApiResul
 
 async fn add_cast_and_story(
     State(state): State<AppState>,
+    principal: crate::auth::Principal,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let (_, story) = starter_cast::add_with_example_story(&state.pool, &state.cast).await?;
+    let (_, story) =
+        starter_cast::add_with_example_story(&state.pool, principal.owner(), &state.cast).await?;
     let location = format!("/stories/{}", story.id);
     if !is_htmx(&headers) {
         return Ok(Redirect::to(&location).into_response());

@@ -353,7 +353,7 @@ pub(super) fn limit_notes(text: &str, tokenizer: &ClipTokenizer) -> Vec<Note> {
 
 async fn story_view(state: &AppState, id: i64, input: StoryInput) -> ApiResult<StoryView> {
     let story = stories::get(&state.pool, id).await?;
-    let library = characters::all(&state.pool).await?;
+    let library = characters::all(&state.pool, stories::owner_of(&state.pool, id).await?).await?;
     let cast = story_cast(&story, &library);
     let mut texts: Vec<String> = story.frames.iter().map(|f| f.caption.clone()).collect();
     if let Some((frame_id, text, _)) = &input.edit {
@@ -798,7 +798,7 @@ async fn highlight(
 ) -> ApiResult<Response> {
     let text = form_field(&body, "caption").unwrap_or_default();
     let story = stories::get(&state.pool, id).await?;
-    let library = characters::all(&state.pool).await?;
+    let library = characters::all(&state.pool, stories::owner_of(&state.pool, id).await?).await?;
     let cast = story_cast(&story, &library);
     if !mentions::analysable(&text) {
         let html = highlight_html(

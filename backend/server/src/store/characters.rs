@@ -6,6 +6,7 @@ use sqlx::SqlitePool;
 use utoipa::ToSchema;
 
 use super::{decode_cursor, paginate, Page};
+use crate::auth::Owner;
 use crate::db::now;
 use crate::error::{ApiError, ApiResult};
 use crate::images::NormalizedImage;
@@ -145,6 +146,7 @@ fn map_unique(err: sqlx::Error, name: &str) -> ApiError {
 /// Inserts a character with an already-normalised portrait.
 pub async fn create(
     pool: &SqlitePool,
+    owner: Owner,
     name: &str,
     pronoun: Pronoun,
     portrait: &NormalizedImage,
@@ -154,10 +156,11 @@ pub async fn create(
     // has finished, so a commit that fails (SQLITE_FULL on a full disk) went unnoticed and the
     // read below answered 404 for a row that was never stored. `execute` runs it to the end.
     let id = sqlx::query(
-        "INSERT INTO characters (name, pronoun, portrait, portrait_mime, portrait_width, portrait_height,
-                                 portrait_sha256, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO characters (owner_id, name, pronoun, portrait, portrait_mime, portrait_width,
+                                 portrait_height, portrait_sha256, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
+    .bind(owner)
     .bind(name)
     .bind(pronoun.as_str())
     .bind(&portrait.bytes)
@@ -174,6 +177,17 @@ pub async fn create(
     get(pool, id).await
 }
 
+/// Whose character `id` is (`None`: made with auth off, or absent).
+pub async fn owner_of(pool: &SqlitePool, id: i64) -> ApiResult<Owner> {
+    Ok(
+        sqlx::query_scalar::<_, Option<i64>>("SELECT owner_id FROM characters WHERE id = ?")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+            .flatten(),
+    )
+}
+
 /// Fetches one character or 404.
 pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Character> {
     let row: Option<CharacterRow> =
@@ -188,14 +202,18 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Character> {
 /// Lists characters in id order, a page at a time.
 pub async fn list(
     pool: &SqlitePool,
+    owner: Owner,
     cursor: Option<&str>,
     limit: i64,
 ) -> ApiResult<Page<Character>> {
     let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
     let rows: Vec<CharacterRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM characters WHERE id > ? ORDER BY id LIMIT ?"
+        "SELECT {COLUMNS} FROM characters WHERE id > ? AND (? IS NULL OR owner_id = ?)
+         ORDER BY id LIMIT ?"
     ))
     .bind(after)
+    .bind(owner)
+    .bind(owner)
     .bind(limit + 1)
     .fetch_all(pool)
     .await?;
@@ -206,12 +224,15 @@ pub async fn list(
     Ok(paginate(items, limit, |c| c.id))
 }
 
-/// Every character, for pages and mention lookup.
-pub async fn all(pool: &SqlitePool) -> ApiResult<Vec<Character>> {
-    let rows: Vec<CharacterRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM characters ORDER BY id"))
-            .fetch_all(pool)
-            .await?;
+/// Every character of `owner`, for pages and mention lookup.
+pub async fn all(pool: &SqlitePool, owner: Owner) -> ApiResult<Vec<Character>> {
+    let rows: Vec<CharacterRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM characters WHERE (? IS NULL OR owner_id = ?) ORDER BY id"
+    ))
+    .bind(owner)
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
     rows.into_iter().map(CharacterRow::into_api).collect()
 }
 

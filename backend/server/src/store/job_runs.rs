@@ -571,7 +571,7 @@ mod tests {
 
     async fn story(pool: &SqlitePool, frames: usize) -> i64 {
         let captions: Vec<String> = (0..frames).map(|i| format!("Caption {i}.")).collect();
-        stories::create(pool, "A story", &captions, &[])
+        stories::create(pool, None, "A story", &captions, &[])
             .await
             .unwrap()
             .id

@@ -344,13 +344,17 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Job> {
 /// Lists jobs in id order, optionally of one story and/or in some statuses.
 pub async fn list(
     pool: &SqlitePool,
+    owner: crate::auth::Owner,
     story: Option<i64>,
     statuses: &[String],
     cursor: Option<&str>,
     limit: i64,
 ) -> ApiResult<Page<Job>> {
     let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
-    let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id > ?");
+    let mut sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id > ?
+           AND (? IS NULL OR story_id IN (SELECT id FROM stories WHERE owner_id = ?))"
+    );
     if story.is_some() {
         sql.push_str(" AND story_id = ?");
     }
@@ -359,7 +363,10 @@ pub async fn list(
         sql.push_str(&format!(" AND status IN ({marks})"));
     }
     sql.push_str(" ORDER BY id LIMIT ?");
-    let mut query = sqlx::query_as::<_, JobRow>(&sql).bind(after);
+    let mut query = sqlx::query_as::<_, JobRow>(&sql)
+        .bind(after)
+        .bind(owner)
+        .bind(owner);
     if let Some(story) = story {
         query = query.bind(story);
     }

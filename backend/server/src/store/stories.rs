@@ -6,6 +6,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 use utoipa::ToSchema;
 
 use super::{decode_cursor, paginate, Page};
+use crate::auth::Owner;
 use crate::db::now;
 use crate::error::{ApiError, ApiResult};
 use crate::validate::MAX_CAPTIONS;
@@ -83,12 +84,23 @@ struct FrameRow {
 
 type Tx<'a> = Transaction<'a, Sqlite>;
 
-async fn check_cast(tx: &mut Tx<'_>, ids: &[i64]) -> ApiResult<()> {
+/// Every id must be a character the story's owner may cast: their own (a story made with auth
+/// off, which has no owner, may cast any). Another user's character reads as unknown.
+async fn check_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
+    let owner: Option<i64> = sqlx::query_scalar("SELECT owner_id FROM stories WHERE id = ?")
+        .bind(story)
+        .fetch_optional(&mut **tx)
+        .await?
+        .flatten();
     for &id in ids {
-        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM characters WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut **tx)
-            .await?;
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM characters WHERE id = ? AND (? IS NULL OR owner_id IS ?)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(owner)
+        .fetch_optional(&mut **tx)
+        .await?;
         if found.is_none() {
             return Err(ApiError::invalid(
                 "unknown_character",
@@ -100,7 +112,7 @@ async fn check_cast(tx: &mut Tx<'_>, ids: &[i64]) -> ApiResult<()> {
 }
 
 async fn set_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
-    check_cast(tx, ids).await?;
+    check_cast(tx, story, ids).await?;
     sqlx::query("DELETE FROM story_characters WHERE story_id = ?")
         .bind(story)
         .execute(&mut **tx)
@@ -182,6 +194,7 @@ pub async fn casting(pool: &SqlitePool, character: i64) -> ApiResult<Vec<i64>> {
 /// Creates a story with validated captions and cast (all or nothing).
 pub async fn create(
     pool: &SqlitePool,
+    owner: Owner,
     title: &str,
     captions: &[String],
     cast: &[i64],
@@ -192,9 +205,11 @@ pub async fn create(
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let now = now();
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO stories (title, created_at, updated_at) VALUES (?, ?, ?) RETURNING id",
+        "INSERT INTO stories (title, owner_id, created_at, updated_at) VALUES (?, ?, ?, ?)
+         RETURNING id",
     )
     .bind(title)
+    .bind(owner)
     .bind(&now)
     .bind(&now)
     .fetch_one(&mut *tx)
@@ -267,6 +282,17 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
     })
 }
 
+/// Whose story `id` is (`None`: made with auth off, or absent).
+pub async fn owner_of(pool: &SqlitePool, id: i64) -> ApiResult<Owner> {
+    Ok(
+        sqlx::query_scalar::<_, Option<i64>>("SELECT owner_id FROM stories WHERE id = ?")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+            .flatten(),
+    )
+}
+
 /// 404 unless the story exists.
 pub async fn exists(pool: &SqlitePool, id: i64) -> ApiResult<()> {
     let found: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = ?")
@@ -281,6 +307,7 @@ pub async fn exists(pool: &SqlitePool, id: i64) -> ApiResult<()> {
 /// Lists stories in id order, a page at a time.
 pub async fn list(
     pool: &SqlitePool,
+    owner: Owner,
     cursor: Option<&str>,
     limit: i64,
 ) -> ApiResult<Page<StorySummary>> {
@@ -288,9 +315,11 @@ pub async fn list(
     let rows: Vec<StorySummary> = sqlx::query_as(
         "SELECT s.id, s.title, s.created_at, s.updated_at,
                 (SELECT COUNT(*) FROM frames f WHERE f.story_id = s.id) AS frame_count
-         FROM stories s WHERE s.id > ? ORDER BY s.id LIMIT ?",
+         FROM stories s WHERE s.id > ? AND (? IS NULL OR s.owner_id = ?) ORDER BY s.id LIMIT ?",
     )
     .bind(after)
+    .bind(owner)
+    .bind(owner)
     .bind(limit + 1)
     .fetch_all(pool)
     .await?;
