@@ -132,7 +132,7 @@ fn ref_name(schema: &Value) -> Option<&str> {
 }
 
 /// A short type for people: `integer`, `string (binary)`, `array of FrameChoice`, `Pronoun`.
-fn type_label(doc: &Value, schema: &Value) -> String {
+fn type_label(schema: &Value) -> String {
     if let Some(name) = ref_name(schema) {
         return name.to_string();
     }
@@ -140,7 +140,7 @@ fn type_label(doc: &Value, schema: &Value) -> String {
         if let Some(options) = schema.get(key).and_then(Value::as_array) {
             let labels: Vec<String> = options
                 .iter()
-                .map(|o| type_label(doc, o))
+                .map(|o| type_label(o))
                 .filter(|l| l != "null")
                 .collect();
             return labels.join(" or ");
@@ -158,7 +158,7 @@ fn type_label(doc: &Value, schema: &Value) -> String {
     let mut label = kinds.join(" or ");
     if kinds == ["array"] {
         if let Some(items) = schema.get("items") {
-            label = format!("array of {}", type_label(doc, items));
+            label = format!("array of {}", type_label(items));
         }
     }
     if let Some(values) = schema.get("enum").and_then(Value::as_array) {
@@ -196,7 +196,7 @@ fn fields_of(doc: &Value, schema: &Value) -> Vec<FieldView> {
         .iter()
         .map(|(name, property)| FieldView {
             name: name.clone(),
-            kind: type_label(doc, property),
+            kind: type_label(property),
             required: required.contains(&name.as_str()),
             // A field whose type is a named schema carries its description there.
             description: [property, resolve(doc, property)]
@@ -256,7 +256,7 @@ fn parameter_views(doc: &Value, op: &Value) -> Vec<FieldView> {
                     name: format!("{} ({})", text(p.get("name")), text(p.get("in"))),
                     kind: p
                         .get("schema")
-                        .map(|s| type_label(doc, s))
+                        .map(|s| type_label(s))
                         .unwrap_or_default(),
                     required: p.get("required").and_then(Value::as_bool) == Some(true),
                     description: text(p.get("description")),
