@@ -140,7 +140,7 @@ fn type_label(schema: &Value) -> String {
         if let Some(options) = schema.get(key).and_then(Value::as_array) {
             let labels: Vec<String> = options
                 .iter()
-                .map(|o| type_label(o))
+                .map(type_label)
                 .filter(|l| l != "null")
                 .collect();
             return labels.join(" or ");
@@ -246,7 +246,7 @@ fn body_views(doc: &Value, body: &Value) -> Vec<BodyView> {
         .collect()
 }
 
-fn parameter_views(doc: &Value, op: &Value) -> Vec<FieldView> {
+fn parameter_views(op: &Value) -> Vec<FieldView> {
     op.get("parameters")
         .and_then(Value::as_array)
         .map(|params| {
@@ -254,10 +254,7 @@ fn parameter_views(doc: &Value, op: &Value) -> Vec<FieldView> {
                 .iter()
                 .map(|p| FieldView {
                     name: format!("{} ({})", text(p.get("name")), text(p.get("in"))),
-                    kind: p
-                        .get("schema")
-                        .map(|s| type_label(s))
-                        .unwrap_or_default(),
+                    kind: p.get("schema").map(|s| type_label(s)).unwrap_or_default(),
                     required: p.get("required").and_then(Value::as_bool) == Some(true),
                     description: text(p.get("description")),
                 })
@@ -281,7 +278,7 @@ fn view(doc: &Value, method: &'static str, path: &str, op: &Value) -> OperationV
         path: path.to_string(),
         summary: text(op.get("summary")),
         description: text(op.get("description")),
-        parameters: parameter_views(doc, op),
+        parameters: parameter_views(op),
         bodies: op
             .get("requestBody")
             .map(|b| body_views(doc, b))
