@@ -254,7 +254,7 @@ fn parameter_views(op: &Value) -> Vec<FieldView> {
                 .iter()
                 .map(|p| FieldView {
                     name: format!("{} ({})", text(p.get("name")), text(p.get("in"))),
-                    kind: p.get("schema").map(|s| type_label(s)).unwrap_or_default(),
+                    kind: p.get("schema").map(type_label).unwrap_or_default(),
                     required: p.get("required").and_then(Value::as_bool) == Some(true),
                     description: text(p.get("description")),
                 })
