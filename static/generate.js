@@ -22,6 +22,12 @@
     return document.getElementById("generate-panel");
   }
 
+  // Jobs whose end this page has seen, with what was said about it. A panel showing one of
+  // them as still running is stale: a form's answer written before the job ended can arrive
+  // after the refresh its end caused (the Cancel button's, typically). It is refreshed again.
+  var ended = {};
+  var staleRefreshes = 0;
+
   function refreshPanel(storyId, message) {
     if (!window.htmx) return;
     window.htmx
@@ -95,6 +101,16 @@
 
   document.addEventListener("htmx:afterSwap", function (event) {
     var target = event.detail && event.detail.target;
+    if (target && target.id === "generate-panel") {
+      var p = panel();
+      var id = p && p.dataset.jobId;
+      // At most a few times: the database said the job ended before its event was sent.
+      if (id && ended[id] !== undefined && p.dataset.storyId && staleRefreshes < 3) {
+        staleRefreshes += 1;
+        refreshPanel(p.dataset.storyId, ended[id]);
+      }
+      return;
+    }
     if (!target || target.id !== "frames-strip") return;
     Object.keys(previews).forEach(function (position) {
       var li = document.getElementById("frame-" + position);
@@ -186,23 +202,20 @@
         });
       }
     });
-    on("completed", function (d) {
+    function end(d, message) {
+      ended[d.job_id] = message;
       clearPreviews();
       refreshStrip();
-      refreshPanel(storyId, "Done: " + d.frames_done + " of " + d.frames + " frames drawn.");
+      refreshPanel(storyId, message);
+    }
+    on("completed", function (d) {
+      end(d, "Done: " + d.frames_done + " of " + d.frames + " frames drawn.");
     });
     on("failed", function (d) {
-      clearPreviews();
-      refreshStrip();
-      refreshPanel(storyId, "Generation failed: " + (d.error || "unknown error"));
+      end(d, "Generation failed: " + (d.error || "unknown error"));
     });
     on("cancelled", function (d) {
-      clearPreviews();
-      refreshStrip();
-      refreshPanel(
-        storyId,
-        "Cancelled: " + d.frames_done + " of " + d.frames + " frames were drawn and kept."
-      );
+      end(d, "Cancelled: " + d.frames_done + " of " + d.frames + " frames were drawn and kept.");
     });
   }
 

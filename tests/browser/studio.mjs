@@ -269,6 +269,21 @@ try {
   assert.ok(Math.max(...captionHeights) < 130, `caption heights ${captionHeights}`);
   assert.equal(await page.locator("#frames-strip li.frame").nth(4).locator("figcaption").getAttribute("title"), long);
 
+  step("make an API token on the Account page, see it once, revoke it");
+  const storyUrl = page.url();
+  await page.click("header.site a:has-text('Account')");
+  await page.locator("#account-name", { hasText: process.env.STUDIO_USER }).waitFor();
+  await page.fill("#token-name", "browser test");
+  await page.click("#create-token");
+  const secret = (await page.locator("#new-token").innerText()).trim();
+  assert.match(secret, /^sgv_[A-Za-z0-9_-]{40,}$/);
+  const revoke = page.locator("table.tokens button", { hasText: "Revoke" });
+  await revoke.click();
+  await page.locator("table.tokens td", { hasText: "revoked" }).waitFor();
+  assert.equal(await page.locator("#new-token").count(), 0, "the secret is shown once");
+  await page.goto(storyUrl);
+  await page.locator("#frames-strip").waitFor();
+
   step("every form control has a label; the page fits a phone");
   const unlabelled = await page.$$eval("input:not([type=hidden]), select, textarea, button", (els) =>
     els.filter((el) => {
