@@ -40,6 +40,19 @@
       });
   }
 
+  // Jobs that added captions (story continuation).
+  var continued = {};
+
+  // The caption editor again, unless a caption is being edited there (a refresh would lose it).
+  function refreshCaptions(storyId) {
+    var editor = document.getElementById("captions-editor");
+    if (!window.htmx || !editor || editor.contains(document.activeElement)) return;
+    window.htmx.ajax("GET", "/ui/stories/" + storyId + "/captions", {
+      target: "#captions-editor",
+      swap: "outerHTML",
+    });
+  }
+
   function refreshStrip() {
     if (window.htmx) window.htmx.trigger(document.body, "frames-changed");
   }
@@ -194,16 +207,13 @@
         "The model continued the story: frame " + (d.story_position + 1) + ", \u201c" + d.caption + "\u201d."
       );
       refreshStrip();
-      var editor = document.getElementById("captions-editor");
-      if (window.htmx && editor && !editor.contains(document.activeElement)) {
-        window.htmx.ajax("GET", "/ui/stories/" + storyId + "/captions", {
-          target: "#captions-editor",
-          swap: "outerHTML",
-        });
-      }
+      continued[d.job_id] = true;
+      refreshCaptions(storyId);
     });
     function end(d, message) {
       ended[d.job_id] = message;
+      // Once more when a continuation ends, in case the editor was busy when a caption came.
+      if (continued[d.job_id]) refreshCaptions(storyId);
       clearPreviews();
       refreshStrip();
       refreshPanel(storyId, message);

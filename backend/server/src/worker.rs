@@ -833,6 +833,8 @@ fn options(defaults: GenerateOptions, job: &Claimed) -> GenerateOptions {
 /// A caption the LLM wrote, as a caption the story can keep: an empty or otherwise unusable
 /// one (an untrained model may stop at once) becomes a marker, so the story still goes on.
 fn continuation_caption(written: &str, number: usize) -> String {
+    // A caption cut at the token limit can end inside a character, which decodes as U+FFFD.
+    let written = written.trim_end_matches('\u{FFFD}');
     crate::validate::caption(written)
         .unwrap_or_else(|_| format!("(frame {number}: the model wrote no usable caption)"))
 }
