@@ -28,16 +28,20 @@
   var ended = {};
   var staleRefreshes = 0;
 
+  // What the next panel swapped in from refreshPanel should say.
+  var panelMessage = null;
+
+  // Each refresh names its own element as the source: htmx serialises requests per source
+  // (body by default), and a request queued behind another resolves its promise before it
+  // is even sent, so a message set then was wiped by the late swap.
   function refreshPanel(storyId, message) {
     if (!window.htmx) return;
-    window.htmx
-      .ajax("GET", "/ui/stories/" + storyId + "/generate-panel", {
-        target: "#generate-panel",
-        swap: "outerHTML",
-      })
-      .then(function () {
-        if (message) setText("generate-status", message);
-      });
+    panelMessage = message || null;
+    window.htmx.ajax("GET", "/ui/stories/" + storyId + "/generate-panel", {
+      source: "#generate-panel",
+      target: "#generate-panel",
+      swap: "outerHTML",
+    });
   }
 
   // Jobs that added captions (story continuation).
@@ -48,6 +52,7 @@
     var editor = document.getElementById("captions-editor");
     if (!window.htmx || !editor || editor.contains(document.activeElement)) return;
     window.htmx.ajax("GET", "/ui/stories/" + storyId + "/captions", {
+      source: "#captions-editor",
       target: "#captions-editor",
       swap: "outerHTML",
     });
@@ -121,6 +126,9 @@
       if (id && ended[id] !== undefined && p.dataset.storyId && staleRefreshes < 3) {
         staleRefreshes += 1;
         refreshPanel(p.dataset.storyId, ended[id]);
+      } else if (panelMessage) {
+        setText("generate-status", panelMessage);
+        panelMessage = null;
       }
       return;
     }
