@@ -4,21 +4,24 @@
 //! security headers, login throttling, the public-bind refusal, and the data made before
 //! accounts going to the first admin.
 
+#[macro_use]
 mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{binary, character_form, http, no_redirects, png, wait_job, Server};
+use common::{
+    Backend,binary, character_form, http, no_redirects, png, wait_job, Server};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 /// `storygpt-v user add NAME --password-stdin` on a data directory; panics on failure.
-fn add_user(data_dir: &std::path::Path, name: &str, password: &str) -> String {
+fn add_user(backend: Backend, data_dir: &std::path::Path, name: &str, password: &str) -> String {
     let mut child = Command::new(binary())
         .args(["user", "add", name, "--password-stdin", "--data-dir"])
         .arg(data_dir)
+        .envs(backend.database_url(data_dir).map(|url| ("STORYGPT_DATABASE", url)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -35,10 +38,11 @@ fn add_user(data_dir: &std::path::Path, name: &str, password: &str) -> String {
 }
 
 /// `storygpt-v user token NAME`: a fresh API token's secret.
-fn cli_token(data_dir: &std::path::Path, name: &str) -> String {
+fn cli_token(backend: Backend, data_dir: &std::path::Path, name: &str) -> String {
     let out = Command::new(binary())
         .args(["user", "token", name, "--data-dir"])
         .arg(data_dir)
+        .envs(backend.database_url(data_dir).map(|url| ("STORYGPT_DATABASE", url)))
         .output()
         .unwrap();
     assert!(
@@ -124,17 +128,16 @@ async fn status_of(
         .status()
 }
 
-#[tokio::test]
-async fn users_sign_in_use_tokens_and_see_only_their_own_data() {
+async fn users_sign_in_use_tokens_and_see_only_their_own_data(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let made = add_user(dir.path(), "alice", "alice's long password");
+    let made = add_user(backend, dir.path(), "alice", "alice's long password");
     assert!(
         made.contains("made admin alice"),
         "the first user is an admin: {made}"
     );
-    let made = add_user(dir.path(), "bob", "bob's long password!");
+    let made = add_user(backend, dir.path(), "bob", "bob's long password!");
     assert!(made.contains("made user bob"), "{made}");
-    let server = Server::start_with(dir.path(), &["--auth", "on"], &[]);
+    let server = Server::start_on(backend, dir.path(), &["--auth", "on"]);
 
     // Anonymous: the API says 401 with a Bearer challenge, the studio sends to the login page,
     // probes and the login page answer.
@@ -218,7 +221,7 @@ async fn users_sign_in_use_tokens_and_see_only_their_own_data() {
         .await
         .unwrap();
     assert!(!listed.contains(&alice), "a secret is never shown again");
-    let bob = cli_token(dir.path(), "bob");
+    let bob = cli_token(backend, dir.path(), "bob");
     let me: Value = http()
         .get(server.at("/api/me"))
         .headers(bearer(&bob))
@@ -442,8 +445,7 @@ async fn wait_job_as(server: &Server, token: &str, job: i64) {
     panic!("job {job} did not finish");
 }
 
-#[tokio::test]
-async fn auth_off_refuses_a_public_address_unless_told() {
+async fn auth_off_refuses_a_public_address_unless_told(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(binary())
         .args(["serve", "--bind", "0.0.0.0:0", "--data-dir"])
@@ -458,11 +460,7 @@ async fn auth_off_refuses_a_public_address_unless_told() {
             && stderr.contains("--allow-public-without-auth"),
         "{stderr}"
     );
-    let server = Server::start_with(
-        dir.path(),
-        &["--bind", "0.0.0.0:0", "--allow-public-without-auth"],
-        &[],
-    );
+    let server = Server::start_on(backend, dir.path(), &["--bind", "0.0.0.0:0", "--allow-public-without-auth"]);
     let port = server.url.rsplit(':').next().unwrap().to_string();
     let response = http()
         .get(format!("http://127.0.0.1:{port}/healthz"))
@@ -472,10 +470,9 @@ async fn auth_off_refuses_a_public_address_unless_told() {
     assert_eq!(response.status(), StatusCode::OK);
 }
 
-#[tokio::test]
-async fn data_made_before_accounts_goes_to_the_first_admin() {
+async fn data_made_before_accounts_goes_to_the_first_admin(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let fred = common::create_character_id(&server, "Fred", "he").await;
     let story = common::create_story(&server, "Before", &["Fred waves."], &[fred]).await;
     let story = story["id"].as_i64().unwrap();
@@ -491,11 +488,11 @@ async fn data_made_before_accounts_goes_to_the_first_admin() {
     wait_job(&server, job["id"].as_i64().unwrap(), "succeeded").await;
     assert!(server.terminate());
 
-    add_user(dir.path(), "root", "a long admin password");
-    add_user(dir.path(), "guest", "a long guest password");
-    let server = Server::start_with(dir.path(), &["--auth", "on"], &[]);
-    let root = cli_token(dir.path(), "root");
-    let guest = cli_token(dir.path(), "guest");
+    add_user(backend, dir.path(), "root", "a long admin password");
+    add_user(backend, dir.path(), "guest", "a long guest password");
+    let server = Server::start_on(backend, dir.path(), &["--auth", "on"]);
+    let root = cli_token(backend, dir.path(), "root");
+    let guest = cli_token(backend, dir.path(), "guest");
     assert_eq!(
         status_of(
             &server,
@@ -549,25 +546,20 @@ fn noise_png(side: u32) -> Vec<u8> {
     common::encode(&image, image::ImageFormat::Png)
 }
 
-#[tokio::test]
-async fn each_user_has_limits_on_queued_jobs_and_stored_bytes() {
+async fn each_user_has_limits_on_queued_jobs_and_stored_bytes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "carol", "carol's long password");
-    add_user(dir.path(), "dave", "dave's long password!");
-    let server = Server::start_with(
-        dir.path(),
-        &[
+    add_user(backend, dir.path(), "carol", "carol's long password");
+    add_user(backend, dir.path(), "dave", "dave's long password!");
+    let server = Server::start_on(backend, dir.path(), &[
             "--auth",
             "on",
             "--user-max-queued-jobs",
             "1",
             "--user-max-storage-mb",
             "1",
-        ],
-        &[],
-    );
-    let carol = cli_token(dir.path(), "carol");
-    let dave = cli_token(dir.path(), "dave");
+        ]);
+    let carol = cli_token(backend, dir.path(), "carol");
+    let dave = cli_token(backend, dir.path(), "dave");
 
     // Portraits count against the owner's storage: the second large one does not fit in 1 MiB.
     let upload = |token: &str, name: &str| {
@@ -710,8 +702,7 @@ fn is_public(path: &str) -> bool {
     ) || path.starts_with("/static/")
 }
 
-#[tokio::test]
-async fn the_authorisation_matrix_covers_every_route() {
+async fn the_authorisation_matrix_covers_every_route(backend: Backend) {
     let routes = routes();
     assert!(routes.len() > 60, "found only {} routes", routes.len());
     for must in [
@@ -725,14 +716,14 @@ async fn the_authorisation_matrix_covers_every_route() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    add_user(dir.path(), "root", "the admin's long password");
-    add_user(dir.path(), "alice", "alice's long password");
-    add_user(dir.path(), "bob", "bob's long password!");
-    let server = Server::start_with(dir.path(), &["--auth", "on"], &[]);
-    let root = cli_token(dir.path(), "root");
-    let alice = cli_token(dir.path(), "alice");
-    let bob = cli_token(dir.path(), "bob");
-    let revoked = cli_token(dir.path(), "alice");
+    add_user(backend, dir.path(), "root", "the admin's long password");
+    add_user(backend, dir.path(), "alice", "alice's long password");
+    add_user(backend, dir.path(), "bob", "bob's long password!");
+    let server = Server::start_on(backend, dir.path(), &["--auth", "on"]);
+    let root = cli_token(backend, dir.path(), "root");
+    let alice = cli_token(backend, dir.path(), "alice");
+    let bob = cli_token(backend, dir.path(), "bob");
+    let revoked = cli_token(backend, dir.path(), "alice");
 
     // Alice's things: a character, a story drawn once and a frame redrawn (two versions).
     let response = make_character(&server, &alice, "Fred").await;
@@ -894,3 +885,11 @@ async fn the_authorisation_matrix_covers_every_route() {
     }
     println!("checked {checked} routes");
 }
+
+on_both_stores!(
+    users_sign_in_use_tokens_and_see_only_their_own_data,
+    auth_off_refuses_a_public_address_unless_told,
+    data_made_before_accounts_goes_to_the_first_admin,
+    each_user_has_limits_on_queued_jobs_and_stored_bytes,
+    the_authorisation_matrix_covers_every_route,
+);

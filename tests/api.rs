@@ -1,9 +1,11 @@
 //! End-to-end tests of the JSON API: every endpoint over real HTTP against the real binary,
 //! including each kind of bad input, which must be refused clearly and change nothing.
 
+#[macro_use]
 mod common;
 
 use common::{
+    Backend,
     character_form, create_character, encode, get_json, http, jpeg_with_exif_orientation, png,
     png_claiming, test_image, Server,
 };
@@ -24,10 +26,9 @@ async fn count(server: &Server, what: &str) -> usize {
     body["items"].as_array().unwrap().len()
 }
 
-#[tokio::test]
-async fn character_lifecycle_over_http() {
+async fn character_lifecycle_over_http(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let http = http();
 
     let response = http
@@ -136,10 +137,9 @@ async fn character_lifecycle_over_http() {
     .await;
 }
 
-#[tokio::test]
-async fn jpeg_and_webp_portraits_are_normalised() {
+async fn jpeg_and_webp_portraits_are_normalised(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let http = http();
 
     // EXIF orientation 6 (rotate 90° clockwise): a 4x2 photo is stored as 2x4, EXIF gone.
@@ -200,10 +200,9 @@ async fn jpeg_and_webp_portraits_are_normalised() {
     );
 }
 
-#[tokio::test]
-async fn bad_character_input_is_refused_and_changes_nothing() {
+async fn bad_character_input_is_refused_and_changes_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let http = http();
     let fred = create_character(&server, "Fred", "he").await;
     let fred_url = server.at(&format!("/api/characters/{}", fred["id"]));
@@ -449,10 +448,9 @@ async fn bad_character_input_is_refused_and_changes_nothing() {
     assert_eq!(still, fred);
 }
 
-#[tokio::test]
-async fn characters_paginate_with_cursors() {
+async fn characters_paginate_with_cursors(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let names = ["Fred", "Wilma", "Barney", "Betty", "Dino"];
     for name in names {
         create_character(&server, name, "he").await;
@@ -479,10 +477,9 @@ async fn characters_paginate_with_cursors() {
     assert_eq!(seen, names);
 }
 
-#[tokio::test]
-async fn story_lifecycle_and_caption_editing() {
+async fn story_lifecycle_and_caption_editing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let http = http();
     let fred = create_character(&server, "Fred", "he").await;
     let wilma = create_character(&server, "Wilma", "she").await;
@@ -661,10 +658,9 @@ async fn story_lifecycle_and_caption_editing() {
     assert_eq!(count(&server, "stories").await, 0);
 }
 
-#[tokio::test]
-async fn bad_story_input_is_refused_and_changes_nothing() {
+async fn bad_story_input_is_refused_and_changes_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let http = http();
     let create = |body: Value| http.post(server.at("/api/stories")).json(&body).send();
 
@@ -916,10 +912,9 @@ async fn bad_story_input_is_refused_and_changes_nothing() {
     assert_eq!(long["frames"].as_array().unwrap().len(), 200);
 }
 
-#[tokio::test]
-async fn openapi_document_describes_every_endpoint() {
+async fn openapi_document_describes_every_endpoint(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let doc = get_json(&server, "/openapi.json").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
@@ -992,3 +987,13 @@ async fn openapi_document_describes_every_endpoint() {
     );
     assert!(html.contains("<code>Idempotency-Key (header)</code>"));
 }
+
+on_both_stores!(
+    character_lifecycle_over_http,
+    jpeg_and_webp_portraits_are_normalised,
+    bad_character_input_is_refused_and_changes_nothing,
+    characters_paginate_with_cursors,
+    story_lifecycle_and_caption_editing,
+    bad_story_input_is_refused_and_changes_nothing,
+    openapi_document_describes_every_endpoint,
+);

@@ -3,9 +3,11 @@
 //! replaced on redraw, kept on a caption edit, deleted with the frame), and the strip's
 //! "Redraw" route with and without HTMX, including its refusals.
 
+#[macro_use]
 mod common;
 
 use common::{
+    Backend,
     character_form, create_character_from, create_story, get_ok, get_png, get_text, http,
     no_redirects, png, wait_job, Server,
 };
@@ -96,7 +98,7 @@ async fn frames(server: &Server, story: i64) -> Vec<Value> {
 
 async fn attention_rows(server: &Server, frame: i64) -> i64 {
     let mut conn = server.db().await;
-    sqlx::query_scalar("SELECT COUNT(*) FROM frame_attention WHERE frame_id = ?")
+    sqlx::query_scalar("SELECT COUNT(*) FROM frame_attention WHERE frame_id = $1")
         .bind(frame)
         .fetch_one(&mut conn)
         .await
@@ -120,11 +122,10 @@ async fn press_redraw(
     request.send().await.unwrap()
 }
 
-#[tokio::test]
-async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
+async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     // One waiting job at most, so the test can fill the queue on purpose.
-    let server = Server::start_with(dir.path(), &["--queue-capacity", "1"], &[]);
+    let server = Server::start_on(backend, dir.path(), &["--queue-capacity", "1"]);
     let tom = character(&server, "Tom", "he").await;
     let mia = character(&server, "Mia", "she").await;
     let id = story(
@@ -355,10 +356,9 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame() {
     assert_eq!(attention_rows(&server, frame2).await, 0);
 }
 
-#[tokio::test]
-async fn a_redraw_without_its_context_is_refused_in_the_strip() {
+async fn a_redraw_without_its_context_is_refused_in_the_strip(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with(dir.path(), &["--capture-attention", "false"], &[]);
+    let server = Server::start_on(backend, dir.path(), &["--capture-attention", "false"]);
     let fred = character(&server, "Fred", "he").await;
     let id = story(&server, &["Fred opens the door.", "He waves."], &[fred]).await;
 
@@ -426,10 +426,9 @@ fn flags(frames: &[Value]) -> Vec<bool> {
         .collect()
 }
 
-#[tokio::test]
-async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_after_it() {
+async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_after_it(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let tom = character(&server, "Tom", "he").await;
     let id = story(&server, &["Tom walks.", "He waves.", "Tom sits."], &[tom]).await;
     let job = generate(&server, id, json!({"steps": 2, "seed": 7})).await;
@@ -646,3 +645,9 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
         [false, false, false, true]
     );
 }
+
+on_both_stores!(
+    heatmaps_follow_the_image_and_redraw_changes_only_its_frame,
+    a_redraw_without_its_context_is_refused_in_the_strip,
+    frame_history_keeps_every_version_restores_one_and_marks_the_frames_after_it,
+);

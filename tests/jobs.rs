@@ -6,19 +6,20 @@
 //! most tests ask for 1-3 steps; the tests that need a job to be running for a while (cancel,
 //! queue full, crash) ask for many.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
 use common::{
     character_form, create_character_from, create_story, get_ok, get_png, http, png, problem,
-    wait_job, Server, PATIENCE,
+    wait_job, Backend, Server, PATIENCE,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-fn start(dir: &std::path::Path, extra: &[&str]) -> Server {
-    Server::start_with(dir, extra, &[])
+fn start(backend: Backend, dir: &std::path::Path, extra: &[&str]) -> Server {
+    Server::start_on(backend, dir, extra)
 }
 
 async fn json_of(response: reqwest::Response) -> Value {
@@ -174,10 +175,9 @@ fn stored_ids(events: &[Event]) -> Vec<i64> {
     events.iter().filter_map(|e| e.id).collect()
 }
 
-#[tokio::test]
-async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
+async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let ready = get_ok(&server, "/readyz").await;
     assert_eq!(ready["model"]["trained"], false, "{ready}");
     assert_eq!(ready["model"]["device"], "cpu");
@@ -330,10 +330,9 @@ async fn a_story_is_drawn_frame_by_frame_with_its_progress_streamed() {
     problem(response, StatusCode::CONFLICT, "job_finished").await;
 }
 
-#[tokio::test]
-async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
+async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let story_id = story(&server, &["Fred opens the door.", "He waves."]).await;
     let empty = story(&server, &[]).await;
 
@@ -458,10 +457,9 @@ async fn bad_requests_are_refused_and_idempotency_keys_make_retries_safe() {
     problem(response, StatusCode::BAD_REQUEST, "invalid_last_event_id").await;
 }
 
-#[tokio::test]
-async fn cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew() {
+async fn cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let story_id = story(
         &server,
         &["Fred runs.", "He jumps.", "He falls.", "He laughs."],
@@ -505,10 +503,9 @@ async fn cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew() {
     assert_eq!(json_of(response).await["status"], "cancelled");
 }
 
-#[tokio::test]
-async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
+async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--queue-capacity", "2"]);
+    let server = start(backend, dir.path(), &["--queue-capacity", "2"]);
     let story_id = story(&server, &["Fred waits.", "He waits more."]).await;
     let long = generate(&server, story_id, json!({"steps": 200})).await;
     let long_id = long["id"].as_i64().unwrap();
@@ -569,10 +566,9 @@ async fn a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order() {
     assert!(third["finished_at"].as_str() <= fourth["started_at"].as_str());
 }
 
-#[tokio::test]
-async fn the_story_stream_follows_each_job_of_the_story_and_sends_heartbeats() {
+async fn the_story_stream_follows_each_job_of_the_story_and_sends_heartbeats(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--sse-heartbeat-ms", "100"]);
+    let server = start(backend, dir.path(), &["--sse-heartbeat-ms", "100"]);
     let story_id = story(&server, &["Fred sleeps."]).await;
     let path = format!("/api/stories/{story_id}/events");
     let mut stream = Stream::open(&server, &path, None).await;
@@ -614,10 +610,9 @@ async fn the_story_stream_follows_each_job_of_the_story_and_sends_heartbeats() {
     problem(response, StatusCode::NOT_FOUND, "not_found").await;
 }
 
-#[tokio::test]
-async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
+async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let captions = ["Fred opens the door.", "He waves.", "Fred laughs."];
     let story_id = story(&server, &captions).await;
     let job = generate(&server, story_id, json!({"steps": 12, "seed": 5})).await;
@@ -633,7 +628,7 @@ async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
     events.until("progress").await;
     server.kill_hard();
 
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let finished = wait_job(&server, job_id, "succeeded").await;
     assert_eq!(finished["attempts"], 2, "{finished}");
     let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
@@ -683,10 +678,9 @@ async fn after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once() {
     }
 }
 
-#[tokio::test]
-async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt() {
+async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let story_id = story(&server, &["Fred reads.", "He yawns."]).await;
     let job = generate(&server, story_id, json!({"steps": 25})).await;
     let job_id = job["id"].as_i64().unwrap();
@@ -694,7 +688,7 @@ async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt() {
     events.until("progress").await;
     assert!(server.terminate(), "SIGTERM stops the server cleanly");
 
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let finished = wait_job(&server, job_id, "succeeded").await;
     assert_eq!(finished["attempts"], 1, "{finished}");
     let all = Stream::open(&server, &format!("/api/jobs/{job_id}/events"), None)
@@ -711,10 +705,9 @@ async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt() {
         .contains("shutting down"));
 }
 
-#[tokio::test]
-async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_frames() {
+async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_frames(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--max-attempts", "1"]);
+    let server = start(backend, dir.path(), &["--max-attempts", "1"]);
     let story_id = story(&server, &["Fred sings.", "He bows.", "They clap."]).await;
     let job = generate(&server, story_id, json!({"steps": 20})).await;
     let job_id = job["id"].as_i64().unwrap();
@@ -722,7 +715,7 @@ async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_fra
     events.until("frame").await;
     server.kill_hard();
 
-    let server = start(dir.path(), &["--max-attempts", "1"]);
+    let server = start(backend, dir.path(), &["--max-attempts", "1"]);
     let failed = get_ok(&server, &format!("/api/jobs/{job_id}")).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(failed["error"].as_str().unwrap().contains("attempt 1 of 1"));
@@ -742,10 +735,9 @@ async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_fra
     assert!(statuses[1..].iter().all(|s| *s == "failed"), "{statuses:?}");
 }
 
-#[tokio::test]
-async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
+async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let story_id = story(&server, &["Fred runs.", "He stops.", "He sits."]).await;
     let job = generate(&server, story_id, json!({"steps": 20})).await;
     let job_id = job["id"].as_i64().unwrap();
@@ -809,10 +801,9 @@ async fn editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing() {
     wait_job(&server, next["id"].as_i64().unwrap(), "succeeded").await;
 }
 
-#[tokio::test]
-async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
+async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with_default_bundle(dir.path(), &[]);
+    let server = Server::start_on_with_default_bundle(backend, dir.path(), &[]);
     let ready = get_ok(&server, "/readyz").await;
     assert_eq!(ready["status"], "ok");
     assert_eq!(ready["model"]["trained"], false);
@@ -835,7 +826,7 @@ async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
         .and_then(|m| m.modified())
         .ok();
     assert!(server.terminate());
-    let server = Server::start_with_default_bundle(dir.path(), &[]);
+    let server = Server::start_on_with_default_bundle(backend, dir.path(), &[]);
     assert_eq!(get_ok(&server, "/readyz").await["model"]["trained"], false);
     assert_eq!(
         std::fs::metadata(bundle.join("bundle.toml"))
@@ -867,10 +858,9 @@ async fn without_a_bundle_the_service_makes_an_untrained_one_and_says_so() {
 
 /// Issue #15: the frame being drawn is previewed live every N steps (`--preview-every`): a
 /// PNG of the frame's size on the event stream, not stored, so a replay does not resend it.
-#[tokio::test]
-async fn previews_of_the_frame_being_drawn_are_streamed_live_only() {
+async fn previews_of_the_frame_being_drawn_are_streamed_live_only(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--preview-every", "2"]);
+    let server = start(backend, dir.path(), &["--preview-every", "2"]);
     let ready = get_ok(&server, "/readyz").await;
     let side = ready["model"]["width"].as_u64().unwrap() as u32;
     let story_id = story(&server, &["Fred opens the door.", "He waves."]).await;
@@ -912,7 +902,7 @@ async fn previews_of_the_frame_being_drawn_are_streamed_live_only() {
 
     // Off: none.
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--preview-every", "0"]);
+    let server = start(backend, dir.path(), &["--preview-every", "0"]);
     let story_id = story(&server, &["Fred opens the door."]).await;
     let mut live = Stream::open(&server, &format!("/api/stories/{story_id}/events"), None).await;
     generate(&server, story_id, json!({"steps": 5})).await;
@@ -941,10 +931,9 @@ async fn images_of(server: &Server, story: i64) -> Vec<Vec<u8>> {
     out
 }
 
-#[tokio::test]
-async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_once() {
+async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let captions = ["Fred opens the door.", "He waves."];
     let story_id = story(&server, &captions).await;
 
@@ -998,7 +987,7 @@ async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_onc
     events.until("progress").await;
     server.kill_hard();
 
-    let server = start(dir.path(), &[]);
+    let server = start(backend, dir.path(), &[]);
     let finished = wait_job(&server, job_id, "succeeded").await;
     assert_eq!(finished["attempts"], 2, "{finished}");
     assert_eq!(finished["continue_frames"], 0);
@@ -1053,8 +1042,7 @@ async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_onc
     assert!(images_of(&server, twin).await == stored, "the same frames");
 }
 
-#[tokio::test]
-async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
+async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
@@ -1075,7 +1063,7 @@ async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let server = start(&data, &["--bundle", bundle.to_str().unwrap()]);
+    let server = start(backend, &data, &["--bundle", bundle.to_str().unwrap()]);
     let ready = get_ok(&server, "/readyz").await;
     assert_eq!(
         ready["model"]["sizes"],
@@ -1138,3 +1126,19 @@ async fn a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for() {
         "{stderr}"
     );
 }
+
+on_both_stores!(
+    a_story_is_drawn_frame_by_frame_with_its_progress_streamed,
+    bad_requests_are_refused_and_idempotency_keys_make_retries_safe,
+    cancelling_a_running_job_stops_it_and_keeps_the_frames_it_drew,
+    a_full_queue_answers_429_with_retry_after_and_jobs_run_in_order,
+    the_story_stream_follows_each_job_of_the_story_and_sends_heartbeats,
+    after_kill_9_a_restart_requeues_the_job_and_draws_each_frame_once,
+    a_clean_stop_puts_the_running_job_back_without_counting_an_attempt,
+    a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_frames,
+    editing_or_deleting_a_story_while_its_job_runs_corrupts_nothing,
+    without_a_bundle_the_service_makes_an_untrained_one_and_says_so,
+    previews_of_the_frame_being_drawn_are_streamed_live_only,
+    the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_once,
+    a_bundle_that_offers_more_frame_sizes_draws_the_one_asked_for,
+);

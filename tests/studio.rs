@@ -6,11 +6,13 @@
 //! The export tests put frame images into the database straight into the `frames` row,
 //! through SQL, so that they control the exact bytes; the generate-panel test runs the worker.
 
+#[macro_use]
 mod common;
 
 use std::io::{Cursor, Read};
 
 use common::{
+    Backend,
     character_form, create_character_id, create_story, get_json, get_text, no_redirects, png,
     png_claiming, post_form, post_ui_character, test_image, wait_job, Server,
 };
@@ -42,10 +44,9 @@ fn element_text(html: &str, id: &str) -> String {
         .replace("&amp;", "&")
 }
 
-#[tokio::test]
-async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
+async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let fred = create_character_id(&server, "Fred", "he").await;
     let wilma = create_character_id(&server, "Wilma", "she").await;
     create_character_id(&server, "Betty", "she").await; // in the library, not in the cast
@@ -212,10 +213,9 @@ async fn captions_are_highlighted_with_resolved_pronouns_and_unknown_names() {
     assert!(doc["components"]["schemas"]["MentionsResponse"].is_object());
 }
 
-#[tokio::test]
-async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
+async fn the_character_library_renames_deletes_and_explains_refused_uploads(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let http = no_redirects();
 
     let response =
@@ -396,10 +396,9 @@ async fn the_character_library_renames_deletes_and_explains_refused_uploads() {
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
-async fn captions_are_edited_and_reordered_through_the_page() {
+async fn captions_are_edited_and_reordered_through_the_page(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let fred = create_character_id(&server, "Fred", "he").await;
     let story = create_story(&server, "Order", &["A one.", "B two.", "C three."], &[fred]).await;
     let id = story["id"].as_i64().unwrap();
@@ -578,8 +577,8 @@ async fn store_frame_image(
 ) {
     let mut conn = server.db().await;
     let done = sqlx::query(
-        "UPDATE frames SET image = ?, image_mime = 'image/png', seed = ?, duration_ms = ?, status = ?
-         WHERE id = ?",
+        "UPDATE frames SET image = $1, image_mime = 'image/png', seed = $2, duration_ms = $3,
+                status = $4 WHERE id = $5",
     )
     .bind(image)
     .bind(seed)
@@ -678,10 +677,9 @@ fn validate_with_tools(pdf: &[u8]) {
     }
 }
 
-#[tokio::test]
-async fn stories_export_as_zip_gif_and_pdf() {
+async fn stories_export_as_zip_gif_and_pdf(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let http = no_redirects();
     let fred = create_character_id(&server, "Fred", "he").await;
     let wilma = create_character_id(&server, "Wilma", "she").await;
@@ -907,10 +905,9 @@ async fn stories_export_as_zip_gif_and_pdf() {
     )));
 }
 
-#[tokio::test]
-async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx() {
+async fn the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx(backend: Backend) {
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path());
+    let server = Server::start_on(backend, data.path(), &[]);
     let tom = create_character_id(&server, "Tom", "he").await;
     let story = create_story(&server, "Panel", &["Tom waves.", "He sits."], &[tom]).await;
     let id = story["id"].as_i64().unwrap();
@@ -1140,13 +1137,12 @@ fn names_of(characters: &Value) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_models_starter_cast_is_offered_added_once_and_makes_an_example_story() {
+async fn the_models_starter_cast_is_offered_added_once_and_makes_an_example_story(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (cast, portraits) = toy_cast();
     let bundle = common::bundle_with_cast(dir.path(), &cast, &portraits);
     let data = dir.path().join("data");
-    let server = Server::start_with(&data, &["--bundle", bundle.to_str().unwrap()], &[]);
+    let server = Server::start_on(backend, &data, &["--bundle", bundle.to_str().unwrap()]);
 
     // The studio shows the panel, and the add form says what a portrait of someone else does.
     let page = get_text(&server, "/").await;
@@ -1340,11 +1336,10 @@ async fn the_models_starter_cast_is_offered_added_once_and_makes_an_example_stor
         .contains("/api/characters/starter-cast"));
 }
 
-#[tokio::test]
-async fn without_a_usable_starter_cast_the_studio_offers_none() {
+async fn without_a_usable_starter_cast_the_studio_offers_none(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     // A random bundle has no cast/ at all.
-    let server = Server::start(&dir.path().join("plain"));
+    let server = Server::start_on(backend, &dir.path().join("plain"), &[]);
     let page = get_text(&server, "/").await;
     assert!(!page.contains("starter-cast") && !page.contains("character-known-note"));
     assert_eq!(get_json(&server, "/api/model/cast").await, json!([]));
@@ -1371,11 +1366,7 @@ async fn without_a_usable_starter_cast_the_studio_offers_none() {
     ] {
         let root = dir.path().join(label);
         let bundle = common::bundle_with_cast(&root, cast, &portraits);
-        let server = Server::start_with(
-            &root.join("data"),
-            &["--bundle", bundle.to_str().unwrap()],
-            &[],
-        );
+        let server = Server::start_on(backend, &root.join("data"), &["--bundle", bundle.to_str().unwrap()]);
         let page = get_text(&server, "/").await;
         assert!(
             !page.contains("starter-cast") && !page.contains("character-known-note"),
@@ -1396,10 +1387,9 @@ async fn without_a_usable_starter_cast_the_studio_offers_none() {
 
 /// Issue #15's defects of the story form: a story is not created without a cast silently,
 /// the characters its captions name are offered ticked, and the limits are shown while typing.
-#[tokio::test]
-async fn a_new_story_is_offered_the_cast_its_captions_name_and_shows_its_limits() {
+async fn a_new_story_is_offered_the_cast_its_captions_name_and_shows_its_limits(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let mia = create_character_id(&server, "Mia", "she").await;
     let bob = create_character_id(&server, "Bob", "he").await;
     let rex = create_character_id(&server, "Rex", "he").await;
@@ -1529,10 +1519,9 @@ async fn a_new_story_is_offered_the_cast_its_captions_name_and_shows_its_limits(
 
 /// Renaming a character can carry the new name into its stories' captions; its portrait can
 /// be replaced; the caption editor counts characters and tokens and has no cutting maxlength.
-#[tokio::test]
-async fn renames_reach_the_captions_and_portraits_can_be_replaced() {
+async fn renames_reach_the_captions_and_portraits_can_be_replaced(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let fred = create_character_id(&server, "Fred", "he").await;
     let wilma = create_character_id(&server, "Wilma", "she").await;
     let cast_in = create_story(
@@ -1680,10 +1669,9 @@ async fn renames_reach_the_captions_and_portraits_can_be_replaced() {
     assert!(html.contains("the model reads only the first 77"), "{html}");
 }
 
-#[tokio::test]
-async fn unknown_pages_answer_the_studios_error_page() {
+async fn unknown_pages_answer_the_studios_error_page(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     for path in ["/no/such/page", "/stories/999999", "/stories/abc"] {
         let response = common::http().get(server.at(path)).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
@@ -1740,10 +1728,9 @@ fn pixels(png: &[u8]) -> image::RgbImage {
 /// Issue #15: the ZIP carries what is needed to draw the story again (cast with portraits,
 /// seeds, steps, guidance, sampler, bundle) and imports back as a new story, here or on
 /// another server; a broken archive is refused whole.
-#[tokio::test]
-async fn a_story_zip_reproduces_the_story_and_imports_back() {
+async fn a_story_zip_reproduces_the_story_and_imports_back(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(backend, dir.path(), &[]);
     let tom = create_character_id(&server, "Tom", "he").await;
     let mia = create_character_id(&server, "Mia", "she").await;
     let story = create_story(
@@ -1786,7 +1773,7 @@ async fn a_story_zip_reproduces_the_story_and_imports_back() {
     // On another server, with an empty library: the cast comes from the archive's portraits,
     // the frames with their images and seeds, ready.
     let other_dir = tempfile::tempdir().unwrap();
-    let other = Server::start(other_dir.path());
+    let other = Server::start_on(backend, other_dir.path(), &[]);
     let response = import_zip(&other, zip.clone()).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let imported: Value = response.json().await.unwrap();
@@ -2037,3 +2024,17 @@ async fn a_story_zip_reproduces_the_story_and_imports_back() {
             || element_text(&html, "import-archive-error").contains("not a ZIP archive")
     );
 }
+
+on_both_stores!(
+    captions_are_edited_and_reordered_through_the_page,
+    captions_are_highlighted_with_resolved_pronouns_and_unknown_names,
+    the_character_library_renames_deletes_and_explains_refused_uploads,
+    stories_export_as_zip_gif_and_pdf,
+    the_generate_panel_starts_and_cancels_jobs_with_and_without_htmx,
+    the_models_starter_cast_is_offered_added_once_and_makes_an_example_story,
+    without_a_usable_starter_cast_the_studio_offers_none,
+    a_new_story_is_offered_the_cast_its_captions_name_and_shows_its_limits,
+    renames_reach_the_captions_and_portraits_can_be_replaced,
+    unknown_pages_answer_the_studios_error_page,
+    a_story_zip_reproduces_the_story_and_imports_back,
+);

@@ -13,6 +13,27 @@ use image::{ImageFormat, Rgb, RgbImage};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
+pub mod postgres;
+pub use postgres::Backend;
+
+/// Makes each named `async fn NAME(backend: Backend)` of a test file two tests, `NAME::sqlite`
+/// and `NAME::postgres`: the same test on the embedded SQLite store and on PostgreSQL.
+#[allow(unused_macros)] // not every test file runs tests on both stores
+macro_rules! on_both_stores {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$test(super::Backend::Sqlite).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$test(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
 /// Longest any single wait in these tests may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -23,6 +44,8 @@ pub struct Server {
     pub url: String,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// Its `--database` URL (PostgreSQL); `None`: the SQLite file in the data directory.
+    pub database: Option<String>,
     stderr_log: PathBuf,
 }
 
@@ -58,6 +81,28 @@ impl Server {
         Self::launch(data_dir, args, &[])
     }
 
+    /// [`Server::start_with`] keeping its records in `backend`: with PostgreSQL, in a database
+    /// of the test cluster named after `data_dir`, so a restart on the same directory finds
+    /// the same database.
+    pub fn start_on(backend: Backend, data_dir: &Path, args: &[&str]) -> Server {
+        let url = backend.database_url(data_dir);
+        let mut all: Vec<&str> = args.to_vec();
+        if let Some(url) = &url {
+            all.extend(["--database", url.as_str()]);
+        }
+        Self::start_with(data_dir, &all, &[])
+    }
+
+    /// [`Server::start_with_default_bundle`] keeping its records in `backend`.
+    pub fn start_on_with_default_bundle(backend: Backend, data_dir: &Path, args: &[&str]) -> Server {
+        let url = backend.database_url(data_dir);
+        let mut all: Vec<&str> = args.to_vec();
+        if let Some(url) = &url {
+            all.extend(["--database", url.as_str()]);
+        }
+        Self::launch(data_dir, &all, &[])
+    }
+
     fn launch(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -79,6 +124,7 @@ impl Server {
             .env_remove("STORYGPT_CONFIG")
             .env_remove("STORYGPT_BUNDLE")
             .env_remove("STORYGPT_DEVICE")
+            .env_remove("STORYGPT_DATABASE")
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -102,10 +148,16 @@ impl Server {
                 );
             }
         };
+        let database = args
+            .iter()
+            .position(|arg| *arg == "--database")
+            .and_then(|i| args.get(i + 1))
+            .map(|url| url.to_string());
         Server {
             child,
             url,
             data_dir: data_dir.to_path_buf(),
+            database,
             stderr_log,
         }
     }
@@ -132,16 +184,21 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    /// A connection to the server's database, for tests that look at or set rows directly;
-    /// the busy timeout lets it wait for the server's own writes.
-    pub async fn db(&self) -> sqlx::SqliteConnection {
-        use sqlx::ConnectOptions;
-        sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(self.data_dir.join("storygpt-v.db"))
-            .busy_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap()
+    /// A connection to the server's database (SQLite or PostgreSQL), for tests that look at
+    /// or set rows directly; write SQL with `$N` parameters, which both accept. On SQLite the
+    /// busy timeout lets it wait for the server's own writes.
+    pub async fn db(&self) -> sqlx::AnyConnection {
+        use sqlx::{Connection, Executor};
+        sqlx::any::install_default_drivers();
+        let url = match &self.database {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("storygpt-v.db").display()),
+        };
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        if self.database.is_none() {
+            conn.execute("PRAGMA busy_timeout = 10000").await.unwrap();
+        }
+        conn
     }
 
     /// What the server wrote to stderr so far.

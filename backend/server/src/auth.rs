@@ -26,7 +26,9 @@ use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
+
+use crate::db::Flag;
 use utoipa::ToSchema;
 
 use crate::db::now;
@@ -143,9 +145,9 @@ impl Principal {
     }
 
     /// 404 unless story `id` exists and belongs to this request's user.
-    pub async fn story(&self, pool: &SqlitePool, id: i64) -> ApiResult<()> {
+    pub async fn story(&self, pool: &AnyPool, id: i64) -> ApiResult<()> {
         let owner: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT owner_id FROM stories WHERE id = ?")
+            sqlx::query_scalar("SELECT owner_id FROM stories WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)
                 .await?;
@@ -158,9 +160,9 @@ impl Principal {
     }
 
     /// 404 unless character `id` exists and belongs to this request's user.
-    pub async fn character(&self, pool: &SqlitePool, id: i64) -> ApiResult<()> {
+    pub async fn character(&self, pool: &AnyPool, id: i64) -> ApiResult<()> {
         let owner: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT owner_id FROM characters WHERE id = ?")
+            sqlx::query_scalar("SELECT owner_id FROM characters WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)
                 .await?;
@@ -173,9 +175,9 @@ impl Principal {
     }
 
     /// 404 unless job `id` exists and is of a story of this request's user (admins: any job).
-    pub async fn job(&self, pool: &SqlitePool, id: i64) -> ApiResult<()> {
+    pub async fn job(&self, pool: &AnyPool, id: i64) -> ApiResult<()> {
         let owner: Option<Option<i64>> = sqlx::query_scalar(
-            "SELECT s.owner_id FROM jobs j JOIN stories s ON s.id = j.story_id WHERE j.id = ?",
+            "SELECT s.owner_id FROM jobs j JOIN stories s ON s.id = j.story_id WHERE j.id = $1",
         )
         .bind(id)
         .fetch_optional(pool)
@@ -267,6 +269,7 @@ pub struct UserInfo {
     /// Login name.
     pub name: String,
     /// Whether the user administers the service.
+    #[sqlx(try_from = "crate::db::Flag")]
     pub is_admin: bool,
     /// When the account was made (RFC 3339).
     pub created_at: String,
@@ -275,25 +278,25 @@ pub struct UserInfo {
 /// Makes a user. The first user is always an admin and receives every character and story
 /// made before accounts existed (or while auth was off).
 pub async fn add_user(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     name: &str,
     password: &str,
     admin: bool,
 ) -> ApiResult<UserInfo> {
     check_credentials(name, password)?;
     let hash = hash_password(password)?;
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
         .fetch_one(&mut *tx)
         .await?;
     let first = users == 0;
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO users (name, password_hash, is_admin, created_at) VALUES (?, ?, ?, ?)
+        "INSERT INTO users (name, password_hash, is_admin, created_at) VALUES ($1, $2, $3, $4)
          RETURNING id",
     )
     .bind(name)
     .bind(&hash)
-    .bind(admin || first)
+    .bind(i64::from(admin || first))
     .bind(now())
     .fetch_one(&mut *tx)
     .await
@@ -308,7 +311,7 @@ pub async fn add_user(
     if first {
         for table in ["characters", "stories"] {
             sqlx::query(&format!(
-                "UPDATE {table} SET owner_id = ? WHERE owner_id IS NULL"
+                "UPDATE {table} SET owner_id = $1 WHERE owner_id IS NULL"
             ))
             .bind(id)
             .execute(&mut *tx)
@@ -320,8 +323,8 @@ pub async fn add_user(
     Ok(user)
 }
 
-async fn user_info(conn: &mut SqliteConnection, id: i64) -> ApiResult<UserInfo> {
-    sqlx::query_as("SELECT id, name, is_admin, created_at FROM users WHERE id = ?")
+async fn user_info(conn: &mut AnyConnection, id: i64) -> ApiResult<UserInfo> {
+    sqlx::query_as("SELECT id, name, is_admin, created_at FROM users WHERE id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?
@@ -329,7 +332,7 @@ async fn user_info(conn: &mut SqliteConnection, id: i64) -> ApiResult<UserInfo> 
 }
 
 /// Every user, oldest first.
-pub async fn users(pool: &SqlitePool) -> ApiResult<Vec<UserInfo>> {
+pub async fn users(pool: &AnyPool) -> ApiResult<Vec<UserInfo>> {
     Ok(
         sqlx::query_as("SELECT id, name, is_admin, created_at FROM users ORDER BY id")
             .fetch_all(pool)
@@ -338,7 +341,7 @@ pub async fn users(pool: &SqlitePool) -> ApiResult<Vec<UserInfo>> {
 }
 
 /// How many users there are.
-pub async fn user_count(pool: &SqlitePool) -> ApiResult<i64> {
+pub async fn user_count(pool: &AnyPool) -> ApiResult<i64> {
     Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users")
         .fetch_one(pool)
         .await?)
@@ -369,7 +372,7 @@ pub struct NewSession {
 /// address in [`THROTTLE_MINUTES`] every attempt is refused
 /// (even a right one) until the window passes, so guessing is slow whichever is varied.
 pub async fn login(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     name: &str,
     password: &str,
     address: &str,
@@ -377,8 +380,8 @@ pub async fn login(
     let since = (chrono::Utc::now() - chrono::Duration::minutes(THROTTLE_MINUTES))
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let (by_name, by_address): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM login_failures WHERE user_name = ? AND at > ?),
-                (SELECT COUNT(*) FROM login_failures WHERE address = ? AND at > ?)",
+        "SELECT (SELECT COUNT(*) FROM login_failures WHERE lower(user_name) = lower($1) AND at > $2),
+                (SELECT COUNT(*) FROM login_failures WHERE address = $3 AND at > $4)",
     )
     .bind(name)
     .bind(&since)
@@ -390,7 +393,7 @@ pub async fn login(
         return Ok(Err(LoginRefused::Throttled));
     }
     let found: Option<(i64, String)> =
-        sqlx::query_as("SELECT id, password_hash FROM users WHERE name = ?")
+        sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(name) = lower($1)")
             .bind(name)
             .fetch_optional(pool)
             .await?;
@@ -403,14 +406,14 @@ pub async fn login(
         }
     };
     let Some((user_id, _)) = found.filter(|_| ok) else {
-        sqlx::query("INSERT INTO login_failures (user_name, address, at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO login_failures (user_name, address, at) VALUES ($1, $2, $3)")
             .bind(name)
             .bind(address)
             .bind(now())
             .execute(pool)
             .await?;
         // Old failures are of no more use.
-        sqlx::query("DELETE FROM login_failures WHERE at <= ?")
+        sqlx::query("DELETE FROM login_failures WHERE at <= $1")
             .bind(&since)
             .execute(pool)
             .await?;
@@ -425,7 +428,7 @@ pub async fn login(
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     sqlx::query(
         "INSERT INTO sessions (token_hash, user_id, csrf_token, created_at, expires_at)
-         VALUES (?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(secret_hash(&session.secret))
     .bind(user_id)
@@ -434,7 +437,7 @@ pub async fn login(
     .bind(&expires)
     .execute(pool)
     .await?;
-    sqlx::query("DELETE FROM sessions WHERE expires_at <= ?")
+    sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
         .bind(now())
         .execute(pool)
         .await?;
@@ -448,8 +451,8 @@ fn dummy_hash() -> &'static str {
 }
 
 /// Ends a session.
-pub async fn logout(pool: &SqlitePool, secret: &str) -> ApiResult<()> {
-    sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
+pub async fn logout(pool: &AnyPool, secret: &str) -> ApiResult<()> {
+    sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
         .bind(secret_hash(secret))
         .execute(pool)
         .await?;
@@ -487,7 +490,7 @@ pub struct CreatedToken {
 pub const TOKEN_PREFIX: &str = "sgv_";
 
 /// Makes an API token for `user`.
-pub async fn create_token(pool: &SqlitePool, user: i64, name: &str) -> ApiResult<CreatedToken> {
+pub async fn create_token(pool: &AnyPool, user: i64, name: &str) -> ApiResult<CreatedToken> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::invalid(
@@ -499,7 +502,7 @@ pub async fn create_token(pool: &SqlitePool, user: i64, name: &str) -> ApiResult
     let prefix: String = secret.chars().take(TOKEN_PREFIX.len() + 6).collect();
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO api_tokens (user_id, name, token_hash, prefix, created_at)
-         VALUES (?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(user)
     .bind(name)
@@ -513,10 +516,10 @@ pub async fn create_token(pool: &SqlitePool, user: i64, name: &str) -> ApiResult
 }
 
 /// One of `user`'s tokens (404 for another user's).
-pub async fn token(pool: &SqlitePool, user: i64, id: i64) -> ApiResult<ApiToken> {
+pub async fn token(pool: &AnyPool, user: i64, id: i64) -> ApiResult<ApiToken> {
     sqlx::query_as(
         "SELECT id, name, prefix, created_at, last_used_at, revoked_at FROM api_tokens
-         WHERE id = ? AND user_id = ?",
+         WHERE id = $1 AND user_id = $2",
     )
     .bind(id)
     .bind(user)
@@ -526,10 +529,10 @@ pub async fn token(pool: &SqlitePool, user: i64, id: i64) -> ApiResult<ApiToken>
 }
 
 /// `user`'s tokens, newest first.
-pub async fn tokens(pool: &SqlitePool, user: i64) -> ApiResult<Vec<ApiToken>> {
+pub async fn tokens(pool: &AnyPool, user: i64) -> ApiResult<Vec<ApiToken>> {
     Ok(sqlx::query_as(
         "SELECT id, name, prefix, created_at, last_used_at, revoked_at FROM api_tokens
-         WHERE user_id = ? ORDER BY id DESC",
+         WHERE user_id = $1 ORDER BY id DESC",
     )
     .bind(user)
     .fetch_all(pool)
@@ -537,9 +540,9 @@ pub async fn tokens(pool: &SqlitePool, user: i64) -> ApiResult<Vec<ApiToken>> {
 }
 
 /// Revokes one of `user`'s tokens (revoking a revoked one changes nothing).
-pub async fn revoke_token(pool: &SqlitePool, user: i64, id: i64) -> ApiResult<ApiToken> {
+pub async fn revoke_token(pool: &AnyPool, user: i64, id: i64) -> ApiResult<ApiToken> {
     sqlx::query(
-        "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND user_id = ?",
+        "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 AND user_id = $3",
     )
     .bind(now())
     .bind(id)
@@ -550,19 +553,19 @@ pub async fn revoke_token(pool: &SqlitePool, user: i64, id: i64) -> ApiResult<Ap
 }
 
 /// The user a session cookie or bearer token stands for (`None`: neither is valid).
-async fn resolve(pool: &SqlitePool, headers: &HeaderMap) -> ApiResult<Option<User>> {
+async fn resolve(pool: &AnyPool, headers: &HeaderMap) -> ApiResult<Option<User>> {
     if let Some(secret) = bearer(headers) {
-        let found: Option<(i64, i64, String, bool)> = sqlx::query_as(
+        let found: Option<(i64, i64, String, Flag)> = sqlx::query_as(
             "SELECT t.id, u.id, u.name, u.is_admin FROM api_tokens t JOIN users u ON u.id = t.user_id
-             WHERE t.token_hash = ? AND t.revoked_at IS NULL",
+             WHERE t.token_hash = $1 AND t.revoked_at IS NULL",
         )
         .bind(secret_hash(&secret))
         .fetch_optional(pool)
         .await?;
-        let Some((token, id, name, admin)) = found else {
+        let Some((token, id, name, Flag(admin))) = found else {
             return Ok(None);
         };
-        sqlx::query("UPDATE api_tokens SET last_used_at = ? WHERE id = ?")
+        sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")
             .bind(now())
             .bind(token)
             .execute(pool)
@@ -577,15 +580,15 @@ async fn resolve(pool: &SqlitePool, headers: &HeaderMap) -> ApiResult<Option<Use
     let Some(secret) = session_cookie(headers) else {
         return Ok(None);
     };
-    let found: Option<(i64, String, bool, String)> = sqlx::query_as(
+    let found: Option<(i64, String, Flag, String)> = sqlx::query_as(
         "SELECT u.id, u.name, u.is_admin, s.csrf_token FROM sessions s JOIN users u ON u.id = s.user_id
-         WHERE s.token_hash = ? AND s.expires_at > ?",
+         WHERE s.token_hash = $1 AND s.expires_at > $2",
     )
     .bind(secret_hash(&secret))
     .bind(now())
     .fetch_optional(pool)
     .await?;
-    Ok(found.map(|(id, name, admin, csrf)| User {
+    Ok(found.map(|(id, name, Flag(admin), csrf)| User {
         id,
         name,
         admin,
@@ -913,12 +916,12 @@ impl Default for Quotas {
 }
 
 /// Bytes `owner` stores: portraits, and every version of every frame image of their stories.
-pub async fn stored_bytes(pool: &SqlitePool, owner: i64) -> ApiResult<i64> {
+pub async fn stored_bytes(pool: &AnyPool, owner: i64) -> ApiResult<i64> {
     Ok(sqlx::query_scalar(
-        "SELECT COALESCE((SELECT SUM(LENGTH(portrait)) FROM characters WHERE owner_id = ?), 0)
+        "SELECT COALESCE((SELECT SUM(LENGTH(portrait)) FROM characters WHERE owner_id = $1), 0)
               + COALESCE((SELECT SUM(LENGTH(v.image)) FROM frame_versions v
                           JOIN frames f ON f.id = v.frame_id JOIN stories s ON s.id = f.story_id
-                          WHERE s.owner_id = ?), 0)",
+                          WHERE s.owner_id = $2), 0)",
     )
     .bind(owner)
     .bind(owner)
@@ -931,7 +934,7 @@ impl Quotas {
     /// they are past it already).
     pub async fn check_storage(
         &self,
-        pool: &SqlitePool,
+        pool: &AnyPool,
         owner: Owner,
         adding: usize,
     ) -> ApiResult<()> {
@@ -955,13 +958,13 @@ impl Quotas {
     }
 
     /// 429 when `owner` already has their limit of jobs queued or running.
-    pub async fn check_jobs(&self, pool: &SqlitePool, owner: Owner) -> ApiResult<()> {
+    pub async fn check_jobs(&self, pool: &AnyPool, owner: Owner) -> ApiResult<()> {
         let Some(owner) = owner else {
             return Ok(());
         };
         let active: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM jobs j JOIN stories s ON s.id = j.story_id
-             WHERE s.owner_id = ? AND j.status IN ('queued', 'running')",
+             WHERE s.owner_id = $1 AND j.status IN ('queued', 'running')",
         )
         .bind(owner)
         .fetch_one(pool)

@@ -53,6 +53,9 @@ pub struct FileConfig {
     pub bind: Option<String>,
     /// Directory for the database and other state.
     pub data_dir: Option<PathBuf>,
+    /// Database URL: `postgres://USER:PASSWORD@HOST/DB` to share one database between
+    /// processes; absent: the SQLite file in the data directory.
+    pub database: Option<String>,
     /// Model bundle directory.
     pub bundle: Option<PathBuf>,
     /// Device of the generation worker: cpu, cuda or cuda:N.
@@ -97,8 +100,10 @@ impl FileConfig {
 pub struct ServeConfig {
     /// Socket address to bind.
     pub bind: SocketAddr,
-    /// Directory holding `storygpt-v.db`.
+    /// Directory holding `storygpt-v.db` (unless `database` names another) and the bundles.
     pub data_dir: PathBuf,
+    /// PostgreSQL URL; `None`: the SQLite file in `data_dir`.
+    pub database: Option<String>,
     /// Model bundle directory; `None`: the default (see `model::resolve_bundle`).
     pub bundle: Option<PathBuf>,
     /// Device of the generation worker.
@@ -160,6 +165,7 @@ impl ServeConfig {
         let Overrides {
             bind,
             data_dir,
+            database,
             bundle,
             device,
             queue_capacity,
@@ -241,9 +247,24 @@ impl ServeConfig {
             Some(list) => AllowedHosts::parse(&list)?,
             None => AllowedHosts::default_for(bind),
         };
+        let database = database.or(file.database).filter(|url| !url.is_empty());
+        if let Some(url) = &database {
+            match crate::db::Backend::of_url(url) {
+                Some(crate::db::Backend::Postgres) => {}
+                Some(crate::db::Backend::Sqlite) => bail!(
+                    "--database takes a postgres:// URL; the SQLite database is always the file \
+                     storygpt-v.db in the data directory (choose it with --data-dir)"
+                ),
+                None => bail!(
+                    "the database URL {} must start with postgres:// or postgresql://",
+                    crate::db::redact(url)
+                ),
+            }
+        }
         Ok(Self {
             bind,
             data_dir,
+            database,
             bundle: bundle.or(file.bundle),
             device: device
                 .or(file.device)
@@ -269,6 +290,15 @@ impl ServeConfig {
     /// Path of the SQLite database inside the data directory.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("storygpt-v.db")
+    }
+
+    /// The database as messages name it: the SQLite file's path, or the PostgreSQL URL
+    /// without its password.
+    pub fn database_shown(&self) -> String {
+        match &self.database {
+            Some(url) => crate::db::redact(url),
+            None => self.database_path().display().to_string(),
+        }
     }
 }
 

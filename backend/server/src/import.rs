@@ -6,7 +6,7 @@
 use std::io::{Cursor, Read};
 
 use serde::Deserialize;
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 
 use crate::error::{ApiError, ApiResult};
 use crate::export::{STORY_FORMAT, STORY_VERSION};
@@ -234,7 +234,7 @@ async fn checked(bytes: Vec<u8>, what: &str) -> ApiResult<NormalizedImage> {
 /// frames get their images and seeds back. Images are checked and re-encoded as uploads are,
 /// all before anything is written.
 pub async fn store(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: crate::auth::Owner,
     story: ImportedStory,
 ) -> ApiResult<Story> {

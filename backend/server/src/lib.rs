@@ -30,7 +30,7 @@ use std::time::Duration;
 use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::routing::get;
 use axum::Router;
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -42,7 +42,7 @@ pub use config::{FileConfig, ServeConfig};
 #[derive(Clone)]
 pub struct AppState {
     /// Connection pool to the SQLite database.
-    pub pool: SqlitePool,
+    pub pool: AnyPool,
     /// Live fan-out of job events to SSE streams.
     pub hub: live::Hub,
     /// The generation worker (and the model it loaded).
@@ -154,15 +154,24 @@ pub async fn serve(
     // Held until this function returns, after the worker has stopped and the pool closed.
     let lock = lock::DataDirLock::acquire(&config.data_dir)?;
     tracing::info!(lock = %lock.path().display(), pid = std::process::id(), "data directory locked");
-    let pool = db::open_limited(&config.database_path(), config.database_page_limit).await?;
-    tracing::info!(database = %config.database_path().display(), "database ready");
+    let pool = match &config.database {
+        Some(url) => db::open_url(url).await?,
+        None => db::open_limited(&config.database_path(), config.database_page_limit).await?,
+    };
+    // One server per PostgreSQL database, as per data directory: crash recovery below
+    // requeues every running job, which must not happen under another live server's worker.
+    let _database_lock = match &config.database {
+        Some(_) => Some(db::ServerLock::acquire(&pool, &config.database_shown()).await?),
+        None => None,
+    };
+    tracing::info!(database = %config.database_shown(), "database ready");
     // Jobs a crash left `running` are requeued (or failed, or cancelled) before any worker
     // could claim them.
     // Its errors are `ApiError`s, whose text ("500 Internal Server Error ...") means nothing
     // on a command line: say what is wrong with the database instead.
     let recovery = store::job_runs::recover(&pool, config.max_attempts)
         .await
-        .map_err(|e| db::StorageFault::startup_api_error(&config.database_path(), e))?;
+        .map_err(|e| db::StorageFault::startup_api_error(&config.database_shown(), e))?;
     if !(recovery.requeued.is_empty()
         && recovery.failed.is_empty()
         && recovery.cancelled.is_empty())

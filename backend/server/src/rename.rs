@@ -1,7 +1,7 @@
 //! Carrying a character's new name into the captions of the stories that cast it, so a
 //! rename does not leave captions naming someone who no longer exists.
 
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 
 use crate::error::ApiResult;
 use crate::mentions::{self, CastMember};
@@ -11,7 +11,7 @@ use crate::store::stories;
 /// The caption rewrites that rename character `id` to `new_name` in every story whose cast
 /// includes it (only there do its captions mean that character).
 pub async fn caption_rewrites(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     id: i64,
     new_name: &str,
 ) -> ApiResult<Vec<CaptionRewrite>> {

@@ -12,7 +12,7 @@ use std::path::{Component, Path};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 
 use crate::config::MAX_PORTRAIT_BYTES;
 use crate::error::{ApiError, ApiResult};
@@ -247,7 +247,7 @@ fn no_cast() -> ApiError {
 /// same store call as an upload; the others are skipped. Each character is its own
 /// transaction, so a failure part-way keeps those already made, and a retry adds the rest.
 pub async fn add(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: crate::auth::Owner,
     cast: &StarterCast,
 ) -> ApiResult<Added> {
@@ -286,7 +286,7 @@ pub async fn add(
 
 /// [`add`], then a story of [`EXAMPLE_CAPTIONS`] whose cast is the whole starter cast.
 pub async fn add_with_example_story(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: crate::auth::Owner,
     cast: &StarterCast,
 ) -> ApiResult<(Added, Story)> {

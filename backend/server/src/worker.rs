@@ -32,7 +32,7 @@ use models::pipeline::{
     CharacterInput, Decoding, FrameRequest, GenerateOptions, PipelineEvent, StoryInput,
     StoryPipeline,
 };
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use tokio::runtime::Handle;
 
 use crate::live::Hub;
@@ -138,7 +138,7 @@ impl Drop for AliveGuard {
 /// Starts the worker thread for `device`: it loads the bundle there and reports back before
 /// any job is taken. Fails with the loading error when the bundle does not load.
 pub async fn start(
-    pool: SqlitePool,
+    pool: AnyPool,
     hub: Hub,
     bundle: PathBuf,
     device: String,
@@ -239,7 +239,7 @@ fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPip
 }
 
 struct Ctx {
-    pool: SqlitePool,
+    pool: AnyPool,
     hub: Hub,
     shared: Arc<Shared>,
     runtime: Handle,

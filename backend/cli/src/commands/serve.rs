@@ -13,9 +13,16 @@ pub struct ServeArgs {
     #[arg(long, env = "STORYGPT_BIND")]
     bind: Option<String>,
 
-    /// Directory for the SQLite database; created on first start [default: ./data].
+    /// Directory for the SQLite database and the made bundles; created on first start
+    /// [default: ./data].
     #[arg(long, env = "STORYGPT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+
+    /// PostgreSQL database to keep everything in instead of the data directory's SQLite file:
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE (it must exist; the schema is made on first
+    /// start).
+    #[arg(long, env = "STORYGPT_DATABASE")]
+    database: Option<String>,
 
     /// Optional TOML file with any of the settings below by the same names (`bind`,
     /// `data_dir`, `bundle`, ...); flags and environment win over it.
@@ -107,6 +114,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let explicit = Overrides {
         bind: args.bind,
         data_dir: args.data_dir,
+        database: args.database,
         bundle: args.bundle,
         device: args.device,
         queue_capacity: args.queue_capacity,

@@ -12,6 +12,9 @@ pub struct UserArgs {
     /// The service's data directory [default: ./data].
     #[arg(long, env = "STORYGPT_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// The service's PostgreSQL database, when it runs with one (see `serve --database`).
+    #[arg(long, env = "STORYGPT_DATABASE", global = true)]
+    database: Option<String>,
     #[command(subcommand)]
     command: UserCommand,
 }
@@ -52,7 +55,10 @@ pub fn run(args: UserArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let pool = server::db::open(&data_dir.join("storygpt-v.db")).await?;
+        let pool = match args.database.as_deref().filter(|url| !url.is_empty()) {
+            Some(url) => server::db::open_url(url).await?,
+            None => server::db::open(&data_dir.join("storygpt-v.db")).await?,
+        };
         let result = match args.command {
             UserCommand::Add {
                 name,

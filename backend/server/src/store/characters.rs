@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use utoipa::ToSchema;
 
 use super::{decode_cursor, paginate, Page};
@@ -145,20 +145,20 @@ fn map_unique(err: sqlx::Error, name: &str) -> ApiError {
 
 /// Inserts a character with an already-normalised portrait.
 pub async fn create(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: Owner,
     name: &str,
     pronoun: Pronoun,
     portrait: &NormalizedImage,
 ) -> ApiResult<Character> {
     let now = now();
-    // Not `RETURNING id` with `fetch_one`: that reads the id and drops the statement before it
-    // has finished, so a commit that fails (SQLITE_FULL on a full disk) went unnoticed and the
-    // read below answered 404 for a row that was never stored. `execute` runs it to the end.
-    let id = sqlx::query(
+    // `fetch_all`, not `fetch_one`: that reads the id and drops the statement before it has
+    // finished, so a commit that fails (SQLITE_FULL on a full disk) went unnoticed and the read
+    // below answered 404 for a row that was never stored. `fetch_all` runs it to the end.
+    let ids: Vec<i64> = sqlx::query_scalar(
         "INSERT INTO characters (owner_id, name, pronoun, portrait, portrait_mime, portrait_width,
                                  portrait_height, portrait_sha256, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
     )
     .bind(owner)
     .bind(name)
@@ -170,17 +170,20 @@ pub async fn create(
     .bind(sha256_hex(&portrait.bytes))
     .bind(&now)
     .bind(&now)
-    .execute(pool)
+    .fetch_all(pool)
     .await
-    .map_err(|e| map_unique(e, name))?
-    .last_insert_rowid();
+    .map_err(|e| map_unique(e, name))?;
+    let id = ids
+        .first()
+        .copied()
+        .ok_or_else(|| ApiError::internal("the database stored the character but gave no id"))?;
     get(pool, id).await
 }
 
 /// Whose character `id` is (`None`: made with auth off, or absent).
-pub async fn owner_of(pool: &SqlitePool, id: i64) -> ApiResult<Owner> {
+pub async fn owner_of(pool: &AnyPool, id: i64) -> ApiResult<Owner> {
     Ok(
-        sqlx::query_scalar::<_, Option<i64>>("SELECT owner_id FROM characters WHERE id = ?")
+        sqlx::query_scalar::<_, Option<i64>>("SELECT owner_id FROM characters WHERE id = $1")
             .bind(id)
             .fetch_optional(pool)
             .await?
@@ -189,9 +192,9 @@ pub async fn owner_of(pool: &SqlitePool, id: i64) -> ApiResult<Owner> {
 }
 
 /// Fetches one character or 404.
-pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Character> {
+pub async fn get(pool: &AnyPool, id: i64) -> ApiResult<Character> {
     let row: Option<CharacterRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM characters WHERE id = ?"))
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM characters WHERE id = $1"))
             .bind(id)
             .fetch_optional(pool)
             .await?;
@@ -201,15 +204,15 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Character> {
 
 /// Lists characters in id order, a page at a time.
 pub async fn list(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: Owner,
     cursor: Option<&str>,
     limit: i64,
 ) -> ApiResult<Page<Character>> {
     let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
     let rows: Vec<CharacterRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM characters WHERE id > ? AND (? IS NULL OR owner_id = ?)
-         ORDER BY id LIMIT ?"
+        "SELECT {COLUMNS} FROM characters WHERE id > $1 AND ($2 IS NULL OR owner_id = $3)
+         ORDER BY id LIMIT $4"
     ))
     .bind(after)
     .bind(owner)
@@ -225,9 +228,9 @@ pub async fn list(
 }
 
 /// Every character of `owner`, for pages and mention lookup.
-pub async fn all(pool: &SqlitePool, owner: Owner) -> ApiResult<Vec<Character>> {
+pub async fn all(pool: &AnyPool, owner: Owner) -> ApiResult<Vec<Character>> {
     let rows: Vec<CharacterRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM characters WHERE (? IS NULL OR owner_id = ?) ORDER BY id"
+        "SELECT {COLUMNS} FROM characters WHERE ($1 IS NULL OR owner_id = $2) ORDER BY id"
     ))
     .bind(owner)
     .bind(owner)
@@ -275,12 +278,12 @@ pub struct Updated {
 }
 
 /// Applies a partial update in one transaction; 404 if the character does not exist.
-pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> ApiResult<Updated> {
+pub async fn update(pool: &AnyPool, id: i64, changes: CharacterChanges) -> ApiResult<Updated> {
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM characters WHERE id = ?")
+    let mut tx = crate::db::begin_write(pool).await?;
+    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM characters WHERE id = $1")
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
@@ -289,7 +292,7 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
     }
     let now = now();
     if let Some(name) = &changes.name {
-        sqlx::query("UPDATE characters SET name = ?, updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE characters SET name = $1, updated_at = $2 WHERE id = $3")
             .bind(name)
             .bind(&now)
             .bind(id)
@@ -298,7 +301,7 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
             .map_err(|e| map_unique(e, name))?;
     }
     if let Some(pronoun) = changes.pronoun {
-        sqlx::query("UPDATE characters SET pronoun = ?, updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE characters SET pronoun = $1, updated_at = $2 WHERE id = $3")
             .bind(pronoun.as_str())
             .bind(&now)
             .bind(id)
@@ -307,8 +310,8 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
     }
     if let Some(portrait) = &changes.portrait {
         sqlx::query(
-            "UPDATE characters SET portrait = ?, portrait_mime = ?, portrait_width = ?,
-                    portrait_height = ?, portrait_sha256 = ?, updated_at = ? WHERE id = ?",
+            "UPDATE characters SET portrait = $1, portrait_mime = $2, portrait_width = $3,
+                    portrait_height = $4, portrait_sha256 = $5, updated_at = $6 WHERE id = $7",
         )
         .bind(&portrait.bytes)
         .bind(portrait.mime)
@@ -324,7 +327,7 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
     let mut stories = std::collections::BTreeSet::new();
     for rewrite in &changes.captions {
         let done = sqlx::query(
-            "UPDATE frames SET caption = ?, updated_at = ? WHERE id = ? AND story_id = ? AND caption = ?",
+            "UPDATE frames SET caption = $1, updated_at = $2 WHERE id = $3 AND story_id = $4 AND caption = $5",
         )
         .bind(&rewrite.to)
         .bind(&now)
@@ -339,7 +342,7 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
         }
     }
     for &story in &stories {
-        sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE stories SET updated_at = $1 WHERE id = $2")
             .bind(&now)
             .bind(story)
             .execute(&mut *tx)
@@ -356,8 +359,8 @@ pub async fn update(pool: &SqlitePool, id: i64, changes: CharacterChanges) -> Ap
 }
 
 /// Deletes a character (it leaves every story cast it was in); 404 if absent.
-pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
-    let done = sqlx::query("DELETE FROM characters WHERE id = ?")
+pub async fn delete(pool: &AnyPool, id: i64) -> ApiResult<()> {
+    let done = sqlx::query("DELETE FROM characters WHERE id = $1")
         .bind(id)
         .execute(pool)
         .await?;
@@ -368,9 +371,9 @@ pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
 }
 
 /// The portrait bytes of a character; 404 if absent.
-pub async fn portrait(pool: &SqlitePool, id: i64) -> ApiResult<Portrait> {
+pub async fn portrait(pool: &AnyPool, id: i64) -> ApiResult<Portrait> {
     let row: Option<(Vec<u8>, String, String)> = sqlx::query_as(
-        "SELECT portrait, portrait_mime, portrait_sha256 FROM characters WHERE id = ?",
+        "SELECT portrait, portrait_mime, portrait_sha256 FROM characters WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(pool)

@@ -3,7 +3,7 @@
 //! the transaction that stores the image ([`replace_in`], called from `job_runs::frame_done`);
 //! the API reads them.
 
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -32,18 +32,18 @@ pub struct AttentionEntry {
 /// Replaces the maps of `frame` with `maps` (none: the frame keeps none, since maps of an
 /// earlier image would describe a picture that is no longer there).
 pub async fn replace_in(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     frame: i64,
     maps: &[AttentionPng],
 ) -> ApiResult<()> {
-    sqlx::query("DELETE FROM frame_attention WHERE frame_id = ?")
+    sqlx::query("DELETE FROM frame_attention WHERE frame_id = $1")
         .bind(frame)
         .execute(&mut *conn)
         .await?;
     for (ordinal, map) in maps.iter().enumerate() {
         sqlx::query(
             "INSERT INTO frame_attention (frame_id, ordinal, text, characters, png)
-             VALUES (?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(frame)
         .bind(ordinal as i64)
@@ -57,10 +57,10 @@ pub async fn replace_in(
 }
 
 /// 404 unless the story exists and `frame` is one of its frames.
-async fn check_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<()> {
+async fn check_frame(pool: &AnyPool, story: i64, frame: i64) -> ApiResult<()> {
     let found: Option<(i64, Option<i64>)> = sqlx::query_as(
-        "SELECT s.id, f.id FROM stories s LEFT JOIN frames f ON f.story_id = s.id AND f.id = ?
-         WHERE s.id = ?",
+        "SELECT s.id, f.id FROM stories s LEFT JOIN frames f ON f.story_id = s.id AND f.id = $1
+         WHERE s.id = $2",
     )
     .bind(frame)
     .bind(story)
@@ -74,10 +74,10 @@ async fn check_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<()>
 }
 
 /// The maps of a frame in caption order (empty when its image has none, or it has no image).
-pub async fn list(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<Vec<AttentionEntry>> {
+pub async fn list(pool: &AnyPool, story: i64, frame: i64) -> ApiResult<Vec<AttentionEntry>> {
     check_frame(pool, story, frame).await?;
     let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        "SELECT ordinal, text, characters FROM frame_attention WHERE frame_id = ? ORDER BY ordinal",
+        "SELECT ordinal, text, characters FROM frame_attention WHERE frame_id = $1 ORDER BY ordinal",
     )
     .bind(frame)
     .fetch_all(pool)
@@ -95,10 +95,10 @@ pub async fn list(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<Vec<At
 }
 
 /// The PNG of map `ordinal` of a frame.
-pub async fn png(pool: &SqlitePool, story: i64, frame: i64, ordinal: i64) -> ApiResult<Vec<u8>> {
+pub async fn png(pool: &AnyPool, story: i64, frame: i64, ordinal: i64) -> ApiResult<Vec<u8>> {
     check_frame(pool, story, frame).await?;
     let png: Option<Vec<u8>> =
-        sqlx::query_scalar("SELECT png FROM frame_attention WHERE frame_id = ? AND ordinal = ?")
+        sqlx::query_scalar("SELECT png FROM frame_attention WHERE frame_id = $1 AND ordinal = $2")
             .bind(frame)
             .bind(ordinal)
             .fetch_optional(pool)

@@ -1,7 +1,7 @@
 //! Frames with everything the studio's strip and the exports show: status, seed, generation
 //! time and, when asked for, the image bytes. Read-only; the job worker writes these columns.
 
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 
 use crate::error::{ApiError, ApiResult};
 
@@ -21,6 +21,7 @@ pub struct FrameMedia {
     /// How long generating the stored image took.
     pub duration_ms: Option<i64>,
     /// Whether an image is stored.
+    #[sqlx(try_from = "crate::db::Flag")]
     pub has_image: bool,
     /// The image bytes (only when asked for, and only when there is one).
     pub image: Option<Vec<u8>>,
@@ -39,11 +40,11 @@ pub struct FrameMedia {
 /// The frames of a story in order; 404 when the story does not exist. `with_images` loads
 /// the image bytes too (exports), otherwise they stay in the database (the strip).
 pub async fn frames(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     story: i64,
     with_images: bool,
 ) -> ApiResult<Vec<FrameMedia>> {
-    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = ?")
+    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = $1")
         .bind(story)
         .fetch_optional(pool)
         .await?;
@@ -52,13 +53,13 @@ pub async fn frames(
     }
     let image = if with_images { "image" } else { "NULL" };
     let rows: Vec<FrameMedia> = sqlx::query_as(&format!(
-        "SELECT id, position, caption, status, seed, duration_ms, image IS NOT NULL AS has_image,
+        "SELECT id, position, caption, status, seed, duration_ms, CASE WHEN image IS NOT NULL THEN 1 ELSE 0 END AS has_image,
                 {image} AS image, image_mime, updated_at, version_id,
                 (SELECT COUNT(*) FROM frame_versions v WHERE v.frame_id = frames.id)
                     AS version_count,
                 (SELECT COUNT(*) FROM frame_attention a WHERE a.frame_id = frames.id)
                     AS attention_count
-         FROM frames WHERE story_id = ? ORDER BY position"
+         FROM frames WHERE story_id = $1 ORDER BY position"
     ))
     .bind(story)
     .fetch_all(pool)

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
 use utoipa::ToSchema;
 
 use super::frame_attention::{self, AttentionPng};
@@ -100,10 +100,10 @@ pub struct FrameVersion {
 }
 
 /// The `(frame_id, version_id)` of the frames before `frame` in its story now.
-pub async fn current_context_in(conn: &mut SqliteConnection, frame: i64) -> ApiResult<Context> {
+pub async fn current_context_in(conn: &mut AnyConnection, frame: i64) -> ApiResult<Context> {
     Ok(sqlx::query_as(
         "SELECT f.id, f.version_id FROM frames f JOIN frames me ON me.story_id = f.story_id
-         WHERE me.id = ? AND f.position < me.position ORDER BY f.position",
+         WHERE me.id = $1 AND f.position < me.position ORDER BY f.position",
     )
     .bind(frame)
     .fetch_all(conn)
@@ -113,11 +113,11 @@ pub async fn current_context_in(conn: &mut SqliteConnection, frame: i64) -> ApiR
 /// The `(frame_id, version_id)` now of each frame id in `ids` (`None` for a deleted frame or
 /// one without an image), in the order given: the context of a frame drawn from a job's
 /// snapshot of its story.
-pub async fn versions_of_in(conn: &mut SqliteConnection, ids: &[i64]) -> ApiResult<Context> {
+pub async fn versions_of_in(conn: &mut AnyConnection, ids: &[i64]) -> ApiResult<Context> {
     let mut out = Vec::with_capacity(ids.len());
     for &id in ids {
         let version: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT version_id FROM frames WHERE id = ?")
+            sqlx::query_scalar("SELECT version_id FROM frames WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -129,7 +129,7 @@ pub async fn versions_of_in(conn: &mut SqliteConnection, ids: &[i64]) -> ApiResu
 /// Stores a new version of a frame and makes it current: the frame's image, seed, timing and
 /// drawn-from caption are replaced and its heatmaps with them. Part of the caller's
 /// transaction; returns the version id.
-pub async fn record_in(conn: &mut SqliteConnection, version: &NewVersion<'_>) -> ApiResult<i64> {
+pub async fn record_in(conn: &mut AnyConnection, version: &NewVersion<'_>) -> ApiResult<i64> {
     let now = now();
     let options = version
         .options
@@ -145,7 +145,7 @@ pub async fn record_in(conn: &mut SqliteConnection, version: &NewVersion<'_>) ->
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO frame_versions (frame_id, image, image_mime, caption, seed, duration_ms,
                                      options, job_id, context, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
     )
     .bind(version.frame_id)
     .bind(version.image)
@@ -162,7 +162,7 @@ pub async fn record_in(conn: &mut SqliteConnection, version: &NewVersion<'_>) ->
     for (ordinal, map) in version.attention.iter().enumerate() {
         sqlx::query(
             "INSERT INTO frame_version_attention (version_id, ordinal, text, characters, png)
-             VALUES (?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id)
         .bind(ordinal as i64)
@@ -173,8 +173,8 @@ pub async fn record_in(conn: &mut SqliteConnection, version: &NewVersion<'_>) ->
         .await?;
     }
     sqlx::query(
-        "UPDATE frames SET image = ?, image_mime = ?, seed = ?, duration_ms = ?,
-                image_caption = ?, version_id = ?, updated_at = ? WHERE id = ?",
+        "UPDATE frames SET image = $1, image_mime = $2, seed = $3, duration_ms = $4,
+                image_caption = $5, version_id = $6, updated_at = $7 WHERE id = $8",
     )
     .bind(version.image)
     .bind(version.mime)
@@ -193,13 +193,13 @@ pub async fn record_in(conn: &mut SqliteConnection, version: &NewVersion<'_>) ->
 /// For each frame of `story` with a current version whose context is known: whether the
 /// frames before it changed since it was drawn.
 pub async fn older_context_in(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     story: i64,
 ) -> ApiResult<HashMap<i64, bool>> {
     let rows: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
         "SELECT f.id, f.version_id, v.context FROM frames f
          LEFT JOIN frame_versions v ON v.id = f.version_id
-         WHERE f.story_id = ? ORDER BY f.position",
+         WHERE f.story_id = $1 ORDER BY f.position",
     )
     .bind(story)
     .fetch_all(conn)
@@ -218,15 +218,15 @@ pub async fn older_context_in(
 }
 
 /// [`older_context_in`] on a pooled connection.
-pub async fn older_context(pool: &SqlitePool, story: i64) -> ApiResult<HashMap<i64, bool>> {
+pub async fn older_context(pool: &AnyPool, story: i64) -> ApiResult<HashMap<i64, bool>> {
     older_context_in(&mut *pool.acquire().await?, story).await
 }
 
 /// How each frame of `story` with a known recipe drew its current image, by frame id.
-pub async fn drawn_with(pool: &SqlitePool, story: i64) -> ApiResult<HashMap<i64, DrawOptions>> {
+pub async fn drawn_with(pool: &AnyPool, story: i64) -> ApiResult<HashMap<i64, DrawOptions>> {
     let rows: Vec<(i64, String)> = sqlx::query_as(
         "SELECT f.id, v.options FROM frames f JOIN frame_versions v ON v.id = f.version_id
-         WHERE f.story_id = ? AND v.options IS NOT NULL",
+         WHERE f.story_id = $1 AND v.options IS NOT NULL",
     )
     .bind(story)
     .fetch_all(pool)
@@ -241,10 +241,10 @@ pub async fn drawn_with(pool: &SqlitePool, story: i64) -> ApiResult<HashMap<i64,
 }
 
 /// How many versions each frame of `story` has.
-pub async fn counts(pool: &SqlitePool, story: i64) -> ApiResult<HashMap<i64, i64>> {
+pub async fn counts(pool: &AnyPool, story: i64) -> ApiResult<HashMap<i64, i64>> {
     let rows: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT v.frame_id, COUNT(*) FROM frame_versions v JOIN frames f ON f.id = v.frame_id
-         WHERE f.story_id = ? GROUP BY v.frame_id",
+         WHERE f.story_id = $1 GROUP BY v.frame_id",
     )
     .bind(story)
     .fetch_all(pool)
@@ -253,10 +253,10 @@ pub async fn counts(pool: &SqlitePool, story: i64) -> ApiResult<HashMap<i64, i64
 }
 
 /// 404 unless the story exists and `frame` is one of its frames.
-async fn check_frame(conn: &mut SqliteConnection, story: i64, frame: i64) -> ApiResult<()> {
+async fn check_frame(conn: &mut AnyConnection, story: i64, frame: i64) -> ApiResult<()> {
     let found: Option<(i64, Option<i64>)> = sqlx::query_as(
-        "SELECT s.id, f.id FROM stories s LEFT JOIN frames f ON f.story_id = s.id AND f.id = ?
-         WHERE s.id = ?",
+        "SELECT s.id, f.id FROM stories s LEFT JOIN frames f ON f.story_id = s.id AND f.id = $1
+         WHERE s.id = $2",
     )
     .bind(frame)
     .bind(story)
@@ -282,17 +282,17 @@ struct VersionRow {
 }
 
 /// Every version of a frame, newest first; 404 for an unknown story or frame.
-pub async fn list(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<Vec<FrameVersion>> {
+pub async fn list(pool: &AnyPool, story: i64, frame: i64) -> ApiResult<Vec<FrameVersion>> {
     let mut conn = pool.acquire().await?;
     check_frame(&mut conn, story, frame).await?;
-    let current: Option<i64> = sqlx::query_scalar("SELECT version_id FROM frames WHERE id = ?")
+    let current: Option<i64> = sqlx::query_scalar("SELECT version_id FROM frames WHERE id = $1")
         .bind(frame)
         .fetch_one(&mut *conn)
         .await?;
     let before = current_context_in(&mut conn, frame).await?;
     let rows: Vec<VersionRow> = sqlx::query_as(
         "SELECT id, caption, seed, duration_ms, options, job_id, context, created_at
-         FROM frame_versions WHERE frame_id = ? ORDER BY id DESC",
+         FROM frame_versions WHERE frame_id = $1 ORDER BY id DESC",
     )
     .bind(frame)
     .fetch_all(&mut *conn)
@@ -341,7 +341,7 @@ fn version_not_found(frame: i64, version: i64) -> ApiError {
 
 /// The image bytes and MIME type of one version.
 pub async fn image(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     story: i64,
     frame: i64,
     version: i64,
@@ -349,7 +349,7 @@ pub async fn image(
     let mut conn = pool.acquire().await?;
     check_frame(&mut conn, story, frame).await?;
     let row: Option<(Vec<u8>, String)> = sqlx::query_as(
-        "SELECT image, image_mime FROM frame_versions WHERE id = ? AND frame_id = ?",
+        "SELECT image, image_mime FROM frame_versions WHERE id = $1 AND frame_id = $2",
     )
     .bind(version)
     .bind(frame)
@@ -360,9 +360,9 @@ pub async fn image(
 
 /// The active job of a story, if one is queued or running: history changes wait for it, so a
 /// job never draws from a context that changes under it.
-async fn active_job(conn: &mut SqliteConnection, story: i64) -> ApiResult<Option<i64>> {
+async fn active_job(conn: &mut AnyConnection, story: i64) -> ApiResult<Option<i64>> {
     Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE story_id = ? AND status IN ('queued', 'running')
+        "SELECT id FROM jobs WHERE story_id = $1 AND status IN ('queued', 'running')
          ORDER BY id LIMIT 1",
     )
     .bind(story)
@@ -391,12 +391,12 @@ struct StoredImage {
 /// Makes `version` the frame's image again (its seed, timing, drawn-from caption and heatmaps
 /// with it). The frame is `stale` afterwards if its caption changed since that version was
 /// drawn. Refused with 409 while a job of the story is queued or running.
-pub async fn restore(pool: &SqlitePool, story: i64, frame: i64, version: i64) -> ApiResult<()> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+pub async fn restore(pool: &AnyPool, story: i64, frame: i64, version: i64) -> ApiResult<()> {
+    let mut tx = crate::db::begin_write(pool).await?;
     check_frame(&mut tx, story, frame).await?;
     let row: Option<StoredImage> = sqlx::query_as(
         "SELECT image, image_mime, caption, seed, duration_ms FROM frame_versions
-         WHERE id = ? AND frame_id = ?",
+         WHERE id = $1 AND frame_id = $2",
     )
     .bind(version)
     .bind(frame)
@@ -413,7 +413,7 @@ pub async fn restore(pool: &SqlitePool, story: i64, frame: i64, version: i64) ->
         return Err(busy(job, "restore a version"));
     }
     let maps: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT text, characters, png FROM frame_version_attention WHERE version_id = ?
+        "SELECT text, characters, png FROM frame_version_attention WHERE version_id = $1
          ORDER BY ordinal",
     )
     .bind(version)
@@ -432,8 +432,8 @@ pub async fn restore(pool: &SqlitePool, story: i64, frame: i64, version: i64) ->
         .collect::<ApiResult<Vec<_>>>()?;
     let now = now();
     sqlx::query(
-        "UPDATE frames SET image = ?, image_mime = ?, seed = ?, duration_ms = ?,
-                image_caption = ?, version_id = ?, updated_at = ? WHERE id = ?",
+        "UPDATE frames SET image = $1, image_mime = $2, seed = $3, duration_ms = $4,
+                image_caption = $5, version_id = $6, updated_at = $7 WHERE id = $8",
     )
     .bind(&image)
     .bind(&mime)
@@ -446,7 +446,7 @@ pub async fn restore(pool: &SqlitePool, story: i64, frame: i64, version: i64) ->
     .execute(&mut *tx)
     .await?;
     frame_attention::replace_in(&mut tx, frame, &maps).await?;
-    sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE stories SET updated_at = $1 WHERE id = $2")
         .bind(&now)
         .bind(story)
         .execute(&mut *tx)
@@ -458,10 +458,10 @@ pub async fn restore(pool: &SqlitePool, story: i64, frame: i64, version: i64) ->
 
 /// Deletes a version that is not the frame's current image (409 for the current one: restore
 /// another first, or delete the frame).
-pub async fn delete(pool: &SqlitePool, story: i64, frame: i64, version: i64) -> ApiResult<()> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+pub async fn delete(pool: &AnyPool, story: i64, frame: i64, version: i64) -> ApiResult<()> {
+    let mut tx = crate::db::begin_write(pool).await?;
     check_frame(&mut tx, story, frame).await?;
-    let current: Option<i64> = sqlx::query_scalar("SELECT version_id FROM frames WHERE id = ?")
+    let current: Option<i64> = sqlx::query_scalar("SELECT version_id FROM frames WHERE id = $1")
         .bind(frame)
         .fetch_one(&mut *tx)
         .await?;
@@ -475,7 +475,7 @@ pub async fn delete(pool: &SqlitePool, story: i64, frame: i64, version: i64) -> 
             ),
         ));
     }
-    let deleted = sqlx::query("DELETE FROM frame_versions WHERE id = ? AND frame_id = ?")
+    let deleted = sqlx::query("DELETE FROM frame_versions WHERE id = $1 AND frame_id = $2")
         .bind(version)
         .bind(frame)
         .execute(&mut *tx)
@@ -496,14 +496,15 @@ mod tests {
     /// (current) version, heatmaps included, with an unknown context (never marked).
     #[tokio::test]
     async fn the_migration_makes_every_stored_image_a_first_version() {
-        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect("sqlite::memory:")
             .await
             .unwrap();
         for sql in [
-            include_str!("../../../../migrations/0001_initial.sql"),
-            include_str!("../../../../migrations/0002_job_frames.sql"),
-            include_str!("../../../../migrations/0003_frame_attention.sql"),
-            include_str!("../../../../migrations/0004_job_turns.sql"),
+            include_str!("../../../../migrations/sqlite/0001_initial.sql"),
+            include_str!("../../../../migrations/sqlite/0002_job_frames.sql"),
+            include_str!("../../../../migrations/sqlite/0003_frame_attention.sql"),
+            include_str!("../../../../migrations/sqlite/0004_job_turns.sql"),
         ] {
             sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
         }
@@ -520,7 +521,7 @@ mod tests {
         .await
         .unwrap();
         sqlx::raw_sql(include_str!(
-            "../../../../migrations/0005_frame_versions.sql"
+            "../../../../migrations/sqlite/0005_frame_versions.sql"
         ))
         .execute(&mut conn)
         .await

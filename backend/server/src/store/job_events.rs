@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 
 use crate::db::now;
 use crate::error::ApiResult;
@@ -79,13 +79,13 @@ impl JobEvent {
 }
 
 /// Stores an event (inside the caller's transaction) and returns it with its id.
-pub async fn insert(conn: &mut SqliteConnection, mut event: JobEvent) -> ApiResult<JobEvent> {
+pub async fn insert(conn: &mut AnyConnection, mut event: JobEvent) -> ApiResult<JobEvent> {
     let at = event.data["at"]
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(now);
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO job_events (job_id, kind, data, created_at) VALUES (?, ?, ?, ?) RETURNING id",
+        "INSERT INTO job_events (job_id, kind, data, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
     )
     .bind(event.job_id)
     .bind(event.kind)
@@ -128,19 +128,19 @@ fn known_kind(text: &str) -> &'static str {
 
 /// Stored events of a scope with ids above `after`, oldest first, at most `limit`.
 pub async fn after(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     scope: Scope,
     after: i64,
     limit: i64,
 ) -> ApiResult<Vec<JobEvent>> {
     let (filter, id) = match scope {
-        Scope::Job(id) => ("e.job_id = ?", id),
-        Scope::Story(id) => ("j.story_id = ?", id),
+        Scope::Job(id) => ("e.job_id = $1", id),
+        Scope::Story(id) => ("j.story_id = $1", id),
     };
     let sql = format!(
         "SELECT e.id, e.job_id, j.story_id, e.kind, e.data
          FROM job_events e JOIN jobs j ON j.id = e.job_id
-         WHERE {filter} AND e.id > ? ORDER BY e.id LIMIT ?"
+         WHERE {filter} AND e.id > $2 ORDER BY e.id LIMIT $3"
     );
     let rows: Vec<(i64, i64, i64, String, String)> = sqlx::query_as(&sql)
         .bind(id)
@@ -161,7 +161,7 @@ pub async fn after(
 }
 
 /// The id of the newest stored event (0 when there is none): where a live-only stream starts.
-pub async fn newest_id(conn: &mut SqliteConnection) -> ApiResult<i64> {
+pub async fn newest_id(conn: &mut AnyConnection) -> ApiResult<i64> {
     Ok(
         sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM job_events")
             .fetch_one(conn)

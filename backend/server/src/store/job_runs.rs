@@ -2,7 +2,9 @@
 //! finished frames, ending it, and putting interrupted jobs right at start-up. Each function
 //! is one transaction that also stores the event it announces (see `store::jobs`).
 
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
+
+use crate::db::Flag;
 
 use super::frame_attention::AttentionPng;
 use super::frame_versions::{self, NewVersion};
@@ -39,10 +41,10 @@ pub struct Claimed {
 /// turn is oldest, a story never served yet first, ties to the oldest job. Each claim takes
 /// the next turn number, so a job that handed its turn back ([`other_story_waiting`]) goes
 /// behind every other waiting story.
-pub async fn claim(pool: &SqlitePool, worker: &str) -> ApiResult<Option<Claimed>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+pub async fn claim(pool: &AnyPool, worker: &str) -> ApiResult<Option<Claimed>> {
+    let mut tx = crate::db::begin_write(pool).await?;
     let row: Option<(i64, i64, String, i64)> = sqlx::query_as(
-        "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, worker = ?,
+        "UPDATE jobs SET status = 'running', started_at = $1, attempts = attempts + 1, worker = $2,
                 turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM jobs)
          WHERE id = (
              SELECT q.id FROM jobs q
@@ -88,36 +90,38 @@ pub async fn claim(pool: &SqlitePool, worker: &str) -> ApiResult<Option<Claimed>
 
 /// Whether a job of a story other than `story` waits in the queue: the running job of
 /// `story` then hands its turn back between two frames (see [`Outcome::Requeued`]).
-pub async fn other_story_waiting(pool: &SqlitePool, story: i64) -> ApiResult<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND story_id <> ?)",
+pub async fn other_story_waiting(pool: &AnyPool, story: i64) -> ApiResult<bool> {
+    let waiting: Flag = sqlx::query_scalar(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND story_id <> $1)
+                THEN 1 ELSE 0 END",
     )
     .bind(story)
     .fetch_one(pool)
-    .await?)
+    .await?;
+    Ok(waiting.0)
 }
 
 /// Whether the job still runs and whether cancellation was asked for; `None` once the job
 /// is gone (its story was deleted).
-pub async fn poll(pool: &SqlitePool, job: i64) -> ApiResult<Option<(String, bool)>> {
-    Ok(
-        sqlx::query_as("SELECT status, cancel_requested FROM jobs WHERE id = ?")
+pub async fn poll(pool: &AnyPool, job: i64) -> ApiResult<Option<(String, bool)>> {
+    let found: Option<(String, Flag)> =
+        sqlx::query_as("SELECT status, cancel_requested FROM jobs WHERE id = $1")
             .bind(job)
             .fetch_optional(pool)
-            .await?,
-    )
+            .await?;
+    Ok(found.map(|(status, cancel)| (status, cancel.0)))
 }
 
-async fn is_running(conn: &mut SqliteConnection, job: i64) -> ApiResult<bool> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+async fn is_running(conn: &mut AnyConnection, job: i64) -> ApiResult<bool> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
         .bind(job)
         .fetch_optional(conn)
         .await?;
     Ok(status.as_deref() == Some("running"))
 }
 
-async fn set_progress(conn: &mut SqliteConnection, job: i64, progress: &Progress) -> ApiResult<()> {
-    sqlx::query("UPDATE jobs SET progress = ? WHERE id = ?")
+async fn set_progress(conn: &mut AnyConnection, job: i64, progress: &Progress) -> ApiResult<()> {
+    sqlx::query("UPDATE jobs SET progress = $1 WHERE id = $2")
         .bind(serde_json::to_string(progress).map_err(ApiError::internal)?)
         .bind(job)
         .execute(conn)
@@ -128,17 +132,17 @@ async fn set_progress(conn: &mut SqliteConnection, job: i64, progress: &Progress
 /// Records progress (and marks the frame being drawn `running` when `frame_started`), with a
 /// stored `progress` event. `None` when the job no longer runs.
 pub async fn progress(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     job: &Claimed,
     progress: &Progress,
     frame_started: Option<i64>,
 ) -> ApiResult<Option<JobEvent>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     if !is_running(&mut tx, job.job_id).await? {
         return Ok(None);
     }
     if let Some(ordinal) = frame_started {
-        sqlx::query("UPDATE job_frames SET state = 'running' WHERE job_id = ? AND ordinal = ?")
+        sqlx::query("UPDATE job_frames SET state = 'running' WHERE job_id = $1 AND ordinal = $2")
             .bind(job.job_id)
             .bind(ordinal)
             .execute(&mut *tx)
@@ -179,17 +183,17 @@ pub struct FinishedFrame {
 /// nor store a frame twice. `None` when the job no longer runs or the frame was already
 /// stored (by an earlier attempt).
 pub async fn frame_done(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     job: &Claimed,
     frame: &FinishedFrame,
     progress: &Progress,
 ) -> ApiResult<Option<JobEvent>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     if !is_running(&mut tx, job.job_id).await? {
         return Ok(None);
     }
     let row: Option<(i64, Option<i64>, i64)> = sqlx::query_as(
-        "UPDATE job_frames SET state = 'done' WHERE job_id = ? AND ordinal = ? AND state <> 'done'
+        "UPDATE job_frames SET state = 'done' WHERE job_id = $1 AND ordinal = $2 AND state <> 'done'
          RETURNING position, frame_id, seed",
     )
     .bind(job.job_id)
@@ -222,7 +226,7 @@ pub async fn frame_done(
             },
         )
         .await?;
-        sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE stories SET updated_at = $1 WHERE id = $2")
             .bind(&now)
             .bind(job.story_id)
             .execute(&mut *tx)
@@ -270,15 +274,15 @@ pub struct Continuation {
 /// this draws the frame on its next attempt and writes only the captions still missing.
 /// `None` when the job no longer runs.
 pub async fn add_continuation(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     job: &Claimed,
     caption: &str,
 ) -> ApiResult<Option<Continuation>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     if !is_running(&mut tx, job.job_id).await? {
         return Ok(None);
     }
-    let text: String = sqlx::query_scalar("SELECT params FROM jobs WHERE id = ?")
+    let text: String = sqlx::query_scalar("SELECT params FROM jobs WHERE id = $1")
         .bind(job.job_id)
         .fetch_one(&mut *tx)
         .await?;
@@ -292,7 +296,7 @@ pub async fn add_continuation(
     let seed = params.continue_seeds.remove(0);
     let mut after: Option<i64> = None;
     for &id in params.frame_ids.iter().rev() {
-        after = sqlx::query_scalar("SELECT position FROM frames WHERE id = ? AND story_id = ?")
+        after = sqlx::query_scalar("SELECT position FROM frames WHERE id = $1 AND story_id = $2")
             .bind(id)
             .bind(job.story_id)
             .fetch_optional(&mut *tx)
@@ -307,12 +311,12 @@ pub async fn add_continuation(
     params.captions.push(caption.to_string());
     params.frame_ids.push(frame_id);
     let ordinal: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(ordinal), 0) + 1 FROM job_frames WHERE job_id = ?")
+        sqlx::query_scalar("SELECT COALESCE(MAX(ordinal), 0) + 1 FROM job_frames WHERE job_id = $1")
             .bind(job.job_id)
             .fetch_one(&mut *tx)
             .await?;
     sqlx::query(
-        "INSERT INTO job_frames (job_id, ordinal, position, frame_id, seed) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO job_frames (job_id, ordinal, position, frame_id, seed) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(job.job_id)
     .bind(ordinal)
@@ -321,12 +325,12 @@ pub async fn add_continuation(
     .bind(seed as i64)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE jobs SET params = ? WHERE id = ?")
+    sqlx::query("UPDATE jobs SET params = $1 WHERE id = $2")
         .bind(serde_json::to_string(&params).map_err(ApiError::internal)?)
         .bind(job.job_id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE stories SET updated_at = $1 WHERE id = $2")
         .bind(now())
         .bind(job.story_id)
         .execute(&mut *tx)
@@ -381,14 +385,14 @@ pub enum Outcome {
 }
 
 pub(crate) async fn finish_in(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     job: i64,
     story: i64,
     outcome: &Outcome,
 ) -> ApiResult<JobEvent> {
     let now = now();
     let (frames, done): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COALESCE(SUM(state = 'done'), 0) FROM job_frames WHERE job_id = ?",
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN state = 'done' THEN 1 ELSE 0 END), 0) FROM job_frames WHERE job_id = $1",
     )
     .bind(job)
     .fetch_one(&mut *conn)
@@ -426,11 +430,11 @@ pub(crate) async fn finish_in(
     let requeued = matches!(outcome, Outcome::Requeued { .. });
     let uncount = matches!(outcome, Outcome::Requeued { counts: false, .. });
     sqlx::query(
-        "UPDATE jobs SET status = ?, error = ?, worker = NULL,
-                finished_at = CASE WHEN ? THEN NULL ELSE ? END,
-                attempts = attempts - CASE WHEN ? THEN 1 ELSE 0 END,
-                cancel_requested = cancel_requested OR ?
-         WHERE id = ?",
+        "UPDATE jobs SET status = $1, error = $2, worker = NULL,
+                finished_at = CASE WHEN $3 THEN NULL ELSE $4 END,
+                attempts = attempts - CASE WHEN $5 THEN 1 ELSE 0 END,
+                cancel_requested = CASE WHEN $6 THEN 1 ELSE cancel_requested END
+         WHERE id = $7",
     )
     .bind(status)
     .bind(&error)
@@ -441,7 +445,7 @@ pub(crate) async fn finish_in(
     .bind(job)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE job_frames SET state = ? WHERE job_id = ? AND state <> 'done'")
+    sqlx::query("UPDATE job_frames SET state = $1 WHERE job_id = $2 AND state <> 'done'")
         .bind(frame_state)
         .bind(job)
         .execute(&mut *conn)
@@ -454,16 +458,16 @@ pub(crate) async fn finish_in(
 /// runs (its story was deleted, or it was already finished). A job that would go back to the
 /// queue but whose cancellation was asked for is cancelled instead.
 pub async fn finish(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     job: &Claimed,
     outcome: &Outcome,
 ) -> ApiResult<Option<JobEvent>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     if !is_running(&mut tx, job.job_id).await? {
         return Ok(None);
     }
-    let cancel_requested: bool =
-        sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = ?")
+    let Flag(cancel_requested) =
+        sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = $1")
             .bind(job.job_id)
             .fetch_one(&mut *tx)
             .await?;
@@ -492,15 +496,15 @@ pub struct Recovery {
 /// power loss). It goes back to the queue, keeping the frames it finished, unless it was being
 /// cancelled (then it is cancelled) or it has been interrupted `max_attempts` times (then it
 /// fails, since it may be what brings the server down).
-pub async fn recover(pool: &SqlitePool, max_attempts: u32) -> ApiResult<Recovery> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let running: Vec<(i64, i64, i64, bool)> = sqlx::query_as(
+pub async fn recover(pool: &AnyPool, max_attempts: u32) -> ApiResult<Recovery> {
+    let mut tx = crate::db::begin_write(pool).await?;
+    let running: Vec<(i64, i64, i64, Flag)> = sqlx::query_as(
         "SELECT id, story_id, attempts, cancel_requested FROM jobs WHERE status = 'running' ORDER BY id",
     )
     .fetch_all(&mut *tx)
     .await?;
     let mut recovery = Recovery::default();
-    for (id, story, attempts, cancel_requested) in running {
+    for (id, story, attempts, Flag(cancel_requested)) in running {
         let outcome = if cancel_requested {
             recovery.cancelled.push(id);
             Outcome::Cancelled(Some(
@@ -525,8 +529,8 @@ pub async fn recover(pool: &SqlitePool, max_attempts: u32) -> ApiResult<Recovery
     }
     // Any frame left marked queued or running without a job to back it is set right too.
     let sql = format!(
-        "UPDATE frames SET status = {FRAME_STATUS}, updated_at = ?
-         WHERE status IN ('queued', 'running') AND status IS NOT ({FRAME_STATUS})"
+        "UPDATE frames SET status = {FRAME_STATUS}, updated_at = $1
+         WHERE status IN ('queued', 'running') AND status IS DISTINCT FROM ({FRAME_STATUS})"
     );
     sqlx::query(&sql).bind(now()).execute(&mut *tx).await?;
     tx.commit().await?;
@@ -534,11 +538,11 @@ pub async fn recover(pool: &SqlitePool, max_attempts: u32) -> ApiResult<Recovery
 }
 
 /// The stored bytes of each character's portrait (`None` for a deleted character).
-pub async fn portraits(pool: &SqlitePool, ids: &[i64]) -> ApiResult<Vec<Option<Vec<u8>>>> {
+pub async fn portraits(pool: &AnyPool, ids: &[i64]) -> ApiResult<Vec<Option<Vec<u8>>>> {
     let mut out = Vec::with_capacity(ids.len());
     for &id in ids {
         out.push(
-            sqlx::query_scalar("SELECT portrait FROM characters WHERE id = ?")
+            sqlx::query_scalar("SELECT portrait FROM characters WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)
                 .await?,
@@ -548,9 +552,9 @@ pub async fn portraits(pool: &SqlitePool, ids: &[i64]) -> ApiResult<Vec<Option<V
 }
 
 /// The stored image of a frame, if it has one.
-pub async fn frame_image(pool: &SqlitePool, frame: i64) -> ApiResult<Option<Vec<u8>>> {
+pub async fn frame_image(pool: &AnyPool, frame: i64) -> ApiResult<Option<Vec<u8>>> {
     let image: Option<Option<Vec<u8>>> =
-        sqlx::query_scalar("SELECT image FROM frames WHERE id = ?")
+        sqlx::query_scalar("SELECT image FROM frames WHERE id = $1")
             .bind(frame)
             .fetch_optional(pool)
             .await?;
@@ -563,13 +567,13 @@ mod tests {
     use crate::store::jobs::{enqueue, Enqueued, GenerateSpec};
     use crate::store::stories;
 
-    async fn database() -> (tempfile::TempDir, SqlitePool) {
+    async fn database() -> (tempfile::TempDir, AnyPool) {
         let dir = tempfile::tempdir().unwrap();
         let pool = crate::db::open(&dir.path().join("jobs.db")).await.unwrap();
         (dir, pool)
     }
 
-    async fn story(pool: &SqlitePool, frames: usize) -> i64 {
+    async fn story(pool: &AnyPool, frames: usize) -> i64 {
         let captions: Vec<String> = (0..frames).map(|i| format!("Caption {i}.")).collect();
         stories::create(pool, None, "A story", &captions, &[])
             .await
@@ -577,7 +581,7 @@ mod tests {
             .id
     }
 
-    async fn queue(pool: &SqlitePool, story: i64) -> i64 {
+    async fn queue(pool: &AnyPool, story: i64) -> i64 {
         let spec = GenerateSpec {
             frames: None,
             base_seed: Some(1),
@@ -596,7 +600,7 @@ mod tests {
         }
     }
 
-    async fn next(pool: &SqlitePool) -> Claimed {
+    async fn next(pool: &AnyPool) -> Claimed {
         claim(pool, "test").await.unwrap().expect("a queued job")
     }
 

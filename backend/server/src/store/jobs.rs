@@ -10,7 +10,7 @@
 //! by [`refresh_frames`], called in every transaction that changes one of those facts.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
 use utoipa::ToSchema;
 
 use super::job_events::{self, kind, JobEvent};
@@ -36,16 +36,17 @@ pub(crate) const FRAME_STATUS: &str = "CASE
                  WHERE jf.frame_id = frames.id AND j.status IN ('queued', 'running')
                    AND jf.state IN ('queued', 'running'))
         THEN 'queued'
-    WHEN image IS NOT NULL THEN CASE WHEN image_caption IS caption THEN 'ready' ELSE 'stale' END
+    WHEN image IS NOT NULL THEN
+        CASE WHEN image_caption IS NOT DISTINCT FROM caption THEN 'ready' ELSE 'stale' END
     WHEN (SELECT jf.state FROM job_frames jf WHERE jf.frame_id = frames.id
           ORDER BY jf.job_id DESC LIMIT 1) = 'failed' THEN 'failed'
     ELSE 'pending' END";
 
 /// Brings the status of every frame of a story in line with the facts (see [`FRAME_STATUS`]).
-pub async fn refresh_frames(conn: &mut SqliteConnection, story: i64) -> ApiResult<()> {
+pub async fn refresh_frames(conn: &mut AnyConnection, story: i64) -> ApiResult<()> {
     let sql = format!(
-        "UPDATE frames SET status = {FRAME_STATUS}, updated_at = ?
-         WHERE story_id = ? AND status IS NOT ({FRAME_STATUS})"
+        "UPDATE frames SET status = {FRAME_STATUS}, updated_at = $1
+         WHERE story_id = $2 AND status IS DISTINCT FROM ({FRAME_STATUS})"
     );
     sqlx::query(&sql)
         .bind(now())
@@ -240,6 +241,7 @@ struct JobRow {
     params: String,
     progress: Option<String>,
     error: Option<String>,
+    #[sqlx(try_from = "crate::db::Flag")]
     cancel_requested: bool,
     attempts: i64,
     created_at: String,
@@ -270,19 +272,19 @@ pub(crate) fn parse_params(text: &str) -> ApiResult<JobParams> {
 }
 
 pub(crate) async fn job_frames(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     job: i64,
 ) -> ApiResult<Vec<JobFrameRow>> {
     Ok(sqlx::query_as(
         "SELECT ordinal, position, frame_id, seed, state FROM job_frames
-         WHERE job_id = ? ORDER BY ordinal",
+         WHERE job_id = $1 ORDER BY ordinal",
     )
     .bind(job)
     .fetch_all(conn)
     .await?)
 }
 
-async fn to_job(conn: &mut SqliteConnection, row: JobRow) -> ApiResult<Job> {
+async fn to_job(conn: &mut AnyConnection, row: JobRow) -> ApiResult<Job> {
     let params = parse_params(&row.params)?;
     let frames = job_frames(conn, row.id)
         .await?
@@ -326,9 +328,9 @@ async fn to_job(conn: &mut SqliteConnection, row: JobRow) -> ApiResult<Job> {
 }
 
 /// Fetches a job with its frames, or 404.
-pub async fn get_in(conn: &mut SqliteConnection, id: i64) -> ApiResult<Job> {
+pub async fn get_in(conn: &mut AnyConnection, id: i64) -> ApiResult<Job> {
     let row: Option<JobRow> =
-        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
+        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?;
@@ -337,13 +339,13 @@ pub async fn get_in(conn: &mut SqliteConnection, id: i64) -> ApiResult<Job> {
 }
 
 /// Fetches a job with its frames, or 404.
-pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Job> {
+pub async fn get(pool: &AnyPool, id: i64) -> ApiResult<Job> {
     get_in(&mut *pool.acquire().await?, id).await
 }
 
 /// Lists jobs in id order, optionally of one story and/or in some statuses.
 pub async fn list(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: crate::auth::Owner,
     story: Option<i64>,
     statuses: &[String],
@@ -352,17 +354,22 @@ pub async fn list(
 ) -> ApiResult<Page<Job>> {
     let after = cursor.map(decode_cursor).transpose()?.unwrap_or(0);
     let mut sql = format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE id > ?
-           AND (? IS NULL OR story_id IN (SELECT id FROM stories WHERE owner_id = ?))"
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id > $1
+           AND ($2 IS NULL OR story_id IN (SELECT id FROM stories WHERE owner_id = $3))"
     );
+    let mut next = 4;
+    let mut mark = || {
+        next += 1;
+        format!("${}", next - 1)
+    };
     if story.is_some() {
-        sql.push_str(" AND story_id = ?");
+        sql.push_str(&format!(" AND story_id = {}", mark()));
     }
     if !statuses.is_empty() {
-        let marks = vec!["?"; statuses.len()].join(", ");
-        sql.push_str(&format!(" AND status IN ({marks})"));
+        let marks: Vec<String> = statuses.iter().map(|_| mark()).collect();
+        sql.push_str(&format!(" AND status IN ({})", marks.join(", ")));
     }
-    sql.push_str(" ORDER BY id LIMIT ?");
+    sql.push_str(&format!(" ORDER BY id LIMIT {}", mark()));
     let mut query = sqlx::query_as::<_, JobRow>(&sql)
         .bind(after)
         .bind(owner)
@@ -383,9 +390,10 @@ pub async fn list(
 }
 
 /// How many jobs wait in the queue and how many run.
-pub async fn counts(pool: &SqlitePool) -> ApiResult<(i64, i64)> {
+pub async fn counts(pool: &AnyPool) -> ApiResult<(i64, i64)> {
     Ok(sqlx::query_as(
-        "SELECT COALESCE(SUM(status = 'queued'), 0), COALESCE(SUM(status = 'running'), 0)
+        "SELECT COALESCE(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END), 0),
+                COALESCE(SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END), 0)
          FROM jobs WHERE status IN ('queued', 'running')",
     )
     .fetch_one(pool)
@@ -405,7 +413,7 @@ pub enum Enqueued {
 /// story, snapshots the story, fixes the seeds, and writes the job, its frames and its
 /// `queued` event in one transaction.
 pub async fn enqueue(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     story: i64,
     spec: &GenerateSpec,
     idempotency: Option<&Idempotency>,
@@ -413,10 +421,10 @@ pub async fn enqueue(
 ) -> ApiResult<Enqueued> {
     // IMMEDIATE takes the write lock first, so the capacity check and the key lookup cannot
     // race another enqueue (and the transaction never needs to upgrade a read lock).
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     if let Some(idem) = idempotency {
         let found: Option<(i64, Option<String>)> =
-            sqlx::query_as("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?")
+            sqlx::query_as("SELECT id, request_hash FROM jobs WHERE idempotency_key = $1")
                 .bind(&idem.key)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -434,7 +442,7 @@ pub async fn enqueue(
             return Ok(Enqueued::Replayed(get_in(&mut tx, id).await?));
         }
     }
-    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = ?")
+    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = $1")
         .bind(story)
         .fetch_optional(&mut *tx)
         .await?;
@@ -453,13 +461,17 @@ pub async fn enqueue(
             ),
         ));
     }
-    let frames: Vec<(i64, i64, String, Option<i64>, bool)> = sqlx::query_as(
-        "SELECT id, position, caption, seed, image IS NOT NULL FROM frames
-         WHERE story_id = ? ORDER BY position",
+    let frames: Vec<(i64, i64, String, Option<i64>, crate::db::Flag)> = sqlx::query_as(
+        "SELECT id, position, caption, seed, CASE WHEN image IS NOT NULL THEN 1 ELSE 0 END
+         FROM frames WHERE story_id = $1 ORDER BY position",
     )
     .bind(story)
     .fetch_all(&mut *tx)
     .await?;
+    let frames: Vec<(i64, i64, String, Option<i64>, bool)> = frames
+        .into_iter()
+        .map(|(id, position, caption, seed, drawn)| (id, position, caption, seed, drawn.0))
+        .collect();
     if frames.is_empty() {
         return Err(ApiError::invalid(
             "empty_story",
@@ -482,7 +494,7 @@ pub async fn enqueue(
     check_context(&mut tx, story, &frames, &wanted, through).await?;
     let characters: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT c.id, c.name, c.pronoun FROM story_characters sc
-         JOIN characters c ON c.id = sc.character_id WHERE sc.story_id = ? ORDER BY sc.rowid",
+         JOIN characters c ON c.id = sc.character_id WHERE sc.story_id = $1 ORDER BY sc.rowid",
     )
     .bind(story)
     .fetch_all(&mut *tx)
@@ -506,7 +518,7 @@ pub async fn enqueue(
     let now = now();
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO jobs (story_id, params, idempotency_key, request_hash, created_at)
-         VALUES (?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(story)
     .bind(serde_json::to_string(&params).map_err(ApiError::internal)?)
@@ -526,7 +538,7 @@ pub async fn enqueue(
             })
             .unwrap_or_else(|| rand::random::<u64>() & MAX_SEED);
         sqlx::query(
-            "INSERT INTO job_frames (job_id, ordinal, position, frame_id, seed) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO job_frames (job_id, ordinal, position, frame_id, seed) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id)
         .bind(ordinal as i64 + 1)
@@ -620,7 +632,7 @@ fn continuation_seeds(spec: &GenerateSpec, count: usize) -> ApiResult<Vec<u64>> 
 /// position `through` (the last drawn one, or the end of the story for a continuation) must
 /// be drawn by this job, already have an image, or be waiting in an earlier active job.
 async fn check_context(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     story: i64,
     frames: &[(i64, i64, String, Option<i64>, bool)],
     wanted: &[(usize, Option<u64>)],
@@ -631,7 +643,7 @@ async fn check_context(
     }
     let pending: Vec<i64> = sqlx::query_scalar(&format!(
         "SELECT DISTINCT jf.frame_id FROM job_frames jf JOIN jobs j ON j.id = jf.job_id
-         WHERE j.story_id = ? AND j.status IN {ACTIVE} AND jf.state IN ('queued', 'running')
+         WHERE j.story_id = $1 AND j.status IN {ACTIVE} AND jf.state IN ('queued', 'running')
            AND jf.frame_id IS NOT NULL"
     ))
     .bind(story)
@@ -666,10 +678,10 @@ pub enum Cancel {
 
 /// Cancels a job: a queued one at once, a running one at its next step (the worker sees the
 /// flag). A job that already succeeded or failed cannot be cancelled (409).
-pub async fn cancel(pool: &SqlitePool, id: i64) -> ApiResult<Cancel> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+pub async fn cancel(pool: &AnyPool, id: i64) -> ApiResult<Cancel> {
+    let mut tx = crate::db::begin_write(pool).await?;
     let row: Option<(i64, String)> =
-        sqlx::query_as("SELECT story_id, status FROM jobs WHERE id = ?")
+        sqlx::query_as("SELECT story_id, status FROM jobs WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
@@ -680,7 +692,7 @@ pub async fn cancel(pool: &SqlitePool, id: i64) -> ApiResult<Cancel> {
             Cancel::Cancelled(get_in(&mut tx, id).await?, event)
         }
         "running" => {
-            sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
+            sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;

@@ -2,7 +2,7 @@
 //! Frame positions stay dense (0..n) through inserts, deletes and reorders.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Any, AnyPool, Transaction};
 use utoipa::ToSchema;
 
 use super::{decode_cursor, paginate, Page};
@@ -76,25 +76,26 @@ struct FrameRow {
     caption: String,
     status: String,
     seed: Option<i64>,
+    #[sqlx(try_from = "crate::db::Flag")]
     has_image: bool,
     version_id: Option<i64>,
     versions: i64,
     updated_at: String,
 }
 
-type Tx<'a> = Transaction<'a, Sqlite>;
+type Tx<'a> = Transaction<'a, Any>;
 
 /// Every id must be a character the story's owner may cast: their own (a story made with auth
 /// off, which has no owner, may cast any). Another user's character reads as unknown.
 async fn check_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
-    let owner: Option<i64> = sqlx::query_scalar("SELECT owner_id FROM stories WHERE id = ?")
+    let owner: Option<i64> = sqlx::query_scalar("SELECT owner_id FROM stories WHERE id = $1")
         .bind(story)
         .fetch_optional(&mut **tx)
         .await?
         .flatten();
     for &id in ids {
         let found: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM characters WHERE id = ? AND (? IS NULL OR owner_id IS ?)",
+            "SELECT id FROM characters WHERE id = $1 AND ($2 IS NULL OR owner_id IS NOT DISTINCT FROM $3)",
         )
         .bind(id)
         .bind(owner)
@@ -113,12 +114,12 @@ async fn check_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
 
 async fn set_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
     check_cast(tx, story, ids).await?;
-    sqlx::query("DELETE FROM story_characters WHERE story_id = ?")
+    sqlx::query("DELETE FROM story_characters WHERE story_id = $1")
         .bind(story)
         .execute(&mut **tx)
         .await?;
     for &id in ids {
-        sqlx::query("INSERT INTO story_characters (story_id, character_id) VALUES (?, ?)")
+        sqlx::query("INSERT INTO story_characters (story_id, character_id) VALUES ($1, $2)")
             .bind(story)
             .bind(id)
             .execute(&mut **tx)
@@ -128,7 +129,7 @@ async fn set_cast(tx: &mut Tx<'_>, story: i64, ids: &[i64]) -> ApiResult<()> {
 }
 
 async fn touch(tx: &mut Tx<'_>, story: i64) -> ApiResult<()> {
-    let done = sqlx::query("UPDATE stories SET updated_at = ? WHERE id = ?")
+    let done = sqlx::query("UPDATE stories SET updated_at = $1 WHERE id = $2")
         .bind(now())
         .bind(story)
         .execute(&mut **tx)
@@ -143,17 +144,17 @@ async fn touch(tx: &mut Tx<'_>, story: i64) -> ApiResult<()> {
 /// options as its first version, as if drawn from its current caption after the frames
 /// imported before it.
 pub async fn import_frame_image(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     story: i64,
     frame: i64,
     image: &crate::images::NormalizedImage,
     seed: Option<i64>,
     options: Option<&super::frame_versions::DrawOptions>,
 ) -> ApiResult<()> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     touch(&mut tx, story).await?;
     let caption: Option<String> =
-        sqlx::query_scalar("SELECT caption FROM frames WHERE id = ? AND story_id = ?")
+        sqlx::query_scalar("SELECT caption FROM frames WHERE id = $1 AND story_id = $2")
             .bind(frame)
             .bind(story)
             .fetch_optional(&mut *tx)
@@ -182,9 +183,9 @@ pub async fn import_frame_image(
 }
 
 /// Ids of the stories whose cast includes character `character`, oldest first.
-pub async fn casting(pool: &SqlitePool, character: i64) -> ApiResult<Vec<i64>> {
+pub async fn casting(pool: &AnyPool, character: i64) -> ApiResult<Vec<i64>> {
     Ok(sqlx::query_scalar(
-        "SELECT story_id FROM story_characters WHERE character_id = ? ORDER BY story_id",
+        "SELECT story_id FROM story_characters WHERE character_id = $1 ORDER BY story_id",
     )
     .bind(character)
     .fetch_all(pool)
@@ -193,7 +194,7 @@ pub async fn casting(pool: &SqlitePool, character: i64) -> ApiResult<Vec<i64>> {
 
 /// Creates a story with validated captions and cast (all or nothing).
 pub async fn create(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: Owner,
     title: &str,
     captions: &[String],
@@ -202,10 +203,10 @@ pub async fn create(
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let now = now();
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO stories (title, owner_id, created_at, updated_at) VALUES (?, ?, ?, ?)
+        "INSERT INTO stories (title, owner_id, created_at, updated_at) VALUES ($1, $2, $3, $4)
          RETURNING id",
     )
     .bind(title)
@@ -217,7 +218,7 @@ pub async fn create(
     set_cast(&mut tx, id, cast).await?;
     for (position, caption) in captions.iter().enumerate() {
         sqlx::query(
-            "INSERT INTO frames (story_id, position, caption, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO frames (story_id, position, caption, created_at, updated_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id)
         .bind(position as i64)
@@ -232,24 +233,24 @@ pub async fn create(
 }
 
 /// Fetches a story with its cast and frames, or 404.
-pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
+pub async fn get(pool: &AnyPool, id: i64) -> ApiResult<Story> {
     let head: Option<(String, String, String)> =
-        sqlx::query_as("SELECT title, created_at, updated_at FROM stories WHERE id = ?")
+        sqlx::query_as("SELECT title, created_at, updated_at FROM stories WHERE id = $1")
             .bind(id)
             .fetch_optional(pool)
             .await?;
     let (title, created_at, updated_at) = head.ok_or_else(|| ApiError::not_found("story", id))?;
     let character_ids: Vec<i64> = sqlx::query_scalar(
-        "SELECT character_id FROM story_characters WHERE story_id = ? ORDER BY rowid",
+        "SELECT character_id FROM story_characters WHERE story_id = $1 ORDER BY rowid",
     )
     .bind(id)
     .fetch_all(pool)
     .await?;
     let rows: Vec<FrameRow> = sqlx::query_as(
-        "SELECT id, position, caption, status, seed, image IS NOT NULL AS has_image, version_id,
+        "SELECT id, position, caption, status, seed, CASE WHEN image IS NOT NULL THEN 1 ELSE 0 END AS has_image, version_id,
                 (SELECT COUNT(*) FROM frame_versions v WHERE v.frame_id = frames.id) AS versions,
                 updated_at
-         FROM frames WHERE story_id = ? ORDER BY position",
+         FROM frames WHERE story_id = $1 ORDER BY position",
     )
     .bind(id)
     .fetch_all(pool)
@@ -283,9 +284,9 @@ pub async fn get(pool: &SqlitePool, id: i64) -> ApiResult<Story> {
 }
 
 /// Whose story `id` is (`None`: made with auth off, or absent).
-pub async fn owner_of(pool: &SqlitePool, id: i64) -> ApiResult<Owner> {
+pub async fn owner_of(pool: &AnyPool, id: i64) -> ApiResult<Owner> {
     Ok(
-        sqlx::query_scalar::<_, Option<i64>>("SELECT owner_id FROM stories WHERE id = ?")
+        sqlx::query_scalar::<_, Option<i64>>("SELECT owner_id FROM stories WHERE id = $1")
             .bind(id)
             .fetch_optional(pool)
             .await?
@@ -294,8 +295,8 @@ pub async fn owner_of(pool: &SqlitePool, id: i64) -> ApiResult<Owner> {
 }
 
 /// 404 unless the story exists.
-pub async fn exists(pool: &SqlitePool, id: i64) -> ApiResult<()> {
-    let found: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = ?")
+pub async fn exists(pool: &AnyPool, id: i64) -> ApiResult<()> {
+    let found: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
         .await?;
@@ -306,7 +307,7 @@ pub async fn exists(pool: &SqlitePool, id: i64) -> ApiResult<()> {
 
 /// Lists stories in id order, a page at a time.
 pub async fn list(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     owner: Owner,
     cursor: Option<&str>,
     limit: i64,
@@ -315,7 +316,7 @@ pub async fn list(
     let rows: Vec<StorySummary> = sqlx::query_as(
         "SELECT s.id, s.title, s.created_at, s.updated_at,
                 (SELECT COUNT(*) FROM frames f WHERE f.story_id = s.id) AS frame_count
-         FROM stories s WHERE s.id > ? AND (? IS NULL OR s.owner_id = ?) ORDER BY s.id LIMIT ?",
+         FROM stories s WHERE s.id > $1 AND ($2 IS NULL OR s.owner_id = $3) ORDER BY s.id LIMIT $4",
     )
     .bind(after)
     .bind(owner)
@@ -328,7 +329,7 @@ pub async fn list(
 
 /// Changes the title and/or the cast; 404 if absent, 422 for unknown characters.
 pub async fn update(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     id: i64,
     title: Option<&str>,
     cast: Option<&[i64]>,
@@ -336,10 +337,10 @@ pub async fn update(
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     touch(&mut tx, id).await?;
     if let Some(title) = title {
-        sqlx::query("UPDATE stories SET title = ? WHERE id = ?")
+        sqlx::query("UPDATE stories SET title = $1 WHERE id = $2")
             .bind(title)
             .bind(id)
             .execute(&mut *tx)
@@ -353,8 +354,8 @@ pub async fn update(
 }
 
 /// Deletes a story with its frames and jobs; 404 if absent.
-pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
-    let done = sqlx::query("DELETE FROM stories WHERE id = ?")
+pub async fn delete(pool: &AnyPool, id: i64) -> ApiResult<()> {
+    let done = sqlx::query("DELETE FROM stories WHERE id = $1")
         .bind(id)
         .execute(pool)
         .await?;
@@ -366,7 +367,7 @@ pub async fn delete(pool: &SqlitePool, id: i64) -> ApiResult<()> {
 
 /// Inserts a caption at `position` (default: the end), shifting later frames down.
 pub async fn insert_frame(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     story: i64,
     caption: &str,
     position: Option<i64>,
@@ -374,7 +375,7 @@ pub async fn insert_frame(
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     touch(&mut tx, story).await?;
     insert_frame_in(&mut tx, story, caption, position).await?;
     tx.commit().await?;
@@ -384,12 +385,12 @@ pub async fn insert_frame(
 /// Inserts a caption at `position` (default: the end) in the caller's transaction, moving the
 /// frames from there on one place down; returns the new frame's id and position.
 pub(crate) async fn insert_frame_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     story: i64,
     caption: &str,
     position: Option<i64>,
 ) -> ApiResult<(i64, i64)> {
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM frames WHERE story_id = ?")
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM frames WHERE story_id = $1")
         .bind(story)
         .fetch_one(&mut *conn)
         .await?;
@@ -407,19 +408,19 @@ pub(crate) async fn insert_frame_in(
         ));
     }
     // Two passes through negative positions keep UNIQUE(story_id, position) true at every row.
-    sqlx::query("UPDATE frames SET position = -position - 2 WHERE story_id = ? AND position >= ?")
+    sqlx::query("UPDATE frames SET position = -position - 2 WHERE story_id = $1 AND position >= $2")
         .bind(story)
         .bind(position)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ? AND position < 0")
+    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = $1 AND position < 0")
         .bind(story)
         .execute(&mut *conn)
         .await?;
     let now = now();
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO frames (story_id, position, caption, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(story)
     .bind(position)
@@ -433,7 +434,7 @@ pub(crate) async fn insert_frame_in(
 
 async fn frame_position(tx: &mut Tx<'_>, story: i64, frame: i64) -> ApiResult<i64> {
     let position: Option<i64> =
-        sqlx::query_scalar("SELECT position FROM frames WHERE id = ? AND story_id = ?")
+        sqlx::query_scalar("SELECT position FROM frames WHERE id = $1 AND story_id = $2")
             .bind(frame)
             .bind(story)
             .fetch_optional(&mut **tx)
@@ -443,7 +444,7 @@ async fn frame_position(tx: &mut Tx<'_>, story: i64, frame: i64) -> ApiResult<i6
 
 /// Replaces a frame's caption; an already generated image is kept but marked `stale`.
 pub async fn edit_caption(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     story: i64,
     frame: i64,
     caption: &str,
@@ -451,10 +452,10 @@ pub async fn edit_caption(
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     touch(&mut tx, story).await?;
     frame_position(&mut tx, story, frame).await?;
-    sqlx::query("UPDATE frames SET caption = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE frames SET caption = $1, updated_at = $2 WHERE id = $3")
         .bind(caption)
         .bind(now())
         .bind(frame)
@@ -468,23 +469,23 @@ pub async fn edit_caption(
 }
 
 /// Removes a frame and closes the gap in positions.
-pub async fn delete_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResult<Story> {
+pub async fn delete_frame(pool: &AnyPool, story: i64, frame: i64) -> ApiResult<Story> {
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     touch(&mut tx, story).await?;
     let position = frame_position(&mut tx, story, frame).await?;
-    sqlx::query("DELETE FROM frames WHERE id = ?")
+    sqlx::query("DELETE FROM frames WHERE id = $1")
         .bind(frame)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE frames SET position = -position WHERE story_id = ? AND position > ?")
+    sqlx::query("UPDATE frames SET position = -position WHERE story_id = $1 AND position > $2")
         .bind(story)
         .bind(position)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ? AND position < 0")
+    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = $1 AND position < 0")
         .bind(story)
         .execute(&mut *tx)
         .await?;
@@ -493,14 +494,14 @@ pub async fn delete_frame(pool: &SqlitePool, story: i64, frame: i64) -> ApiResul
 }
 
 /// Puts the frames in the given order; `frame_ids` must list each frame exactly once.
-pub async fn reorder(pool: &SqlitePool, story: i64, frame_ids: &[i64]) -> ApiResult<Story> {
+pub async fn reorder(pool: &AnyPool, story: i64, frame_ids: &[i64]) -> ApiResult<Story> {
     // IMMEDIATE: a deferred transaction that reads and then writes fails at once with
     // SQLITE_BUSY if another connection wrote meanwhile (WAL snapshots); busy_timeout only
     // covers waiting for the write lock taken up front.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     touch(&mut tx, story).await?;
     let mut current: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM frames WHERE story_id = ? ORDER BY id")
+        sqlx::query_scalar("SELECT id FROM frames WHERE story_id = $1 ORDER BY id")
             .bind(story)
             .fetch_all(&mut *tx)
             .await?;
@@ -516,13 +517,13 @@ pub async fn reorder(pool: &SqlitePool, story: i64, frame_ids: &[i64]) -> ApiRes
             ),
         ));
     }
-    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = ?")
+    sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = $1")
         .bind(story)
         .execute(&mut *tx)
         .await?;
     let now = now();
     for (position, id) in frame_ids.iter().enumerate() {
-        sqlx::query("UPDATE frames SET position = ?, updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE frames SET position = $1, updated_at = $2 WHERE id = $3")
             .bind(position as i64)
             .bind(&now)
             .bind(id)
@@ -535,12 +536,12 @@ pub async fn reorder(pool: &SqlitePool, story: i64, frame_ids: &[i64]) -> ApiRes
 
 /// A frame's generated image bytes and MIME type; 404 if the frame or its image is absent.
 pub async fn frame_image(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     story: i64,
     frame: i64,
 ) -> ApiResult<(Vec<u8>, String)> {
     let row: Option<(Option<Vec<u8>>, Option<String>)> =
-        sqlx::query_as("SELECT image, image_mime FROM frames WHERE id = ? AND story_id = ?")
+        sqlx::query_as("SELECT image, image_mime FROM frames WHERE id = $1 AND story_id = $2")
             .bind(frame)
             .bind(story)
             .fetch_optional(pool)
