@@ -14,6 +14,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
 pub mod postgres;
+pub mod sse;
 pub use postgres::Backend;
 
 /// Makes each named `async fn NAME(backend: Backend)` of a test file two tests, `NAME::sqlite`

@@ -47,6 +47,10 @@ enum Command {
     /// Local accounts of the service (for `serve --auth on`): `user add NAME`, `user list`,
     /// `user token NAME` (an API token, printed once).
     User(commands::user::UserArgs),
+    /// A generation worker without the web service, sharing the job queue of a PostgreSQL
+    /// database with `serve` processes and other workers, on this host or another:
+    /// `worker --database postgres://... --bundle DIR --device cuda:0`.
+    Worker(commands::worker::WorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +68,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),
         Command::User(args) => commands::user::run(args),
+        Command::Worker(args) => commands::worker::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::Toyworld(args) => commands::toyworld::run(args),
         Command::Component(args) => commands::component::run(args),

@@ -425,6 +425,65 @@ impl StoryPipeline {
         // caption length in characters, the budget is in tokens.
         prompt_config.truncate_current_caption = true;
 
+        let llm_desc = match &lm {
+            CausalLm::Llama(_) => "llama",
+            CausalLm::Opt(_) => "opt",
+        };
+        let (info, defaults) = Self::bundle_info(
+            &bundle,
+            bundle_dir,
+            format!("{llm_desc} ({} layers, d={d})", lm.num_layers()),
+        )?;
+        Ok(Self {
+            char_ldm,
+            lm,
+            tokenizer: llm_tokenizer,
+            img,
+            mapper_llm,
+            mapper_ldm,
+            visual_encoder,
+            visual_processor,
+            prompt_config,
+            defaults,
+            info,
+            device: device.clone(),
+        })
+    }
+
+    /// What the bundle in `bundle_dir` is and its sampling defaults, read from its manifest
+    /// and its LLM's `config.json` without loading any weights (for a server that only
+    /// queues the jobs other processes draw).
+    pub fn describe(bundle_dir: &Path) -> Result<(BundleInfo, GenerateOptions)> {
+        let bundle = Bundle::open(bundle_dir)?;
+        let cfg_path = bundle.path(&bundle.manifest.llm.model).join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        let field = |key: &str| raw.get(key).and_then(|v| v.as_u64());
+        let kind = match raw.get("model_type").and_then(|v| v.as_str()) {
+            Some("llama" | "mistral") => "llama",
+            Some("opt") => "opt",
+            other => bail!(
+                "{}: model_type `{}` is not a supported causal LM (expected `llama` or `opt`)",
+                cfg_path.display(),
+                other.unwrap_or("")
+            ),
+        };
+        let layers = field("num_hidden_layers").unwrap_or(0);
+        // OPT's input embeddings may be narrower than its layers (`word_embed_proj_dim`).
+        let d = field("word_embed_proj_dim")
+            .or_else(|| field("hidden_size"))
+            .unwrap_or(0);
+        Self::bundle_info(&bundle, bundle_dir, format!("{kind} ({layers} layers, d={d})"))
+    }
+
+    fn bundle_info(
+        bundle: &Bundle,
+        bundle_dir: &Path,
+        llm: String,
+    ) -> Result<(BundleInfo, GenerateOptions)> {
+        let m = &bundle.manifest;
         let s = &m.sampling;
         let defaults = GenerateOptions {
             steps: s.steps,
@@ -436,10 +495,6 @@ impl StoryPipeline {
             capture_attention: false,
             negative_prompt: String::new(),
             preview_every: 0,
-        };
-        let llm_desc = match &lm {
-            CausalLm::Llama(_) => "llama",
-            CausalLm::Opt(_) => "opt",
         };
         let mut sizes = vec![(s.width, s.height)];
         for &[width, height] in &s.sizes {
@@ -460,23 +515,10 @@ impl StoryPipeline {
             height: s.height,
             width: s.width,
             sizes,
-            llm: format!("{llm_desc} ({} layers, d={d})", lm.num_layers()),
+            llm,
             dir: bundle_dir.to_path_buf(),
         };
-        Ok(Self {
-            char_ldm,
-            lm,
-            tokenizer: llm_tokenizer,
-            img,
-            mapper_llm,
-            mapper_ldm,
-            visual_encoder,
-            visual_processor,
-            prompt_config,
-            defaults,
-            info,
-            device: device.clone(),
-        })
+        Ok((info, defaults))
     }
 
     /// What this bundle is.

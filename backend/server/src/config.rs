@@ -60,6 +60,11 @@ pub struct FileConfig {
     pub bundle: Option<PathBuf>,
     /// Device of the generation worker: cpu, cuda or cuda:N.
     pub device: Option<String>,
+    /// Generation workers in this process: 1, or 0 for an API-only process whose jobs
+    /// `storygpt-v worker` processes draw (PostgreSQL only).
+    pub workers: Option<usize>,
+    /// Seconds a claimed job's lease lasts without a heartbeat from its worker.
+    pub lease_s: Option<u64>,
     /// How many jobs may wait in the queue.
     pub queue_capacity: Option<usize>,
     /// Interval between SSE heartbeats, in milliseconds.
@@ -108,6 +113,10 @@ pub struct ServeConfig {
     pub bundle: Option<PathBuf>,
     /// Device of the generation worker.
     pub device: String,
+    /// Generation workers in this process (0 or 1).
+    pub workers: usize,
+    /// How long a claimed job's lease lasts without a heartbeat.
+    pub lease: std::time::Duration,
     /// How many jobs may wait in the queue before new ones get 429.
     pub queue_capacity: usize,
     /// Interval between SSE heartbeat comments on a quiet stream.
@@ -168,6 +177,8 @@ impl ServeConfig {
             database,
             bundle,
             device,
+            workers,
+            lease_s,
             queue_capacity,
             sse_heartbeat_ms,
             max_attempts,
@@ -261,10 +272,31 @@ impl ServeConfig {
                 ),
             }
         }
+        let workers = workers.or(file.workers).unwrap_or(1);
+        if workers > 1 {
+            bail!(
+                "--workers is 0 or 1 (one worker per process and device); for more, start \
+                 `storygpt-v worker` processes"
+            );
+        }
+        if workers == 0 && database.is_none() {
+            bail!(
+                "--workers 0 needs --database postgres://...: workers in other processes reach \
+                 the queue through a shared PostgreSQL database (with the SQLite store the \
+                 server draws the jobs itself)"
+            );
+        }
+        let lease = match lease_s.or(file.lease_s) {
+            None => crate::worker::DEFAULT_LEASE,
+            Some(s) if (2..=3600).contains(&s) => std::time::Duration::from_secs(s),
+            Some(s) => bail!("the lease must be between 2 and 3600 seconds; got {s}"),
+        };
         Ok(Self {
             bind,
             data_dir,
             database,
+            workers,
+            lease,
             bundle: bundle.or(file.bundle),
             device: device
                 .or(file.device)

@@ -41,7 +41,7 @@ pub use config::{FileConfig, ServeConfig};
 /// Shared state every handler gets.
 #[derive(Clone)]
 pub struct AppState {
-    /// Connection pool to the SQLite database.
+    /// Connection pool to the database (SQLite or PostgreSQL).
     pub pool: AnyPool,
     /// Live fan-out of job events to SSE streams.
     pub hub: live::Hub,
@@ -62,6 +62,9 @@ pub struct AppState {
 /// Settings of the job queue and its event streams.
 #[derive(Debug, Clone)]
 pub struct JobSettings {
+    /// How long a claimed job's lease lasts without a heartbeat (also: how recent a worker's
+    /// heartbeat must be for it to count as running).
+    pub lease: Duration,
     /// How many jobs may wait before new ones get 429.
     pub queue_capacity: usize,
     /// Interval between heartbeat comments on a quiet SSE stream.
@@ -158,24 +161,19 @@ pub async fn serve(
         Some(url) => db::open_url(url).await?,
         None => db::open_limited(&config.database_path(), config.database_page_limit).await?,
     };
-    // One server per PostgreSQL database, as per data directory: crash recovery below
-    // requeues every running job, which must not happen under another live server's worker.
-    let _database_lock = match &config.database {
-        Some(_) => Some(db::ServerLock::acquire(&pool, &config.database_shown()).await?),
-        None => None,
-    };
     tracing::info!(database = %config.database_shown(), "database ready");
     // Jobs a crash left `running` are requeued (or failed, or cancelled) before any worker
-    // could claim them.
+    // could claim them. The SQLite store has no other user (the lock above), so every running
+    // job was this server's; a PostgreSQL database may have other servers and workers, whose
+    // running jobs hold live leases: only those whose lease ran out are put back.
     // Its errors are `ApiError`s, whose text ("500 Internal Server Error ...") means nothing
     // on a command line: say what is wrong with the database instead.
-    let recovery = store::job_runs::recover(&pool, config.max_attempts)
-        .await
-        .map_err(|e| db::StorageFault::startup_api_error(&config.database_shown(), e))?;
-    if !(recovery.requeued.is_empty()
-        && recovery.failed.is_empty()
-        && recovery.cancelled.is_empty())
-    {
+    let recovery = match &config.database {
+        Some(_) => store::job_runs::requeue_expired(&pool, config.max_attempts).await,
+        None => store::job_runs::recover(&pool, config.max_attempts).await,
+    }
+    .map_err(|e| db::StorageFault::startup_api_error(&config.database_shown(), e))?;
+    if !recovery.is_empty() {
         tracing::warn!(
             requeued = ?recovery.requeued, failed = ?recovery.failed, cancelled = ?recovery.cancelled,
             "recovered jobs interrupted by the last stop"
@@ -191,16 +189,43 @@ pub async fn serve(
         let bundle = bundle.clone();
         tokio::task::spawn_blocking(move || starter_cast::StarterCast::load(&bundle)).await?
     };
-    let hub = live::Hub::new();
-    let worker = worker::start(
-        pool.clone(),
-        hub.clone(),
-        bundle,
-        config.device.clone(),
-        config.capture_attention,
-        config.preview_every,
-    )
-    .await?;
+    // With PostgreSQL, events and "a job was queued" also reach (and come from) the other
+    // processes sharing the database.
+    let hub = match &config.database {
+        Some(_) => live::Hub::relayed(pool.clone()),
+        None => live::Hub::new(),
+    };
+    let worker = if config.workers == 0 {
+        let model = {
+            let (bundle, device) = (bundle.clone(), config.device.clone());
+            tokio::task::spawn_blocking(move || worker::describe(&bundle, &device)).await??
+        };
+        let tokenizer = worker::load_tokenizer(&bundle)?;
+        tracing::info!(name = %model.name, "no worker in this process: other processes draw the jobs");
+        Arc::new(worker::WorkerHandle::without_worker(model, tokenizer, hub.clone()))
+    } else {
+        worker::start(
+            pool.clone(),
+            hub.clone(),
+            bundle,
+            worker::WorkerSettings {
+                device: config.device.clone(),
+                capture_attention: config.capture_attention,
+                preview_every: config.preview_every,
+                lease: config.lease,
+                max_attempts: config.max_attempts,
+            },
+        )
+        .await?
+    };
+    if let Some(url) = &config.database {
+        let woken = worker.clone();
+        live::listen(url, hub.clone(), move || woken.wake_here())
+            .await
+            .with_context(|| {
+                format!("cannot listen for events on {}", config.database_shown())
+            })?;
+    }
     let listener = TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
@@ -226,6 +251,7 @@ pub async fn serve(
         worker: worker.clone(),
         cast: Arc::new(cast),
         settings: Arc::new(JobSettings {
+            lease: config.lease,
             queue_capacity: config.queue_capacity,
             heartbeat: config.sse_heartbeat,
             retry_after_secs: 10,
@@ -250,6 +276,66 @@ pub async fn serve(
         .await
         .ok();
     drop(lock);
+    Ok(())
+}
+
+/// Settings of a `storygpt-v worker` process.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The shared PostgreSQL database.
+    pub database: String,
+    /// Model bundle directory; `None`: the default (see `model::resolve_bundle`).
+    pub bundle: Option<std::path::PathBuf>,
+    /// Where a random bundle is made when there is none.
+    pub data_dir: std::path::PathBuf,
+    /// How the worker runs.
+    pub settings: worker::WorkerSettings,
+}
+
+/// Runs a worker without the HTTP server until SIGINT/SIGTERM: it claims jobs from the
+/// shared PostgreSQL queue, draws them and stores frames and events there; the events reach
+/// the API processes' streams through `NOTIFY`. A stop puts its running job back in the
+/// queue (not counted as an attempt); a crash leaves it to the lease. `on_ready` gets the
+/// worker's id once it took part in the queue.
+pub async fn run_worker(config: WorkerConfig, on_ready: impl FnOnce(&str)) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if db::Backend::of_url(&config.database) != Some(db::Backend::Postgres) {
+        anyhow::bail!(
+            "storygpt-v worker needs --database postgres://...: workers in separate processes \
+             share the queue through PostgreSQL (with the SQLite store, `serve` draws the jobs \
+             itself)"
+        );
+    }
+    let shown = db::redact(&config.database);
+    let pool = db::open_url(&config.database).await?;
+    tracing::info!(database = %shown, "database ready");
+    let bundle = {
+        let (configured, data_dir) = (config.bundle.clone(), config.data_dir.clone());
+        tokio::task::spawn_blocking(move || model::resolve_bundle(configured.as_deref(), &data_dir))
+            .await??
+    };
+    let hub = live::Hub::relayed(pool.clone());
+    let worker = worker::start(pool.clone(), hub.clone(), bundle, config.settings).await?;
+    {
+        let woken = worker.clone();
+        live::listen(&config.database, hub, move || woken.wake_here())
+            .await
+            .with_context(|| format!("cannot listen for new jobs on {shown}"))?;
+    }
+    let shutdown = shutdown_signal()?;
+    on_ready(&worker.id().unwrap_or_default());
+    tokio::select! {
+        _ = shutdown => tracing::info!("stopping the worker"),
+        _ = async {
+            while worker.is_alive() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } => tracing::error!("the worker thread stopped"),
+    }
+    worker.stop(Duration::from_secs(30)).await;
+    tokio::time::timeout(Duration::from_secs(10), pool.close())
+        .await
+        .ok();
     Ok(())
 }
 

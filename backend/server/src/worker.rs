@@ -15,6 +15,13 @@
 //! resumes as after a restart: the frames it stored are kept and are the context of the rest,
 //! with the seeds fixed when it was queued. So one story's long job delays another story's
 //! short one by at most one frame.
+//!
+//! Leases: a claimed job holds a lease that a heartbeat task renews while the worker runs
+//! (every fifth of the lease), and the worker looks for jobs whose lease ran out before each
+//! claim, so the job of a worker that vanished (killed, its host lost) goes back to the queue
+//! with the attempt counted, whichever process or host it ran in. Every write of a job checks
+//! that the worker still holds it, so one that comes back after its lease ran out stops
+//! without touching the job's new run.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -39,7 +46,8 @@ use crate::live::Hub;
 use crate::model::ModelInfo;
 use crate::store::frame_attention::AttentionPng;
 use crate::store::job_events::{kind, JobEvent};
-use crate::store::job_runs::{self as store, Claimed, FinishedFrame, Outcome};
+use crate::store::job_runs::{self as store, Claimed, FinishedFrame, Held, Outcome};
+use crate::store::workers;
 use crate::store::jobs::{JobFrameRow, Progress};
 
 /// At most one stored `progress` event per job per this interval (every step still goes to
@@ -66,17 +74,41 @@ struct Shared {
     step_ms: AtomicU64,
 }
 
-/// The service's handle on its worker thread.
+/// The service's handle on its worker thread, or on none (`serve --workers 0`: the jobs are
+/// drawn by `storygpt-v worker` processes elsewhere).
 pub struct WorkerHandle {
-    /// The loaded model.
+    /// The model (loaded by this process's worker, or described from the bundle).
     pub model: ModelInfo,
     /// The model's CLIP tokenizer, so the studio can say while a caption is typed how much
     /// of it the text encoder reads.
     pub tokenizer: Arc<ClipTokenizer>,
-    wake: SyncSender<()>,
+    /// Whether this process draws (has a worker thread).
+    pub local: bool,
+    wake: Option<SyncSender<()>>,
+    hub: Hub,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Where and as whom the worker announced itself, to record its stop.
+    announced: Option<(AnyPool, String)>,
 }
+
+/// How a worker runs: its lease, the attempts a job gets, what it stores and streams.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Device to draw on.
+    pub device: String,
+    /// Ask the model for each character mention's cross-attention heatmap.
+    pub capture_attention: bool,
+    /// Live preview every this many steps (0: never).
+    pub preview_every: usize,
+    /// How long a claimed job's lease lasts without a heartbeat.
+    pub lease: Duration,
+    /// Starts of a job before an interruption fails it.
+    pub max_attempts: u32,
+}
+
+/// Default lease of a claimed job.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 impl WorkerHandle {
     /// The measured time per denoising step, in milliseconds; `None` before any step.
@@ -85,9 +117,33 @@ impl WorkerHandle {
         (ms > 0.0).then_some(ms)
     }
 
-    /// Tells an idle worker to look at the queue now.
+    /// Tells an idle worker to look at the queue now: this process's, and (PostgreSQL) the
+    /// workers of other processes.
     pub fn wake(&self) {
-        let _ = self.wake.try_send(());
+        self.wake_here();
+        self.hub.job_queued();
+    }
+
+    /// Tells this process's worker, if it has one, to look at the queue now.
+    pub fn wake_here(&self) {
+        if let Some(wake) = &self.wake {
+            let _ = wake.try_send(());
+        }
+    }
+
+    /// A handle without a worker: the model is described from the bundle (nothing is loaded)
+    /// and jobs are drawn by other processes.
+    pub fn without_worker(model: ModelInfo, tokenizer: ClipTokenizer, hub: Hub) -> Self {
+        Self {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            local: false,
+            wake: None,
+            hub,
+            shared: Arc::new(Shared::default()),
+            thread: Mutex::new(None),
+            announced: None,
+        }
     }
 
     /// Asks the running job `job` to stop at its next step (the database flag is the record;
@@ -100,7 +156,12 @@ impl WorkerHandle {
             .insert(job);
     }
 
-    /// Whether the worker thread is running.
+    /// The id the worker announced itself with (none without a worker).
+    pub fn id(&self) -> Option<String> {
+        self.announced.as_ref().map(|(_, id)| id.clone())
+    }
+
+    /// Whether this process's worker thread is running.
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
     }
@@ -119,8 +180,14 @@ impl WorkerHandle {
             let joined = tokio::task::spawn_blocking(move || thread.join());
             if tokio::time::timeout(limit, joined).await.is_err() {
                 tracing::warn!(
-                    "the worker did not stop in time; its job is requeued on the next start"
+                    "the worker did not stop in time; its job is requeued once its lease runs out"
                 );
+                return;
+            }
+        }
+        if let Some((pool, id)) = &self.announced {
+            if let Err(e) = workers::stopped(pool, id).await {
+                tracing::warn!(worker = %id, error = %e, "cannot record the worker's stop");
             }
         }
     }
@@ -141,21 +208,30 @@ pub async fn start(
     pool: AnyPool,
     hub: Hub,
     bundle: PathBuf,
-    device: String,
-    capture_attention: bool,
-    preview_every: usize,
+    settings: WorkerSettings,
 ) -> anyhow::Result<Arc<WorkerHandle>> {
     let shared = Arc::new(Shared::default());
     let (wake, woken) = sync_channel(1);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let device = settings.device.clone();
+    let host = host_name();
+    let announcement = workers::Announcement {
+        id: format!("{host}/{}/{:08x}", std::process::id(), rand_u32()),
+        host,
+        pid: i64::from(std::process::id()),
+        device: device.clone(),
+        bundle: bundle.display().to_string(),
+    };
     let ctx = Ctx {
-        pool,
-        hub,
+        pool: pool.clone(),
+        hub: hub.clone(),
         shared: shared.clone(),
         runtime: Handle::current(),
-        name: format!("pid {} on {device}", std::process::id()),
-        capture_attention,
-        preview_every,
+        name: announcement.id.clone(),
+        capture_attention: settings.capture_attention,
+        preview_every: settings.preview_every,
+        lease: settings.lease,
+        max_attempts: settings.max_attempts,
     };
     shared.alive.store(true, Ordering::SeqCst);
     let bundle_dir = bundle.clone();
@@ -185,26 +261,78 @@ pub async fn start(
         }
         Err(_) => anyhow::bail!("the worker thread stopped while loading the model"),
     };
-    let tokenizer = models::bundle::Bundle::open(&bundle_dir)
-        .and_then(|b| ClipTokenizer::from_dir(&b.tokenizer_dir()?))
-        .with_context(|| format!("cannot load the tokenizer of {}", bundle_dir.display()))?;
+    let tokenizer = load_tokenizer(&bundle_dir)?;
+    workers::announce(&pool, &announcement)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot announce the worker: {}", e.detail))?;
+    tokio::spawn(heartbeats(
+        pool.clone(),
+        shared.clone(),
+        announcement.id.clone(),
+        settings.lease,
+    ));
     Ok(Arc::new(WorkerHandle {
         model,
         tokenizer: Arc::new(tokenizer),
-        wake,
+        local: true,
+        wake: Some(wake),
+        hub,
         shared,
         thread: Mutex::new(Some(thread)),
+        announced: Some((pool, announcement.id)),
     }))
 }
 
-fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPipeline, ModelInfo)> {
-    let device = nn::device::parse_device(device_name).map_err(anyhow::Error::msg)?;
-    let started = Instant::now();
-    let pipeline = StoryPipeline::load(bundle, &device)
-        .with_context(|| format!("cannot load the model bundle {}", bundle.display()))?;
-    let info = pipeline.info();
-    let defaults = pipeline.default_options();
-    let model = ModelInfo {
+/// The bundle's CLIP tokenizer.
+pub fn load_tokenizer(bundle: &std::path::Path) -> anyhow::Result<ClipTokenizer> {
+    models::bundle::Bundle::open(bundle)
+        .and_then(|b| ClipTokenizer::from_dir(&b.tokenizer_dir()?))
+        .with_context(|| format!("cannot load the tokenizer of {}", bundle.display()))
+}
+
+/// Renews the leases of the worker's jobs and its heartbeat every fifth of the lease while
+/// the worker thread lives.
+async fn heartbeats(pool: AnyPool, shared: Arc<Shared>, id: String, lease: Duration) {
+    let every = (lease / 5).max(Duration::from_millis(100));
+    while shared.alive.load(Ordering::SeqCst) {
+        if let Err(e) = store::heartbeat(&pool, &id, lease).await {
+            tracing::warn!(worker = %id, error = %e, "cannot renew the worker's lease");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.finish() as u32
+}
+
+/// What the bundle in `bundle` is, without loading its weights (for a server whose jobs are
+/// drawn elsewhere).
+pub fn describe(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<ModelInfo> {
+    let (info, defaults) = StoryPipeline::describe(bundle)
+        .with_context(|| format!("cannot read the model bundle {}", bundle.display()))?;
+    Ok(model_info(&info, &defaults, bundle, device_name))
+}
+
+fn model_info(
+    info: &models::bundle::BundleInfo,
+    defaults: &GenerateOptions,
+    bundle: &std::path::Path,
+    device_name: &str,
+) -> ModelInfo {
+    ModelInfo {
         name: info.name.clone(),
         description: info.description.clone(),
         trained: info.trained,
@@ -230,7 +358,15 @@ fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPip
             *models::limits::GUIDANCE.end(),
         ),
         default_scheduler: defaults.scheduler.as_str().to_string(),
-    };
+    }
+}
+
+fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPipeline, ModelInfo)> {
+    let device = nn::device::parse_device(device_name).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let pipeline = StoryPipeline::load(bundle, &device)
+        .with_context(|| format!("cannot load the model bundle {}", bundle.display()))?;
+    let model = model_info(pipeline.info(), &pipeline.default_options(), bundle, device_name);
     tracing::info!(
         bundle = %bundle.display(), name = %model.name, trained = model.trained,
         device = %model.device, seconds = started.elapsed().as_secs_f32(), "model loaded"
@@ -248,6 +384,10 @@ struct Ctx {
     capture_attention: bool,
     /// Live preview every this many steps (0: never).
     preview_every: usize,
+    /// A claimed job's lease.
+    lease: Duration,
+    /// Starts of a job before an interruption fails it (for jobs whose lease ran out).
+    max_attempts: u32,
 }
 
 /// Per-job state the progress callback and the cancel check share.
@@ -283,7 +423,22 @@ impl Ctx {
     fn run(&self, pipeline: &StoryPipeline, woken: &Receiver<()>) {
         tracing::info!(worker = %self.name, "worker ready");
         while !self.stopping() {
-            match self.block_on(store::claim(&self.pool, &self.name)) {
+            // Jobs of workers that vanished go back to the queue (perhaps to this worker).
+            match self.block_on(store::requeue_expired(&self.pool, self.max_attempts)) {
+                Ok(recovery) if !recovery.is_empty() => {
+                    tracing::warn!(
+                        requeued = ?recovery.requeued, failed = ?recovery.failed,
+                        cancelled = ?recovery.cancelled,
+                        "jobs whose worker stopped renewing their lease"
+                    );
+                    for event in recovery.events {
+                        self.hub.publish(event);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot look for jobs with expired leases"),
+            }
+            match self.block_on(store::claim(&self.pool, &self.name, self.lease)) {
                 Ok(Some(job)) => self.run_job(pipeline, job),
                 Ok(None) => {
                     if let Err(RecvTimeoutError::Disconnected) = woken.recv_timeout(IDLE_POLL) {
@@ -337,6 +492,13 @@ impl Ctx {
     /// The job's story was deleted while it ran: tell its viewers (there is no row left to
     /// store an event in).
     fn vanished(&self, job: &Claimed) {
+        if let Ok(Held::Lost) = self.block_on(store::held(&self.pool, job)) {
+            tracing::warn!(
+                job = job.job_id,
+                "job stopped: its lease ran out and it went back to the queue"
+            );
+            return;
+        }
         tracing::info!(job = job.job_id, "job stopped: its story was deleted");
         self.hub.publish(JobEvent::new(
             job.job_id,
@@ -633,9 +795,9 @@ impl Ctx {
         }
         if state.last_poll.elapsed() >= POLL_EVERY {
             state.last_poll = Instant::now();
-            match self.block_on(store::poll(&self.pool, job.job_id)) {
-                Ok(Some((_, cancel_requested))) => return cancel_requested,
-                Ok(None) => {
+            match self.block_on(store::held(&self.pool, job)) {
+                Ok(Held::Yes { cancel_requested }) => return cancel_requested,
+                Ok(Held::Gone | Held::Lost) => {
                     state.gone = true;
                     return true;
                 }
@@ -791,10 +953,11 @@ impl Ctx {
                 }
             }
             Ok(None) => {
-                // The job stopped running under us: only its deletion does that.
+                // The job stopped running under us: its story was deleted, or its lease ran
+                // out and it went back to the queue.
                 if !matches!(
-                    self.block_on(store::poll(&self.pool, job.job_id)),
-                    Ok(Some(_))
+                    self.block_on(store::held(&self.pool, job)),
+                    Ok(Held::Yes { .. })
                 ) {
                     state.gone = true;
                 }

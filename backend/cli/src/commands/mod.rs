@@ -9,6 +9,7 @@ pub mod serve;
 pub mod toyworld;
 pub mod train;
 pub mod user;
+pub mod worker;
 
 use tracing_subscriber::EnvFilter;
 
@@ -23,7 +24,9 @@ pub enum LogFormat {
 
 /// Sets up tracing on stderr; `RUST_LOG` overrides the default `info` level.
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's notices ("relation ... already exists, skipping" on every start) stay out.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

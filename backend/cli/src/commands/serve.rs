@@ -38,6 +38,16 @@ pub struct ServeArgs {
     #[arg(long, env = "STORYGPT_DEVICE")]
     device: Option<String>,
 
+    /// Generation workers in this process: 1, or 0 to serve the API alone while
+    /// `storygpt-v worker` processes draw the jobs (needs --database) [default: 1].
+    #[arg(long, env = "STORYGPT_WORKERS")]
+    workers: Option<usize>,
+
+    /// Seconds a claimed job's lease lasts without a heartbeat from its worker; a job whose
+    /// worker vanished goes back to the queue after it [default: 30].
+    #[arg(long, env = "STORYGPT_LEASE_S")]
+    lease_s: Option<u64>,
+
     /// Jobs that may wait in the queue before new requests get 429 [default: 32].
     #[arg(long, env = "STORYGPT_QUEUE_CAPACITY")]
     queue_capacity: Option<usize>,
@@ -117,6 +127,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         database: args.database,
         bundle: args.bundle,
         device: args.device,
+        workers: args.workers,
+        lease_s: args.lease_s,
         queue_capacity: args.queue_capacity,
         sse_heartbeat_ms: args.sse_heartbeat_ms,
         max_attempts: args.max_attempts,

@@ -150,3 +150,21 @@ pub async fn users(
     admin(&principal)?;
     Ok(Json(auth::users(&state.pool).await?))
 }
+
+/// The generation workers seen in the last day, in this process or others (`storygpt-v
+/// worker`), with their device, bundle, latest heartbeat and the job they draw; `alive` when
+/// the heartbeat is within the lease. Admins only (everyone with auth off).
+#[utoipa::path(get, path = "/api/workers", tag = "jobs",
+    responses((status = 200, description = "The workers, newest first", body = Vec<crate::store::workers::WorkerInfo>),
+              (status = 404, description = "Not an admin", body = Problem)))]
+pub async fn workers(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Vec<crate::store::workers::WorkerInfo>>> {
+    if !matches!(principal, Principal::Local) {
+        admin(&principal)?;
+    }
+    Ok(Json(
+        crate::store::workers::list(&state.pool, state.settings.lease).await?,
+    ))
+}

@@ -34,8 +34,11 @@ pub struct QueueInfo {
     pub running: i64,
     /// Jobs that may wait before new ones get 429.
     pub capacity: usize,
-    /// Whether the worker thread runs.
+    /// Whether a worker runs: this process's worker thread, or (a server without one) any
+    /// worker process whose heartbeat is within the lease.
     pub worker_alive: bool,
+    /// Workers running in every process sharing the database (heartbeat within the lease).
+    pub workers: i64,
 }
 
 /// The process is alive and serving requests.
@@ -54,16 +57,28 @@ pub async fn healthz() -> Json<Health> {
     responses((status = 200, body = Health), (status = 503, description = "Database unreachable or worker stopped", body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let model = Some(state.worker.model.clone());
-    let alive = state.worker.is_alive();
-    let (status, detail, queue) = match crate::store::jobs::counts(&state.pool).await {
-        Ok((queued, running)) => {
+    let counts = async {
+        let queue = crate::store::jobs::counts(&state.pool).await?;
+        let workers = crate::store::workers::alive(&state.pool, state.settings.lease).await?;
+        Ok::<_, crate::error::ApiError>((queue, workers))
+    };
+    let (status, detail, queue) = match counts.await {
+        Ok(((queued, running), workers)) => {
+            // A server that draws is ready when its worker runs; one that only serves the API
+            // is ready as it is (its queue waits for workers, which `workers` counts).
+            let alive = if state.worker.local {
+                state.worker.is_alive()
+            } else {
+                workers > 0
+            };
             let queue = Some(QueueInfo {
                 queued,
                 running,
                 capacity: state.settings.queue_capacity,
                 worker_alive: alive,
+                workers,
             });
-            if alive {
+            if alive || !state.worker.local {
                 (StatusCode::OK, None, queue)
             } else {
                 let detail = "the generation worker stopped; see the server log".to_string();

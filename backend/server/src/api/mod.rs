@@ -99,6 +99,7 @@ pub fn router() -> Router<AppState> {
         .route("/tokens", get(account::tokens).post(account::create_token))
         .route("/tokens/{id}", axum::routing::delete(account::revoke_token))
         .route("/users", get(account::users).post(account::add_user))
+        .route("/workers", get(account::workers))
         .route("/stories/{id}/generate", post(jobs::generate))
         .route("/stories/{id}/events", get(events::story_events))
         .route("/jobs", get(jobs::list))

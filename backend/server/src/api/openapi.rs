@@ -33,7 +33,7 @@ use crate::error::ApiError;
         jobs::generate, jobs::get_one, jobs::list, jobs::cancel,
         events::job_events, events::story_events,
         account::me, account::tokens, account::create_token, account::revoke_token,
-        account::users, account::add_user,
+        account::users, account::add_user, account::workers,
     ),
     tags(
         (name = "characters", description = "The character library"),

@@ -116,10 +116,11 @@ impl Scope {
     }
 }
 
-fn known_kind(text: &str) -> &'static str {
+/// The kind constant an event kind read back (from the database or another process) names.
+pub fn known_kind(text: &str) -> &'static str {
     use kind::*;
     [
-        QUEUED, STARTED, PROGRESS, FRAME, CAPTION, COMPLETED, FAILED, CANCELLED,
+        QUEUED, STARTED, PROGRESS, FRAME, CAPTION, PREVIEW, COMPLETED, FAILED, CANCELLED,
     ]
     .into_iter()
     .find(|k| *k == text)

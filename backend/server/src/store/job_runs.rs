@@ -21,6 +21,9 @@ use crate::error::{ApiError, ApiResult};
 pub struct Claimed {
     /// Job id.
     pub job_id: i64,
+    /// The worker that holds it: every later write checks that it still does (a worker
+    /// whose lease ran out may still be drawing while another took the job over).
+    pub worker: String,
     /// Its story.
     pub story_id: i64,
     /// How many times it has been started, this time included.
@@ -41,11 +44,18 @@ pub struct Claimed {
 /// turn is oldest, a story never served yet first, ties to the oldest job. Each claim takes
 /// the next turn number, so a job that handed its turn back ([`other_story_waiting`]) goes
 /// behind every other waiting story.
-pub async fn claim(pool: &AnyPool, worker: &str) -> ApiResult<Option<Claimed>> {
+///
+/// The job's lease runs for `lease` from now: the worker renews it with [`heartbeat`], and a
+/// job whose lease ran out goes back to the queue ([`requeue_expired`]).
+pub async fn claim(
+    pool: &AnyPool,
+    worker: &str,
+    lease: std::time::Duration,
+) -> ApiResult<Option<Claimed>> {
     let mut tx = crate::db::begin_write(pool).await?;
     let row: Option<(i64, i64, String, i64)> = sqlx::query_as(
         "UPDATE jobs SET status = 'running', started_at = $1, attempts = attempts + 1, worker = $2,
-                turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM jobs)
+                turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM jobs), lease_until = $3
          WHERE id = (
              SELECT q.id FROM jobs q
              WHERE q.status = 'queued'
@@ -58,6 +68,7 @@ pub async fn claim(pool: &AnyPool, worker: &str) -> ApiResult<Option<Claimed>> {
     )
     .bind(now())
     .bind(worker)
+    .bind(lease_end(lease))
     .fetch_optional(&mut *tx)
     .await?;
     let Some((job_id, story_id, params, attempt)) = row else {
@@ -72,7 +83,8 @@ pub async fn claim(pool: &AnyPool, worker: &str) -> ApiResult<Option<Claimed>> {
             job_id,
             story_id,
             kind::STARTED,
-            serde_json::json!({"attempt": attempt, "frames": frames.len(), "frames_done": done}),
+            serde_json::json!({"attempt": attempt, "frames": frames.len(), "frames_done": done,
+                               "worker": worker}),
         ),
     )
     .await?;
@@ -80,6 +92,7 @@ pub async fn claim(pool: &AnyPool, worker: &str) -> ApiResult<Option<Claimed>> {
     tx.commit().await?;
     Ok(Some(Claimed {
         job_id,
+        worker: worker.to_string(),
         story_id,
         attempt,
         params,
@@ -112,12 +125,72 @@ pub async fn poll(pool: &AnyPool, job: i64) -> ApiResult<Option<(String, bool)>>
     Ok(found.map(|(status, cancel)| (status, cancel.0)))
 }
 
-async fn is_running(conn: &mut AnyConnection, job: i64) -> ApiResult<bool> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-        .bind(job)
-        .fetch_optional(conn)
+/// What a worker finds when it looks at the job it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Still its job; whether cancellation was asked for.
+    Yes { cancel_requested: bool },
+    /// The job is gone (its story was deleted).
+    Gone,
+    /// The job exists but is no longer this worker's running job: its lease ran out and it
+    /// went back to the queue (and perhaps to another worker).
+    Lost,
+}
+
+/// Whether `job` is still `job.worker`'s running job.
+pub async fn held(pool: &AnyPool, job: &Claimed) -> ApiResult<Held> {
+    let found: Option<(String, Option<String>, Flag)> =
+        sqlx::query_as("SELECT status, worker, cancel_requested FROM jobs WHERE id = $1")
+            .bind(job.job_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(match found {
+        None => Held::Gone,
+        Some((status, worker, Flag(cancel_requested)))
+            if status == "running" && worker.as_deref() == Some(job.worker.as_str()) =>
+        {
+            Held::Yes { cancel_requested }
+        }
+        Some(_) => Held::Lost,
+    })
+}
+
+/// Whether `job` still runs under the worker that claimed it.
+async fn is_running(conn: &mut AnyConnection, job: &Claimed) -> ApiResult<bool> {
+    let found: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, worker FROM jobs WHERE id = $1")
+            .bind(job.job_id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(matches!(found, Some((status, worker))
+        if status == "running" && worker.as_deref() == Some(job.worker.as_str())))
+}
+
+/// When a lease taken now for `lease` ends (RFC 3339, as every timestamp column).
+fn lease_end(lease: std::time::Duration) -> String {
+    let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+    (chrono::Utc::now() + lease).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Renews the lease of every job `worker` runs, for `lease` from now, and its heartbeat in
+/// `workers`.
+pub async fn heartbeat(pool: &AnyPool, worker: &str, lease: std::time::Duration) -> ApiResult<()> {
+    sqlx::query("UPDATE jobs SET lease_until = $1 WHERE worker = $2 AND status = 'running'")
+        .bind(lease_end(lease))
+        .bind(worker)
+        .execute(pool)
         .await?;
-    Ok(status.as_deref() == Some("running"))
+    sqlx::query(
+        "UPDATE workers SET last_heartbeat = $1,
+                job_id = (SELECT MIN(id) FROM jobs WHERE worker = $2 AND status = 'running')
+         WHERE id = $3",
+    )
+    .bind(now())
+    .bind(worker)
+    .bind(worker)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 async fn set_progress(conn: &mut AnyConnection, job: i64, progress: &Progress) -> ApiResult<()> {
@@ -138,7 +211,7 @@ pub async fn progress(
     frame_started: Option<i64>,
 ) -> ApiResult<Option<JobEvent>> {
     let mut tx = crate::db::begin_write(pool).await?;
-    if !is_running(&mut tx, job.job_id).await? {
+    if !is_running(&mut tx, job).await? {
         return Ok(None);
     }
     if let Some(ordinal) = frame_started {
@@ -189,7 +262,7 @@ pub async fn frame_done(
     progress: &Progress,
 ) -> ApiResult<Option<JobEvent>> {
     let mut tx = crate::db::begin_write(pool).await?;
-    if !is_running(&mut tx, job.job_id).await? {
+    if !is_running(&mut tx, job).await? {
         return Ok(None);
     }
     let row: Option<(i64, Option<i64>, i64)> = sqlx::query_as(
@@ -279,7 +352,7 @@ pub async fn add_continuation(
     caption: &str,
 ) -> ApiResult<Option<Continuation>> {
     let mut tx = crate::db::begin_write(pool).await?;
-    if !is_running(&mut tx, job.job_id).await? {
+    if !is_running(&mut tx, job).await? {
         return Ok(None);
     }
     let text: String = sqlx::query_scalar("SELECT params FROM jobs WHERE id = $1")
@@ -463,7 +536,7 @@ pub async fn finish(
     outcome: &Outcome,
 ) -> ApiResult<Option<JobEvent>> {
     let mut tx = crate::db::begin_write(pool).await?;
-    if !is_running(&mut tx, job.job_id).await? {
+    if !is_running(&mut tx, job).await? {
         return Ok(None);
     }
     let Flag(cancel_requested) =
@@ -481,7 +554,7 @@ pub async fn finish(
     Ok(Some(event))
 }
 
-/// What [`recover`] found after a restart.
+/// What [`recover`] or [`requeue_expired`] did.
 #[derive(Debug, Default)]
 pub struct Recovery {
     /// Jobs put back in the queue.
@@ -490,42 +563,76 @@ pub struct Recovery {
     pub failed: Vec<i64>,
     /// Jobs whose cancellation was asked for before the interruption.
     pub cancelled: Vec<i64>,
+    /// The events stored for them, for live viewers.
+    pub events: Vec<JobEvent>,
 }
 
-/// Run at start-up, before any worker: a job still `running` was interrupted (crash, kill -9,
-/// power loss). It goes back to the queue, keeping the frames it finished, unless it was being
-/// cancelled (then it is cancelled) or it has been interrupted `max_attempts` times (then it
-/// fails, since it may be what brings the server down).
+impl Recovery {
+    /// Whether nothing was done.
+    pub fn is_empty(&self) -> bool {
+        self.requeued.is_empty() && self.failed.is_empty() && self.cancelled.is_empty()
+    }
+}
+
+/// Run at start-up of a server that is the only user of its database (SQLite: the data
+/// directory lock sees to it), before any worker: a job still `running` was interrupted
+/// (crash, kill -9, power loss). It goes back to the queue, keeping the frames it finished,
+/// unless it was being cancelled (then it is cancelled) or it has been interrupted
+/// `max_attempts` times (then it fails, since it may be what brings the server down).
 pub async fn recover(pool: &AnyPool, max_attempts: u32) -> ApiResult<Recovery> {
+    interrupted(pool, max_attempts, false).await
+}
+
+/// The same for running jobs whose lease ran out: their worker stopped renewing it (it was
+/// killed, crashed, hung or lost the database), so the job goes back to the queue with the
+/// attempt counted, exactly as after a crash. Safe with any number of servers and workers.
+pub async fn requeue_expired(pool: &AnyPool, max_attempts: u32) -> ApiResult<Recovery> {
+    interrupted(pool, max_attempts, true).await
+}
+
+async fn interrupted(pool: &AnyPool, max_attempts: u32, expired_only: bool) -> ApiResult<Recovery> {
     let mut tx = crate::db::begin_write(pool).await?;
-    let running: Vec<(i64, i64, i64, Flag)> = sqlx::query_as(
-        "SELECT id, story_id, attempts, cancel_requested FROM jobs WHERE status = 'running' ORDER BY id",
-    )
+    let filter = if expired_only {
+        "AND (lease_until IS NULL OR lease_until < $1)"
+    } else {
+        "AND $1 IS NOT NULL"
+    };
+    let running: Vec<(i64, i64, i64, Flag)> = sqlx::query_as(&format!(
+        "SELECT id, story_id, attempts, cancel_requested FROM jobs
+         WHERE status = 'running' {filter} ORDER BY id"
+    ))
+    .bind(now())
     .fetch_all(&mut *tx)
     .await?;
+    let what = if expired_only {
+        "the worker running the job stopped renewing its lease (it was stopped, crashed or \
+         lost the database)"
+    } else {
+        "the server stopped while the job was running"
+    };
     let mut recovery = Recovery::default();
     for (id, story, attempts, Flag(cancel_requested)) in running {
         let outcome = if cancel_requested {
             recovery.cancelled.push(id);
-            Outcome::Cancelled(Some(
-                "the server stopped before the job noticed the cancellation".into(),
-            ))
+            Outcome::Cancelled(Some(format!(
+                "{what}, before it noticed the cancellation"
+            )))
         } else if attempts >= max_attempts as i64 {
             recovery.failed.push(id);
             Outcome::Failed(format!(
-                "the server stopped while drawing this job, on attempt {attempts} of {max_attempts}; \
-                 giving up, as the job may be what stops it (see the server log)"
+                "{what}, on attempt {attempts} of {max_attempts}; giving up, as the job may be \
+                 what stops it (see the log)"
             ))
         } else {
             recovery.requeued.push(id);
             Outcome::Requeued {
-                reason:
-                    "the server stopped while the job was running; frames already drawn are kept"
-                        .into(),
+                reason: format!("{what}; frames already drawn are kept"),
                 counts: true,
             }
         };
-        finish_in(&mut tx, id, story, &outcome).await?;
+        recovery
+            .events
+            .push(finish_in(&mut tx, id, story, &outcome).await?);
     }
     // Any frame left marked queued or running without a job to back it is set right too.
     let sql = format!(
@@ -601,7 +708,7 @@ mod tests {
     }
 
     async fn next(pool: &AnyPool) -> Claimed {
-        claim(pool, "test").await.unwrap().expect("a queued job")
+        claim(pool, "test", std::time::Duration::from_secs(30)).await.unwrap().expect("a queued job")
     }
 
     fn handed_back() -> Outcome {
@@ -653,7 +760,7 @@ mod tests {
         let job = next(&pool).await;
         assert_eq!(job.job_id, a2);
         finish(&pool, &job, &Outcome::Succeeded).await.unwrap();
-        assert!(claim(&pool, "test").await.unwrap().is_none());
+        assert!(claim(&pool, "test", std::time::Duration::from_secs(30)).await.unwrap().is_none());
         assert!(!other_story_waiting(&pool, a).await.unwrap());
     }
 

@@ -9,6 +9,7 @@ pub mod job_events;
 pub mod job_runs;
 pub mod jobs;
 pub mod stories;
+pub mod workers;
 
 use base64::Engine;
 
