@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use common::sse::{stored_ids, Stream};
 use common::{
-    character_form, create_character_from, create_story, get_ok, http, png, shared_bundle,
+    character_form, create_character_from, create_story, get_ok, get_text, http, png,
+    shared_bundle,
     wait_job, Backend, Server, PATIENCE,
 };
 use serde_json::{json, Value};
@@ -154,6 +155,12 @@ async fn three_workers_share_one_queue_and_no_job_is_drawn_twice() {
     }
     let ready = get_ok(&server, "/readyz").await;
     assert_eq!(ready["queue"]["workers"], 3, "{ready}");
+    // The studio shows them too (auth is off: everyone is the operator).
+    let page = get_text(&server, "/account").await;
+    for worker in &workers {
+        assert!(page.contains(&worker.id), "the account page lists {}", worker.id);
+    }
+    assert_eq!(page.matches(">running<").count(), 3, "three running workers");
 
     let fred = cast(&server).await;
     let mut stories = Vec::new();
@@ -198,14 +205,20 @@ async fn three_workers_share_one_queue_and_no_job_is_drawn_twice() {
     }
     // Every job's events reached the API's streams, the live-only progress ticks included
     // (those travel only by NOTIFY).
+    // Heartbeats keep a stream busy, so the whole wait has its own deadline.
     for (stream, &story) in streams.iter_mut().zip(&stories) {
         let mut completed = 0;
         let mut live_ticks = 0;
-        while completed < 2 {
-            let event = stream.next().await.expect("the story stream ended");
-            completed += usize::from(event.name == "completed");
-            live_ticks += usize::from(event.id.is_none() && event.name == "progress");
-        }
+        let read = async {
+            while completed < 2 {
+                let event = stream.next().await.expect("the story stream ended");
+                completed += usize::from(event.name == "completed");
+                live_ticks += usize::from(event.id.is_none() && event.name == "progress");
+            }
+        };
+        tokio::time::timeout(PATIENCE, read).await.unwrap_or_else(|_| {
+            panic!("story {story}: the workers' events did not reach the API's stream")
+        });
         assert!(live_ticks > 0, "story {story}: no live progress crossed the processes");
     }
     drop(workers);
@@ -286,7 +299,10 @@ async fn an_api_process_restarted_while_workers_run_loses_no_event() {
     let job = generate(&server, story, json!({"steps": 30, "seed": 5})).await;
     let path = format!("/api/jobs/{job}/events");
     let mut stream = Stream::open(&server, &path, None).await;
-    let seen = stream.until("frame").await;
+    // Heartbeats keep a stream busy, so each wait has its own deadline.
+    let seen = tokio::time::timeout(PATIENCE, stream.until("frame"))
+        .await
+        .expect("the worker's events did not reach the API's stream");
     let mut ids = stored_ids(&seen);
     let last = *ids.last().unwrap();
     drop(stream);
@@ -294,7 +310,9 @@ async fn an_api_process_restarted_while_workers_run_loses_no_event() {
     // A new API process on the same database (the worker kept drawing meanwhile).
     let server = api(dir.path());
     let mut stream = Stream::open(&server, &path, Some(last)).await;
-    let rest = stream.rest().await;
+    let rest = tokio::time::timeout(PATIENCE, stream.rest())
+        .await
+        .expect("the new API process's stream did not reach the job's end");
     assert_eq!(rest.last().map(|e| e.name.as_str()), Some("completed"), "{rest:?}");
     ids.extend(stored_ids(&rest));
     let mut db = server.db().await;

@@ -135,6 +135,8 @@ struct AccountPage {
     admin: bool,
     tokens: Vec<ApiToken>,
     users: Vec<UserInfo>,
+    /// The generation workers (admins, and everyone with auth off).
+    workers: Vec<crate::store::workers::WorkerInfo>,
     /// A token just made: its secret, shown this once.
     new_secret: String,
     message: String,
@@ -148,6 +150,7 @@ async fn account_view(
     message: String,
     error: bool,
 ) -> ApiResult<AccountPage> {
+    let lease = state.settings.lease;
     let Some(user) = principal.user() else {
         return Ok(AccountPage {
             auth_on: false,
@@ -155,6 +158,7 @@ async fn account_view(
             admin: false,
             tokens: Vec::new(),
             users: Vec::new(),
+            workers: crate::store::workers::list(&state.pool, lease).await?,
             new_secret,
             message,
             error,
@@ -167,6 +171,11 @@ async fn account_view(
         tokens: auth::tokens(&state.pool, user.id).await?,
         users: if user.admin {
             auth::users(&state.pool).await?
+        } else {
+            Vec::new()
+        },
+        workers: if user.admin {
+            crate::store::workers::list(&state.pool, lease).await?
         } else {
             Vec::new()
         },
