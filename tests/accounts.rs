@@ -10,8 +10,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{
-    Backend,binary, character_form, http, no_redirects, png, wait_job, Server};
+use common::{binary, character_form, http, no_redirects, png, wait_job, Backend, Server};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -21,7 +20,11 @@ fn add_user(backend: Backend, data_dir: &std::path::Path, name: &str, password: 
     let mut child = Command::new(binary())
         .args(["user", "add", name, "--password-stdin", "--data-dir"])
         .arg(data_dir)
-        .envs(backend.database_url(data_dir).map(|url| ("STORYGPT_DATABASE", url)))
+        .envs(
+            backend
+                .database_url(data_dir)
+                .map(|url| ("STORYGPT_DATABASE", url)),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -42,7 +45,11 @@ fn cli_token(backend: Backend, data_dir: &std::path::Path, name: &str) -> String
     let out = Command::new(binary())
         .args(["user", "token", name, "--data-dir"])
         .arg(data_dir)
-        .envs(backend.database_url(data_dir).map(|url| ("STORYGPT_DATABASE", url)))
+        .envs(
+            backend
+                .database_url(data_dir)
+                .map(|url| ("STORYGPT_DATABASE", url)),
+        )
         .output()
         .unwrap();
     assert!(
@@ -460,7 +467,11 @@ async fn auth_off_refuses_a_public_address_unless_told(backend: Backend) {
             && stderr.contains("--allow-public-without-auth"),
         "{stderr}"
     );
-    let server = Server::start_on(backend, dir.path(), &["--bind", "0.0.0.0:0", "--allow-public-without-auth"]);
+    let server = Server::start_on(
+        backend,
+        dir.path(),
+        &["--bind", "0.0.0.0:0", "--allow-public-without-auth"],
+    );
     let port = server.url.rsplit(':').next().unwrap().to_string();
     let response = http()
         .get(format!("http://127.0.0.1:{port}/healthz"))
@@ -550,14 +561,18 @@ async fn each_user_has_limits_on_queued_jobs_and_stored_bytes(backend: Backend) 
     let dir = tempfile::tempdir().unwrap();
     add_user(backend, dir.path(), "carol", "carol's long password");
     add_user(backend, dir.path(), "dave", "dave's long password!");
-    let server = Server::start_on(backend, dir.path(), &[
+    let server = Server::start_on(
+        backend,
+        dir.path(),
+        &[
             "--auth",
             "on",
             "--user-max-queued-jobs",
             "1",
             "--user-max-storage-mb",
             "1",
-        ]);
+        ],
+    );
     let carol = cli_token(backend, dir.path(), "carol");
     let dave = cli_token(backend, dir.path(), "dave");
 

@@ -5,9 +5,8 @@
 mod common;
 
 use common::{
-    Backend,
     character_form, create_character, encode, get_json, http, jpeg_with_exif_orientation, png,
-    png_claiming, test_image, Server,
+    png_claiming, test_image, Backend, Server,
 };
 use image::ImageFormat;
 use reqwest::StatusCode;

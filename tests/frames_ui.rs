@@ -7,9 +7,8 @@
 mod common;
 
 use common::{
-    Backend,
     character_form, create_character_from, create_story, get_ok, get_png, get_text, http,
-    no_redirects, png, wait_job, Server,
+    no_redirects, png, wait_job, Backend, Server,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -426,7 +425,9 @@ fn flags(frames: &[Value]) -> Vec<bool> {
         .collect()
 }
 
-async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_after_it(backend: Backend) {
+async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_after_it(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_on(backend, dir.path(), &[]);
     let tom = character(&server, "Tom", "he").await;

@@ -601,9 +601,15 @@ async fn a_clean_stop_puts_the_running_job_back_without_counting_an_attempt(back
         .contains("shutting down"));
 }
 
-async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_frames(backend: Backend) {
+async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_frames(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(backend, dir.path(), &["--max-attempts", "1", "--lease-s", "2"]);
+    let server = start(
+        backend,
+        dir.path(),
+        &["--max-attempts", "1", "--lease-s", "2"],
+    );
     let story_id = story(&server, &["Fred sings.", "He bows.", "They clap."]).await;
     let job = generate(&server, story_id, json!({"steps": 20})).await;
     let job_id = job["id"].as_i64().unwrap();
@@ -611,7 +617,11 @@ async fn a_job_interrupted_too_often_fails_with_a_reason_and_keeps_its_drawn_fra
     events.until("frame").await;
     server.kill_hard();
 
-    let server = start(backend, dir.path(), &["--max-attempts", "1", "--lease-s", "2"]);
+    let server = start(
+        backend,
+        dir.path(),
+        &["--max-attempts", "1", "--lease-s", "2"],
+    );
     // SQLite: at once (the restart's recovery). PostgreSQL: once the dead server's lease
     // runs out, since other servers and workers may share the database.
     let failed = wait_job(&server, job_id, "failed").await;
@@ -828,7 +838,9 @@ async fn images_of(server: &Server, story: i64) -> Vec<Vec<u8>> {
     out
 }
 
-async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_once(backend: Backend) {
+async fn the_model_continues_a_story_and_a_crash_mid_way_writes_each_caption_once(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(backend, dir.path(), &["--lease-s", "2"]);
     let captions = ["Fred opens the door.", "He waves."];

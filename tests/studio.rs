@@ -12,9 +12,8 @@ mod common;
 use std::io::{Cursor, Read};
 
 use common::{
-    Backend,
     character_form, create_character_id, create_story, get_json, get_text, no_redirects, png,
-    png_claiming, post_form, post_ui_character, test_image, wait_job, Server,
+    png_claiming, post_form, post_ui_character, test_image, wait_job, Backend, Server,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -1137,7 +1136,9 @@ fn names_of(characters: &Value) -> Vec<String> {
         .collect()
 }
 
-async fn the_models_starter_cast_is_offered_added_once_and_makes_an_example_story(backend: Backend) {
+async fn the_models_starter_cast_is_offered_added_once_and_makes_an_example_story(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (cast, portraits) = toy_cast();
     let bundle = common::bundle_with_cast(dir.path(), &cast, &portraits);
@@ -1366,7 +1367,11 @@ async fn without_a_usable_starter_cast_the_studio_offers_none(backend: Backend) 
     ] {
         let root = dir.path().join(label);
         let bundle = common::bundle_with_cast(&root, cast, &portraits);
-        let server = Server::start_on(backend, &root.join("data"), &["--bundle", bundle.to_str().unwrap()]);
+        let server = Server::start_on(
+            backend,
+            &root.join("data"),
+            &["--bundle", bundle.to_str().unwrap()],
+        );
         let page = get_text(&server, "/").await;
         assert!(
             !page.contains("starter-cast") && !page.contains("character-known-note"),

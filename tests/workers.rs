@@ -15,8 +15,7 @@ use std::time::Duration;
 use common::sse::{stored_ids, Stream};
 use common::{
     character_form, create_character_from, create_story, get_ok, get_text, http, png,
-    shared_bundle,
-    wait_job, Backend, Server, PATIENCE,
+    shared_bundle, wait_job, Backend, Server, PATIENCE,
 };
 use serde_json::{json, Value};
 
@@ -34,10 +33,8 @@ impl Worker {
     fn start(database: &str) -> Worker {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = std::env::temp_dir().join(format!(
-            "storygpt-v-worker-{}-{n}.log",
-            std::process::id()
-        ));
+        let log =
+            std::env::temp_dir().join(format!("storygpt-v-worker-{}-{n}.log", std::process::id()));
         let mut child = Command::new(common::binary())
             .args(["worker", "--database", database, "--bundle"])
             .arg(shared_bundle())
@@ -57,12 +54,14 @@ impl Worker {
                 }
             }
         });
-        let id = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!(
-                "the worker did not start; its log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
+        let id = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the worker did not start; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
         Worker { child, id, log }
     }
 
@@ -128,7 +127,12 @@ async fn started_by(server: &Server) -> Vec<(i64, i64, Vec<String>)> {
         .unwrap();
         let workers = data
             .iter()
-            .map(|d| serde_json::from_str::<Value>(d).unwrap()["worker"].as_str().unwrap().to_string())
+            .map(|d| {
+                serde_json::from_str::<Value>(d).unwrap()["worker"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         out.push((job, attempts, workers));
     }
@@ -158,15 +162,27 @@ async fn three_workers_share_one_queue_and_no_job_is_drawn_twice() {
     // The studio shows them too (auth is off: everyone is the operator).
     let page = get_text(&server, "/account").await;
     for worker in &workers {
-        assert!(page.contains(&worker.id), "the account page lists {}", worker.id);
+        assert!(
+            page.contains(&worker.id),
+            "the account page lists {}",
+            worker.id
+        );
     }
-    assert_eq!(page.matches(">running<").count(), 3, "three running workers");
+    assert_eq!(
+        page.matches(">running<").count(),
+        3,
+        "three running workers"
+    );
 
     let fred = cast(&server).await;
     let mut stories = Vec::new();
     for i in 0..3 {
         let captions = [&format!("Fred walks {i}.")[..], "He waves."];
-        stories.push(create_story(&server, "Shared", &captions, &[fred]).await["id"].as_i64().unwrap());
+        stories.push(
+            create_story(&server, "Shared", &captions, &[fred]).await["id"]
+                .as_i64()
+                .unwrap(),
+        );
     }
     // The story streams of the API process: what the workers draw reaches them live.
     let mut streams = Vec::new();
@@ -196,11 +212,12 @@ async fn three_workers_share_one_queue_and_no_job_is_drawn_twice() {
     // Each job drew each of its two frames once: one version per frame per job.
     let mut db = server.db().await;
     for &job in &jobs {
-        let versions: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM frame_versions WHERE job_id = $1")
-            .bind(job)
-            .fetch_one(&mut db)
-            .await
-            .unwrap();
+        let versions: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM frame_versions WHERE job_id = $1")
+                .bind(job)
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
         assert_eq!(versions, 2, "job {job}");
     }
     // Every job's events reached the API's streams, the live-only progress ticks included
@@ -216,10 +233,15 @@ async fn three_workers_share_one_queue_and_no_job_is_drawn_twice() {
                 live_ticks += usize::from(event.id.is_none() && event.name == "progress");
             }
         };
-        tokio::time::timeout(PATIENCE, read).await.unwrap_or_else(|_| {
-            panic!("story {story}: the workers' events did not reach the API's stream")
-        });
-        assert!(live_ticks > 0, "story {story}: no live progress crossed the processes");
+        tokio::time::timeout(PATIENCE, read)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("story {story}: the workers' events did not reach the API's stream")
+            });
+        assert!(
+            live_ticks > 0,
+            "story {story}: no live progress crossed the processes"
+        );
     }
     drop(workers);
 }
@@ -232,7 +254,9 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_story(
     let first = Worker::start(&database);
     let fred = cast(&server).await;
     let captions = ["Fred walks.", "He waves.", "He runs.", "He sits."];
-    let story = create_story(&server, "Killed", &captions, &[fred]).await["id"].as_i64().unwrap();
+    let story = create_story(&server, "Killed", &captions, &[fred]).await["id"]
+        .as_i64()
+        .unwrap();
     let job = generate(&server, story, json!({"steps": 40, "seed": 3})).await;
     // Running, and past its first frame, on the first worker.
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -241,7 +265,10 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_story(
         if current["progress"]["frames_done"].as_i64().unwrap_or(0) >= 1 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the job never got going: {current}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never got going: {current}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let first_id = first.id.clone();
@@ -250,15 +277,20 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_story(
     let done = wait_job(&server, job, "succeeded").await;
     assert_eq!(done["attempts"], 2, "{done}");
     let started = started_by(&server).await;
-    assert_eq!(started[0].2, vec![first_id.clone(), second.id.clone()], "{started:?}");
+    assert_eq!(
+        started[0].2,
+        vec![first_id.clone(), second.id.clone()],
+        "{started:?}"
+    );
     // The requeue says why, and the killed worker no longer counts as running.
     let mut db = server.db().await;
-    let reasons: Vec<String> =
-        sqlx::query_scalar("SELECT data FROM job_events WHERE job_id = $1 AND kind = 'queued' ORDER BY id")
-            .bind(job)
-            .fetch_all(&mut db)
-            .await
-            .unwrap();
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT data FROM job_events WHERE job_id = $1 AND kind = 'queued' ORDER BY id",
+    )
+    .bind(job)
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
     assert!(
         reasons.iter().any(|r| r.contains("lease")),
         "the requeue names the lease: {reasons:?}"
@@ -274,7 +306,11 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_story(
     assert!(versions.iter().all(|(_, n)| *n == 1), "{versions:?}");
     let story_now = get_ok(&server, &format!("/api/stories/{story}")).await;
     assert!(
-        story_now["frames"].as_array().unwrap().iter().all(|f| f["status"] == "ready"),
+        story_now["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["status"] == "ready"),
         "{story_now}"
     );
     let listed = get_ok(&server, "/api/workers").await;
@@ -295,7 +331,9 @@ async fn an_api_process_restarted_while_workers_run_loses_no_event() {
     let _worker = Worker::start(&database);
     let fred = cast(&server).await;
     let captions = ["Fred walks.", "He waves.", "He runs.", "He sits."];
-    let story = create_story(&server, "Restart", &captions, &[fred]).await["id"].as_i64().unwrap();
+    let story = create_story(&server, "Restart", &captions, &[fred]).await["id"]
+        .as_i64()
+        .unwrap();
     let job = generate(&server, story, json!({"steps": 30, "seed": 5})).await;
     let path = format!("/api/jobs/{job}/events");
     let mut stream = Stream::open(&server, &path, None).await;
@@ -313,7 +351,11 @@ async fn an_api_process_restarted_while_workers_run_loses_no_event() {
     let rest = tokio::time::timeout(PATIENCE, stream.rest())
         .await
         .expect("the new API process's stream did not reach the job's end");
-    assert_eq!(rest.last().map(|e| e.name.as_str()), Some("completed"), "{rest:?}");
+    assert_eq!(
+        rest.last().map(|e| e.name.as_str()),
+        Some("completed"),
+        "{rest:?}"
+    );
     ids.extend(stored_ids(&rest));
     let mut db = server.db().await;
     let stored: Vec<i64> =
@@ -322,5 +364,8 @@ async fn an_api_process_restarted_while_workers_run_loses_no_event() {
             .fetch_all(&mut db)
             .await
             .unwrap();
-    assert_eq!(ids, stored, "every stored event once, in order, across the restart");
+    assert_eq!(
+        ids, stored,
+        "every stored event once, in order, across the restart"
+    );
 }

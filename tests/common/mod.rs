@@ -95,7 +95,11 @@ impl Server {
     }
 
     /// [`Server::start_with_default_bundle`] keeping its records in `backend`.
-    pub fn start_on_with_default_bundle(backend: Backend, data_dir: &Path, args: &[&str]) -> Server {
+    pub fn start_on_with_default_bundle(
+        backend: Backend,
+        data_dir: &Path,
+        args: &[&str],
+    ) -> Server {
         let url = backend.database_url(data_dir);
         let mut all: Vec<&str> = args.to_vec();
         if let Some(url) = &url {

@@ -61,7 +61,12 @@ fn binaries() -> PathBuf {
         return PathBuf::from(dir);
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin")).collect())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     versions.retain(|dir| dir.join("initdb").exists());
     versions.sort();
@@ -107,7 +112,11 @@ fn start_private(bin: PathBuf) -> Cluster {
             .arg(&root)
             .status()
             .expect("chown");
-        assert!(status.success(), "cannot give {} to the postgres user", root.display());
+        assert!(
+            status.success(),
+            "cannot give {} to the postgres user",
+            root.display()
+        );
     }
     let out = as_server_user(&bin.join("initdb"))
         .arg("-D")
@@ -128,7 +137,12 @@ fn start_private(bin: PathBuf) -> Cluster {
         server.extend(["runuser", "-u", "postgres", "--"].map(String::from));
     }
     server.push(bin.join("postgres").display().to_string());
-    server.extend(["-D".into(), data.display().to_string(), "-p".into(), port.to_string()]);
+    server.extend([
+        "-D".into(),
+        data.display().to_string(),
+        "-p".into(),
+        port.to_string(),
+    ]);
     server.extend(["-k".into(), root.display().to_string()]);
     for setting in [
         "listen_addresses=127.0.0.1",
@@ -162,7 +176,15 @@ fn start_private(bin: PathBuf) -> Cluster {
     let started = Instant::now();
     loop {
         let ready = Command::new(bin.join("pg_isready"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-q",
+            ])
             .status()
             .map(|s| s.success())
             .unwrap_or(false);

@@ -475,7 +475,11 @@ impl StoryPipeline {
         let d = field("word_embed_proj_dim")
             .or_else(|| field("hidden_size"))
             .unwrap_or(0);
-        Self::bundle_info(&bundle, bundle_dir, format!("{kind} ({layers} layers, d={d})"))
+        Self::bundle_info(
+            &bundle,
+            bundle_dir,
+            format!("{kind} ({layers} layers, d={d})"),
+        )
     }
 
     fn bundle_info(

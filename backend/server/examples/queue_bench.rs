@@ -120,7 +120,10 @@ async fn bench(pool: &AnyPool, total: usize) -> anyhow::Result<()> {
     let list = median(20, || jobs::list(pool, None, None, &queued, None, 50)).await?;
     let last_page = {
         let cursor = server::store::encode_cursor((total - 50) as i64);
-        median(20, || jobs::list(pool, None, None, &queued, Some(&cursor), 50)).await?
+        median(20, || {
+            jobs::list(pool, None, None, &queued, Some(&cursor), 50)
+        })
+        .await?
     };
     let counts = median(20, || jobs::counts(pool)).await?;
     println!(
@@ -148,7 +151,10 @@ async fn bench(pool: &AnyPool, total: usize) -> anyhow::Result<()> {
                         .map_err(|e| anyhow::anyhow!(e.detail))?;
                     let took = ms(t.elapsed());
                     let Some(job) = job else { return Ok(()) };
-                    latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(took);
+                    latencies
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .push(took);
                     claimed
                         .lock()
                         .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -163,9 +169,15 @@ async fn bench(pool: &AnyPool, total: usize) -> anyhow::Result<()> {
             task.await??;
         }
         let wall = start.elapsed();
-        let mut latencies = latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+        let mut latencies = latencies
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
         latencies.sort_by(f64::total_cmp);
-        let claimed = claimed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+        let claimed = claimed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
         let unique: HashSet<i64> = claimed.iter().copied().collect();
         println!(
             "- {claimers} claimer(s): {} claims + finishes in {:.0} ms ({:.0} a second); claim \

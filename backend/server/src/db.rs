@@ -18,8 +18,7 @@ use crate::error::ApiError;
 /// SQLite's migrations, compiled into the binary, so a fresh data directory needs nothing else.
 pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 /// PostgreSQL's, the same schema in its dialect.
-pub static POSTGRES_MIGRATOR: sqlx::migrate::Migrator =
-    sqlx::migrate!("../../migrations/postgres");
+pub static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// Which engine a pool talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,8 +258,8 @@ impl StorageFault {
     /// PostgreSQL's SQLSTATE codes (appendix A of its manual) that are storage faults.
     fn of_sqlstate(code: &str) -> Option<Self> {
         match code {
-            "53100" => Some(Self::Full),                       // disk_full
-            "25006" => Some(Self::ReadOnly),                   // read_only_sql_transaction
+            "53100" => Some(Self::Full),     // disk_full
+            "25006" => Some(Self::ReadOnly), // read_only_sql_transaction
             "53300" | "55P03" | "40001" | "40P01" | "57014" => Some(Self::Busy), // connections, lock, serialisation, deadlock, timeout
             _ if code.starts_with("08") || code.starts_with("57P") || code.starts_with("58") => {
                 Some(Self::Unavailable) // connection lost, server shutting down, system error

@@ -202,7 +202,11 @@ pub async fn serve(
         };
         let tokenizer = worker::load_tokenizer(&bundle)?;
         tracing::info!(name = %model.name, "no worker in this process: other processes draw the jobs");
-        Arc::new(worker::WorkerHandle::without_worker(model, tokenizer, hub.clone()))
+        Arc::new(worker::WorkerHandle::without_worker(
+            model,
+            tokenizer,
+            hub.clone(),
+        ))
     } else {
         worker::start(
             pool.clone(),
@@ -222,9 +226,7 @@ pub async fn serve(
         let woken = worker.clone();
         live::listen(url, hub.clone(), move || woken.wake_here())
             .await
-            .with_context(|| {
-                format!("cannot listen for events on {}", config.database_shown())
-            })?;
+            .with_context(|| format!("cannot listen for events on {}", config.database_shown()))?;
     }
     let listener = TcpListener::bind(config.bind)
         .await

@@ -47,8 +47,8 @@ use crate::model::ModelInfo;
 use crate::store::frame_attention::AttentionPng;
 use crate::store::job_events::{kind, JobEvent};
 use crate::store::job_runs::{self as store, Claimed, FinishedFrame, Held, Outcome};
-use crate::store::workers;
 use crate::store::jobs::{JobFrameRow, Progress};
+use crate::store::workers;
 
 /// At most one stored `progress` event per job per this interval (every step still goes to
 /// live viewers); frame and state-change events are always stored.
@@ -366,7 +366,12 @@ fn load(bundle: &std::path::Path, device_name: &str) -> anyhow::Result<(StoryPip
     let started = Instant::now();
     let pipeline = StoryPipeline::load(bundle, &device)
         .with_context(|| format!("cannot load the model bundle {}", bundle.display()))?;
-    let model = model_info(pipeline.info(), &pipeline.default_options(), bundle, device_name);
+    let model = model_info(
+        pipeline.info(),
+        &pipeline.default_options(),
+        bundle,
+        device_name,
+    );
     tracing::info!(
         bundle = %bundle.display(), name = %model.name, trained = model.trained,
         device = %model.device, seconds = started.elapsed().as_secs_f32(), "model loaded"

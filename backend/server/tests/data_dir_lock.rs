@@ -87,10 +87,7 @@ fn a_second_server_on_the_same_data_directory_exits_at_once_and_changes_nothing(
     let running = wait_job(&first, job_id, |j| j["status"] == "running");
     assert_eq!(running["attempts"], 1, "{running}");
     let worker = job_worker(dir.path(), job_id).expect("a running job has a worker");
-    assert!(
-        worker.contains(&format!("/{}/", first.pid())),
-        "{worker}"
-    );
+    assert!(worker.contains(&format!("/{}/", first.pid())), "{worker}");
 
     // The second server, on another (ephemeral) port, same directory.
     let mut second = spawn_server(dir.path());

@@ -51,7 +51,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         Some(s) if (2..=3600).contains(&s) => Duration::from_secs(s),
         Some(s) => anyhow::bail!("the lease must be between 2 and 3600 seconds; got {s}"),
     };
-    let max_attempts = args.max_attempts.unwrap_or(server::config::DEFAULT_MAX_ATTEMPTS);
+    let max_attempts = args
+        .max_attempts
+        .unwrap_or(server::config::DEFAULT_MAX_ATTEMPTS);
     if max_attempts == 0 {
         anyhow::bail!("max_attempts must be at least 1");
     }

@@ -39,11 +39,7 @@ pub struct FrameMedia {
 
 /// The frames of a story in order; 404 when the story does not exist. `with_images` loads
 /// the image bytes too (exports), otherwise they stay in the database (the strip).
-pub async fn frames(
-    pool: &AnyPool,
-    story: i64,
-    with_images: bool,
-) -> ApiResult<Vec<FrameMedia>> {
+pub async fn frames(pool: &AnyPool, story: i64, with_images: bool) -> ApiResult<Vec<FrameMedia>> {
     let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM stories WHERE id = $1")
         .bind(story)
         .fetch_optional(pool)

@@ -383,11 +383,12 @@ pub async fn add_continuation(
     let position = params.captions.len() as i64;
     params.captions.push(caption.to_string());
     params.frame_ids.push(frame_id);
-    let ordinal: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(ordinal), 0) + 1 FROM job_frames WHERE job_id = $1")
-            .bind(job.job_id)
-            .fetch_one(&mut *tx)
-            .await?;
+    let ordinal: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(ordinal), 0) + 1 FROM job_frames WHERE job_id = $1",
+    )
+    .bind(job.job_id)
+    .fetch_one(&mut *tx)
+    .await?;
     sqlx::query(
         "INSERT INTO job_frames (job_id, ordinal, position, frame_id, seed) VALUES ($1, $2, $3, $4, $5)",
     )
@@ -614,9 +615,7 @@ async fn interrupted(pool: &AnyPool, max_attempts: u32, expired_only: bool) -> A
     for (id, story, attempts, Flag(cancel_requested)) in running {
         let outcome = if cancel_requested {
             recovery.cancelled.push(id);
-            Outcome::Cancelled(Some(format!(
-                "{what}, before it noticed the cancellation"
-            )))
+            Outcome::Cancelled(Some(format!("{what}, before it noticed the cancellation")))
         } else if attempts >= max_attempts as i64 {
             recovery.failed.push(id);
             Outcome::Failed(format!(
@@ -708,7 +707,10 @@ mod tests {
     }
 
     async fn next(pool: &AnyPool) -> Claimed {
-        claim(pool, "test", std::time::Duration::from_secs(30)).await.unwrap().expect("a queued job")
+        claim(pool, "test", std::time::Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("a queued job")
     }
 
     fn handed_back() -> Outcome {
@@ -760,7 +762,10 @@ mod tests {
         let job = next(&pool).await;
         assert_eq!(job.job_id, a2);
         finish(&pool, &job, &Outcome::Succeeded).await.unwrap();
-        assert!(claim(&pool, "test", std::time::Duration::from_secs(30)).await.unwrap().is_none());
+        assert!(claim(&pool, "test", std::time::Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none());
         assert!(!other_story_waiting(&pool, a).await.unwrap());
     }
 

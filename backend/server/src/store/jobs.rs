@@ -271,10 +271,7 @@ pub(crate) fn parse_params(text: &str) -> ApiResult<JobParams> {
     serde_json::from_str(text).map_err(|e| ApiError::internal(format!("job params: {e}")))
 }
 
-pub(crate) async fn job_frames(
-    conn: &mut AnyConnection,
-    job: i64,
-) -> ApiResult<Vec<JobFrameRow>> {
+pub(crate) async fn job_frames(conn: &mut AnyConnection, job: i64) -> ApiResult<Vec<JobFrameRow>> {
     Ok(sqlx::query_as(
         "SELECT ordinal, position, frame_id, seed, state FROM job_frames
          WHERE job_id = $1 ORDER BY ordinal",

@@ -408,11 +408,13 @@ pub(crate) async fn insert_frame_in(
         ));
     }
     // Two passes through negative positions keep UNIQUE(story_id, position) true at every row.
-    sqlx::query("UPDATE frames SET position = -position - 2 WHERE story_id = $1 AND position >= $2")
-        .bind(story)
-        .bind(position)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "UPDATE frames SET position = -position - 2 WHERE story_id = $1 AND position >= $2",
+    )
+    .bind(story)
+    .bind(position)
+    .execute(&mut *conn)
+    .await?;
     sqlx::query("UPDATE frames SET position = -position - 1 WHERE story_id = $1 AND position < 0")
         .bind(story)
         .execute(&mut *conn)
@@ -535,11 +537,7 @@ pub async fn reorder(pool: &AnyPool, story: i64, frame_ids: &[i64]) -> ApiResult
 }
 
 /// A frame's generated image bytes and MIME type; 404 if the frame or its image is absent.
-pub async fn frame_image(
-    pool: &AnyPool,
-    story: i64,
-    frame: i64,
-) -> ApiResult<(Vec<u8>, String)> {
+pub async fn frame_image(pool: &AnyPool, story: i64, frame: i64) -> ApiResult<(Vec<u8>, String)> {
     let row: Option<(Option<Vec<u8>>, Option<String>)> =
         sqlx::query_as("SELECT image, image_mime FROM frames WHERE id = $1 AND story_id = $2")
             .bind(frame)

@@ -82,8 +82,7 @@ pub async fn stopped(pool: &AnyPool, id: &str) -> ApiResult<()> {
 /// newest first; at most 200.
 pub async fn list(pool: &AnyPool, lease: std::time::Duration) -> ApiResult<Vec<WorkerInfo>> {
     let day = chrono::Duration::days(1);
-    let since =
-        (chrono::Utc::now() - day).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let since = (chrono::Utc::now() - day).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut workers: Vec<WorkerInfo> = sqlx::query_as(
         "SELECT id, host, pid, device, bundle, started_at, last_heartbeat, stopped_at, job_id
          FROM workers WHERE last_heartbeat > $1 ORDER BY started_at DESC, id LIMIT 200",
