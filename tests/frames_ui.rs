@@ -7,8 +7,8 @@
 mod common;
 
 use common::{
-    character_form, create_character_from, create_story, get_ok, get_png, get_text, http,
-    no_redirects, png, wait_job, Backend, Server,
+    character_form, create_character_from, create_story, generate_job, get_ok, get_png, get_text,
+    http, no_redirects, png, wait_job, Backend, Server,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -31,19 +31,6 @@ async fn character(server: &Server, name: &str, pronoun: &str) -> i64 {
 /// A story titled "Strip"; returns its id.
 async fn story(server: &Server, captions: &[&str], cast: &[i64]) -> i64 {
     create_story(server, "Strip", captions, cast).await["id"]
-        .as_i64()
-        .unwrap()
-}
-
-async fn generate(server: &Server, story: i64, body: Value) -> i64 {
-    let response = http()
-        .post(server.at(&format!("/api/stories/{story}/generate")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    response.json::<Value>().await.unwrap()["id"]
         .as_i64()
         .unwrap()
 }
@@ -133,7 +120,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame(backend: Ba
         &[tom, mia],
     )
     .await;
-    let job = generate(&server, id, json!({"steps": 2, "seed": 7})).await;
+    let job = generate_job(&server, id, json!({"steps": 2, "seed": 7})).await;
     wait_job(&server, job, "succeeded").await;
     let before = frames(&server, id).await;
     let mut before_images = Vec::new();
@@ -220,7 +207,7 @@ async fn heatmaps_follow_the_image_and_redraw_changes_only_its_frame(backend: Ba
     // Redraw frame 2 with HTMX while another job holds the worker, so the answer is certain
     // to show the frame waiting: the strip polls, and the generate panel is told.
     let blocker_story = story(&server, &["Tom sleeps."], &[tom]).await;
-    let blocker = generate(&server, blocker_story, json!({"steps": 200})).await;
+    let blocker = generate_job(&server, blocker_story, json!({"steps": 200})).await;
     wait_job(&server, blocker, "running").await;
     let response = press_redraw(&server, id, 1, true).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -389,7 +376,7 @@ async fn a_redraw_without_its_context_is_refused_in_the_strip(backend: Backend) 
         .contains("Story 999999 does not exist."));
 
     // With capture turned off, frames are drawn without maps.
-    let job = generate(&server, id, json!({"steps": 1})).await;
+    let job = generate_job(&server, id, json!({"steps": 1})).await;
     wait_job(&server, job, "succeeded").await;
     let drawn = frames(&server, id).await;
     assert!(heatmaps(&server, id, &drawn[0]).await.is_empty());
@@ -432,7 +419,7 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
     let server = Server::start_on(backend, dir.path(), &[]);
     let tom = character(&server, "Tom", "he").await;
     let id = story(&server, &["Tom walks.", "He waves.", "Tom sits."], &[tom]).await;
-    let job = generate(&server, id, json!({"steps": 2, "seed": 7})).await;
+    let job = generate_job(&server, id, json!({"steps": 2, "seed": 7})).await;
     wait_job(&server, job, "succeeded").await;
     let first = frames(&server, id).await;
     assert_eq!(flags(&first), [false, false, false]);
@@ -443,7 +430,7 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
 
     // Redrawing frame 1 keeps its first image as a version, and marks frames 2 and 3, which
     // the model drew while looking at the old frame 1.
-    let job = generate(
+    let job = generate_job(
         &server,
         id,
         json!({"frames": [{"position": 0, "seed": 99}], "steps": 3, "guidance_scale": 2.5}),
@@ -504,7 +491,7 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
     assert!(page.contains("3 steps, guidance 2.5, pndm"));
 
     // While a job of the story waits or runs, the history stays as it is.
-    let busy = generate(&server, id, json!({"steps": 200})).await;
+    let busy = generate_job(&server, id, json!({"steps": 200})).await;
     let response = http()
         .post(server.at(&format!(
             "/api/stories/{id}/frames/{f0}/versions/{old_version}/restore"
@@ -594,7 +581,7 @@ async fn frame_history_keeps_every_version_restores_one_and_marks_the_frames_aft
 
     // Redraw frame 1 again, then "Redraw the rest" (a plain form): frames 2 and 3 are drawn
     // again with their own seeds, from the new frame 1, and nothing is out of date.
-    let job = generate(
+    let job = generate_job(
         &server,
         id,
         json!({"frames": [{"position": 0, "seed": 5}], "steps": 2}),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::sse::{stored_ids, Stream};
 use common::{
-    character_form, create_character_from, create_story, get_ok, get_text, http, png,
+    character_form, create_character_from, create_story, generate_job, get_ok, get_text, png,
     shared_bundle, wait_job, Backend, Server, PATIENCE,
 };
 use serde_json::{json, Value};
@@ -91,19 +91,6 @@ fn api(dir: &Path) -> Server {
 async fn cast(server: &Server) -> i64 {
     let form = character_form("Fred", "he", png(24, 24), "fred.png");
     create_character_from(server, form).await["id"]
-        .as_i64()
-        .unwrap()
-}
-
-async fn generate(server: &Server, story: i64, body: Value) -> i64 {
-    let response = http()
-        .post(server.at(&format!("/api/stories/{story}/generate")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-    response.json::<Value>().await.unwrap()["id"]
         .as_i64()
         .unwrap()
 }
@@ -192,7 +179,7 @@ async fn three_workers_share_one_queue_and_no_job_is_drawn_twice() {
     let mut jobs = Vec::new();
     for round in 0..2 {
         for &story in &stories {
-            jobs.push(generate(&server, story, json!({"steps": 6, "seed": round})).await);
+            jobs.push(generate_job(&server, story, json!({"steps": 6, "seed": round})).await);
         }
     }
     for &job in &jobs {
@@ -257,7 +244,7 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_story(
     let story = create_story(&server, "Killed", &captions, &[fred]).await["id"]
         .as_i64()
         .unwrap();
-    let job = generate(&server, story, json!({"steps": 40, "seed": 3})).await;
+    let job = generate_job(&server, story, json!({"steps": 40, "seed": 3})).await;
     // Running, and past its first frame, on the first worker.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -334,7 +321,7 @@ async fn an_api_process_restarted_while_workers_run_loses_no_event() {
     let story = create_story(&server, "Restart", &captions, &[fred]).await["id"]
         .as_i64()
         .unwrap();
-    let job = generate(&server, story, json!({"steps": 30, "seed": 5})).await;
+    let job = generate_job(&server, story, json!({"steps": 30, "seed": 5})).await;
     let path = format!("/api/jobs/{job}/events");
     let mut stream = Stream::open(&server, &path, None).await;
     // Heartbeats keep a stream busy, so each wait has its own deadline.

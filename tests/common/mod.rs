@@ -544,6 +544,25 @@ pub async fn wait_job(server: &Server, job: i64, status: &str) -> Value {
     }
 }
 
+/// `POST /api/stories/{story}/generate` with `body`; asserts 202 and returns the job id.
+pub async fn generate_job(server: &Server, story: i64, body: Value) -> i64 {
+    let response = http()
+        .post(server.at(&format!("/api/stories/{story}/generate")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::ACCEPTED,
+        "{}",
+        response.text().await.unwrap()
+    );
+    response.json::<Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap()
+}
+
 /// A path in the repository (the tests run from the CLI package's directory).
 pub fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
