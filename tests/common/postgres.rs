@@ -130,8 +130,8 @@ fn start_private(bin: PathBuf) -> Cluster {
         String::from_utf8_lossy(&out.stderr)
     );
     let port = free_port();
-    // A watchdog shell starts the server and stops it (fast shutdown) once this test process
-    // has gone, whichever way it ended, then deletes the cluster.
+    // A watchdog shell starts the server and stops it (immediate shutdown: nothing to keep) once
+    // this test process has gone, whichever way it ended, then deletes the cluster.
     let mut server: Vec<String> = Vec::new();
     if is_root() {
         server.extend(["runuser", "-u", "postgres", "--"].map(String::from));
@@ -152,15 +152,27 @@ fn start_private(bin: PathBuf) -> Cluster {
     ] {
         server.extend(["-c".into(), setting.to_string()]);
     }
-    let server_line = server
-        .iter()
-        .map(|arg| format!("'{}'", arg.replace('\'', "'\\''")))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let quote = |args: &[String]| {
+        args.iter()
+            .map(|arg| format!("'{}'", arg.replace('\'', "'\\''")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut stop: Vec<String> = Vec::new();
+    if is_root() {
+        stop.extend(["runuser", "-u", "postgres", "--"].map(String::from));
+    }
+    stop.push(bin.join("pg_ctl").display().to_string());
+    stop.extend(["-D".into(), data.display().to_string()]);
+    stop.extend(["-m", "immediate", "-w", "stop"].map(String::from));
+    // The server is stopped with pg_ctl, not a signal to the shell's child: as root that
+    // child is `runuser`, which does not pass signals on.
     let script = format!(
-        "{server_line} >{log} 2>&1 & pg=$!; \
-         while kill -0 {parent} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 1; done; \
-         kill -INT $pg 2>/dev/null; wait $pg; rm -rf {root}",
+        "{server} >{log} 2>&1 & \
+         while kill -0 {parent} 2>/dev/null; do sleep 1; done; \
+         {stop} >/dev/null 2>&1; rm -rf {root}",
+        server = quote(&server),
+        stop = quote(&stop),
         log = root.join("server.log").display(),
         parent = std::process::id(),
         root = root.display(),
