@@ -486,4 +486,58 @@ mod tests {
         let err = FileConfig::load(&path).unwrap_err();
         assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
     }
+
+    #[test]
+    fn database_workers_and_lease_are_checked() {
+        let resolve = |o: Overrides| ServeConfig::resolve_with(o, FileConfig::default());
+        let error = |o: Overrides| format!("{:#}", resolve(o).unwrap_err());
+        // The SQLite store is always the data directory's file.
+        let sqlite = error(Overrides {
+            database: Some("sqlite:///tmp/x.db".into()),
+            ..Overrides::default()
+        });
+        assert!(sqlite.contains("--data-dir"), "{sqlite}");
+        // Another engine is named, and the password stays out of the message.
+        let mysql = error(Overrides {
+            database: Some("mysql://me:secret@db/x".into()),
+            ..Overrides::default()
+        });
+        assert!(
+            mysql.contains("postgres://") && !mysql.contains("secret"),
+            "{mysql}"
+        );
+        // No worker in this process needs a queue others can reach.
+        let alone = error(Overrides {
+            workers: Some(0),
+            ..Overrides::default()
+        });
+        assert!(alone.contains("--database postgres://"), "{alone}");
+        let many = error(Overrides {
+            workers: Some(2),
+            ..Overrides::default()
+        });
+        assert!(many.contains("storygpt-v worker"), "{many}");
+        let lease = error(Overrides {
+            lease_s: Some(1),
+            ..Overrides::default()
+        });
+        assert!(lease.contains("between 2 and 3600"), "{lease}");
+        let api_only = resolve(Overrides {
+            database: Some("postgres://u:p@db:5432/s".into()),
+            workers: Some(0),
+            lease_s: Some(10),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (api_only.workers, api_only.lease),
+            (0, std::time::Duration::from_secs(10))
+        );
+        assert_eq!(api_only.database_shown(), "postgres://u:***@db:5432/s");
+        let defaults = resolve(Overrides::default()).unwrap();
+        assert_eq!(
+            (defaults.workers, defaults.lease, defaults.database),
+            (1, crate::worker::DEFAULT_LEASE, None)
+        );
+    }
 }
