@@ -64,7 +64,11 @@ impl Hub {
         Self {
             sender: broadcast::channel(CAPACITY).0,
             relay: None,
-            origin: Arc::from(format!("{}-{:016x}", std::process::id(), rand_u64())),
+            origin: Arc::from(format!(
+                "{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            )),
         }
     }
 
@@ -136,18 +140,6 @@ impl Hub {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<JobEvent>> {
         self.sender.subscribe()
     }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    hasher.finish()
 }
 
 /// Listens on the PostgreSQL database at `url`: the other processes' events go to `hub`'s

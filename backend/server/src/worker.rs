@@ -216,7 +216,11 @@ pub async fn start(
     let device = settings.device.clone();
     let host = host_name();
     let announcement = workers::Announcement {
-        id: format!("{host}/{}/{:08x}", std::process::id(), rand_u32()),
+        id: format!(
+            "{host}/{}/{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ),
         host,
         pid: i64::from(std::process::id()),
         device: device.clone(),
@@ -309,13 +313,6 @@ fn host_name() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_string())
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.finish() as u32
 }
 
 /// What the bundle in `bundle` is, without loading its weights (for a server whose jobs are

@@ -78,20 +78,23 @@ pub async fn stopped(pool: &AnyPool, id: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Workers seen within `recent` (running ones, and those that stopped or went silent since),
-/// newest first; at most 200.
+/// RFC 3339 time `ago` before now (a day when `ago` does not fit).
+fn before_now(ago: std::time::Duration) -> String {
+    let ago = chrono::Duration::from_std(ago).unwrap_or(chrono::Duration::days(1));
+    (chrono::Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Workers whose last heartbeat is within the last day (running ones, and those that stopped
+/// or went silent since), newest first; at most 200. `alive`: heartbeat within `lease`.
 pub async fn list(pool: &AnyPool, lease: std::time::Duration) -> ApiResult<Vec<WorkerInfo>> {
-    let day = chrono::Duration::days(1);
-    let since = (chrono::Utc::now() - day).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut workers: Vec<WorkerInfo> = sqlx::query_as(
         "SELECT id, host, pid, device, bundle, started_at, last_heartbeat, stopped_at, job_id
          FROM workers WHERE last_heartbeat > $1 ORDER BY started_at DESC, id LIMIT 200",
     )
-    .bind(since)
+    .bind(before_now(std::time::Duration::from_secs(24 * 3600)))
     .fetch_all(pool)
     .await?;
-    let lease = chrono::Duration::from_std(lease).unwrap_or(day);
-    let fresh = (chrono::Utc::now() - lease).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let fresh = before_now(lease);
     for worker in &mut workers {
         worker.alive = worker.stopped_at.is_none() && worker.last_heartbeat > fresh;
     }
@@ -100,12 +103,10 @@ pub async fn list(pool: &AnyPool, lease: std::time::Duration) -> ApiResult<Vec<W
 
 /// How many workers run (not stopped, heartbeat within `lease`).
 pub async fn alive(pool: &AnyPool, lease: std::time::Duration) -> ApiResult<i64> {
-    let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::days(1));
-    let fresh = (chrono::Utc::now() - lease).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     Ok(sqlx::query_scalar(
         "SELECT COUNT(*) FROM workers WHERE stopped_at IS NULL AND last_heartbeat > $1",
     )
-    .bind(fresh)
+    .bind(before_now(lease))
     .fetch_one(pool)
     .await?)
 }
