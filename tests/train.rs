@@ -1034,6 +1034,66 @@ fn stage2_lreg_on_the_diffusion_pass_changes_what_the_mappers_learn() {
 }
 
 #[test]
+fn stage2_validation_checks_each_name_slot_of_two_character_frames() {
+    // The heatmaps of a frame drawn through the LLM read each name slot of Mapper_LDM's output:
+    // validation measures, for the first and the second slot of frames naming two characters,
+    // whether the slot holds the right character (nearest fused token among the cast) and how
+    // the frozen UNet's attention at it falls on that character's pixels (L_reg, lower is
+    // better), for the mapper and for stage 1's own fused condition (the ceiling).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    bundle_without("stage2", &out);
+    train_stage(
+        "stage2",
+        r#"
+[run]
+batch_size = 4
+max_steps = 2
+val_every = 0
+checkpoint_every = 0
+log_every = 1
+[stage2]
+d_model = 32
+heads = 2
+encoder_layers = 1
+decoder_layers = 1
+ff_dim = 64
+train_stories = 2
+val_stories = 10
+diffusion_weight = 1.0
+"#,
+        &out,
+    );
+    let val: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("runs/stage2/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["split"] == "val")
+            .collect();
+    assert_eq!(val.len(), 1, "{val:?}");
+    let v = &val[0];
+    for key in ["slot1_right_character", "slot2_right_character"] {
+        let x = v[key].as_f64().unwrap_or(f64::NAN);
+        assert!((0.0..=1.0).contains(&x), "{key}: {v}");
+    }
+    for key in [
+        "val_l_reg",
+        "val_l_reg_slot1",
+        "val_l_reg_slot2",
+        "val_l_reg_target",
+        "val_l_reg_slot1_target",
+        "val_l_reg_slot2_target",
+    ] {
+        let x = v[key].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x.abs() < 1.0, "{key}: {v}");
+    }
+    // Stage 1's fused condition and an untrained mapper's output are different conditions:
+    // the two measurements do not read the same maps.
+    assert_ne!(v["val_l_reg_slot2"], v["val_l_reg_slot2_target"], "{v}");
+}
+
+#[test]
 fn stage2_lreg_is_validated_and_refused_without_the_diffusion_term() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");

@@ -229,6 +229,21 @@ struct PronounCheck {
     candidates: Tensor,
 }
 
+/// A validation frame whose target caption names two or more characters, checked slot by slot:
+/// for its first two name slots in token order, the token and the candidate rows at it (the
+/// right character's fused token first, then the token of the same caption with that character
+/// swapped for each cast member the caption does not name). A pronoun gate on whole embeddings
+/// cannot see a second slot that lost its character; this can (docs/TRAINING.md, "Heatmaps of
+/// the LLM path").
+struct SlotCheck {
+    /// Index into the validation examples.
+    val_index: usize,
+    slots: Vec<(usize, Tensor)>,
+}
+
+/// Validation frames checked slot by slot (the first ones naming two or more characters).
+const VAL_SLOT_FRAMES: usize = 200;
+
 /// A character's mask in a frame, one bit per pixel (row-major, the frame's size).
 #[derive(Debug, Clone)]
 struct PackedMask(Vec<u64>);
@@ -258,6 +273,24 @@ type LregSlots = Vec<(usize, PackedMask)>;
 
 /// Validation frames L_reg is measured on (the first ones of the validation examples).
 const VAL_LREG_FRAMES: usize = 128;
+
+/// L_reg measured at validation: `(value, frames)` over every name slot, and over the first
+/// and the second name slot of the frames naming two or more characters.
+struct ValLreg {
+    all: (f64, usize),
+    by_slot: [(f64, usize); 2],
+}
+
+impl ValLreg {
+    /// Adds `other`'s frames to these sums (values weighted by frames).
+    fn add(sums: &mut [(f64, usize); 3], v: &ValLreg) {
+        let parts = [v.all, v.by_slot[0], v.by_slot[1]];
+        for (sum, (x, n)) in sums.iter_mut().zip(parts) {
+            sum.0 += x * n as f64;
+            sum.1 += n;
+        }
+    }
+}
 
 /// What `lreg_weight` needs: every example's slots and masks, and fixed validation noise.
 struct LregTargets {
@@ -322,6 +355,7 @@ pub struct Stage2Stage {
     val: Vec<Example>,
     val_targets: Tensor,
     pronoun: Vec<PronounCheck>,
+    slot_checks: Vec<SlotCheck>,
     section: Stage2Section,
     device: Device,
     out: PathBuf,
@@ -685,7 +719,9 @@ pub fn prepare(
         fp: FNV_OFFSET,
         latents: Vec::new(),
         sort_groups: section.sort_groups,
-        masks: (section.lreg_weight > 0.0).then(Vec::new),
+        // With the diffusion term, the masks also let validation measure each name slot's
+        // cross-attention on its character (the heatmaps), whether or not L_reg trains it.
+        masks: diffusion.then(Vec::new),
         frame_size: None,
     };
     let (train, train_captions, _) = frames.split(Split::Train, section.train_stories)?;
@@ -755,11 +791,14 @@ pub fn prepare(
             });
         }
     }
+    let slot_checks = slot_checks(&stage1, &val, &val_captions, section.align_to)?;
     eprintln!(
-        "stage2: {} training and {} validation examples ({} pronoun frames), targets in {:.1} s",
+        "stage2: {} training and {} validation examples ({} pronoun frames, {} checked slot by \
+         slot), targets in {:.1} s",
         train.len(),
         val.len(),
         pronoun.len(),
+        slot_checks.len(),
         t0.elapsed().as_secs_f64()
     );
 
@@ -824,9 +863,13 @@ pub fn prepare(
                     })
                     .collect::<Vec<_>>()
             };
-            let train_slots = slots_of(&train, &train_captions, train.len());
+            let train_slots = if section.lreg_weight > 0.0 {
+                slots_of(&train, &train_captions, train.len())
+            } else {
+                Vec::new()
+            };
             anyhow::ensure!(
-                train_slots.iter().any(|s| !s.is_empty()),
+                section.lreg_weight == 0.0 || train_slots.iter().any(|s| !s.is_empty()),
                 "[stage2] lreg_weight needs character masks: no training frame of {} has a \
                  mask for a character its caption names",
                 data.display()
@@ -872,11 +915,81 @@ pub fn prepare(
         val,
         val_targets,
         pronoun,
+        slot_checks,
         section: section.clone(),
         device: device.clone(),
         out: out.to_path_buf(),
     };
     Ok((stage, source, format!("{fp:016x}")))
+}
+
+/// The slot-by-slot checks of the first [`VAL_SLOT_FRAMES`] validation examples whose target
+/// caption names two or more characters.
+fn slot_checks(
+    stage1: &Stage1,
+    val: &[Example],
+    val_captions: &[String],
+    align: AlignTarget,
+) -> Result<Vec<SlotCheck>> {
+    let names: Vec<&str> = stage1.portraits.iter().map(|(n, _)| n.as_str()).collect();
+    let tokens = stage1.ldm.tokenizer.max_length();
+    let mut checks = Vec::new();
+    for (val_index, e) in val.iter().enumerate() {
+        if checks.len() == VAL_SLOT_FRAMES {
+            break;
+        }
+        let caption = &val_captions[e.target];
+        let mut named = stage1.ldm.character_tokens(caption, &names);
+        named.retain(|&(t, _)| t < tokens);
+        if named.len() < 2 {
+            continue;
+        }
+        named.sort_unstable();
+        let right = stage1.target(caption, align)?;
+        let mut slots = Vec::new();
+        for &(token, k) in named.iter().take(2) {
+            let mut rows = vec![right.get(token)?];
+            for (o, other) in names.iter().enumerate() {
+                if named.iter().any(|&(_, j)| j == o) {
+                    continue;
+                }
+                let swapped = replace_name(caption, names[k], other);
+                // The other name may tokenize to another length: take its own slot.
+                let Some(&(t, _)) = stage1
+                    .ldm
+                    .character_tokens(&swapped, &names)
+                    .iter()
+                    .find(|&&(t, j)| j == o && t < tokens)
+                else {
+                    continue;
+                };
+                rows.push(stage1.target(&swapped, align)?.get(t)?);
+            }
+            if rows.len() > 1 {
+                slots.push((token, Tensor::stack(&rows, 0)?));
+            }
+        }
+        if slots.len() == 2 {
+            checks.push(SlotCheck { val_index, slots });
+        }
+    }
+    Ok(checks)
+}
+
+/// Index of the row of `candidates` `(n, ...)` nearest `x` (same trailing shape) in squared
+/// distance.
+fn nearest_row(candidates: &Tensor, x: &Tensor) -> Result<Option<usize>> {
+    let dist = candidates
+        .broadcast_sub(&x.unsqueeze(0)?)?
+        .sqr()?
+        .flatten_from(1)?
+        .sum(D::Minus1)?
+        .to_vec1::<f32>()?;
+    Ok(dist
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i))
 }
 
 /// What one forward pass over examples gives: Mapper_LDM outputs and L_gen.
@@ -977,12 +1090,15 @@ impl Stage2Stage {
     /// L_reg of the validation examples `start..start + chunk.len()` that are among the first
     /// [`VAL_LREG_FRAMES`], conditioned on their Mapper_LDM outputs `conds` (the chunk's rows),
     /// at fixed noise and timesteps: `(mean, frames)`, or `None` without L_reg or past them.
+    /// L_reg of validation examples `start..` (the first of `chunk` that have L_reg slots)
+    /// under the conditions `conds`, at fixed noise: over every name slot, and over the first
+    /// and the second name slot (in token order) of the frames with two or more.
     fn val_lreg(
         &self,
         start: usize,
         chunk: &[&Example],
         conds: &Tensor,
-    ) -> Result<Option<(f64, usize)>> {
+    ) -> Result<Option<ValLreg>> {
         let (Some(r), Some(d)) = (&self.lreg, &self.diffusion) else {
             return Ok(None);
         };
@@ -1020,8 +1136,48 @@ impl Stage2Stage {
         )?;
         let slots: Vec<&LregSlots> = r.val[start..start + m].iter().collect();
         let (masks, chars) = r.batch(&slots, &self.device)?;
-        let l = lreg_loss(&out.attention_probs, &masks, &chars)?;
-        Ok(Some((l.to_scalar::<f32>()? as f64, m)))
+        let all = lreg_loss(&out.attention_probs, &masks, &chars)?;
+        let mut result = ValLreg {
+            all: (all.to_scalar::<f32>()? as f64, m),
+            by_slot: [(0.0, 0); 2],
+        };
+        // Frames naming two or more characters, each slot on its own.
+        let pairs: Vec<(u32, Vec<(usize, PackedMask)>)> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.len() >= 2)
+            .map(|(i, s)| {
+                let mut sorted = s.to_vec();
+                sorted.sort_by_key(|(t, _)| *t);
+                (i as u32, sorted)
+            })
+            .collect();
+        if pairs.is_empty() {
+            return Ok(Some(result));
+        }
+        let rows = Tensor::from_vec(
+            pairs.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            pairs.len(),
+            &self.device,
+        )?;
+        let maps = out
+            .attention_probs
+            .iter()
+            .map(|a| {
+                Ok(models::unet::CapturedAttention {
+                    layer: a.layer.clone(),
+                    probs: a.probs.index_select(&rows, 0)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (k, slot) in result.by_slot.iter_mut().enumerate() {
+            let one: Vec<LregSlots> = pairs.iter().map(|(_, s)| vec![s[k].clone()]).collect();
+            let refs: Vec<&LregSlots> = one.iter().collect();
+            let (masks, chars) = r.batch(&refs, &self.device)?;
+            let l = lreg_loss(&maps, &masks, &chars)?;
+            *slot = (l.to_scalar::<f32>()? as f64, pairs.len());
+        }
+        Ok(Some(result))
     }
 
     fn targets_of(&self, table: &Tensor, examples: &[&Example]) -> Result<Tensor> {
@@ -1051,6 +1207,13 @@ impl Stage2Stage {
     /// The section (for the bundle manifest).
     pub fn section(&self) -> &Stage2Section {
         &self.section
+    }
+
+    /// Loads trained weights (a `stage2.safetensors` this stage exported, f32 or f16) into the
+    /// trainable variables, so a shipped stage 2 can be validated with the checks of this code.
+    pub fn load_trained(&mut self, path: &Path) -> Result<()> {
+        nn::Weights::open(path)?.load_into_varmap(&self.vars)?;
+        Ok(())
     }
 
     /// Pronoun frames checked at validation.
@@ -1106,7 +1269,11 @@ impl Stage for Stage2Stage {
                     &self.device,
                 )?;
                 let target = d.scheduler.training_target(&x0, &eps, &b.timesteps)?;
-                let l = match &self.lreg {
+                let l = match self
+                    .lreg
+                    .as_ref()
+                    .filter(|_| self.section.lreg_weight > 0.0)
+                {
                     None => {
                         diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?
                     }
@@ -1160,17 +1327,30 @@ impl Stage for Stage2Stage {
 
     fn validate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
         let (mut align, mut lgen, mut n) = (0f64, 0f64, 0usize);
-        let (mut reg, mut reg_n) = (0f64, 0usize);
+        // L_reg sums (all slots, first slot, second slot) under Mapper_LDM's output and, for
+        // the ceiling, under the alignment targets (stage 1's fused condition).
+        let mut reg = [(0f64, 0usize); 3];
+        let mut reg_target = [(0f64, 0usize); 3];
         let all: Vec<&Example> = self.val.iter().collect();
-        for chunk in all.chunks(32) {
+        let mut slot_right = [0usize; 2];
+        let mut checks = self.slot_checks.iter().peekable();
+        for (c, chunk) in all.chunks(32).enumerate() {
             let f = self.forward(chunk)?;
+            while let Some(check) = checks.next_if(|k| k.val_index < (c + 1) * 32) {
+                let out = f.conds.i(check.val_index - c * 32)?;
+                for (s, (token, rows)) in check.slots.iter().enumerate() {
+                    slot_right[s] += (nearest_row(rows, &out.get(*token)?)? == Some(0)) as usize;
+                }
+            }
             let t = self.targets_of(&self.val_targets, chunk)?;
             align +=
                 lalign_loss(&f.conds.detach(), &t)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             lgen += f.lgen.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             if let Some(l) = self.val_lreg(n, chunk, &f.conds.detach())? {
-                reg += l.0 * l.1 as f64;
-                reg_n += l.1;
+                ValLreg::add(&mut reg, &l);
+            }
+            if let Some(l) = self.val_lreg(n, chunk, &t)? {
+                ValLreg::add(&mut reg_target, &l);
             }
             n += chunk.len();
         }
@@ -1179,28 +1359,33 @@ impl Stage for Stage2Stage {
             let examples: Vec<&Example> = chunk.iter().map(|p| &p.example).collect();
             let conds = self.forward(&examples)?.conds.detach();
             for (b, p) in chunk.iter().enumerate() {
-                let c = conds.i(b)?.unsqueeze(0)?;
-                let dist = p
-                    .candidates
-                    .broadcast_sub(&c)?
-                    .sqr()?
-                    .flatten_from(1)?
-                    .sum(D::Minus1)?
-                    .to_vec1::<f32>()?;
-                let best = dist
-                    .iter()
-                    .enumerate()
-                    .min_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(i, _)| i);
-                right += (best == Some(0)) as usize;
+                right += (nearest_row(&p.candidates, &conds.i(b)?)? == Some(0)) as usize;
             }
         }
         let mut m = BTreeMap::from([
             ("val_l_align".to_owned(), align / n.max(1) as f64),
             ("val_l_gen".to_owned(), lgen / n.max(1) as f64),
         ]);
-        if reg_n > 0 {
-            m.insert("val_l_reg".to_owned(), reg / reg_n as f64);
+        for (sums, suffix) in [(reg, ""), (reg_target, "_target")] {
+            for ((sum, n), key) in
+                sums.into_iter()
+                    .zip(["val_l_reg", "val_l_reg_slot1", "val_l_reg_slot2"])
+            {
+                if n > 0 {
+                    m.insert(format!("{key}{suffix}"), sum / n as f64);
+                }
+            }
+        }
+        if !self.slot_checks.is_empty() {
+            for (s, key) in ["slot1_right_character", "slot2_right_character"]
+                .into_iter()
+                .enumerate()
+            {
+                m.insert(
+                    key.to_owned(),
+                    slot_right[s] as f64 / self.slot_checks.len() as f64,
+                );
+            }
         }
         if !self.pronoun.is_empty() {
             m.insert(
