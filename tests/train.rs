@@ -1033,18 +1033,12 @@ fn stage2_lreg_on_the_diffusion_pass_changes_what_the_mappers_learn() {
     );
 }
 
-#[test]
-fn stage2_validation_checks_each_name_slot_of_two_character_frames() {
-    // The heatmaps of a frame drawn through the LLM read each name slot of Mapper_LDM's output:
-    // validation measures, for the first and the second slot of frames naming two characters,
-    // whether the slot holds the right character (nearest fused token among the cast) and how
-    // the frozen UNet's attention at it falls on that character's pixels (L_reg, lower is
-    // better), for the mapper and for stage 1's own fused condition (the ceiling).
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    bundle_without("stage2", &out);
-    train_stage(
-        "stage2",
+/// A 2-step stage-2 run of a small mapper into `out` (a copy of the miniature bundle), with
+/// `val_stories` validation stories and the `[stage2]` lines `losses`, validated once at its end:
+/// that validation line.
+fn validated_short_stage2(out: &Path, val_stories: usize, losses: &str) -> serde_json::Value {
+    bundle_without("stage2", out);
+    let config = format!(
         r#"
 [run]
 batch_size = 4
@@ -1059,12 +1053,12 @@ encoder_layers = 1
 decoder_layers = 1
 ff_dim = 64
 train_stories = 2
-val_stories = 10
-diffusion_weight = 1.0
-"#,
-        &out,
+val_stories = {val_stories}
+{losses}
+"#
     );
-    let val: Vec<serde_json::Value> =
+    train_stage("stage2", &config, out);
+    let mut val: Vec<serde_json::Value> =
         std::fs::read_to_string(out.join("runs/stage2/metrics.jsonl"))
             .unwrap()
             .lines()
@@ -1072,7 +1066,19 @@ diffusion_weight = 1.0
             .filter(|v| v["split"] == "val")
             .collect();
     assert_eq!(val.len(), 1, "{val:?}");
-    let v = &val[0];
+    val.remove(0)
+}
+
+#[test]
+fn stage2_validation_checks_each_name_slot_of_two_character_frames() {
+    // The heatmaps of a frame drawn through the LLM read each name slot of Mapper_LDM's output:
+    // validation measures, for the first and the second slot of frames naming two characters,
+    // whether the slot holds the right character (nearest fused token among the cast) and how
+    // the frozen UNet's attention at it falls on that character's pixels (L_reg, lower is
+    // better), for the mapper and for stage 1's own fused condition (the ceiling).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let v = validated_short_stage2(&out, 10, "diffusion_weight = 1.0");
     for key in ["slot1_right_character", "slot2_right_character"] {
         let x = v[key].as_f64().unwrap_or(f64::NAN);
         assert!((0.0..=1.0).contains(&x), "{key}: {v}");
@@ -1097,39 +1103,10 @@ diffusion_weight = 1.0
 fn stage2_lreg_is_validated_and_refused_without_the_diffusion_term() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    bundle_without("stage2", &out);
     // Validation reports L_reg on the validation frames.
-    train_stage(
-        "stage2",
-        r#"
-[run]
-batch_size = 4
-max_steps = 2
-val_every = 0
-checkpoint_every = 0
-log_every = 1
-[stage2]
-d_model = 32
-heads = 2
-encoder_layers = 1
-decoder_layers = 1
-ff_dim = 64
-train_stories = 2
-val_stories = 4
-align_loss = "diffusion"
-lreg_weight = 0.5
-"#,
-        &out,
-    );
-    let val: Vec<f64> = std::fs::read_to_string(out.join("runs/stage2/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["split"] == "val")
-        .filter_map(|v| v["val_l_reg"].as_f64())
-        .collect();
-    assert_eq!(val.len(), 1, "{val:?}");
-    assert!(val[0].is_finite() && val[0].abs() < 1.0, "{val:?}");
+    let v = validated_short_stage2(&out, 4, "align_loss = \"diffusion\"\nlreg_weight = 0.5");
+    let reg = v["val_l_reg"].as_f64().unwrap_or(f64::NAN);
+    assert!(reg.is_finite() && reg.abs() < 1.0, "{v}");
 
     std::fs::remove_dir_all(out.join("runs/stage2")).unwrap();
     let config = out.with_extension("toml");
