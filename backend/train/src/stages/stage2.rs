@@ -791,7 +791,7 @@ pub fn prepare(
             });
         }
     }
-    let slot_checks = slot_checks(&stage1, &val, &val_captions, section.align_to)?;
+    let slot_checks = slot_checks(&stage1, &val, &val_captions, &val_targets, section.align_to)?;
     eprintln!(
         "stage2: {} training and {} validation examples ({} pronoun frames, {} checked slot by \
          slot), targets in {:.1} s",
@@ -929,6 +929,7 @@ fn slot_checks(
     stage1: &Stage1,
     val: &[Example],
     val_captions: &[String],
+    val_targets: &Tensor,
     align: AlignTarget,
 ) -> Result<Vec<SlotCheck>> {
     let names: Vec<&str> = stage1.portraits.iter().map(|(n, _)| n.as_str()).collect();
@@ -945,7 +946,7 @@ fn slot_checks(
             continue;
         }
         named.sort_unstable();
-        let right = stage1.target(caption, align)?;
+        let right = val_targets.get(e.target)?;
         let mut slots = Vec::new();
         for &(token, k) in named.iter().take(2) {
             let mut rows = vec![right.get(token)?];
