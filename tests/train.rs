@@ -1033,6 +1033,58 @@ fn stage2_lreg_on_the_diffusion_pass_changes_what_the_mappers_learn() {
     );
 }
 
+#[test]
+fn stage2_attention_match_is_logged_reaches_the_mappers_and_needs_the_diffusion_term() {
+    // The same seeded 20-step run with the diffusion term alone and with the attention match on
+    // its cross-attention maps (against the UNet's maps under the alignment target): the match
+    // is logged, is a distance (positive while the mapper is untrained) and its gradient
+    // reaches Mapper_LDM.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = "diffusion_weight = 1.0\nsort_groups = true";
+    let (plain, _) = mapper_after_short_stage2(tmp.path(), "plain", base);
+    assert!(stage_part(&tmp.path().join("plain"), "stage2", "l_attention_match").is_empty());
+    let (matched, _) = mapper_after_short_stage2(
+        tmp.path(),
+        "match",
+        &format!("{base}\nattention_match_weight = 1.0"),
+    );
+    let m = stage_part(&tmp.path().join("match"), "stage2", "l_attention_match");
+    assert_eq!(m.len(), 2, "logged every log line: {m:?}");
+    // A mean squared difference of attention probabilities: in [0, 1], and not 0 for a
+    // mapper that has not learnt the targets.
+    assert!(
+        m.iter().all(|x| x.is_finite() && *x > 0.0 && *x < 1.0),
+        "{m:?}"
+    );
+    let moved = largest_change(&matched, &plain);
+    assert!(moved > 1e-4, "the attention match changed nothing: {moved}");
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("plain/training.json")).unwrap(),
+    )
+    .unwrap();
+    let cfg = &record["stages"]["stage2"]["config"]["stage2"];
+    assert!(cfg.get("attention_match_weight").is_none(), "{cfg}");
+
+    // Refused before any step without the diffusion term beside the MSE, or with a bad weight.
+    let out = tmp.path().join("refused");
+    bundle_without("stage2", &out);
+    let config = out.with_extension("toml");
+    for losses in [
+        "attention_match_weight = 1.0",
+        "align_loss = \"diffusion\"\nattention_match_weight = 1.0",
+        "diffusion_weight = 1.0\nattention_match_weight = -1.0",
+        "diffusion_weight = 1.0\nattention_match_weight = nan",
+    ] {
+        std::fs::write(
+            &config,
+            format!("[run]\nmax_steps = 1\n[stage2]\n{losses}\n"),
+        )
+        .unwrap();
+        let err = train_stage_refused("stage2", &config, &out);
+        assert!(err.contains("attention_match_weight"), "{losses}: {err}");
+    }
+}
+
 /// A 2-step stage-2 run of a small mapper into `out` (a copy of the miniature bundle), with
 /// `val_stories` validation stories and the `[stage2]` lines `losses`, validated once at its end:
 /// that validation line.

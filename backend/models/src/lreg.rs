@@ -77,7 +77,7 @@ impl CharacterTokens {
     }
 
     /// One-hot selector `(b, tokens, kmax)` and validity `(b, 1, kmax)`.
-    fn tensors(
+    pub(crate) fn tensors(
         &self,
         tokens: usize,
         kmax: usize,

@@ -11,6 +11,9 @@
 //!   stage 1's cross-attention regulariser L_reg (`crate::lreg`) on the UNet's `attn2` maps at
 //!   the character-name slots of the mapper output, against the target frame's masks: the
 //!   gradient reaches the mapper through the attention probabilities (the UNet stays frozen).
+//! * [`attention_match_loss`]: at the same slots, the distance between the UNet's attention maps
+//!   under the mapper output and under the target condition (same noisy latents), so that each
+//!   name slot draws the UNet's attention where stage 1's own condition draws it.
 //!
 //! The paper's total is `L_gen * w_gen + L_align` with `w_gen = 0.5` in the authors' code
 //! ([`AUTHORS_LGEN_WEIGHT`]).
@@ -18,7 +21,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::lreg::{lreg_loss, CharacterTokens};
-use crate::unet::UNetOutput;
+use crate::unet::{CapturedAttention, UNetOutput};
 
 /// Weight of L_gen in the authors' trainer.
 pub const AUTHORS_LGEN_WEIGHT: f64 = 0.5;
@@ -185,6 +188,19 @@ pub fn diffusion_align_lreg_loss(
     masks: &Tensor,
     chars: &CharacterTokens,
 ) -> Result<(Tensor, Tensor)> {
+    let (diffusion, maps) = diffusion_align_capture_loss(cond, unet_fn, target_noise)?;
+    let lreg = lreg_loss(&maps, masks, chars)?;
+    Ok((diffusion, lreg))
+}
+
+/// [`diffusion_align_loss`] from a forward pass that captured cross-attention maps: returns
+/// `(diffusion loss, the captured maps)` (still in the autograd graph), for L_reg
+/// ([`diffusion_align_lreg_loss`]) or [`attention_match_loss`]. Fails if the UNet captured no map.
+pub fn diffusion_align_capture_loss(
+    cond: &Tensor,
+    unet_fn: impl Fn(&Tensor) -> Result<UNetOutput>,
+    target_noise: &Tensor,
+) -> Result<(Tensor, Vec<CapturedAttention>)> {
     let out = unet_fn(cond)?;
     if out.sample.dims() != target_noise.dims() {
         candle_core::bail!(
@@ -203,8 +219,72 @@ pub fn diffusion_align_lreg_loss(
         &out.sample.to_dtype(DType::F32)?,
         &target_noise.to_dtype(DType::F32)?,
     )?;
-    let lreg = lreg_loss(&out.attention_probs, masks, chars)?;
-    Ok((diffusion, lreg))
+    Ok((diffusion, out.attention_probs))
+}
+
+/// Attention matching at the character-name slots `chars` (token indices into the condition):
+/// for every captured layer, the squared difference between the slot columns of `maps`
+/// (`(b, heads, h*w, tokens)`, the UNet conditioned on the mapper output) and of `target_maps`
+/// (the same layers of the same UNet on the same noisy latents, conditioned on the target;
+/// treated as constants), averaged over pixels, heads and a sample's valid slots, then over
+/// the batch and the layers. Its minimum is the target's own attention: unlike L_reg it gives
+/// nothing for attending more sharply than stage 1 does, which is how L_reg at a large weight
+/// pulled the mapper output away from the embeddings the UNet was trained on.
+/// Fails if no map was captured or the two lists do not pair layer by layer.
+pub fn attention_match_loss(
+    maps: &[CapturedAttention],
+    target_maps: &[CapturedAttention],
+    chars: &CharacterTokens,
+) -> Result<Tensor> {
+    if maps.is_empty() || maps.len() != target_maps.len() {
+        candle_core::bail!(
+            "attention_match_loss: {} captured maps against {} target maps (need the same \
+             non-empty list of layers)",
+            maps.len(),
+            target_maps.len()
+        )
+    }
+    let kmax = chars.count.iter().copied().max().unwrap_or(0).max(1);
+    let mut total: Option<Tensor> = None;
+    for (m, t) in maps.iter().zip(target_maps) {
+        if m.layer != t.layer || m.probs.dims() != t.probs.dims() {
+            candle_core::bail!(
+                "attention_match_loss: layer {} {:?} paired with {} {:?}",
+                m.layer,
+                m.probs.dims(),
+                t.layer,
+                t.probs.dims()
+            )
+        }
+        let (b, _heads, _hw, tokens) = m.probs.dims4()?;
+        if chars.token_index.len() != b {
+            candle_core::bail!(
+                "attention_match_loss: batch {b} of the maps, {} of the token lists",
+                chars.token_index.len()
+            )
+        }
+        let dtype = m.probs.dtype();
+        let (onehot, valid) = chars.tensors(tokens, kmax, dtype, m.probs.device())?;
+        let onehot = onehot.unsqueeze(1)?;
+        // (b, heads, hw, k): each slot's map.
+        let ours = m.probs.broadcast_matmul(&onehot)?;
+        let theirs = t.probs.detach().broadcast_matmul(&onehot)?;
+        let err = (ours - theirs)?.sqr()?.mean(2)?; // (b, heads, k)
+        let cnt = (valid.sum(2)? + 1e-5)?; // (b, 1)
+        let layer = err
+            .broadcast_mul(&valid)?
+            .sum(2)?
+            .broadcast_div(&cnt)?
+            .mean_all()?;
+        total = Some(match total {
+            None => layer,
+            Some(acc) => (acc + layer)?,
+        });
+    }
+    match total {
+        Some(t) => t / maps.len() as f64,
+        None => candle_core::bail!("attention_match_loss: no map"),
+    }
 }
 
 #[cfg(test)]
@@ -373,5 +453,81 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("no cross-attention map"), "{err}");
+    }
+    #[test]
+    fn attention_match_is_zero_at_the_target_and_its_gradient_moves_the_slots_toward_it() {
+        use crate::unet::AttentionCapture;
+        use nn::gradcheck::{gradcheck, seeded_uniform, GradCheckOptions};
+        let dev = Device::Cpu;
+        let dt = DType::F64;
+        let unet = tiny_unet(dt);
+        let x = seeded_uniform((2, 4, 4, 4), 11, -1.0, 1.0, dt, &dev).unwrap();
+        let t = Tensor::new(&[10i64, 600], &dev).unwrap();
+        let target_cond = seeded_uniform((2, 6, 4), 12, -1.5, 1.5, dt, &dev).unwrap();
+        let cond =
+            Var::from_tensor(&seeded_uniform((2, 6, 4), 13, -1.0, 1.0, dt, &dev).unwrap()).unwrap();
+        let chars = CharacterTokens::from_lists(&[vec![1, 3], vec![2]]);
+        let maps = |c: &Tensor| {
+            unet.forward_with_capture(&x, &t, c, &AttentionCapture::all())
+                .map(|o| o.attention_probs)
+        };
+        let target_maps = maps(&target_cond).unwrap();
+
+        // At the target itself the loss is zero; elsewhere it is positive.
+        let at_target = attention_match_loss(&target_maps, &target_maps, &chars)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(at_target, 0.0);
+        let loss =
+            attention_match_loss(&maps(cond.as_tensor()).unwrap(), &target_maps, &chars).unwrap();
+        let l = loss.to_scalar::<f64>().unwrap();
+        assert!(l > 1e-8, "attention match {l}");
+
+        // Autograd through the captured probabilities matches central differences in the
+        // condition, and nothing flows into the target maps (they are constants).
+        let report = gradcheck(
+            &[("cond", &cond)],
+            || attention_match_loss(&maps(cond.as_tensor())?, &target_maps, &chars),
+            &GradCheckOptions {
+                max_elements_per_var: 48,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            report.missing.is_empty(),
+            "no gradient reached the condition"
+        );
+        assert!(report.passed(1e-5), "{report}");
+
+        // Steps against the gradient bring the slots' maps toward the target's.
+        let mut c = cond.as_tensor().clone();
+        for _ in 0..20 {
+            let v = Var::from_tensor(&c).unwrap();
+            let l =
+                attention_match_loss(&maps(v.as_tensor()).unwrap(), &target_maps, &chars).unwrap();
+            let g = l.backward().unwrap();
+            let g = g.get(v.as_tensor()).unwrap().clone();
+            let gmax = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            c = (c - (g * (0.02 / gmax)).unwrap()).unwrap();
+        }
+        let after = attention_match_loss(&maps(&c).unwrap(), &target_maps, &chars)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(after < 0.8 * l, "attention match {l} -> {after}");
+
+        // Lists that do not pair layer by layer are an error, not a silent partial loss.
+        let err = attention_match_loss(&target_maps[..1], &target_maps, &chars)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need the same"), "{err}");
     }
 }

@@ -32,8 +32,8 @@ use models::lreg::{lreg_loss, CharacterTokens};
 use models::mappers::{MapperLdm, MapperLdmConfig, MapperLlm, MapperLlmConfig};
 use models::prompt::{build_prompt, Prompt, PromptConfig};
 use models::stage2_losses::{
-    diffusion_align_loss, diffusion_align_lreg_loss, lalign_loss, lgen_loss, target_mask,
-    weighted_lalign_loss, LgenTargets,
+    attention_match_loss, diffusion_align_capture_loss, diffusion_align_loss, lalign_loss,
+    lgen_loss, target_mask, weighted_lalign_loss, LgenTargets,
 };
 use models::unet::AttentionCapture;
 use rand_chacha::ChaCha8Rng;
@@ -134,6 +134,14 @@ pub struct Stage2Section {
     /// Not written into the run's config at 0, so runs without it resume as before.
     #[serde(skip_serializing_if = "is_zero")]
     pub lreg_weight: f64,
+    /// With the diffusion term on: weight of the attention match
+    /// (`models::stage2_losses::attention_match_loss`) at the target caption's name slots, the
+    /// frozen UNet's cross-attention maps under Mapper_LDM's output against its maps under the
+    /// alignment target on the same noisy latents (one more UNet forward pass a step; 0 = off).
+    /// Asks each slot to draw the UNet's attention where stage 1's condition draws it. Not
+    /// written into the run's config at 0, so runs without it resume as before.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub attention_match_weight: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -164,6 +172,7 @@ impl Default for Stage2Section {
             sort_groups: false,
             align_char_weight: 1.0,
             lreg_weight: 0.0,
+            attention_match_weight: 0.0,
         }
     }
 }
@@ -684,6 +693,18 @@ pub fn prepare(
          align_loss = \"diffusion\"), or lreg_weight = 0",
         section.lreg_weight
     );
+    anyhow::ensure!(
+        section.attention_match_weight >= 0.0 && section.attention_match_weight.is_finite(),
+        "[stage2] attention_match_weight must be a finite number >= 0, not {}",
+        section.attention_match_weight
+    );
+    anyhow::ensure!(
+        section.attention_match_weight == 0.0 || section.diffusion_weight > 0.0,
+        "[stage2] attention_match_weight = {} needs the diffusion term beside the MSE: it \
+         compares the frozen UNet's cross-attention maps under Mapper_LDM's output with those \
+         under the MSE's target; set diffusion_weight > 0, or attention_match_weight = 0",
+        section.attention_match_weight
+    );
     let llm_dir = out.join("llm");
     anyhow::ensure!(
         llm_dir.join("config.json").exists(),
@@ -863,15 +884,16 @@ pub fn prepare(
                     })
                     .collect::<Vec<_>>()
             };
-            let train_slots = if section.lreg_weight > 0.0 {
+            let needs_slots = section.lreg_weight > 0.0 || section.attention_match_weight > 0.0;
+            let train_slots = if needs_slots {
                 slots_of(&train, &train_captions, train.len())
             } else {
                 Vec::new()
             };
             anyhow::ensure!(
-                section.lreg_weight == 0.0 || train_slots.iter().any(|s| !s.is_empty()),
-                "[stage2] lreg_weight needs character masks: no training frame of {} has a \
-                 mask for a character its caption names",
+                !needs_slots || train_slots.iter().any(|s| !s.is_empty()),
+                "[stage2] lreg_weight and attention_match_weight need character masks: no \
+                 training frame of {} has a mask for a character its caption names",
                 data.display()
             );
             let val_slots = slots_of(&val, &val_captions, VAL_LREG_FRAMES);
@@ -890,8 +912,9 @@ pub fn prepare(
         }
         _ => {
             anyhow::ensure!(
-                section.lreg_weight == 0.0,
-                "[stage2] lreg_weight: no frame was read to take character masks from"
+                section.lreg_weight == 0.0 && section.attention_match_weight == 0.0,
+                "[stage2] lreg_weight and attention_match_weight: no frame was read to take \
+                 character masks from"
             );
             None
         }
@@ -1241,18 +1264,19 @@ impl Stage for Stage2Stage {
     fn loss(&mut self, b: &Stage2Batch, _step: u64) -> Result<StepLoss> {
         let examples: Vec<&Example> = b.examples.iter().map(|&i| &self.train[i]).collect();
         let f = self.forward(&examples)?;
-        let target = self.targets_of(&self.targets, &examples)?;
+        let align_target = self.targets_of(&self.targets, &examples)?;
         let mse = match &self.target_weights {
             Some(table) => {
-                weighted_lalign_loss(&f.conds, &target, &self.targets_of(table, &examples)?)?
+                weighted_lalign_loss(&f.conds, &align_target, &self.targets_of(table, &examples)?)?
             }
-            None => lalign_loss(&f.conds, &target)?,
+            None => lalign_loss(&f.conds, &align_target)?,
         };
         let mut parts = vec![
             ("l_align", mse.to_scalar::<f32>()? as f64),
             ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
         ];
         let mut lreg = None;
+        let mut matched = None;
         let diffusion = match &self.diffusion {
             None => None,
             Some(d) => {
@@ -1270,37 +1294,48 @@ impl Stage for Stage2Stage {
                     &self.device,
                 )?;
                 let target = d.scheduler.training_target(&x0, &eps, &b.timesteps)?;
-                let l = match self
-                    .lreg
-                    .as_ref()
-                    .filter(|_| self.section.lreg_weight > 0.0)
-                {
+                let wants_maps =
+                    self.section.lreg_weight > 0.0 || self.section.attention_match_weight > 0.0;
+                let l = match self.lreg.as_ref().filter(|_| wants_maps) {
                     None => {
                         diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?
                     }
                     Some(r) => {
-                        // The same forward pass, its cross-attention maps kept for L_reg at the
-                        // target caption's name slots.
+                        // The same forward pass, its cross-attention maps kept for L_reg and the
+                        // attention match at the target caption's name slots.
                         let slots: Vec<&LregSlots> =
                             b.examples.iter().map(|&i| &r.train[i]).collect();
                         let (masks, chars) = r.batch(&slots, &self.device)?;
-                        let (l, reg) = diffusion_align_lreg_loss(
+                        let (l, maps) = diffusion_align_capture_loss(
                             &f.conds,
                             |c| {
                                 d.unet
                                     .forward_with_capture(&xt, &ts, c, &AttentionCapture::all())
                             },
                             &target,
-                            &masks,
-                            &chars,
                         )?;
-                        lreg = Some(reg);
+                        if self.section.lreg_weight > 0.0 {
+                            lreg = Some(lreg_loss(&maps, &masks, &chars)?);
+                        }
+                        if self.section.attention_match_weight > 0.0 {
+                            let goal = d.unet.forward_with_capture(
+                                &xt,
+                                &ts,
+                                &align_target.detach(),
+                                &AttentionCapture::all(),
+                            )?;
+                            matched =
+                                Some(attention_match_loss(&maps, &goal.attention_probs, &chars)?);
+                        }
                         l
                     }
                 };
                 parts.push(("l_diffusion", l.to_scalar::<f32>()? as f64));
                 if let Some(reg) = &lreg {
                     parts.push(("l_reg", reg.to_scalar::<f32>()? as f64));
+                }
+                if let Some(m) = &matched {
+                    parts.push(("l_attention_match", m.to_scalar::<f32>()? as f64));
                 }
                 Some(l)
             }
@@ -1317,6 +1352,9 @@ impl Stage for Stage2Stage {
         let mut loss = (align + (&f.lgen * self.section.lgen_weight)?)?;
         if let Some(reg) = lreg {
             loss = (loss + (reg * self.section.lreg_weight)?)?;
+        }
+        if let Some(m) = matched {
+            loss = (loss + (m * self.section.attention_match_weight)?)?;
         }
         Ok(StepLoss { loss, parts })
     }
