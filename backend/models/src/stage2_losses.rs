@@ -332,6 +332,35 @@ mod tests {
         assert!(err < 1e-6, "gradient error {err}");
     }
 
+    /// Autograd of `loss` in `cond` matches central differences (48 elements), and some
+    /// gradient reaches it.
+    fn assert_condition_gradient(cond: &Var, loss: impl Fn() -> Result<Tensor>) {
+        use nn::gradcheck::{gradcheck, GradCheckOptions};
+        let report = gradcheck(
+            &[("cond", cond)],
+            loss,
+            &GradCheckOptions {
+                max_elements_per_var: 48,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            report.missing.is_empty(),
+            "no gradient reached the condition"
+        );
+        assert!(report.passed(1e-5), "{report}");
+    }
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     /// A tiny frozen UNet (random weights in `dtype`) with cross-attention at two resolutions.
     fn tiny_unet(dtype: DType) -> crate::unet::UNet2DConditionModel {
         use crate::unet::{OneOrMany, UNet2DConditionModel, UNetConfig};
@@ -372,7 +401,7 @@ mod tests {
     #[test]
     fn lreg_on_the_diffusion_pass_reaches_the_condition_through_the_attention_maps() {
         use crate::unet::AttentionCapture;
-        use nn::gradcheck::{gradcheck, seeded_uniform, GradCheckOptions};
+        use nn::gradcheck::seeded_uniform;
         let dev = Device::Cpu;
         let dt = DType::F64;
         let unet = tiny_unet(dt);
@@ -407,34 +436,16 @@ mod tests {
 
         // L_reg alone: autograd through the captured probabilities matches central differences
         // in the condition (every token moves the softmax, the slots' most).
-        let report = gradcheck(
-            &[("cond", &cond)],
-            || Ok(diffusion_align_lreg_loss(cond.as_tensor(), unet_fn, &target, &masks, &chars)?.1),
-            &GradCheckOptions {
-                max_elements_per_var: 48,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert!(
-            report.missing.is_empty(),
-            "no gradient reached the condition"
-        );
-        assert!(report.passed(1e-5), "{report}");
+        assert_condition_gradient(&cond, || {
+            Ok(diffusion_align_lreg_loss(cond.as_tensor(), unet_fn, &target, &masks, &chars)?.1)
+        });
         let g = lreg.backward().unwrap();
         let g = g.get(cond.as_tensor()).unwrap();
         let slot = g.i((0, 1)).unwrap().abs().unwrap().sum_all().unwrap();
         assert!(slot.to_scalar::<f64>().unwrap() > 0.0);
 
         // A step against the gradient lowers L_reg (the mapper output learns where to attend).
-        let gmax = g
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let stepped = (cond.as_tensor() - (g * (0.01 / gmax)).unwrap()).unwrap();
+        let stepped = (cond.as_tensor() - (g * (0.01 / max_abs(g))).unwrap()).unwrap();
         let after = diffusion_align_lreg_loss(&stepped, unet_fn, &target, &masks, &chars)
             .unwrap()
             .1
@@ -457,7 +468,7 @@ mod tests {
     #[test]
     fn attention_match_is_zero_at_the_target_and_its_gradient_moves_the_slots_toward_it() {
         use crate::unet::AttentionCapture;
-        use nn::gradcheck::{gradcheck, seeded_uniform, GradCheckOptions};
+        use nn::gradcheck::seeded_uniform;
         let dev = Device::Cpu;
         let dt = DType::F64;
         let unet = tiny_unet(dt);
@@ -486,20 +497,9 @@ mod tests {
 
         // Autograd through the captured probabilities matches central differences in the
         // condition, and nothing flows into the target maps (they are constants).
-        let report = gradcheck(
-            &[("cond", &cond)],
-            || attention_match_loss(&maps(cond.as_tensor())?, &target_maps, &chars),
-            &GradCheckOptions {
-                max_elements_per_var: 48,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert!(
-            report.missing.is_empty(),
-            "no gradient reached the condition"
-        );
-        assert!(report.passed(1e-5), "{report}");
+        assert_condition_gradient(&cond, || {
+            attention_match_loss(&maps(cond.as_tensor())?, &target_maps, &chars)
+        });
 
         // Steps against the gradient bring the slots' maps toward the target's.
         let mut c = cond.as_tensor().clone();
@@ -509,14 +509,7 @@ mod tests {
                 attention_match_loss(&maps(v.as_tensor()).unwrap(), &target_maps, &chars).unwrap();
             let g = l.backward().unwrap();
             let g = g.get(v.as_tensor()).unwrap().clone();
-            let gmax = g
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            c = (c - (g * (0.02 / gmax)).unwrap()).unwrap();
+            c = (c - (&g * (0.02 / max_abs(&g))).unwrap()).unwrap();
         }
         let after = attention_match_loss(&maps(&c).unwrap(), &target_maps, &chars)
             .unwrap()
