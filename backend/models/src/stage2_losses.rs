@@ -204,14 +204,14 @@ pub fn diffusion_align_capture_loss(
     let out = unet_fn(cond)?;
     if out.sample.dims() != target_noise.dims() {
         candle_core::bail!(
-            "diffusion_align_lreg_loss: noise prediction {:?} vs target noise {:?}",
+            "diffusion_align_capture_loss: noise prediction {:?} vs target noise {:?}",
             out.sample.dims(),
             target_noise.dims()
         )
     }
     if out.attention_probs.is_empty() {
         candle_core::bail!(
-            "diffusion_align_lreg_loss: the UNet captured no cross-attention map (does it have \
+            "diffusion_align_capture_loss: the UNet captured no cross-attention map (does it have \
              cross-attention, and was the capture requested?)"
         )
     }

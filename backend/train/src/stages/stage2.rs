@@ -318,22 +318,29 @@ struct LregTargets {
 impl LregTargets {
     /// Masks `(n, kmax, H, W)` (kmax: the most characters of a sample, at least 1) and the
     /// token slots of the samples `slots`, in the order L_reg pairs them.
+    /// The token slots of the samples `slots` alone (what the attention match needs).
+    fn tokens(&self, slots: &[&LregSlots]) -> CharacterTokens {
+        let lists: Vec<Vec<usize>> = slots
+            .iter()
+            .map(|s| s.iter().map(|(t, _)| *t).collect())
+            .collect();
+        CharacterTokens::from_lists(&lists)
+    }
+
     fn batch(&self, slots: &[&LregSlots], device: &Device) -> Result<(Tensor, CharacterTokens)> {
         let (h, w) = self.frame_size;
         let plane = h * w;
         let kmax = slots.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
         let mut masks = vec![0f32; slots.len() * kmax * plane];
-        let mut lists = Vec::with_capacity(slots.len());
         for (i, s) in slots.iter().enumerate() {
             for (k, (_, m)) in s.iter().enumerate() {
                 let base = (i * kmax + k) * plane;
                 m.fill(&mut masks[base..base + plane]);
             }
-            lists.push(s.iter().map(|(t, _)| *t).collect::<Vec<_>>());
         }
         Ok((
             Tensor::from_vec(masks, (slots.len(), kmax, h, w), device)?,
-            CharacterTokens::from_lists(&lists),
+            self.tokens(slots),
         ))
     }
 }
@@ -348,7 +355,8 @@ struct Diffusion {
 /// The frozen LLM, the trainable mappers and rows, the data.
 pub struct Stage2Stage {
     diffusion: Option<Diffusion>,
-    /// With `lreg_weight > 0`: L_reg's slots and masks.
+    /// With the diffusion term on: the name slots and masks of L_reg, the attention match and
+    /// the validation slot checks.
     lreg: Option<LregTargets>,
     vars: VarMap,
     lm: CausalLm,
@@ -1111,9 +1119,6 @@ impl Stage2Stage {
         Ok(Forward { conds, lgen })
     }
 
-    /// L_reg of the validation examples `start..start + chunk.len()` that are among the first
-    /// [`VAL_LREG_FRAMES`], conditioned on their Mapper_LDM outputs `conds` (the chunk's rows),
-    /// at fixed noise and timesteps: `(mean, frames)`, or `None` without L_reg or past them.
     /// L_reg of validation examples `start..` (the first of `chunk` that have L_reg slots)
     /// under the conditions `conds`, at fixed noise: over every name slot, and over the first
     /// and the second name slot (in token order) of the frames with two or more.
@@ -1305,7 +1310,6 @@ impl Stage for Stage2Stage {
                         // attention match at the target caption's name slots.
                         let slots: Vec<&LregSlots> =
                             b.examples.iter().map(|&i| &r.train[i]).collect();
-                        let (masks, chars) = r.batch(&slots, &self.device)?;
                         let (l, maps) = diffusion_align_capture_loss(
                             &f.conds,
                             |c| {
@@ -1315,6 +1319,7 @@ impl Stage for Stage2Stage {
                             &target,
                         )?;
                         if self.section.lreg_weight > 0.0 {
+                            let (masks, chars) = r.batch(&slots, &self.device)?;
                             lreg = Some(lreg_loss(&maps, &masks, &chars)?);
                         }
                         if self.section.attention_match_weight > 0.0 {
@@ -1324,8 +1329,11 @@ impl Stage for Stage2Stage {
                                 &align_target.detach(),
                                 &AttentionCapture::all(),
                             )?;
-                            matched =
-                                Some(attention_match_loss(&maps, &goal.attention_probs, &chars)?);
+                            matched = Some(attention_match_loss(
+                                &maps,
+                                &goal.attention_probs,
+                                &r.tokens(&slots),
+                            )?);
                         }
                         l
                     }
