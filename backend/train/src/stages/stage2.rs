@@ -316,8 +316,6 @@ struct LregTargets {
 }
 
 impl LregTargets {
-    /// Masks `(n, kmax, H, W)` (kmax: the most characters of a sample, at least 1) and the
-    /// token slots of the samples `slots`, in the order L_reg pairs them.
     /// The token slots of the samples `slots` alone (what the attention match needs).
     fn tokens(&self, slots: &[&LregSlots]) -> CharacterTokens {
         let lists: Vec<Vec<usize>> = slots
@@ -327,6 +325,8 @@ impl LregTargets {
         CharacterTokens::from_lists(&lists)
     }
 
+    /// Masks `(n, kmax, H, W)` (kmax: the most characters of a sample, at least 1) and the
+    /// token slots of the samples `slots`, in the order L_reg pairs them.
     fn batch(&self, slots: &[&LregSlots], device: &Device) -> Result<(Tensor, CharacterTokens)> {
         let (h, w) = self.frame_size;
         let plane = h * w;
