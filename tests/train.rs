@@ -549,6 +549,66 @@ fn train_all_makes_a_complete_bundle_that_draws_a_story() {
 }
 
 #[test]
+fn every_committed_plan_loads_with_all_its_stage_files() {
+    let mut plans = Vec::new();
+    let mut dirs = vec![repo("configs")];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().is_some_and(|n| n == "toy.toml") {
+                plans.push(p);
+            }
+        }
+    }
+    assert!(plans.len() >= 2, "{plans:?}");
+    for plan in plans {
+        if let Err(e) = train::all::Plan::load(&plan) {
+            panic!("{}: {e:#}", plan.display());
+        }
+    }
+}
+
+#[test]
+fn train_all_refuses_a_bad_stage_file_before_the_first_stage_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan_dir = tmp.path().join("plan");
+    std::fs::create_dir(&plan_dir).unwrap();
+    for e in std::fs::read_dir(repo("configs/tiny")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, plan_dir.join(p.file_name().unwrap())).unwrap();
+    }
+    // A misspelt key in the last stage's section: before the check, the run found it only
+    // after every earlier stage had trained.
+    let stage2 = plan_dir.join("stage2.toml");
+    let text = std::fs::read_to_string(&stage2).unwrap();
+    assert!(text.contains("[stage2]"), "{text}");
+    std::fs::write(
+        &stage2,
+        text.replace("[stage2]\n", "[stage2]\ndiffusion_weigth = 4.0\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let res = Command::new(binary())
+        .args(["train", "all", "--config"])
+        .arg(plan_dir.join("toy.toml"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("diffusion_weigth") && stderr.contains("stage2.toml"),
+        "{stderr}"
+    );
+    for made in ["data", "runs", "training.json"] {
+        assert!(!out.join(made).exists(), "{made} was written: {stderr}");
+    }
+}
+
+#[test]
 fn char_ldm_learns_to_denoise_and_to_attend_to_each_character() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bundle");

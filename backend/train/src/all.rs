@@ -29,7 +29,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::config;
 use crate::driver::{self, DriverArgs, StageReport};
+use crate::stages::char_ldm::CharLdmSection;
+use crate::stages::clip::ClipSection;
+use crate::stages::lm::LmSection;
+use crate::stages::stage2::Stage2Section;
+use crate::stages::vae::VaeSection;
+use crate::stages::vae_decoder::VaeDecoderSection;
 use crate::trainer::Ending;
 
 /// `[data]`: the toy world to generate when no dataset is given.
@@ -109,7 +116,7 @@ pub struct Plan {
 pub const ORDER: [&str; 6] = ["vae", "vae-decoder", "clip", "lm", "char-ldm", "stage2"];
 
 impl Plan {
-    /// Reads a plan; stage paths become relative to its directory, and each must exist.
+    /// Reads a plan; stage paths become relative to its directory, and each must exist and parse.
     pub fn load(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -142,6 +149,8 @@ impl Plan {
             "{}: [data] needs at least 10 stories of 2 frames of 16 pixels",
             path.display()
         );
+        plan.check_stage_files()
+            .with_context(|| format!("plan {}", path.display()))?;
         let s = &plan.sampling;
         anyhow::ensure!(
             s.guidance_scale.is_none_or(|g| g.is_finite() && g >= 1.0)
@@ -152,6 +161,21 @@ impl Plan {
             path.display()
         );
         Ok(plan)
+    }
+
+    /// Parses every stage file with its own section, so that a typo in the last stage's file
+    /// stops the run before the first stage trains rather than hours later.
+    fn check_stage_files(&self) -> Result<()> {
+        let s = &self.stages;
+        config::load::<VaeSection>(&s.vae)?;
+        if let Some(p) = &s.vae_decoder {
+            config::load::<VaeDecoderSection>(p)?;
+        }
+        config::load::<ClipSection>(&s.clip)?;
+        config::load::<LmSection>(&s.lm)?;
+        config::load::<CharLdmSection>(&s.char_ldm)?;
+        config::load::<Stage2Section>(&s.stage2)?;
+        Ok(())
     }
 
     /// The stage file of `stage`, `None` for an optional stage the plan leaves out.
