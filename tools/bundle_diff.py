@@ -99,6 +99,11 @@ def main():
     if len(args) != 2:
         sys.exit(__doc__)
     a, b = Path(args[0]), Path(args[1])
+    for p in (a, b):
+        if not p.exists():
+            sys.exit("%s: no such file or directory" % p)
+    if a.is_file() != b.is_file():
+        sys.exit("compare two bundle directories or two .safetensors files, not one of each")
     if a.is_file() and b.is_file():
         pairs = [(a, b)]
     else:
