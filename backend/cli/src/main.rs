@@ -64,6 +64,9 @@ fn main() -> std::process::ExitCode {
         // CPU training / generation allocate and free activation-sized buffers per op: keep
         // them in the heap rather than paying page faults for fresh mmaps (see nn::alloc).
         nn::retain_freed_memory();
+        // These commands work on the main thread: make it one of the pool's threads, so the
+        // parallel kernels it calls run partly on it instead of waking sleeping workers.
+        nn::join_cpu_pool();
     }
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),

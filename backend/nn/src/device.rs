@@ -42,6 +42,42 @@ pub fn pin_cpu_threads() {
     }
 }
 
+/// Makes the calling thread worker 0 of rayon's global pool (of `RAYON_NUM_THREADS` threads,
+/// so one thread is started besides it), for a process whose main thread drives CPU training or
+/// generation. Otherwise every parallel kernel the main thread calls (our matrix products,
+/// convolutions, fused ops) is handed to the pool while the main thread sleeps on a futex, and
+/// the pool's two workers go back to sleep between ops: three threads and a wake-up per op on
+/// two cores. As a worker, the main thread takes its share of each kernel itself and waits for
+/// the other half by stealing work rather than sleeping. Measured on this project's 2-vCPU
+/// Intel Xeon (docs/BENCHMARKS.md, "The main thread in the pool"): Char-LDM training steps
+/// 1.57 -> 1.93 it/s, the same losses to the last digit (the kernels split work, not sums, so
+/// the thread a part runs on does not change its result).
+///
+/// Returns false (and changes nothing) when the global pool already exists, e.g. when a
+/// parallel op ran before this call. Call it after [`pin_cpu_threads`], from the thread that
+/// will do the work, before any parallel op.
+pub fn join_cpu_pool() -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .use_current_thread()
+        .build_global()
+        .is_ok()
+}
+
+/// Runs `work` on a thread of rayon's global pool while the calling thread waits: the
+/// same effect as [`join_cpu_pool`] for a thread that cannot join the pool (the service's
+/// generation worker, one of several threads of a process whose pool exists already), one
+/// wake-up per call instead of one per op. Runs `work` in place when the caller is a pool
+/// thread already, or when the pool has one thread (nothing to share, and `work` must not hold
+/// the only thread that other callers' parallel ops would wait for). For CPU work only: a CUDA
+/// context belongs to the thread that made it.
+pub fn on_cpu_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() || rayon::current_num_threads() < 2 {
+        return work();
+    }
+    rayon::scope(|_| work())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

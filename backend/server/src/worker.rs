@@ -464,7 +464,13 @@ impl Ctx {
             "job started"
         );
         self.hub.publish(job.event.clone());
-        let outcome = self.draw(pipeline, &job);
+        // On the CPU the drawing runs on a pool thread, so the kernels it calls split their
+        // work with the pool's other thread without a wake-up per op (nn::on_cpu_pool).
+        let outcome = if pipeline.device().is_cpu() {
+            nn::on_cpu_pool(|| self.draw(pipeline, &job))
+        } else {
+            self.draw(pipeline, &job)
+        };
         self.shared
             .cancels
             .lock()
