@@ -249,6 +249,42 @@ fn the_vae_overfits_a_fixed_small_set() {
         scale.is_finite() && scale > 0.0 && scale != 1.0,
         "measured scaling factor {scale}"
     );
+    // Every logged window says where its steps' time went, in milliseconds per step: the
+    // phases fit inside the window's own time per step (1000 / it_s, which also holds the
+    // checkpoints and validations of the window), and the model's passes take some of it.
+    let phases = [
+        "ms_batch",
+        "ms_forward",
+        "ms_backward",
+        "ms_clip",
+        "ms_optimizer",
+        "ms_after",
+    ];
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("runs/vae/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["split"] == "train")
+        .collect();
+    assert_eq!(lines.len(), 20);
+    for line in &lines {
+        let ms: Vec<f64> = phases
+            .iter()
+            .map(|k| {
+                line[*k]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("no {k} in {line}"))
+            })
+            .collect();
+        assert!(ms.iter().all(|&x| x >= 0.0), "{line}");
+        let step_ms = 1e3 / line["it_s"].as_f64().unwrap();
+        let sum: f64 = ms.iter().sum();
+        assert!(
+            sum <= step_ms * 1.001,
+            "phases {sum} ms > step {step_ms} ms: {line}"
+        );
+        assert!(ms[1] > 0.0 && ms[2] > 0.0, "{line}");
+    }
 }
 
 #[test]

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Training speed of a cut `train all` run (issue #12 item 6): for each stage that ran, the steps
 it took, its wall time, its steady speed (the median `it_s` of the logged windows after the
-first, which holds the kernels' JIT compilation and the first allocations) and the time the
-stage's full plan (`run.max_steps` of its config) would take at that speed.
+first, which holds the kernels' JIT compilation and the first allocations), the time the
+stage's full plan (`run.max_steps` of its config) would take at that speed and, where the log
+has them, the step's phases (`ms_forward`, `ms_backward`, ...: median milliseconds per step of
+the same windows).
 
     python3 tools/gpu/train_speed.py --run RUN_DIR --plan configs/toy.toml --json out.json
 
@@ -16,6 +18,9 @@ import os
 import statistics
 import sys
 import tomllib
+
+
+PHASES = ("ms_batch", "ms_forward", "ms_backward", "ms_clip", "ms_optimizer", "ms_after")
 
 
 def stage_rows(run_dir, plan_path):
@@ -51,6 +56,9 @@ def stage_rows(run_dir, plan_path):
         steady = [m["it_s"] for m in train[1:]] or [train[0]["it_s"]]
         it_s = statistics.median(steady)
         info = stages.get(name) or stages.get(key) or {}
+        steady_lines = train[1:] or train[:1]
+        phases = {k[3:]: round(statistics.median(m[k] for m in steady_lines), 2)
+                  for k in PHASES if all(k in m for m in steady_lines)}
         rows.append({
             "stage": name,
             "ran": True,
@@ -61,6 +69,7 @@ def stage_rows(run_dir, plan_path):
             "steady_it_s": round(it_s, 3),
             "full_steps": full_steps,
             "projected_full_min": round(full_steps / it_s / 60, 2) if full_steps else None,
+            "phases_ms": phases,
         })
     return rows
 
@@ -85,6 +94,14 @@ def main():
                   f"{r['steady_it_s']} | {r['full_steps']} | {r['projected_full_min']} |")
         else:
             print(f"| {r['stage']} | not run | - | - | - | {r['full_steps']} | - |")
+    timed = [r for r in ran if r.get("phases_ms")]
+    if timed:
+        names = [k[3:] for k in PHASES]
+        print("\n| stage | " + " | ".join(f"{n} ms" for n in names) + " | step ms (1000 / it/s) |")
+        print("|---|" + "---:|" * (len(names) + 1))
+        for r in timed:
+            cells = " | ".join(str(r["phases_ms"].get(n, "-")) for n in names)
+            print(f"| {r['stage']} | {cells} | {round(1000 / r['steady_it_s'], 1)} |")
     if ran:
         print(f"\nProjected full plan, stages' steps only (no validation, data or bundle writing): "
               f"{summary['projected_full_min']} min"

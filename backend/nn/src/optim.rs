@@ -525,9 +525,33 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
             }
         }
     }
+    // CPU gradients are summed on the host, in order. Gradients on an accelerator are summed
+    // there and read back once: a read per tensor would wait for the device hundreds of times
+    // a step.
     let mut total = 0f64;
+    let mut on_device: Option<Tensor> = None;
     for g in &gs {
-        total += sum_sq(g)?;
+        if g.device().is_cpu() {
+            total += sum_sq(g)?;
+            continue;
+        }
+        // Half-precision squares overflow; f32 and f64 gradients keep their own precision.
+        let g = match g.dtype() {
+            DType::F16 | DType::BF16 => g.to_dtype(DType::F32)?,
+            _ => g.clone(),
+        };
+        let ss = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+        on_device = Some(match on_device {
+            Some(acc) if acc.device().same_device(ss.device()) => (acc + ss)?,
+            Some(acc) => {
+                total += acc.to_scalar::<f64>()?;
+                ss
+            }
+            None => ss,
+        });
+    }
+    if let Some(acc) = on_device {
+        total += acc.to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     let coef = max_norm / (norm + 1e-6);

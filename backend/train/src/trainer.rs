@@ -253,6 +253,7 @@ where
     let stage_name = stage.name();
     let mut validation = BTreeMap::new();
     let mut window = (0f64, 0u64, Instant::now());
+    let mut phases = [0f64; Phase::ALL.len()];
     let mut last_loss = f64::NAN;
 
     let save = |step: u64, optimizer: &AdamW, ema: &Option<Ema>, elapsed: f64| -> Result<PathBuf> {
@@ -310,7 +311,9 @@ where
                 break Ending::TimeLimit;
             }
         }
+        let mut clock = PhaseClock::start();
         let batch = loader.next_batch()?;
+        clock.lap(&mut phases, Phase::Batch);
         let lr = optim_cfg.lr_at(step, run_cfg.max_steps);
         optimizer.set_learning_rate(lr);
         let out = stage.loss(&batch, step)?;
@@ -323,17 +326,22 @@ where
             "{} loss became {loss} at step {step}",
             stage.name()
         );
+        clock.lap(&mut phases, Phase::Forward);
         let mut grads = out.loss.backward()?;
+        clock.lap(&mut phases, Phase::Backward);
         let grad_norm = match optim_cfg.clip_grad_norm {
             Some(max) => clip_grad_norm(&mut grads, &var_list, max)? as f64,
             None => f64::NAN,
         };
+        clock.lap(&mut phases, Phase::Clip);
         optimizer.step(&grads)?;
         drop(grads);
+        clock.lap(&mut phases, Phase::Optimizer);
         if let Some(e) = ema.as_mut() {
             e.update()?;
         }
         stage.after_step()?;
+        clock.lap(&mut phases, Phase::After);
         step += 1;
         last_loss = loss;
         window.0 += loss;
@@ -353,6 +361,10 @@ where
             for (k, v) in &out.parts {
                 line[*k] = json!(v);
             }
+            for phase in Phase::ALL {
+                line[phase.key()] = json!(1e3 * phases[phase as usize] / window.1 as f64);
+            }
+            phases = [0.0; Phase::ALL.len()];
             metrics.write(line)?;
             progress.show(
                 step,
@@ -414,6 +426,57 @@ where
         last_loss,
         elapsed_s: elapsed,
     })
+}
+
+/// The parts of a training step whose host wall time each logged window reports, as
+/// milliseconds per step under `ms_<phase>`. On the CPU that is where the step's time goes. On
+/// CUDA kernels run asynchronously, so a phase also holds the GPU time of earlier phases it
+/// waits for: reading the loss (`forward`) and the gradient norm (`clip`) wait for the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Batch,
+    Forward,
+    Backward,
+    Clip,
+    Optimizer,
+    After,
+}
+
+impl Phase {
+    const ALL: [Phase; 6] = [
+        Phase::Batch,
+        Phase::Forward,
+        Phase::Backward,
+        Phase::Clip,
+        Phase::Optimizer,
+        Phase::After,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Phase::Batch => "ms_batch",
+            Phase::Forward => "ms_forward",
+            Phase::Backward => "ms_backward",
+            Phase::Clip => "ms_clip",
+            Phase::Optimizer => "ms_optimizer",
+            Phase::After => "ms_after",
+        }
+    }
+}
+
+/// Adds the time since the previous lap to a phase's total.
+struct PhaseClock(Instant);
+
+impl PhaseClock {
+    fn start() -> Self {
+        Self(Instant::now())
+    }
+
+    fn lap(&mut self, totals: &mut [f64; Phase::ALL.len()], phase: Phase) {
+        let now = Instant::now();
+        totals[phase as usize] += (now - self.0).as_secs_f64();
+        self.0 = now;
+    }
 }
 
 fn fmt_metrics(m: &BTreeMap<String, f64>) -> String {
