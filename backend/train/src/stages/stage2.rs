@@ -1268,21 +1268,9 @@ impl Stage for Stage2Stage {
 
     fn loss(&mut self, b: &Stage2Batch, _step: u64) -> Result<StepLoss> {
         let examples: Vec<&Example> = b.examples.iter().map(|&i| &self.train[i]).collect();
-        let f = self.forward(&examples)?;
         let align_target = self.targets_of(&self.targets, &examples)?;
-        let mse = match &self.target_weights {
-            Some(table) => {
-                weighted_lalign_loss(&f.conds, &align_target, &self.targets_of(table, &examples)?)?
-            }
-            None => lalign_loss(&f.conds, &align_target)?,
-        };
-        let mut parts = vec![
-            ("l_align", mse.to_scalar::<f32>()? as f64),
-            ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
-        ];
-        let mut lreg = None;
-        let mut matched = None;
-        let diffusion = match &self.diffusion {
+        // The diffusion pass's noised latents, timesteps and target.
+        let noised = match &self.diffusion {
             None => None,
             Some(d) => {
                 let idx = Tensor::from_vec(
@@ -1299,9 +1287,56 @@ impl Stage for Stage2Stage {
                     &self.device,
                 )?;
                 let target = d.scheduler.training_target(&x0, &eps, &b.timesteps)?;
-                let wants_maps =
-                    self.section.lreg_weight > 0.0 || self.section.attention_match_weight > 0.0;
-                let l = match self.lreg.as_ref().filter(|_| wants_maps) {
+                Some((d, xt, ts, target))
+            }
+        };
+        let wants_maps =
+            self.section.lreg_weight > 0.0 || self.section.attention_match_weight > 0.0;
+        let capture = self.lreg.as_ref().filter(|_| wants_maps);
+        // The frozen UNet's attention under the alignment target (for the attention match)
+        // depends on nothing the LLM computes: on the CPU the two run side by side, so that one
+        // fills the cores the other's serial stretches leave idle. Each computes what it would
+        // alone.
+        let goal_pass = |this: &Self| -> Result<Option<Vec<models::unet::CapturedAttention>>> {
+            match (&noised, capture) {
+                (Some((d, xt, ts, _)), Some(_)) if this.section.attention_match_weight > 0.0 => {
+                    Ok(Some(
+                        d.unet
+                            .forward_with_capture(
+                                xt,
+                                ts,
+                                &align_target.detach(),
+                                &AttentionCapture::all(),
+                            )?
+                            .attention_probs,
+                    ))
+                }
+                _ => Ok(None),
+            }
+        };
+        let this = &*self;
+        let (f, goal) = if this.device.is_cpu() {
+            rayon::join(|| this.forward(&examples), || goal_pass(this))
+        } else {
+            (this.forward(&examples), goal_pass(this))
+        };
+        let (f, goal) = (f?, goal?);
+        let mse = match &self.target_weights {
+            Some(table) => {
+                weighted_lalign_loss(&f.conds, &align_target, &self.targets_of(table, &examples)?)?
+            }
+            None => lalign_loss(&f.conds, &align_target)?,
+        };
+        let mut parts = vec![
+            ("l_align", mse.to_scalar::<f32>()? as f64),
+            ("l_gen", f.lgen.to_scalar::<f32>()? as f64),
+        ];
+        let mut lreg = None;
+        let mut matched = None;
+        let diffusion = match noised {
+            None => None,
+            Some((d, xt, ts, target)) => {
+                let l = match capture {
                     None => {
                         diffusion_align_loss(&f.conds, |c| d.unet.forward(&xt, &ts, c), &target)?
                     }
@@ -1322,18 +1357,8 @@ impl Stage for Stage2Stage {
                             let (masks, chars) = r.batch(&slots, &self.device)?;
                             lreg = Some(lreg_loss(&maps, &masks, &chars)?);
                         }
-                        if self.section.attention_match_weight > 0.0 {
-                            let goal = d.unet.forward_with_capture(
-                                &xt,
-                                &ts,
-                                &align_target.detach(),
-                                &AttentionCapture::all(),
-                            )?;
-                            matched = Some(attention_match_loss(
-                                &maps,
-                                &goal.attention_probs,
-                                &r.tokens(&slots),
-                            )?);
+                        if let Some(goal) = &goal {
+                            matched = Some(attention_match_loss(&maps, goal, &r.tokens(&slots))?);
                         }
                         l
                     }
