@@ -525,14 +525,25 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
             }
         }
     }
-    // CPU gradients are summed on the host, in order. Gradients on an accelerator are summed
-    // there and read back once: a read per tensor would wait for the device hundreds of times
-    // a step.
+    // CPU gradients: each one's sum on its own, in parallel (a serial f64 chain costs about 4
+    // cycles an element), then added in order: the same bits as one after the other.
+    // Gradients on an accelerator are summed there and read back once: a read per tensor
+    // would wait for the device hundreds of times a step.
+    let cpu_sums = gs
+        .par_iter()
+        .map(|g| {
+            if g.device().is_cpu() {
+                sum_sq(g)
+            } else {
+                Ok(0.0)
+            }
+        })
+        .collect::<Result<Vec<f64>>>()?;
     let mut total = 0f64;
     let mut on_device: Option<Tensor> = None;
-    for g in &gs {
+    for (g, cpu_sum) in gs.iter().zip(cpu_sums) {
         if g.device().is_cpu() {
-            total += sum_sq(g)?;
+            total += cpu_sum;
             continue;
         }
         // Half-precision squares overflow; f32 and f64 gradients keep their own precision.
