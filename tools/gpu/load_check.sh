@@ -8,14 +8,7 @@
 #   bash tools/gpu/load_check.sh [CARRY_DIR]      # after tools/gpu/prepare.sh here
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CARRY=${1:-target/gpu-carry}
-OUT=${OUT:-/tmp/gpu-out}
-W=${GPU_WORK:-/tmp/storygpt-gpu}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-GPU_PARTS=none GPU_BUDGET_S=60 OUT="$OUT/env" bash tools/gpu/on-device.sh "$CARRY" >/dev/null 2>&1
-LD_LIBRARY_PATH=$(sed 's/^LD_LIBRARY_PATH=//' "$W/res/ld_library_path.txt")
-export LD_LIBRARY_PATH
+. tools/gpu/device_env.sh
 BIN=$W/bin/storygpt-v
 t0=$(date +%s)
 "$BIN" bundle random --config toy --out "$W/toy" --seed 0 >/dev/null \

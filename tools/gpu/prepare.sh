@@ -107,4 +107,7 @@ on-device.sh stops itself after GPU_BUDGET_S (460 s) and writes under \$OUT: sum
 summary.json, on-device.log, results.tar.gz (every raw result), diffusers-frame.png and
 ours-frame.png. Copy summary.md into docs/BENCHMARKS.md ("GPU script"), then give_back.
 A shorter rerun of some parts: command "GPU_PARTS=parity GPU_BUDGET_S=200 bash tools/gpu/on-device.sh".
+Training on the GPU (issue #12 item 6): command "GPU_BUDGET_S=530 bash tools/gpu/train_check.sh
+target/gpu-carry", timeout_s 570; an older binary stripped and xz-compressed into
+$CARRY/storygpt-v-base.xz adds its A/B of char-ldm and stage 2.
 EOF

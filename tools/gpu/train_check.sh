@@ -3,8 +3,8 @@
 # GPU_TRAIN_STEPS steps a stage (the whole plan does not fit a 15-minute lease), with each
 # stage's speed, the step's phases and the full plan's projected time (train_speed.py); then an
 # A/B of char-ldm and stage 2 against a second, older binary on the same inputs, when one is
-# carried as storygpt-v-base.xz. Writes under $OUT: train-check.log, train.md/json,
-# base-*.md/json, training.json.
+# carried as storygpt-v-base.xz. Writes under $OUT (the device tool brings back 8 files):
+# train-check.log, train.md and train-check.tar.gz (every log, table and training.json).
 #
 #   bash tools/gpu/train_check.sh [CARRY_DIR]   # after tools/gpu/prepare.sh here
 #
@@ -15,10 +15,6 @@
 #     GPU_TRAIN_STEPS=10 GPU_BASE_STEPS=10 OUT=/tmp/gpu-dry bash tools/gpu/train_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CARRY=${1:-target/gpu-carry}
-OUT=${OUT:-/tmp/gpu-out}
-W=${GPU_WORK:-/tmp/storygpt-gpu}
-PY=${PYTHON:-python3}
 DEV=${GPU_DEVICE:-cuda}
 PLAN=${GPU_PLAN:-configs/toy.toml}
 STEPS=${GPU_TRAIN_STEPS:-100}
@@ -26,13 +22,11 @@ BASE_STEPS=${GPU_BASE_STEPS:-75}
 BUDGET=${GPU_BUDGET_S:-500}
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-mkdir -p "$OUT"
-
-# The environment part of on-device.sh: CUDA libraries, the carried binary unpacked.
-GPU_PARTS=none GPU_BUDGET_S=60 OUT="$OUT/env" bash tools/gpu/on-device.sh "$CARRY" >"$OUT/env.log" 2>&1
-exec > >(tee -a "$OUT/train-check.log") 2>&1
-LD_LIBRARY_PATH=$(sed 's/^LD_LIBRARY_PATH=//' "$W/res/ld_library_path.txt")
-export LD_LIBRARY_PATH
+# CUDA libraries found, the carried binary unpacked (CARRY, OUT, W and PY set).
+. tools/gpu/device_env.sh
+R=$W.train-check                       # every result; $OUT gets the log, the table and a tarball
+rm -rf "$R" && mkdir -p "$R"
+exec > >(tee -a "$R/train-check.log") 2>&1
 BIN=${STORYGPT_BIN:-$W/bin/storygpt-v}
 tdev=$DEV; [ "$DEV" = cuda ] && tdev=cuda:0
 echo "== $("$BIN" --version 2>&1) on $tdev; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
@@ -49,11 +43,11 @@ EOF
 echo "== train all, $STEPS steps a stage ($(left) s left)"
 t0=$(date +%s)
 timeout -k 5 $(( $(left) - 30 )) "$BIN" train all --config "$PLAN" --out "$W/new" --max-steps "$STEPS" \
-  --device "$tdev" >"$OUT/train-all.log" 2>&1
+  --device "$tdev" >"$R/train-all.log" 2>&1
 echo "train all: rc $? in $(( $(date +%s) - t0 )) s"
-grep -E 'gate|finished|stopped|error|Error' "$OUT/train-all.log" | tail -n 20
-"$PY" tools/gpu/train_speed.py --run "$W/new" --plan "$PLAN" --json "$OUT/train.json" | tee "$OUT/train.md"
-cp "$W/new/training.json" "$OUT/training.json" 2>/dev/null
+grep -E 'gate|finished|stopped|error|Error' "$R/train-all.log" | tail -n 20
+"$PY" tools/gpu/train_speed.py --run "$W/new" --plan "$PLAN" --json "$R/train.json" | tee "$R/train.md"
+cp "$W/new/training.json" "$R/training.json" 2>/dev/null
 
 # A/B: the older binary's char-ldm and stage 2 on the same data and base models.
 if [ -f "$CARRY/storygpt-v-base.xz" ] && [ -f "$W/new/bundle.toml" ]; then
@@ -68,11 +62,11 @@ if [ -f "$CARRY/storygpt-v-base.xz" ] && [ -f "$W/new/bundle.toml" ]; then
     t0=$(date +%s)
     timeout -k 5 $(( $(left) - 15 )) "$W/bin/storygpt-v-base" train "$name" --config "$(stage_file $stage)" \
       --data "$W/new/data" --out "$W/base" --max-steps "$BASE_STEPS" --device "$tdev" \
-      >"$OUT/base-$name.log" 2>&1
+      >"$R/base-$name.log" 2>&1
     echo "base $name: rc $? in $(( $(date +%s) - t0 )) s"
-    tail -n 3 "$OUT/base-$name.log"
-    "$PY" tools/gpu/train_speed.py --run "$W/base" --plan "$PLAN" --json "$OUT/base-$name.json" \
-      | grep -E "^\| (stage|---|$name) " | tee "$OUT/base-$name.md"
+    tail -n 3 "$R/base-$name.log"
+    "$PY" tools/gpu/train_speed.py --run "$W/base" --plan "$PLAN" --json "$R/base-$name.json" \
+      | grep -E "^\| (stage|---|$name) " | tee "$R/base-$name.md"
     # The same windows of the new binary's run, and each window's gradient norm, side by side.
     "$PY" - "$W/new/runs/$name/metrics.jsonl" "$W/base/runs/$name/metrics.jsonl" <<'EOF'
 import json, sys
@@ -85,3 +79,6 @@ EOF
   done
 fi
 echo "== done in $(( $(date +%s) - START )) s"
+cp "$W.env.log" "$R/env.log" 2>/dev/null
+cp "$R/train-check.log" "$R/train.md" "$OUT/" 2>/dev/null
+tar czf "$OUT/train-check.tar.gz" -C "$R" .
