@@ -655,17 +655,15 @@ fn stack_targets(
             })
         })
         .collect();
+    let encode = |c: &&str| stage1.target(c, align);
     let rows = if device.is_cpu() {
         use rayon::prelude::*;
         distinct
             .par_iter()
-            .map(|c| stage1.target(c, align))
+            .map(encode)
             .collect::<Result<Vec<_>>>()?
     } else {
-        distinct
-            .iter()
-            .map(|c| stage1.target(c, align))
-            .collect::<Result<Vec<_>>>()?
+        distinct.iter().map(encode).collect::<Result<Vec<_>>>()?
     };
     if rows.is_empty() {
         anyhow::bail!("stage2: no captions to make alignment targets of")
