@@ -360,13 +360,16 @@ pub async fn update(pool: &AnyPool, id: i64, changes: CharacterChanges) -> ApiRe
 
 /// Deletes a character (it leaves every story cast it was in); 404 if absent.
 pub async fn delete(pool: &AnyPool, id: i64) -> ApiResult<()> {
+    // Under the write lock, as every write that cascades into rows a running job writes.
+    let mut tx = crate::db::begin_write(pool).await?;
     let done = sqlx::query("DELETE FROM characters WHERE id = $1")
         .bind(id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::not_found("character", id));
     }
+    tx.commit().await?;
     Ok(())
 }
 

@@ -175,10 +175,13 @@ fn lease_end(lease: std::time::Duration) -> String {
 /// Renews the lease of every job `worker` runs, for `lease` from now, and its heartbeat in
 /// `workers`.
 pub async fn heartbeat(pool: &AnyPool, worker: &str, lease: std::time::Duration) -> ApiResult<()> {
+    // Under the write lock: the workers row's foreign key locks the job row, and a story's
+    // deletion locks both in the other order.
+    let mut tx = crate::db::begin_write(pool).await?;
     sqlx::query("UPDATE jobs SET lease_until = $1 WHERE worker = $2 AND status = 'running'")
         .bind(lease_end(lease))
         .bind(worker)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
     sqlx::query(
         "UPDATE workers SET last_heartbeat = $1,
@@ -188,8 +191,9 @@ pub async fn heartbeat(pool: &AnyPool, worker: &str, lease: std::time::Duration)
     .bind(now())
     .bind(worker)
     .bind(worker)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 

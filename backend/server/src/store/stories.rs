@@ -355,13 +355,18 @@ pub async fn update(
 
 /// Deletes a story with its frames and jobs; 404 if absent.
 pub async fn delete(pool: &AnyPool, id: i64) -> ApiResult<()> {
+    // Under the write lock: the cascade locks frames, jobs and their rows in another order
+    // than a running job's transactions do, which on PostgreSQL could deadlock with one of
+    // them and fail one side (a 503 to the user, seen in CI).
+    let mut tx = crate::db::begin_write(pool).await?;
     let done = sqlx::query("DELETE FROM stories WHERE id = $1")
         .bind(id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
     if done.rows_affected() == 0 {
         return Err(ApiError::not_found("story", id));
     }
+    tx.commit().await?;
     Ok(())
 }
 
