@@ -584,6 +584,77 @@ fn train_all_makes_a_complete_bundle_that_draws_a_story() {
     );
 }
 
+/// Every weight file of a bundle, by its path inside it (runs and data left out).
+fn bundle_weights(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if p.is_dir() && name != "runs" && name != "data" {
+                dirs.push(p);
+            } else if name.ends_with(".safetensors") {
+                let bytes = std::fs::read(&p).unwrap();
+                files.push((p.strip_prefix(dir).unwrap().to_path_buf(), bytes));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn train_all_command(out: &Path, extra: &[&str]) -> Output {
+    Command::new(binary())
+        .args(["train", "all", "--config"])
+        .arg(repo("configs/tiny/toy.toml"))
+        .arg("--data")
+        .arg(tiny_bundle().join("data"))
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn train_all_in_one_lane_or_two_or_stopped_and_resumed_makes_the_same_bundle() {
+    // tiny_bundle() trained clip and lm in a second process beside the VAE (the default).
+    let lanes = bundle_weights(tiny_bundle());
+    assert_eq!(lanes.len(), 7, "{:?}", lanes.iter().map(|f| &f.0).collect::<Vec<_>>());
+    let log = std::fs::read_to_string(tiny_bundle().join("training.json")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&log).unwrap();
+    for stage in ["vae", "vae-decoder", "clip", "lm"] {
+        assert_eq!(record["stages"][stage]["steps"], 6, "{stage}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let one = tmp.path().join("one-lane");
+    let res = train_all_command(&one, &["--one-lane"]);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(!stderr.contains("second process"), "{stderr}");
+    assert!(bundle_weights(&one) == lanes, "one lane trained other weights than two");
+
+    // Out of time after the first step: the stage keeps a checkpoint, the second lane is
+    // stopped too, the run says how to go on, and --resume finishes both lanes with the
+    // weights of an uninterrupted run.
+    let cut = tmp.path().join("cut");
+    let res = train_all_command(&cut, &["--max-minutes", "0.000001"]);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{stderr}");
+    assert!(stderr.contains("continue with --resume"), "{stderr}");
+    assert!(stderr.contains("second process"), "{stderr}");
+    assert!(
+        train::checkpoint::latest(&cut.join("runs/vae")).unwrap().is_some(),
+        "vae left no checkpoint: {stderr}"
+    );
+    let res = train_all_command(&cut, &["--resume"]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(bundle_weights(&cut) == lanes, "the resumed run trained other weights");
+}
+
 #[test]
 fn every_committed_plan_loads_with_all_its_stage_files() {
     let mut plans = Vec::new();

@@ -209,9 +209,20 @@ pub struct AllReport {
     pub ending: Ending,
 }
 
+/// Trains one stage in another process and returns its report once that process has ended:
+/// `train all`'s second lane on the CPU (two processes overlap on two cores better than two
+/// lanes of one process, docs/TRAINING.md). It must stop the stage with a checkpoint when
+/// the arguments' stop flag is set.
+pub type SecondLane<'a> = &'a (dyn Fn(&str, &DriverArgs) -> Result<StageReport> + Sync);
+
 /// Runs the plan at `args.config` into `args.out`; `data: None` generates the plan's toy world
-/// into `OUT/data` (kept, so a resume uses the same bytes).
-pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
+/// into `OUT/data` (kept, so a resume uses the same bytes). With `second_lane`, clip and lm
+/// train in it beside vae and vae-decoder (the same weights: each stage is deterministic).
+pub fn train_all(
+    args: &DriverArgs,
+    data: Option<&Path>,
+    second_lane: Option<SecondLane<'_>>,
+) -> Result<AllReport> {
     let plan = Plan::load(&args.config)?;
     let done = finished_stages(&args.out);
     if !args.resume {
@@ -250,28 +261,37 @@ pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
             dir
         }
     };
-    let mut reports = Vec::new();
-    for stage in ORDER {
-        if done.iter().any(|d| d == stage) {
-            eprintln!("train all: {stage} is already trained; skipping it");
-            continue;
-        }
-        let Some(stage_file) = plan.stage_file(stage) else {
-            continue;
-        };
-        let stage_args = DriverArgs {
+    let pending: Vec<&'static str> = ORDER
+        .into_iter()
+        .filter(|stage| plan.stage_file(stage).is_some())
+        .filter(|stage| {
+            let finished = done.iter().any(|d| d == stage);
+            if finished {
+                eprintln!("train all: {stage} is already trained; skipping it");
+            }
+            !finished
+        })
+        .collect();
+    let stage_args = |stage: &str| -> Result<DriverArgs> {
+        let stage_file = plan
+            .stage_file(stage)
+            .with_context(|| format!("the plan has no stage {stage}"))?;
+        Ok(DriverArgs {
             config: stage_file.to_path_buf(),
             data: data_dir.clone(),
             // A stage with a checkpoint continues it; one without starts fresh.
             resume: args.resume
                 && crate::checkpoint::latest(&args.out.join("runs").join(stage))?.is_some(),
             ..args.clone()
-        };
+        })
+    };
+    let in_process = |stage: &str| -> Result<StageReport> {
+        let stage_args = stage_args(stage)?;
         eprintln!(
             "train all: stage {stage} from {}",
             stage_args.config.display()
         );
-        let report = match stage {
+        match stage {
             "vae" => driver::train_vae(&stage_args),
             "vae-decoder" => driver::train_vae_decoder(&stage_args),
             "clip" => driver::train_clip(&stage_args),
@@ -279,7 +299,59 @@ pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
             "char-ldm" => driver::train_char_ldm(&stage_args),
             _ => driver::train_stage2(&stage_args),
         }
-        .with_context(|| format!("stage {stage}"))?;
+        .with_context(|| format!("stage {stage}"))
+    };
+    // The text models need only the data, so with a second lane they train beside the VAE,
+    // which needs only the data too; the StoryGPT-V stages need both and come after.
+    let (beside, after): (Vec<&str>, Vec<&str>) = pending
+        .iter()
+        .partition(|stage| matches!(**stage, "vae" | "vae-decoder" | "clip" | "lm"));
+    let (text, image): (Vec<&str>, Vec<&str>) =
+        beside.iter().partition(|stage| matches!(**stage, "clip" | "lm"));
+    let mut reports = Vec::new();
+    let mut sequential = pending.clone();
+    if let Some(second_lane) = second_lane.filter(|_| !text.is_empty() && !image.is_empty()) {
+        eprintln!(
+            "train all: {} in a second process beside {}",
+            text.join(", "),
+            image.join(", ")
+        );
+        let (first, second) = std::thread::scope(|scope| {
+            let second = scope.spawn(|| {
+                let lane = run_lane(&text, |stage| {
+                    second_lane(stage, &stage_args(stage)?)
+                        .with_context(|| format!("stage {stage} (second process)"))
+                });
+                lane_ended(&lane, &args.stop);
+                lane
+            });
+            let first = run_lane(&image, in_process);
+            lane_ended(&first, &args.stop);
+            let second = second
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the second lane's thread panicked")));
+            (first, second)
+        });
+        let mut lanes = first?;
+        lanes.extend(second?);
+        lanes.sort_by_key(|(stage, _)| ORDER.iter().position(|s| s == stage));
+        // The lane that ended first stopped the other: its ending (a time limit) is the cause.
+        let unfinished = lanes
+            .iter()
+            .map(|(_, r)| r.ending.clone())
+            .filter(|e| *e != Ending::Finished)
+            .max_by_key(|e| *e != Ending::Stopped);
+        reports.extend(lanes);
+        if let Some(ending) = unfinished {
+            return Ok(AllReport {
+                stages: reports,
+                ending,
+            });
+        }
+        sequential = after;
+    }
+    for stage in sequential {
+        let report = in_process(stage)?;
         let ending = report.ending.clone();
         reports.push((stage.to_owned(), report));
         if ending != Ending::Finished {
@@ -294,6 +366,34 @@ pub fn train_all(args: &DriverArgs, data: Option<&Path>) -> Result<AllReport> {
         stages: reports,
         ending: Ending::Finished,
     })
+}
+
+/// Trains `stages` in order with `train` until one does not finish.
+fn run_lane(
+    stages: &[&str],
+    train: impl Fn(&str) -> Result<StageReport>,
+) -> Result<Vec<(String, StageReport)>> {
+    let mut reports = Vec::new();
+    for stage in stages {
+        let report = train(stage)?;
+        let finished = report.ending == Ending::Finished;
+        reports.push((stage.to_string(), report));
+        if !finished {
+            break;
+        }
+    }
+    Ok(reports)
+}
+
+/// A lane that failed or stopped early stops the other one too (with a checkpoint, so a
+/// `--resume` continues both), rather than leave it training stages the run cannot use yet.
+fn lane_ended(lane: &Result<Vec<(String, StageReport)>>, stop: &std::sync::atomic::AtomicBool) {
+    let whole = lane
+        .as_ref()
+        .is_ok_and(|r| r.iter().all(|(_, r)| r.ending == Ending::Finished));
+    if !whole && !stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("train all: a lane ended early; stopping the other with a checkpoint");
+    }
 }
 
 /// Writes the plan's sampling defaults into the finished bundle's `bundle.toml`.

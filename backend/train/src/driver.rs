@@ -41,7 +41,7 @@ pub struct DriverArgs {
 }
 
 /// A stage's quality gate: the measured value, the target and whether it was met.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Gate {
     /// What is measured.
     pub metric: String,
@@ -89,7 +89,21 @@ fn open_stage<S: crate::config::StageSection>(
 }
 
 /// Merges this stage's record into `OUT/training.json` (other stages' records are kept).
+/// Stages that run side by side in two processes (`train all`'s lanes) both merge into the one
+/// file, so the read-merge-write holds an exclusive lock on `OUT/runs/training.lock` (beside
+/// the runs, which are not part of a shipped bundle).
 pub fn record_stage(out: &Path, stage: &str, record: serde_json::Value) -> Result<()> {
+    let runs = out.join("runs");
+    std::fs::create_dir_all(&runs).with_context(|| format!("creating {}", runs.display()))?;
+    let lock_path = runs.join("training.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    fs2::FileExt::lock_exclusive(&lock)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
     let path = out.join("training.json");
     let mut all = match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
@@ -97,7 +111,7 @@ pub fn record_stage(out: &Path, stage: &str, record: serde_json::Value) -> Resul
         Err(_) => json!({"stages": {}}),
     };
     all["stages"][stage] = record;
-    let tmp = out.join(".training.json.tmp");
+    let tmp = out.join(format!(".training.json.{}.tmp", std::process::id()));
     std::fs::write(&tmp, serde_json::to_string_pretty(&all)?)?;
     std::fs::rename(&tmp, &path)?;
     Ok(())

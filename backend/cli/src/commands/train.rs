@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 /// Arguments of `storygpt-v train`.
@@ -37,6 +38,10 @@ pub struct TrainArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu", env = "STORYGPT_DEVICE")]
     pub device: String,
+    /// `all` on the CPU: train every stage in this process, one after the other, instead of
+    /// clip and lm in a second process beside vae and vae-decoder (the same weights either way).
+    #[arg(long)]
+    pub one_lane: bool,
 }
 
 /// The trainable stages.
@@ -82,9 +87,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (None, _) => anyhow::bail!("--data DIR is required (only `train all` can make its own)"),
     };
     let driver = train::driver::DriverArgs {
-        config: args.config,
+        config: args.config.clone(),
         data,
-        out: args.out,
+        out: args.out.clone(),
         resume: args.resume,
         max_steps: args.max_steps,
         max_minutes: args.max_minutes,
@@ -92,7 +97,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         stop,
     };
     if let StageArg::All = args.stage {
-        let report = train::all::train_all(&driver, args.data.as_deref())?;
+        let exe = std::env::current_exe().context("finding this program to run a second lane")?;
+        let second_lane = |stage: &str, stage_args: &train::driver::DriverArgs| {
+            stage_in_a_process(&exe, stage, stage_args, &args.device)
+        };
+        // One device cannot overlap two stages usefully; two CPU cores can (docs/TRAINING.md).
+        let lanes = !args.one_lane && driver.device.is_cpu();
+        let report = train::all::train_all(
+            &driver,
+            args.data.as_deref(),
+            lanes.then_some(&second_lane as train::all::SecondLane<'_>),
+        )?;
         for (stage, r) in &report.stages {
             tracing::info!(stage = %stage, steps = r.steps, ending = ?r.ending, "stage done");
         }
@@ -115,4 +130,91 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     tracing::info!(steps = report.steps, ending = ?report.ending, "training stopped");
     Ok(())
+}
+
+/// Runs `train STAGE` for `train all`'s second lane as a child process of this program and
+/// waits for it, forwarding a stop (the child then writes a checkpoint and exits); the child
+/// writes its part of the bundle and its record in `training.json`, which the report is read
+/// back from.
+fn stage_in_a_process(
+    exe: &std::path::Path,
+    stage: &str,
+    args: &train::driver::DriverArgs,
+    device: &str,
+) -> anyhow::Result<train::driver::StageReport> {
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(["train", stage, "--config"])
+        .arg(&args.config)
+        .arg("--data")
+        .arg(&args.data)
+        .arg("--out")
+        .arg(&args.out)
+        .args(["--device", device]);
+    if args.resume {
+        command.arg("--resume");
+    }
+    if let Some(n) = args.max_steps {
+        command.args(["--max-steps", &n.to_string()]);
+    }
+    if let Some(m) = args.max_minutes {
+        command.args(["--max-minutes", &m.to_string()]);
+    }
+    eprintln!(
+        "train all: stage {stage} from {} (second process)",
+        args.config.display()
+    );
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {} train {stage}", exe.display()))?;
+    let mut stop_sent = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if !stop_sent && args.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // SIGTERM, not kill(): the child stops after its step with a checkpoint.
+            let pid = libc::pid_t::try_from(child.id()).context("child process id")?;
+            // SAFETY: kill(2) with a pid this process spawned and has not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            stop_sent = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // A stop that came before the child had set up its signal handling ends it by the signal
+    // itself: stopped all the same, with whatever checkpoint it had.
+    let stopped_early = stop_sent
+        && std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGTERM);
+    anyhow::ensure!(
+        status.success() || stopped_early,
+        "train {stage} (a second process) failed ({status}); its messages are above"
+    );
+    let record = std::fs::read_to_string(args.out.join("training.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| v["stages"][stage].clone())
+        .unwrap_or_default();
+    if record.is_null() {
+        // It ended cleanly without finishing: stopped or out of time, with a checkpoint.
+        let ending = if stop_sent || args.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            train::Ending::Stopped
+        } else {
+            train::Ending::TimeLimit
+        };
+        let steps = train::checkpoint::latest(&args.out.join("runs").join(stage))?
+            .and_then(|dir| std::fs::read_to_string(dir.join("state.json")).ok())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|state| state["step"].as_u64())
+            .unwrap_or_default();
+        return Ok(train::driver::StageReport {
+            ending,
+            steps,
+            gates: vec![],
+        });
+    }
+    Ok(train::driver::StageReport {
+        ending: train::Ending::Finished,
+        steps: record["steps"].as_u64().unwrap_or_default(),
+        gates: serde_json::from_value(record["gates"].clone()).unwrap_or_default(),
+    })
 }
