@@ -77,7 +77,7 @@ fn main() -> std::process::ExitCode {
         Command::Component(args) => commands::component::run(args),
         Command::Bundle(args) => commands::bundle::run(args),
         Command::Generate(args) => commands::generate::run(args),
-        Command::Train(args) => commands::train::run(args),
+        Command::Train(args) => commands::train::run(args, cli.log_format),
         Command::Eval(args) => commands::eval::run(args),
     };
     match result {

@@ -69,7 +69,9 @@ pub enum StageArg {
     Classifier,
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+/// Trains a stage, or every stage of a plan; `log_format` is passed on to a second lane's
+/// process.
+pub fn run(args: TrainArgs, log_format: super::LogFormat) -> anyhow::Result<()> {
     // candle's element-wise thread pool spins while idle, which on a 2-core machine takes cycles
     // from the rayon threads doing the convolutions: measured 10-15% faster steps without it.
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
@@ -99,7 +101,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let StageArg::All = args.stage {
         let exe = std::env::current_exe().context("finding this program to run a second lane")?;
         let second_lane = |stage: &str, stage_args: &train::driver::DriverArgs| {
-            stage_in_a_process(&exe, stage, stage_args, &args.device)
+            stage_in_a_process(&exe, stage, stage_args, &args.device, log_format)
         };
         // One device cannot overlap two stages usefully; two CPU cores can (docs/TRAINING.md).
         let lanes = !args.one_lane && driver.device.is_cpu();
@@ -141,10 +143,15 @@ fn stage_in_a_process(
     stage: &str,
     args: &train::driver::DriverArgs,
     device: &str,
+    log_format: super::LogFormat,
 ) -> anyhow::Result<train::driver::StageReport> {
+    let format = match log_format {
+        super::LogFormat::Pretty => "pretty",
+        super::LogFormat::Json => "json",
+    };
     let mut command = std::process::Command::new(exe);
     command
-        .args(["train", stage, "--config"])
+        .args(["--log-format", format, "train", stage, "--config"])
         .arg(&args.config)
         .arg("--data")
         .arg(&args.data)
