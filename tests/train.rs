@@ -637,9 +637,9 @@ fn train_all_in_one_lane_or_two_or_stopped_and_resumed_makes_the_same_bundle() {
     assert!(!stderr.contains("second process"), "{stderr}");
     assert!(bundle_weights(&one) == lanes, "one lane trained other weights than two");
 
-    // Out of time after the first step: the stage keeps a checkpoint, the second lane is
-    // stopped too, the run says how to go on, and --resume finishes both lanes with the
-    // weights of an uninterrupted run.
+    // Out of time at once: the stages keep a checkpoint, the lane that did not run out is
+    // stopped, the run says how to go on, and --resume finishes both lanes with the weights of
+    // an uninterrupted run.
     let cut = tmp.path().join("cut");
     let res = train_all_command(&cut, &["--max-minutes", "0.000001"]);
     let stderr = String::from_utf8_lossy(&res.stderr);

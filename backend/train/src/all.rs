@@ -193,11 +193,42 @@ impl Plan {
 
 /// Stages `OUT/training.json` records as finished.
 fn finished_stages(out: &Path) -> Vec<String> {
+    recorded_stages(out)
+        .and_then(|v| v.as_object().map(|m| m.keys().cloned().collect()))
+        .unwrap_or_default()
+}
+
+/// The `stages` object of `OUT/training.json`, if it can be read.
+fn recorded_stages(out: &Path) -> Option<serde_json::Value> {
     std::fs::read_to_string(out.join("training.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["stages"].as_object().map(|m| m.keys().cloned().collect()))
-        .unwrap_or_default()
+        .and_then(|mut v| v.get_mut("stages").map(serde_json::Value::take))
+}
+
+/// The report of `stage` as another process left it in `out`: finished with its recorded steps
+/// and gates when `training.json` holds its record, otherwise `unfinished` at its latest
+/// checkpoint's step (a second lane reads its child's outcome back with this).
+pub fn report_from_files(out: &Path, stage: &str, unfinished: Ending) -> Result<StageReport> {
+    let record = recorded_stages(out)
+        .and_then(|mut stages| stages.get_mut(stage).map(serde_json::Value::take))
+        .unwrap_or_default();
+    if record.is_null() {
+        let steps = match crate::checkpoint::latest(&out.join("runs").join(stage))? {
+            Some(dir) => crate::checkpoint::read_state(&dir)?.step,
+            None => 0,
+        };
+        return Ok(StageReport {
+            ending: unfinished,
+            steps,
+            gates: vec![],
+        });
+    }
+    Ok(StageReport {
+        ending: Ending::Finished,
+        steps: record["steps"].as_u64().unwrap_or_default(),
+        gates: serde_json::from_value(record["gates"].clone()).unwrap_or_default(),
+    })
 }
 
 /// What `train all` did: each stage's report (skipped stages are absent) and how it ended.

@@ -137,7 +137,7 @@ pub fn run(args: TrainArgs, log_format: super::LogFormat) -> anyhow::Result<()> 
 /// Runs `train STAGE` for `train all`'s second lane as a child process of this program and
 /// waits for it, forwarding a stop (the child then writes a checkpoint and exits); the child
 /// writes its part of the bundle and its record in `training.json`, which the report is read
-/// back from.
+/// back from (`train::all::report_from_files`).
 fn stage_in_a_process(
     exe: &std::path::Path,
     stage: &str,
@@ -196,32 +196,12 @@ fn stage_in_a_process(
         status.success() || stopped_early,
         "train {stage} (a second process) failed ({status}); its messages are above"
     );
-    let record = std::fs::read_to_string(args.out.join("training.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .map(|v| v["stages"][stage].clone())
-        .unwrap_or_default();
-    if record.is_null() {
-        // It ended cleanly without finishing: stopped or out of time, with a checkpoint.
-        let ending = if stop_sent || args.stop.load(std::sync::atomic::Ordering::SeqCst) {
-            train::Ending::Stopped
-        } else {
-            train::Ending::TimeLimit
-        };
-        let steps = train::checkpoint::latest(&args.out.join("runs").join(stage))?
-            .and_then(|dir| std::fs::read_to_string(dir.join("state.json")).ok())
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|state| state["step"].as_u64())
-            .unwrap_or_default();
-        return Ok(train::driver::StageReport {
-            ending,
-            steps,
-            gates: vec![],
-        });
-    }
-    Ok(train::driver::StageReport {
-        ending: train::Ending::Finished,
-        steps: record["steps"].as_u64().unwrap_or_default(),
-        gates: serde_json::from_value(record["gates"].clone()).unwrap_or_default(),
-    })
+    // It ended cleanly: finished (its record is in training.json), or stopped or out of time
+    // with a checkpoint.
+    let unfinished = if stop_sent || args.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        train::Ending::Stopped
+    } else {
+        train::Ending::TimeLimit
+    };
+    train::all::report_from_files(&args.out, stage, unfinished)
 }
