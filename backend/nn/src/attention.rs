@@ -94,9 +94,9 @@ fn fused_attention(
     opts: &SdpaOptions,
 ) -> Result<AttentionOutput> {
     use crate::fused::{batched_matmul, softmax_fused, SoftmaxMask, Transpose};
-    let (b, h, q_len, d) = q.dims4()?;
+    let (b, h, _, d) = q.dims4()?;
     let (kb, kh, k_len, kd) = k.dims4()?;
-    let (vb, vh, v_len, dv) = v.dims4()?;
+    let (vb, vh, v_len, _) = v.dims4()?;
     if (kb, kh, kd) != (b, h, d) || (vb, vh, v_len) != (b, h, k_len) {
         candle_core::bail!(
             "attention: q {:?}, k {:?} and v {:?} do not match",
@@ -106,23 +106,15 @@ fn fused_attention(
         )
     }
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let q3 = q.contiguous()?.reshape((b * h, q_len, d))?;
-    let k3 = k.contiguous()?.reshape((b * h, k_len, d))?;
-    let scores =
-        batched_matmul(&q3, &k3, Transpose::No, Transpose::Yes)?.reshape((b, h, q_len, k_len))?;
+    // Products over the (batch, heads) dimensions as they are: a reshape to 3 dimensions and
+    // back would add graph nodes whose gradients the backward pass zero-fills and adds.
+    let scores = batched_matmul(q, k, Transpose::No, Transpose::Yes)?;
     let mask = SoftmaxMask {
         additive: opts.mask,
         causal: opts.causal,
     };
     let probs = softmax_fused(&scores, scale, mask, false)?;
-    let v3 = v.contiguous()?.reshape((b * h, k_len, dv))?;
-    let output = batched_matmul(
-        &probs.reshape((b * h, q_len, k_len))?,
-        &v3,
-        Transpose::No,
-        Transpose::No,
-    )?
-    .reshape((b, h, q_len, dv))?;
+    let output = batched_matmul(&probs, v, Transpose::No, Transpose::No)?;
     Ok(AttentionOutput {
         output,
         probs: opts.return_probs.then_some(probs),
@@ -149,6 +141,14 @@ pub fn causal_mask(q_len: usize, offset: usize, dtype: DType, device: &Device) -
 
 /// `(b, s, heads * d)` -> `(b, heads, s, d)` (contiguous).
 pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    if crate::fused::use_fused(xs) && matches!(xs.dtype(), DType::F32 | DType::F64) {
+        return crate::fused::split_heads_fused(xs, heads);
+    }
+    split_heads_composed(xs, heads)
+}
+
+/// [`split_heads`] from candle primitives (any device; the reference for the fused CPU path).
+pub fn split_heads_composed(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, s, hd) = xs.dims3()?;
     if heads == 0 || !hd.is_multiple_of(heads) {
         candle_core::bail!("split_heads: width {hd} not divisible by {heads} heads")
@@ -160,6 +160,14 @@ pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
 
 /// `(b, heads, s, d)` -> `(b, s, heads * d)`.
 pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
+    if crate::fused::use_fused(xs) && matches!(xs.dtype(), DType::F32 | DType::F64) {
+        return crate::fused::merge_heads_fused(xs);
+    }
+    merge_heads_composed(xs)
+}
+
+/// [`merge_heads`] from candle primitives (any device; the reference for the fused CPU path).
+pub fn merge_heads_composed(xs: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = xs.dims4()?;
     xs.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))
 }

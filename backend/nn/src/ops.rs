@@ -77,6 +77,9 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 
 /// ReLU: `max(x, 0)`.
 pub fn relu(xs: &Tensor) -> Result<Tensor> {
+    if crate::fused::use_fused(xs) && matches!(xs.dtype(), DType::F32 | DType::F64) {
+        return crate::fused::relu_fused(xs);
+    }
     xs.relu()
 }
 

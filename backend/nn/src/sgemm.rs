@@ -384,7 +384,15 @@ mod avx512 {
             let panel = &mut out[p * kc * MR..(p + 1) * kc * MR];
             let rows = MR.min(mc - p * MR);
             let base = (ic + p * MR) * a.rs + pc * a.cs;
-            for (kk, step) in panel.chunks_exact_mut(MR).enumerate() {
+            let mut done = 0;
+            if a.cs == 1 && rows == MR {
+                // Rows contiguous in depth (the usual row-major operand): 8 x 8 blocks
+                // transposed in registers instead of one scalar load and store per value.
+                let starts: [usize; MR] = std::array::from_fn(|r| base + r * a.rs);
+                // SAFETY: AVX-512F (and so AVX) is available wherever this module runs.
+                done = unsafe { transpose_depth_blocks(a.data, starts, kc, panel, MR, 0) };
+            }
+            for (kk, step) in panel.chunks_exact_mut(MR).enumerate().skip(done) {
                 let at = base + kk * a.cs;
                 if a.rs == 1 && rows == MR {
                     step.copy_from_slice(&a.data[at..at + MR]);
@@ -415,11 +423,24 @@ mod avx512 {
                 if cols < NR {
                     panel.fill(0.0);
                 }
+                let mut done = 0;
+                if b.rs == 1 {
+                    // Columns contiguous in depth (a transposed operand, e.g. `x W^T`): blocks
+                    // of 8 columns x 8 depth steps transposed in registers.
+                    for j0 in (0..cols - cols % 8).step_by(8) {
+                        let starts: [usize; 8] = std::array::from_fn(|r| pc + (c0 + j0 + r) * b.cs);
+                        // SAFETY: AVX-512F (and so AVX) is available wherever this module runs.
+                        done = unsafe { transpose_depth_blocks(b.data, starts, kc, panel, NR, j0) };
+                    }
+                }
                 for j in 0..cols {
                     let base = pc * b.rs + (c0 + j) * b.cs;
                     if b.rs == 1 {
+                        // Whatever the blocks above left: the columns past the last full 8,
+                        // and for every column the depth steps past the last full 8.
+                        let first = if j < cols - cols % 8 { done } else { 0 };
                         let src = &b.data[base..base + kc];
-                        for (kk, &v) in src.iter().enumerate() {
+                        for (kk, &v) in src.iter().enumerate().skip(first) {
                             panel[kk * NR + j] = v;
                         }
                     } else {
@@ -430,6 +451,67 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// Copies 8 sequences of `src` (starting at `starts`, each contiguous and `kc` long) into
+    /// `dst` transposed: value `kk` of sequence `r` goes to `dst[kk * stride + col + r]`, for
+    /// the depth steps `kk` in whole blocks of 8. Returns how many steps it copied (`kc` rounded
+    /// down to a multiple of 8); the caller copies the rest. A pure copy: the product's bits do
+    /// not change.
+    ///
+    /// # Safety
+    /// AVX is available.
+    #[target_feature(enable = "avx")]
+    unsafe fn transpose_depth_blocks(
+        src: &[f32],
+        starts: [usize; 8],
+        kc: usize,
+        dst: &mut [f32],
+        stride: usize,
+        col: usize,
+    ) -> usize {
+        let blocks = kc / 8 * 8;
+        if blocks == 0 {
+            return 0;
+        }
+        // Every read and write below lies inside these bounds (checked once, not per value).
+        assert!(starts.iter().all(|&s| s + blocks <= src.len()));
+        assert!(col + 8 <= stride && (blocks - 1) * stride + col + 8 <= dst.len());
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        for kk in (0..blocks).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(sp.add(starts[i] + kk)));
+            // Pairs interleaved, then quads, then the 128-bit halves swapped into place.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let q0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let q1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let q2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let q3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let q4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let q5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let q6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let q7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let out = [
+                _mm256_permute2f128_ps::<0x20>(q0, q4),
+                _mm256_permute2f128_ps::<0x20>(q1, q5),
+                _mm256_permute2f128_ps::<0x20>(q2, q6),
+                _mm256_permute2f128_ps::<0x20>(q3, q7),
+                _mm256_permute2f128_ps::<0x31>(q0, q4),
+                _mm256_permute2f128_ps::<0x31>(q1, q5),
+                _mm256_permute2f128_ps::<0x31>(q2, q6),
+                _mm256_permute2f128_ps::<0x31>(q3, q7),
+            ];
+            for (i, v) in out.into_iter().enumerate() {
+                _mm256_storeu_ps(dp.add((kk + i) * stride + col), v);
+            }
+        }
+        blocks
     }
 
     /// The first `rows x cols` of the `MR x NR` tile at `c` (row stride `ldc`) get (`add`:
@@ -492,6 +574,66 @@ mod avx512 {
         }
         tile!(0 => c00 c01, 1 => c10 c11, 2 => c20 c21, 3 => c30 c31,
               4 => c40 c41, 5 => c50 c51, 6 => c60 c61, 7 => c70 c71);
+    }
+
+    #[cfg(test)]
+    mod packing_tests {
+        use super::*;
+
+        /// Packing is a copy: every panel slot holds the operand's value at its row (or
+        /// column) and depth, or zero past the edge, whatever the strides; this covers the
+        /// register-transposed blocks and the scalar edges around them.
+        #[test]
+        fn packed_panels_hold_the_operand_values_for_any_layout_and_edge() {
+            let data: Vec<f32> = (0..40_000).map(|i| i as f32 + 0.5).collect();
+            for (rows, cols) in [(8, 8), (17, 21), (40, 45), (9, 3), (64, 70)] {
+                for transposed in [false, true] {
+                    // Padded strides, so a layout bug reads a wrong value, not a neighbour.
+                    let m = if transposed {
+                        Mat::new(&data, rows, cols, 1, rows + 3)
+                    } else {
+                        Mat::new(&data, rows, cols, cols + 5, 1)
+                    };
+                    let at = |r: usize, c: usize| m.data[r * m.rs + c * m.cs];
+                    for (pc, kc) in [(0, m.cols), (1, m.cols - 1), (2, 9.min(m.cols - 2))] {
+                        // As the left operand: rows ic.., depth pc..pc+kc.
+                        let (ic, mc) = (1, m.rows - 1);
+                        let mut out = vec![f32::NAN; mc.div_ceil(MR) * MR * kc];
+                        pack_lhs(&m, ic, mc, pc, kc, &mut out);
+                        for p in 0..mc.div_ceil(MR) {
+                            for kk in 0..kc {
+                                for r in 0..MR {
+                                    let row = p * MR + r;
+                                    let want = if row < mc { at(ic + row, pc + kk) } else { 0.0 };
+                                    assert_eq!(out[p * kc * MR + kk * MR + r], want);
+                                }
+                            }
+                        }
+                    }
+                    // As the right operand: depth rows pc..pc+kc, columns jc..jc+nc.
+                    let t = Mat::new(&data, m.cols, m.rows, m.cs, m.rs);
+                    let at_t = |k: usize, c: usize| t.data[k * t.rs + c * t.cs];
+                    for (pc, kc) in [(0, t.rows), (1, t.rows - 1), (3, 8.min(t.rows - 3))] {
+                        let (jc, nc) = (2, t.cols - 2);
+                        let mut out = vec![f32::NAN; nc.div_ceil(NR) * NR * kc];
+                        pack_rhs(&t, pc, kc, jc, nc, &mut out);
+                        for p in 0..nc.div_ceil(NR) {
+                            for kk in 0..kc {
+                                for j in 0..NR {
+                                    let col = p * NR + j;
+                                    let want = if col < nc {
+                                        at_t(pc + kk, jc + col)
+                                    } else {
+                                        0.0
+                                    };
+                                    assert_eq!(out[p * kc * NR + kk * NR + j], want);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

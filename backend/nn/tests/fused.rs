@@ -386,6 +386,108 @@ fn batched_matmul_fd_gradients_for_every_transpose() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("inner sizes differ"), "{err}");
+
+    // A (batch, heads) batch, as attention uses it: the same values as the product over the
+    // flattened batch, the batch dimensions kept, and gradients for both operands.
+    let a = var(&[2, 3, 4, 5], 55, -1.0, 1.0, DType::F64);
+    let b = var(&[2, 3, 6, 5], 56, -1.0, 1.0, DType::F64);
+    let out = batched_matmul(a.as_tensor(), b.as_tensor(), No, Yes).unwrap();
+    assert_eq!(out.dims(), &[2, 3, 4, 6]);
+    let flat = batched_matmul(
+        &a.as_tensor().reshape((6, 4, 5)).unwrap(),
+        &b.as_tensor().reshape((6, 6, 5)).unwrap(),
+        No,
+        Yes,
+    )
+    .unwrap();
+    assert_close(&out.reshape((6, 4, 6)).unwrap(), &flat, 0.0);
+    fd(&[("a", &a), ("b", &b)], || {
+        batched_matmul(a.as_tensor(), b.as_tensor(), No, Yes)
+    });
+    let c = var(&[3, 2, 5, 4], 57, -1.0, 1.0, DType::F64);
+    let err = batched_matmul(a.as_tensor(), c.as_tensor(), No, No)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected (batch"), "{err}");
+}
+
+#[test]
+fn relu_fused_is_candles_relu_forward_and_backward() {
+    // f32 with exact zeros among the values: the same bits as candle's op, both ways.
+    let x = seeded_uniform(&[5, 3, 700], 81, -1.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&((x * 4.0).unwrap().round().unwrap() / 4.0).unwrap()).unwrap();
+    let count = |t: Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+    };
+    assert!(count(x.as_tensor().eq(0f32).unwrap()).unwrap() > 100.0);
+    assert!(count(x.as_tensor().lt(0f32).unwrap()).unwrap() > 100.0);
+    let fused = relu(x.as_tensor()).unwrap();
+    let candle = x.as_tensor().relu().unwrap();
+    assert_close(&fused, &candle, 0.0);
+    let w = seeded_uniform(&[5, 3, 700], 82, -1.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let (gf, gc) = (grad_through(&fused, &w), grad_through(&candle, &w));
+    assert_close(
+        gf.get(x.as_tensor()).unwrap(),
+        gc.get(x.as_tensor()).unwrap(),
+        0.0,
+    );
+    // f64 finite differences away from the kink.
+    let x = var(&[4, 9], 83, 0.1, 1.0, DType::F64);
+    let sign = seeded_uniform(&[4, 9], 84, -1.0, 1.0, DType::F64, &Device::Cpu)
+        .unwrap()
+        .sign()
+        .unwrap();
+    fd(&[("x", &x)], || relu(&(x.as_tensor() * &sign)?));
+}
+
+#[test]
+fn head_split_and_merge_are_the_composed_copies_forward_and_backward() {
+    // f32: the same bits as the reshape / transpose / copy chain, values and gradients.
+    let x = var(&[3, 7, 12], 71, -1.0, 1.0, DType::F32);
+    let fused = split_heads(x.as_tensor(), 4).unwrap();
+    let composed = attention::split_heads_composed(x.as_tensor(), 4).unwrap();
+    assert_eq!(fused.dims(), &[3, 4, 7, 3]);
+    assert_close(&fused, &composed, 0.0);
+    let back = merge_heads(&fused).unwrap();
+    assert_close(&back, x.as_tensor(), 0.0);
+    assert_close(
+        &back,
+        &attention::merge_heads_composed(&composed).unwrap(),
+        0.0,
+    );
+    let w = seeded_uniform(&[3, 4, 7, 3], 72, -1.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let (gf, gc) = (grad_through(&fused, &w), grad_through(&composed, &w));
+    assert_close(
+        gf.get(x.as_tensor()).unwrap(),
+        gc.get(x.as_tensor()).unwrap(),
+        0.0,
+    );
+    let h = var(&[3, 4, 7, 3], 73, -1.0, 1.0, DType::F32);
+    let w = seeded_uniform(&[3, 7, 12], 74, -1.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let gf = grad_through(&merge_heads(h.as_tensor()).unwrap(), &w);
+    let gc = grad_through(&attention::merge_heads_composed(h.as_tensor()).unwrap(), &w);
+    assert_close(
+        gf.get(h.as_tensor()).unwrap(),
+        gc.get(h.as_tensor()).unwrap(),
+        0.0,
+    );
+    // f64 finite differences through both, and a width the heads do not divide.
+    let x = var(&[2, 5, 6], 75, -1.0, 1.0, DType::F64);
+    fd(&[("x", &x)], || split_heads(x.as_tensor(), 3));
+    fd(&[("x", &x)], || {
+        merge_heads(&split_heads(x.as_tensor(), 2)?)
+    });
+    let err = split_heads(x.as_tensor(), 4).unwrap_err().to_string();
+    assert!(err.contains("not divisible"), "{err}");
+}
+
+/// The gradients of `sum(y * w)`.
+fn grad_through(y: &Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
+    (y * w).unwrap().sum_all().unwrap().backward().unwrap()
 }
 
 #[test]

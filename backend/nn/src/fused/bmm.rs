@@ -38,7 +38,7 @@ struct BmmOp {
 
 /// `(rows, cols)` of an operand as used, with (row stride, col stride) of its storage.
 fn as_used(dims: &[usize], t: Transpose) -> ((usize, usize), (isize, isize)) {
-    let (r, c) = (dims[1], dims[2]);
+    let (r, c) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     match t {
         Transpose::No => ((r, c), (c as isize, 1)),
         Transpose::Yes => ((c, r), (1, c as isize)),
@@ -46,10 +46,12 @@ fn as_used(dims: &[usize], t: Transpose) -> ((usize, usize), (isize, isize)) {
 }
 
 impl BmmOp {
+    /// `(batch, m, n, k)`: the batch is every dimension before the last two (equal in both).
     fn shapes(&self, a: &[usize], b: &[usize]) -> Result<(usize, usize, usize, usize)> {
-        if a.len() != 3 || b.len() != 3 || a[0] != b[0] {
+        let rank = a.len();
+        if rank < 3 || b.len() != rank || a[..rank - 2] != b[..rank - 2] {
             candle_core::bail!(
-                "batched_matmul: expected (batch, m, k) and (batch, k, n), got {a:?} and {b:?}"
+                "batched_matmul: expected (batch.., m, k) and (batch.., k, n), got {a:?} and {b:?}"
             )
         }
         let ((m, k), _) = as_used(a, self.ta);
@@ -61,7 +63,14 @@ impl BmmOp {
                 self.tb
             )
         }
-        Ok((a[0], m, n, k))
+        Ok((a[..rank - 2].iter().product(), m, n, k))
+    }
+
+    /// The product's shape: the batch dimensions of `a`, then `(m, n)`.
+    fn out_shape(&self, a: &[usize], m: usize, n: usize) -> Shape {
+        let mut dims = a[..a.len() - 2].to_vec();
+        dims.extend([m, n]);
+        Shape::from(dims)
     }
 
     fn run<T: KernelFloat>(
@@ -76,7 +85,7 @@ impl BmmOp {
         let (_, (b_rs, b_cs)) = as_used(bd, self.tb);
         let mut out = vec![T::zero(); batch * m * n];
         if m * n == 0 {
-            return Ok((out, Shape::from((batch, m, n))));
+            return Ok((out, self.out_shape(ad, m, n)));
         }
         let threads = rayon::current_num_threads().max(1);
         let product = |dst: &mut [T], i: usize, par: Parallelism| {
@@ -124,7 +133,7 @@ impl BmmOp {
                 .enumerate()
                 .for_each(|(i, dst)| product(dst, i, par));
         }
-        Ok((out, Shape::from((batch, m, n))))
+        Ok((out, self.out_shape(ad, m, n)))
     }
 }
 
@@ -203,7 +212,9 @@ fn bmm_raw(a: &Tensor, b: &Tensor, ta: Transpose, tb: Transpose) -> Result<Tenso
 }
 
 /// `op(a) @ op(b)` for `a: (batch, m, k)` (or `(batch, k, m)` with `ta = Yes`) and
-/// `b: (batch, k, n)` (or `(batch, n, k)` with `tb = Yes`), differentiable in both.
+/// `b: (batch, k, n)` (or `(batch, n, k)` with `tb = Yes`), differentiable in both. The batch
+/// may be several dimensions, equal in both (`(batch, heads, m, k)`): attention then needs no
+/// reshapes, each of which would be one more node for the backward pass to fill.
 ///
 /// f32 / f64 CPU tensors only (see [`super::use_fused`]); the operands are made contiguous.
 pub fn batched_matmul(a: &Tensor, b: &Tensor, ta: Transpose, tb: Transpose) -> Result<Tensor> {

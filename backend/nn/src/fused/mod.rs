@@ -14,8 +14,10 @@
 pub mod bias;
 pub mod bmm;
 pub mod geglu;
+pub mod heads;
 pub mod linear;
 pub mod norm;
+pub mod relu;
 pub mod softmax;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
@@ -24,8 +26,10 @@ use num_traits::Float;
 pub use bias::channel_bias_fused;
 pub use bmm::{batched_matmul, Transpose};
 pub use geglu::{geglu, geglu_composed, geglu_fused};
+pub use heads::{merge_heads_fused, split_heads_fused};
 pub use linear::linear_fused;
 pub use norm::{group_norm_fused, layer_norm_fused, rms_norm_fused};
+pub use relu::relu_fused;
 pub use softmax::{softmax_fused, SoftmaxMask};
 
 /// Whether a tensor of this device / dtype goes through the fused CPU kernels.
