@@ -622,7 +622,12 @@ fn train_all_command(out: &Path, extra: &[&str]) -> Output {
 fn train_all_in_one_lane_or_two_or_stopped_and_resumed_makes_the_same_bundle() {
     // tiny_bundle() trained clip and lm in a second process beside the VAE (the default).
     let lanes = bundle_weights(tiny_bundle());
-    assert_eq!(lanes.len(), 7, "{:?}", lanes.iter().map(|f| &f.0).collect::<Vec<_>>());
+    assert_eq!(
+        lanes.len(),
+        7,
+        "{:?}",
+        lanes.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
     let log = std::fs::read_to_string(tiny_bundle().join("training.json")).unwrap();
     let record: serde_json::Value = serde_json::from_str(&log).unwrap();
     for stage in ["vae", "vae-decoder", "clip", "lm"] {
@@ -635,7 +640,10 @@ fn train_all_in_one_lane_or_two_or_stopped_and_resumed_makes_the_same_bundle() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{stderr}");
     assert!(!stderr.contains("second process"), "{stderr}");
-    assert!(bundle_weights(&one) == lanes, "one lane trained other weights than two");
+    assert!(
+        bundle_weights(&one) == lanes,
+        "one lane trained other weights than two"
+    );
 
     // Out of time at once: the stages keep a checkpoint, the lane that did not run out is
     // stopped, the run says how to go on, and --resume finishes both lanes with the weights of
@@ -647,12 +655,21 @@ fn train_all_in_one_lane_or_two_or_stopped_and_resumed_makes_the_same_bundle() {
     assert!(stderr.contains("continue with --resume"), "{stderr}");
     assert!(stderr.contains("second process"), "{stderr}");
     assert!(
-        train::checkpoint::latest(&cut.join("runs/vae")).unwrap().is_some(),
+        train::checkpoint::latest(&cut.join("runs/vae"))
+            .unwrap()
+            .is_some(),
         "vae left no checkpoint: {stderr}"
     );
     let res = train_all_command(&cut, &["--resume"]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    assert!(bundle_weights(&cut) == lanes, "the resumed run trained other weights");
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        bundle_weights(&cut) == lanes,
+        "the resumed run trained other weights"
+    );
 }
 
 #[test]

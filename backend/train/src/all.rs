@@ -337,8 +337,9 @@ pub fn train_all(
     let (beside, after): (Vec<&str>, Vec<&str>) = pending
         .iter()
         .partition(|stage| matches!(**stage, "vae" | "vae-decoder" | "clip" | "lm"));
-    let (text, image): (Vec<&str>, Vec<&str>) =
-        beside.iter().partition(|stage| matches!(**stage, "clip" | "lm"));
+    let (text, image): (Vec<&str>, Vec<&str>) = beside
+        .iter()
+        .partition(|stage| matches!(**stage, "clip" | "lm"));
     let mut reports = Vec::new();
     let mut sequential = pending.clone();
     if let Some(second_lane) = second_lane.filter(|_| !text.is_empty() && !image.is_empty()) {

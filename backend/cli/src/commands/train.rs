@@ -190,8 +190,8 @@ fn stage_in_a_process(
     };
     // A stop that came before the child had set up its signal handling ends it by the signal
     // itself: stopped all the same, with whatever checkpoint it had.
-    let stopped_early = stop_sent
-        && std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGTERM);
+    let stopped_early =
+        stop_sent && std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGTERM);
     anyhow::ensure!(
         status.success() || stopped_early,
         "train {stage} (a second process) failed ({status}); its messages are above"
