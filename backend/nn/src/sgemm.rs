@@ -580,6 +580,30 @@ mod avx512 {
     mod packing_tests {
         use super::*;
 
+        /// Checks panels of `width` lanes over depth `kc`: lane `i` of panel `p` at depth `kk`
+        /// holds `value(p * width + i, kk)` for the first `n` lanes, zero past them.
+        fn expect_panels(
+            out: &[f32],
+            width: usize,
+            kc: usize,
+            n: usize,
+            value: impl Fn(usize, usize) -> f32,
+        ) {
+            for p in 0..n.div_ceil(width) {
+                for kk in 0..kc {
+                    for i in 0..width {
+                        let lane = p * width + i;
+                        let want = if lane < n { value(lane, kk) } else { 0.0 };
+                        assert_eq!(
+                            out[p * kc * width + kk * width + i],
+                            want,
+                            "lane {lane}, depth {kk}"
+                        );
+                    }
+                }
+            }
+        }
+
         /// Packing is a copy: every panel slot holds the operand's value at its row (or
         /// column) and depth, or zero past the edge, whatever the strides; this covers the
         /// register-transposed blocks and the scalar edges around them.
@@ -606,15 +630,7 @@ mod avx512 {
                         let (ic, mc) = (1, m.rows - 1);
                         let mut out = vec![f32::NAN; mc.div_ceil(MR) * MR * kc];
                         pack_lhs(&m, ic, mc, pc, kc, &mut out);
-                        for p in 0..mc.div_ceil(MR) {
-                            for kk in 0..kc {
-                                for r in 0..MR {
-                                    let row = p * MR + r;
-                                    let want = if row < mc { at(ic + row, pc + kk) } else { 0.0 };
-                                    assert_eq!(out[p * kc * MR + kk * MR + r], want);
-                                }
-                            }
-                        }
+                        expect_panels(&out, MR, kc, mc, |row, kk| at(ic + row, pc + kk));
                     }
                     // As the right operand: depth rows pc..pc+kc, columns jc..jc+nc.
                     let t = Mat::new(&data, m.cols, m.rows, m.cs, m.rs);
@@ -623,19 +639,7 @@ mod avx512 {
                         let (jc, nc) = (2, t.cols - 2);
                         let mut out = vec![f32::NAN; nc.div_ceil(NR) * NR * kc];
                         pack_rhs(&t, pc, kc, jc, nc, &mut out);
-                        for p in 0..nc.div_ceil(NR) {
-                            for kk in 0..kc {
-                                for j in 0..NR {
-                                    let col = p * NR + j;
-                                    let want = if col < nc {
-                                        at_t(pc + kk, jc + col)
-                                    } else {
-                                        0.0
-                                    };
-                                    assert_eq!(out[p * kc * NR + kk * NR + j], want);
-                                }
-                            }
-                        }
+                        expect_panels(&out, NR, kc, nc, |col, kk| at_t(pc + kk, jc + col));
                     }
                 }
             }
