@@ -106,13 +106,20 @@ fn fused_attention(
         )
     }
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    // Products over the (batch, heads) dimensions as they are: a reshape to 3 dimensions and
-    // back would add graph nodes whose gradients the backward pass zero-fills and adds.
-    let scores = batched_matmul(q, k, Transpose::No, Transpose::Yes)?;
     let mask = SoftmaxMask {
         additive: opts.mask,
         causal: opts.causal,
     };
+    if !opts.return_probs {
+        // One node instead of three: no score-sized gradients for the backward pass to fill.
+        return Ok(AttentionOutput {
+            output: crate::fused::attention_fused(q, k, v, scale, mask)?,
+            probs: None,
+        });
+    }
+    // Products over the (batch, heads) dimensions as they are: a reshape to 3 dimensions and
+    // back would add graph nodes whose gradients the backward pass zero-fills and adds.
+    let scores = batched_matmul(q, k, Transpose::No, Transpose::Yes)?;
     let probs = softmax_fused(&scores, scale, mask, false)?;
     let output = batched_matmul(&probs, v, Transpose::No, Transpose::No)?;
     Ok(AttentionOutput {

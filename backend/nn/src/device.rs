@@ -78,6 +78,51 @@ pub fn on_cpu_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
 }
 
+/// The narrower pool CPU work runs on while another process shares this machine's cores
+/// (see [`share_cpu_cores`]); `None` while this process has the cores to itself.
+static SHARED_CORES: std::sync::RwLock<Option<std::sync::Arc<rayon::ThreadPool>>> =
+    std::sync::RwLock::new(None);
+
+/// Tells this process that another process now works beside it (`Some(threads)`: run
+/// [`on_shared_cores`] work on a pool of that many threads) or has ended (`None`: back to the
+/// whole global pool). `train all`'s two lanes on a 2-core machine: one thread each overlaps
+/// better than two threads each, which take turns on the cores and wait at every op's join
+/// (VAE + LM side by side, Zen 4: 1.13 of one stage alone's throughput against 1.02,
+/// docs/TRAINING.md). A kernel's result does not depend on how many threads split it, so
+/// the bits stay the same.
+pub fn share_cpu_cores(threads: Option<usize>) -> Result<(), String> {
+    let pool = match threads {
+        Some(n) => Some(std::sync::Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .thread_name(|i| format!("shared-cores-{i}"))
+                .build()
+                .map_err(|e| format!("cannot start a {n}-thread CPU pool: {e}"))?,
+        )),
+        None => None,
+    };
+    match SHARED_CORES.write() {
+        Ok(mut slot) => *slot = pool,
+        Err(poisoned) => *poisoned.into_inner() = pool,
+    }
+    Ok(())
+}
+
+/// Runs `work` on the narrower pool while [`share_cpu_cores`] says the cores are shared,
+/// in place otherwise. Call it around each unit of CPU work (a training step), so that the
+/// next unit after the other process ends gets the whole pool again. CPU work only: a CUDA
+/// context belongs to the thread that made it.
+pub fn on_shared_cores<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    let pool = match SHARED_CORES.read() {
+        Ok(slot) => slot.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    match pool {
+        Some(pool) => pool.install(work),
+        None => work(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

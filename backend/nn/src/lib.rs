@@ -37,7 +37,9 @@ pub use attention::{
     causal_mask, merge_heads, padding_mask, repeat_kv, scaled_dot_product_attention, split_heads,
     AttentionOutput, SdpaOptions,
 };
-pub use device::{join_cpu_pool, on_cpu_pool, parse_device, pin_cpu_threads};
+pub use device::{
+    join_cpu_pool, on_cpu_pool, on_shared_cores, parse_device, pin_cpu_threads, share_cpu_cores,
+};
 pub use gradcheck::{
     check_all_vars_get_gradient, gradcheck, vars_without_gradient, weighted_sum_loss,
     GradCheckOptions, GradCheckReport,

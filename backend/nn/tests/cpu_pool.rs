@@ -85,4 +85,27 @@ fn the_main_thread_joins_the_pool_and_results_do_not_change() {
     assert_eq!(before, elsewhere);
     // On a pool thread already, it runs in place.
     assert_eq!(nn::on_cpu_pool(rayon::current_thread_index), Some(0));
+
+    // Another process shares the cores (`train all`'s second lane): work runs on a narrower
+    // pool of its own, with the same results, until the cores are ours again.
+    nn::share_cpu_cores(Some(1)).unwrap();
+    let (threads, name, shared) = nn::on_shared_cores(|| {
+        (
+            rayon::current_num_threads(),
+            std::thread::current().name().map(str::to_owned),
+            linear_and_conv(),
+        )
+    });
+    assert_eq!(threads, 1);
+    assert_eq!(name.as_deref(), Some("shared-cores-0"));
+    assert_eq!(before, shared);
+    nn::share_cpu_cores(None).unwrap();
+    let (threads, index) =
+        nn::on_shared_cores(|| (rayon::current_num_threads(), rayon::current_thread_index()));
+    assert_eq!(threads, nn::candle_core::utils::get_num_threads());
+    assert_eq!(
+        index,
+        Some(0),
+        "back on this thread, worker 0 of the global pool"
+    );
 }

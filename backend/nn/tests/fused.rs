@@ -597,3 +597,137 @@ fn channel_bias_fd_gradients_and_agreement() {
         "{err}"
     );
 }
+
+#[test]
+fn attention_node_is_the_composed_kernels_bit_for_bit_forward_and_backward() {
+    use nn::fused::attention_fused;
+    let q = var(&[2, 3, 9, 8], 91, -1.0, 1.0, DType::F32);
+    let k = var(&[2, 3, 11, 8], 92, -1.0, 1.0, DType::F32);
+    let v = var(&[2, 3, 11, 5], 93, -1.0, 1.0, DType::F32);
+    let keep = Tensor::ones((2, 11), DType::F32, &Device::Cpu)
+        .unwrap()
+        .slice_assign(
+            &[1..2, 8..11],
+            &Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let pad = padding_mask(&keep, DType::F32).unwrap();
+    let w = seeded_uniform(&[2, 3, 9, 5], 94, -1.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    for (additive, causal) in [(None, false), (Some(&pad), false), (Some(&pad), true)] {
+        let mask = SoftmaxMask { additive, causal };
+        let node = attention_fused(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.3, mask).unwrap();
+        let scores =
+            batched_matmul(q.as_tensor(), k.as_tensor(), Transpose::No, Transpose::Yes).unwrap();
+        let probs = softmax_fused(&scores, 0.3, mask, false).unwrap();
+        let composed = batched_matmul(&probs, v.as_tensor(), Transpose::No, Transpose::No).unwrap();
+        assert_close(&node, &composed, 0.0);
+        // One node: nothing of the scores' size (2, 3, 9, 11) left for the backward pass.
+        let loss = (&node * &w).unwrap().sum_all().unwrap();
+        let score_sized = loss
+            .sorted_nodes()
+            .iter()
+            .filter(|t| t.dims() == [2, 3, 9, 11])
+            .count();
+        assert_eq!(
+            score_sized,
+            0,
+            "mask {:?} causal {causal}",
+            additive.is_some()
+        );
+        let (gn, gc) = (grad_through(&node, &w), grad_through(&composed, &w));
+        for x in [&q, &k, &v] {
+            assert_close(
+                gn.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+                0.0,
+            );
+        }
+        // The attention entry point takes the node when the probabilities are not wanted.
+        let opts = SdpaOptions {
+            mask: additive,
+            causal,
+            scale: Some(0.3),
+            return_probs: false,
+        };
+        let out = scaled_dot_product_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &opts)
+            .unwrap();
+        assert!(out.probs.is_none());
+        assert_close(&out.output, &composed, 0.0);
+    }
+    // A second backward pass over the same graph sees the same probabilities.
+    let node = attention_fused(
+        q.as_tensor(),
+        k.as_tensor(),
+        v.as_tensor(),
+        0.3,
+        SoftmaxMask::default(),
+    )
+    .unwrap();
+    let (g1, g2) = (grad_through(&node, &w), grad_through(&node, &w));
+    assert_close(
+        g1.get(q.as_tensor()).unwrap(),
+        g2.get(q.as_tensor()).unwrap(),
+        0.0,
+    );
+    let half = q.as_tensor().to_dtype(DType::F16).unwrap();
+    let err = attention_fused(&half, &half, &half, 1.0, SoftmaxMask::default()).unwrap_err();
+    assert!(err.to_string().contains("f32 or f64"), "{err}");
+}
+
+#[test]
+fn attention_node_fd_gradients_with_masks_and_causal() {
+    use nn::fused::attention_fused;
+    let q = var(&[1, 2, 3, 5], 95, -1.0, 1.0, DType::F64);
+    let k = var(&[1, 2, 4, 5], 96, -1.0, 1.0, DType::F64);
+    let v = var(&[1, 2, 4, 3], 97, -1.0, 1.0, DType::F64);
+    let mask = seeded_uniform(&[1, 1, 3, 4], 98, -2.0, 0.0, DType::F64, &Device::Cpu).unwrap();
+    for (additive, causal) in [(None, false), (Some(&mask), false), (Some(&mask), true)] {
+        fd(&[("q", &q), ("k", &k), ("v", &v)], || {
+            attention_fused(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                0.7,
+                SoftmaxMask { additive, causal },
+            )
+        });
+    }
+}
+
+#[test]
+fn row_norm_parameter_gradients_are_the_same_bits_on_any_thread_count() {
+    // 64 rows of 128: few enough rows that the threads' fair share, not the task size, would
+    // decide the blocks the weight / bias gradients are summed in.
+    let x = var(&[64, 128], 21, -2.0, 3.0, DType::F32);
+    let w = var(&[128], 22, 0.5, 1.5, DType::F32);
+    let b = var(&[128], 23, -0.5, 0.5, DType::F32);
+    let dy = seeded_uniform(&[64, 128], 24, -1.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+    let grads = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let y = layer_norm_fused(
+                x.as_tensor(),
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-5,
+            )
+            .unwrap();
+            let g = grad_through(&y, &dy);
+            [&x, &w, &b].map(|v| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+        })
+    };
+    let two = grads(2);
+    for threads in [1, 3] {
+        assert_eq!(grads(threads), two, "{threads} threads");
+    }
+}

@@ -243,8 +243,15 @@ pub struct AllReport {
 /// Trains one stage in another process and returns its report once that process has ended:
 /// `train all`'s second lane on the CPU (two processes overlap on two cores better than two
 /// lanes of one process, docs/TRAINING.md). It must stop the stage with a checkpoint when
-/// the arguments' stop flag is set.
-pub type SecondLane<'a> = &'a (dyn Fn(&str, &DriverArgs) -> Result<StageReport> + Sync);
+/// the arguments' stop flag is set. The `usize` is the CPU threads the process should use.
+pub type SecondLane<'a> = &'a (dyn Fn(&str, &DriverArgs, usize) -> Result<StageReport> + Sync);
+
+/// How `train all`'s two lanes split this process's CPU threads: `(first lane, second lane)`.
+/// Each lane gets its own cores rather than both sharing all of them (`nn::share_cpu_cores`).
+pub fn lane_threads(threads: usize) -> (usize, usize) {
+    let second = (threads / 2).max(1);
+    ((threads - threads / 2).max(1), second)
+}
 
 /// Runs the plan at `args.config` into `args.out`; `data: None` generates the plan's toy world
 /// into `OUT/data` (kept, so a resume uses the same bytes). With `second_lane`, clip and lm
@@ -348,13 +355,18 @@ pub fn train_all(
             text.join(", "),
             image.join(", ")
         );
+        let (first_threads, second_threads) = lane_threads(rayon::current_num_threads());
+        nn::share_cpu_cores(Some(first_threads)).map_err(anyhow::Error::msg)?;
         let (first, second) = std::thread::scope(|scope| {
             let second = scope.spawn(|| {
                 let lane = run_lane(&text, |stage| {
-                    second_lane(stage, &stage_args(stage)?)
+                    second_lane(stage, &stage_args(stage)?, second_threads)
                         .with_context(|| format!("stage {stage} (second process)"))
                 });
+                // The first lane's next steps get every core again.
+                let whole_pool = nn::share_cpu_cores(None);
                 lane_ended(&lane, &args.stop);
+                whole_pool.map_err(anyhow::Error::msg)?;
                 lane
             });
             let first = run_lane(&image, in_process);
@@ -364,6 +376,7 @@ pub fn train_all(
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the second lane's thread panicked")));
             (first, second)
         });
+        nn::share_cpu_cores(None).map_err(anyhow::Error::msg)?;
         let mut lanes = first?;
         lanes.extend(second?);
         lanes.sort_by_key(|(stage, _)| ORDER.iter().position(|s| s == stage));
@@ -451,4 +464,18 @@ fn apply_sampling(out: &Path, sampling: &SamplingPlan) -> Result<()> {
         m.steps
     );
     manifest.write(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_threads;
+
+    #[test]
+    fn two_lanes_split_the_threads_and_each_keeps_at_least_one() {
+        assert_eq!(lane_threads(2), (1, 1));
+        assert_eq!(lane_threads(3), (2, 1));
+        assert_eq!(lane_threads(16), (8, 8));
+        assert_eq!(lane_threads(1), (1, 1));
+        assert_eq!(lane_threads(0), (1, 1));
+    }
 }

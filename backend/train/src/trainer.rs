@@ -32,10 +32,11 @@ pub struct StepLoss {
     pub parts: Vec<(&'static str, f64)>,
 }
 
-/// A trainable stage: the model, its loss and its validation.
-pub trait Stage {
+/// A trainable stage: the model, its loss and its validation. `Send` (and a `Sync` batch): a
+/// step may run on another pool's thread (`nn::on_shared_cores`).
+pub trait Stage: Send {
     /// What the loader prepares.
-    type Batch: Send + 'static;
+    type Batch: Send + Sync + 'static;
     /// The stage's name (`vae`, `clip`, `lm`, ...).
     fn name(&self) -> &'static str;
     /// The trainable variables, each with a stable name (checkpoints and optimiser state).
@@ -316,32 +317,36 @@ where
         clock.lap(&mut phases, Phase::Batch);
         let lr = optim_cfg.lr_at(step, run_cfg.max_steps);
         optimizer.set_learning_rate(lr);
-        let out = stage.loss(&batch, step)?;
-        let loss = out
-            .loss
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        anyhow::ensure!(
-            loss.is_finite(),
-            "{} loss became {loss} at step {step}",
-            stage.name()
-        );
-        clock.lap(&mut phases, Phase::Forward);
-        let mut grads = out.loss.backward()?;
-        clock.lap(&mut phases, Phase::Backward);
-        let grad_norm = match optim_cfg.clip_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, &var_list, max)? as f64,
-            None => f64::NAN,
-        };
-        clock.lap(&mut phases, Phase::Clip);
-        optimizer.step(&grads)?;
-        drop(grads);
-        clock.lap(&mut phases, Phase::Optimizer);
-        if let Some(e) = ema.as_mut() {
-            e.update()?;
-        }
-        stage.after_step()?;
-        clock.lap(&mut phases, Phase::After);
+        // On the narrower pool while another process shares the cores (`train all`'s lanes).
+        let (out, loss, grad_norm) = nn::on_shared_cores(|| -> Result<_> {
+            let out = stage.loss(&batch, step)?;
+            let loss = out
+                .loss
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            anyhow::ensure!(
+                loss.is_finite(),
+                "{} loss became {loss} at step {step}",
+                stage.name()
+            );
+            clock.lap(&mut phases, Phase::Forward);
+            let mut grads = out.loss.backward()?;
+            clock.lap(&mut phases, Phase::Backward);
+            let grad_norm = match optim_cfg.clip_grad_norm {
+                Some(max) => clip_grad_norm(&mut grads, &var_list, max)? as f64,
+                None => f64::NAN,
+            };
+            clock.lap(&mut phases, Phase::Clip);
+            optimizer.step(&grads)?;
+            drop(grads);
+            clock.lap(&mut phases, Phase::Optimizer);
+            if let Some(e) = ema.as_mut() {
+                e.update()?;
+            }
+            stage.after_step()?;
+            clock.lap(&mut phases, Phase::After);
+            Ok((out, loss, grad_norm))
+        })?;
         step += 1;
         last_loss = loss;
         window.0 += loss;

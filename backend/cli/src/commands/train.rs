@@ -100,8 +100,8 @@ pub fn run(args: TrainArgs, log_format: super::LogFormat) -> anyhow::Result<()> 
     };
     if let StageArg::All = args.stage {
         let exe = std::env::current_exe().context("finding this program to run a second lane")?;
-        let second_lane = |stage: &str, stage_args: &train::driver::DriverArgs| {
-            stage_in_a_process(&exe, stage, stage_args, &args.device, log_format)
+        let second_lane = |stage: &str, stage_args: &train::driver::DriverArgs, threads: usize| {
+            stage_in_a_process(&exe, stage, stage_args, &args.device, log_format, threads)
         };
         // One device cannot overlap two stages usefully; two CPU cores can (docs/TRAINING.md).
         let lanes = !args.one_lane && driver.device.is_cpu();
@@ -144,6 +144,7 @@ fn stage_in_a_process(
     args: &train::driver::DriverArgs,
     device: &str,
     log_format: super::LogFormat,
+    threads: usize,
 ) -> anyhow::Result<train::driver::StageReport> {
     let format = match log_format {
         super::LogFormat::Pretty => "pretty",
@@ -157,7 +158,10 @@ fn stage_in_a_process(
         .arg(&args.data)
         .arg("--out")
         .arg(&args.out)
-        .args(["--device", device]);
+        .args(["--device", device])
+        // Its share of the cores (train::all::lane_threads); the kernels' results do not
+        // depend on the thread count.
+        .env("RAYON_NUM_THREADS", threads.to_string());
     if args.resume {
         command.arg("--resume");
     }

@@ -31,9 +31,9 @@ impl Transpose {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct BmmOp {
-    ta: Transpose,
-    tb: Transpose,
+pub(crate) struct BmmOp {
+    pub(crate) ta: Transpose,
+    pub(crate) tb: Transpose,
 }
 
 /// `(rows, cols)` of an operand as used, with (row stride, col stride) of its storage.
@@ -73,7 +73,7 @@ impl BmmOp {
         Shape::from(dims)
     }
 
-    fn run<T: KernelFloat>(
+    pub(crate) fn run<T: KernelFloat>(
         &self,
         a: &[T],
         ad: &[usize],
@@ -195,7 +195,7 @@ impl CustomOp2 for BmmOp {
 }
 
 /// The product without a graph node (used by the backward pass).
-fn bmm_raw(a: &Tensor, b: &Tensor, ta: Transpose, tb: Transpose) -> Result<Tensor> {
+pub(crate) fn bmm_raw(a: &Tensor, b: &Tensor, ta: Transpose, tb: Transpose) -> Result<Tensor> {
     let op = BmmOp { ta, tb };
     macro_rules! run {
         ($t:ty) => {{

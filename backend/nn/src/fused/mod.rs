@@ -18,7 +18,9 @@ pub mod heads;
 pub mod linear;
 pub mod norm;
 pub mod relu;
+pub mod sdpa;
 pub mod softmax;
+pub mod vexp;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use num_traits::Float;
@@ -30,6 +32,7 @@ pub use heads::{merge_heads_fused, split_heads_fused};
 pub use linear::linear_fused;
 pub use norm::{group_norm_fused, layer_norm_fused, rms_norm_fused};
 pub use relu::relu_fused;
+pub use sdpa::attention_fused;
 pub use softmax::{softmax_fused, SoftmaxMask};
 
 /// Whether a tensor of this device / dtype goes through the fused CPU kernels.
@@ -79,13 +82,18 @@ pub(crate) trait KernelFloat:
     fn of(v: f64) -> Self {
         Self::from(v).expect("f64 fits in the kernel float")
     }
+    /// `xs[i] = xs[i].exp()`, the bits of the scalar `exp` (vectorised for f32).
+    fn exp_in_place(xs: &mut [Self]);
 }
 
 macro_rules! kernel_float {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident, $exp:expr) => {
         impl KernelFloat for $t {
             fn wide(self) -> f64 {
                 self as f64
+            }
+            fn exp_in_place(xs: &mut [Self]) {
+                ($exp)(xs)
             }
             fn storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
@@ -102,8 +110,10 @@ macro_rules! kernel_float {
         }
     };
 }
-kernel_float!(f32, F32);
-kernel_float!(f64, F64);
+kernel_float!(f32, F32, vexp::exp_in_place);
+kernel_float!(f64, F64, |xs: &mut [f64]| xs
+    .iter_mut()
+    .for_each(|x| *x = x.exp()));
 
 /// Runs `f` on the contiguous CPU data of `t` (made contiguous first if needed).
 pub(crate) fn with_slice<T: KernelFloat, R>(
@@ -129,4 +139,15 @@ pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let fair_share = rows.div_ceil(threads).max(1);
     (16_384 / row_len.max(1)).clamp(1, fair_share)
+}
+
+/// Rows per block for a kernel whose blocks also carry partial sums (a row norm's weight and
+/// bias gradients): the partition must not depend on the thread count, or neither would the
+/// sums' bits (`train all` runs a stage on one thread beside another process, and a bundle
+/// must come out the same on any machine). It is the partition [`rows_per_task`] makes for two
+/// threads, the count every shipped bundle was trained with.
+pub(crate) fn rows_per_partial_sum(rows: usize, row_len: usize) -> usize {
+    const SPLIT: usize = 2;
+    let share = rows.div_ceil(SPLIT).max(1);
+    (16_384 / row_len.max(1)).clamp(1, share)
 }

@@ -8,10 +8,20 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{kernel_dtype, rows_per_task, tensor_of, with_slice, KernelFloat};
+use super::{
+    kernel_dtype, rows_per_partial_sum, rows_per_task, tensor_of, with_slice, KernelFloat,
+};
 
-fn sigmoid<T: KernelFloat>(z: T) -> T {
-    T::one() / (T::one() + (-z).exp())
+/// `1 / (1 + e)`: the sigmoid of `z` from `e = exp(-z)`.
+fn sigmoid_of<T: KernelFloat>(e: T) -> T {
+    T::one() / (T::one() + e)
+}
+
+/// `out[i] = exp(-z[i])` (vectorised, the scalar `exp`'s bits).
+fn exp_of_negated<T: KernelFloat>(z: &[T], out: &mut Vec<T>) {
+    out.clear();
+    out.extend(z.iter().map(|&v| -v));
+    T::exp_in_place(out);
 }
 
 /// Mean and `1 / sqrt(var + eps)` (biased variance) of `xs`, two-pass in f64.
@@ -85,13 +95,21 @@ impl GroupNormOp {
             .for_each(|(ng, (yg, xg))| {
                 let (mean, rstd) = moments(xg, self.eps);
                 let first = (ng % self.groups) * cpg;
+                let mut neg_exp = Vec::new();
                 for ci in 0..cpg {
                     let scale = rstd * w[first + ci];
                     let shift = b[first + ci] - mean * scale;
                     let range = ci * s..(ci + 1) * s;
-                    for (yv, &xv) in yg[range.clone()].iter_mut().zip(&xg[range]) {
-                        let z = xv * scale + shift;
-                        *yv = if self.silu { z * sigmoid(z) } else { z };
+                    let yc = &mut yg[range.clone()];
+                    for (yv, &xv) in yc.iter_mut().zip(&xg[range]) {
+                        *yv = xv * scale + shift;
+                    }
+                    if self.silu {
+                        // z * sigmoid(z), the exponentials of a channel at once.
+                        exp_of_negated(yc, &mut neg_exp);
+                        for (yv, &e) in yc.iter_mut().zip(&neg_exp) {
+                            *yv *= sigmoid_of(e);
+                        }
                     }
                 }
             });
@@ -126,19 +144,30 @@ impl GroupNormOp {
                     let (mean, rstd) = moments(xg, self.eps);
                     let first = (ng % self.groups) * cpg;
                     let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                    let (mut zs, mut neg_exp) = (Vec::new(), Vec::new());
                     for ci in 0..cpg {
                         let (wc, bc) = (w[first + ci], b[first + ci]);
                         let (mut dwc, mut dbc) = (T::zero(), T::zero());
                         let range = ci * s..(ci + 1) * s;
-                        for ((dxv, &xv), &dyv) in dxg[range.clone()]
+                        if self.silu {
+                            // The channel's exponentials at once, for the sigmoids below.
+                            zs.clear();
+                            zs.extend(xg[range.clone()].iter().map(|&xv| {
+                                let xhat = (xv - mean) * rstd;
+                                xhat * wc + bc
+                            }));
+                            exp_of_negated(&zs, &mut neg_exp);
+                        }
+                        for (j, ((dxv, &xv), &dyv)) in dxg[range.clone()]
                             .iter_mut()
                             .zip(&xg[range.clone()])
                             .zip(&dyg[range])
+                            .enumerate()
                         {
                             let xhat = (xv - mean) * rstd;
                             let dz = if self.silu {
-                                let z = xhat * wc + bc;
-                                let sg = sigmoid(z);
+                                let z = zs[j];
+                                let sg = sigmoid_of(neg_exp[j]);
                                 dyv * sg * (T::one() + z * (T::one() - sg))
                             } else {
                                 dyv
@@ -348,7 +377,8 @@ impl RowNormOp {
             return (dx, vec![], vec![]);
         }
         let centred = self.kind == RowNorm::Layer;
-        let block = rows_per_task(x.len() / d, d) * d;
+        // Each block sums its rows' weight / bias gradients: a fixed partition, fixed bits.
+        let block = rows_per_partial_sum(x.len() / d, d) * d;
         let (dw, db) = dx
             .par_chunks_mut(block)
             .zip(x.par_chunks(block))

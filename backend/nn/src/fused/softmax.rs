@@ -18,20 +18,20 @@ pub struct SoftmaxMask<'a> {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct SoftmaxOp {
-    scale: f64,
+pub(crate) struct SoftmaxOp {
+    pub(crate) scale: f64,
     /// `Some(offset)` for causal masking, offset = k_len - q_len.
-    causal_offset: Option<usize>,
+    pub(crate) causal_offset: Option<usize>,
     /// Log-softmax instead of softmax.
-    log: bool,
+    pub(crate) log: bool,
 }
 
 /// Where a row's mask values start in the (possibly broadcast) mask storage, and the stride of
 /// its last dimension.
-struct MaskIndex<'a> {
-    dims: &'a [usize],
-    strides: &'a [usize],
-    start: usize,
+pub(crate) struct MaskIndex<'a> {
+    pub(crate) dims: &'a [usize],
+    pub(crate) strides: &'a [usize],
+    pub(crate) start: usize,
 }
 
 impl MaskIndex<'_> {
@@ -51,7 +51,7 @@ impl MaskIndex<'_> {
 }
 
 impl SoftmaxOp {
-    fn forward<T: KernelFloat>(
+    pub(crate) fn forward<T: KernelFloat>(
         &self,
         x: &[T],
         dims: &[usize],
@@ -74,6 +74,7 @@ impl SoftmaxOp {
             .zip(x.par_chunks(block_rows * k))
             .enumerate()
             .for_each(|(bi, (yb, xb))| {
+                let mut exps = Vec::new();
                 for (ri, (yr, xr)) in yb.chunks_mut(k).zip(xb.chunks(k)).enumerate() {
                     let row = bi * block_rows + ri;
                     let visible = match self.causal_offset {
@@ -97,18 +98,19 @@ impl SoftmaxOp {
                         .iter()
                         .fold(T::neg_infinity(), |a, &b| num_traits::Float::max(a, b));
                     let mut sum = 0f64;
-                    for yv in yr.iter_mut() {
-                        let e = (*yv - max).exp();
-                        sum += e.wide();
-                        if !self.log {
-                            *yv = e;
-                        }
-                    }
                     if self.log {
+                        // The exponentials in a scratch row: the result needs the inputs.
+                        exps.clear();
+                        exps.extend(yr.iter().map(|&v| v - max));
+                        T::exp_in_place(&mut exps);
+                        exps.iter().for_each(|e| sum += e.wide());
                         // Shift first: `x - (max + ln s)` would round at large logits.
                         let ln_sum = T::of(sum.ln());
                         yr.iter_mut().for_each(|v| *v = (*v - max) - ln_sum);
                     } else {
+                        yr.iter_mut().for_each(|v| *v -= max);
+                        T::exp_in_place(yr);
+                        yr.iter().for_each(|e| sum += e.wide());
                         let inv = T::of(1.0 / sum);
                         yr.iter_mut().for_each(|v| *v *= inv);
                     }
@@ -134,8 +136,10 @@ impl SoftmaxOp {
                         // d/dx log_softmax: dy - softmax * sum(dy).
                         let s: f64 = dyr.iter().map(|v| v.wide()).sum();
                         let s = T::of(s);
-                        for ((d, &yv), &g) in dxr.iter_mut().zip(yr).zip(dyr) {
-                            *d = scale * (g - yv.exp() * s);
+                        dxr.copy_from_slice(yr);
+                        T::exp_in_place(dxr);
+                        for (d, &g) in dxr.iter_mut().zip(dyr) {
+                            *d = scale * (g - *d * s);
                         }
                     } else {
                         // d/dx softmax: y * (dy - sum(dy * y)); masked entries have y = 0.
@@ -150,7 +154,7 @@ impl SoftmaxOp {
         dx
     }
 
-    fn grad(&self, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    pub(crate) fn grad(&self, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let k = *res.dims().last().unwrap_or(&1);
         macro_rules! run {
             ($t:ty) => {{
@@ -237,24 +241,28 @@ impl CustomOp2 for SoftmaxOp {
     }
 }
 
+/// The causal mask's offset `k_len - q_len` for scores of shape `(.., q_len, k_len)`, or
+/// `None` without causal masking.
+pub(crate) fn causal_offset(dims: &[usize], causal: bool) -> Result<Option<usize>> {
+    if !causal {
+        return Ok(None);
+    }
+    if dims.len() < 2 {
+        candle_core::bail!("causal softmax needs (.., q_len, k_len) input, got {dims:?}")
+    }
+    let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if q > k {
+        candle_core::bail!("causal attention with q_len {q} > k_len {k}")
+    }
+    Ok(Some(k - q))
+}
+
 /// Fused `softmax(scale * x + mask)` (or log-softmax) over the last dimension, computed in f32
 /// (f64 for f64) and returned in the kernel dtype (the caller casts). Rows that are entirely
 /// masked give NaN, as in PyTorch.
 pub fn softmax_fused(xs: &Tensor, scale: f64, mask: SoftmaxMask, log: bool) -> Result<Tensor> {
     let kdt = kernel_dtype(xs.dtype());
-    let causal_offset = if mask.causal {
-        let dims = xs.dims();
-        if dims.len() < 2 {
-            candle_core::bail!("causal softmax needs (.., q_len, k_len) input, got {dims:?}")
-        }
-        let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        if q > k {
-            candle_core::bail!("causal attention with q_len {q} > k_len {k}")
-        }
-        Some(k - q)
-    } else {
-        None
-    };
+    let causal_offset = causal_offset(xs.dims(), mask.causal)?;
     let op = SoftmaxOp {
         scale,
         causal_offset,
